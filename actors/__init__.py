@@ -1,0 +1,1 @@
+"""Actors: the coordinator and agents (async loops over durable JetStream consumers)."""

@@ -1,0 +1,52 @@
+"""One encoder and one typed decoder for everything on the event log, reused.
+
+``decode_event`` also checks that the payload was published on the subject its own
+fields imply, so an event cannot be smuggled onto another aggregate's subject.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .agent import AgentEvent
+from .errors import BadEventError
+from .issue import IssueEvent, issue_decoder
+from .task import TaskEvent
+
+Event = TaskEvent | AgentEvent
+
+encoder = msgspec.json.Encoder()
+event_decoder = msgspec.json.Decoder(Event)
+
+MAX_EVENT_BYTES = 256 * 1024  # large outputs go to the object store, not into events
+
+
+def encode(event: msgspec.Struct) -> bytes:
+    return encoder.encode(event)
+
+
+def decode_event(rel_subject: str, data: bytes) -> Event:
+    """Decode a message of ``CCC_EVENTS``; raise :class:`BadEventError` with the reason."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise BadEventError(f"oversize event: {len(data)} bytes > {MAX_EVENT_BYTES}")
+    try:
+        event = event_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise BadEventError(str(e)) from None
+    if event.rel_subject != rel_subject:
+        raise BadEventError(f"subject mismatch: payload says {event.rel_subject}")
+    return event
+
+
+def decode_issue(rel_subject: str, data: bytes) -> IssueEvent:
+    try:
+        event = issue_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise BadEventError(str(e)) from None
+    if event.rel_subject != rel_subject:
+        raise BadEventError(f"subject mismatch: payload says {event.rel_subject}")
+    return event
+
+
+def to_builtins(obj: object) -> object:
+    return msgspec.to_builtins(obj)

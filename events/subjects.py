@@ -1,0 +1,141 @@
+"""The subject scheme: one place that knows how ids become NATS subjects.
+
+``<ns>.issue.<source>.<repo>.<number>.<action>``  issue facts from outside  (<NS>_ISSUES)
+``<ns>.task.<task_id>.<event>``                   task aggregate            (<NS>_EVENTS)
+``<ns>.task.<task_id>.assigned.<agent_id>``       the assignment            (<NS>_EVENTS)
+``<ns>.agent.<agent_id>.<event>``                 agent aggregate           (<NS>_EVENTS)
+``<ns>.hb.<agent_id>``                            heartbeats                (<NS>_HEARTBEATS)
+
+``<ns>`` is ``ccc`` unless a :class:`Namespace` says otherwise: one NATS system can
+host several independent clusters (staging and production, or one per test).
+Events know only their subject *within* the namespace (``rel_subject``).
+
+Tokens are sanitised ids: ``[A-Za-z0-9_=-]`` only, so they are also valid KV keys
+and never contain the NATS separators ``.``, ``*``, ``>`` or whitespace.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from .errors import ConfigError
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_ID = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
+_NS = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def token(value: str) -> str:
+    """Make any string a safe subject token (lossy for exotic characters)."""
+    out = _UNSAFE.sub("=", value.strip())
+    if not out:
+        raise ConfigError(f"empty id: {value!r}")
+    return out[:128]
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Validate an id given by a user; never silently rewrite it."""
+    if not _ID.match(value or ""):
+        raise ConfigError(f"invalid {what} {value!r}: use letters, digits, '_', '-', '=' (max 128)")
+    return value
+
+
+def repo_token(repo: str) -> str:
+    """``owner/name`` -> ``owner_name``. GitHub owners cannot contain ``_``, so the
+    first ``_`` splits unambiguously; ``.`` and other characters become ``=``."""
+    owner, _, name = repo.strip().partition("/")
+    if not name:
+        owner, name = "local", owner
+    return f"{token(owner)}_{token(name)}"
+
+
+def task_id_for(repo: str, number: int) -> str:
+    """One task per issue: the id is derived, so a repeated issue event maps to the
+    same task and its creation deduplicates."""
+    return f"{repo_token(repo)}-{int(number)}"
+
+
+# -- subjects relative to the namespace ----------------------------------------------
+def issue_subject(source: str, repo: str, number: int, action: str) -> str:
+    return f"issue.{token(source)}.{repo_token(repo)}.{int(number)}.{token(action)}"
+
+
+def task_subject(task_id: str, event: str, agent_id: str | None = None) -> str:
+    if agent_id is not None:
+        return f"task.{task_id}.{event}.{agent_id}"
+    return f"task.{task_id}.{event}"
+
+
+def agent_subject(agent_id: str, event: str) -> str:
+    return f"agent.{agent_id}.{event}"
+
+
+class Namespace(msgspec.Struct, frozen=True):
+    """Absolute subjects, stream and bucket names for one cluster."""
+
+    prefix: str = "ccc"
+
+    def __post_init__(self) -> None:
+        if not _NS.match(self.prefix):
+            raise ConfigError(f"invalid namespace {self.prefix!r}: lowercase letters, digits, '_'")
+
+    # streams and buckets
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper()}_EVENTS"
+
+    @property
+    def issues_stream(self) -> str:
+        return f"{self.prefix.upper()}_ISSUES"
+
+    @property
+    def heartbeats_stream(self) -> str:
+        return f"{self.prefix.upper()}_HEARTBEATS"
+
+    @property
+    def tasks_bucket(self) -> str:
+        return f"{self.prefix}_tasks"
+
+    @property
+    def agents_bucket(self) -> str:
+        return f"{self.prefix}_agents"
+
+    @property
+    def artifacts_bucket(self) -> str:
+        return f"{self.prefix}_artifacts"
+
+    # subjects
+    def subject(self, rel: str) -> str:
+        return f"{self.prefix}.{rel}"
+
+    def rel(self, subject: str) -> str:
+        return subject[len(self.prefix) + 1:]
+
+    def task_filter(self, task_id: str = "*") -> str:
+        """Every event of one task: also the optimistic-concurrency scope."""
+        return f"{self.prefix}.task.{task_id}.>"
+
+    def agent_filter(self, agent_id: str = "*") -> str:
+        return f"{self.prefix}.agent.{agent_id}.>"
+
+    def assignments_filter(self, agent_id: str) -> str:
+        """What an agent's durable consumer filters on: only its own assignments."""
+        return f"{self.prefix}.task.*.assigned.{agent_id}"
+
+    def issue_filter(self, source: str = "*", repo: str | None = None) -> str:
+        return f"{self.prefix}.issue.{source}.{repo_token(repo) if repo else '*'}.>"
+
+    def heartbeat_subject(self, agent_id: str) -> str:
+        return f"{self.prefix}.hb.{agent_id}"
+
+    def scope_of(self, subject: str) -> str | None:
+        """The concurrency scope (``<ns>.task.<id>.>``) of an aggregate subject."""
+        parts = subject.split(".")
+        if len(parts) >= 4 and parts[0] == self.prefix and parts[1] in ("task", "agent"):
+            return f"{self.prefix}.{parts[1]}.{parts[2]}.>"
+        return None
+
+
+DEFAULT_NS = Namespace()

@@ -1,0 +1,391 @@
+"""The task state machine, pure: ``decide(state, command) -> events`` and
+``evolve(state, event) -> state``. No clock, no ids, no I/O: time and actor come in
+on the command, and every event's id is its aggregate position.
+
+    Pending -> Analyzing -> Queued -> Assigned -> InProgress -> Testing -> Review -> Completed
+    Testing/Review (and Assigned/InProgress on an agent's error) -> Failed -> Queued (retry)
+    Assigned/InProgress/Testing -> Queued (agent lost or handed back)
+    any non-final -> Cancelled
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Literal
+
+import msgspec
+from msgspec.structs import replace
+
+from .errors import DomainError, IllegalTransition, VersionMismatch
+from .task import (
+    IssueRef,
+    TaskAnalysisStarted,
+    TaskAnalyzed,
+    TaskAssigned,
+    TaskCancellationRequested,
+    TaskCancelled,
+    TaskCompleted,
+    TaskCreated,
+    TaskEvent,
+    TaskFailed,
+    TaskPullRequestOpened,
+    TaskRequeued,
+    TaskStarted,
+    TaskTestsStarted,
+    Usage,
+)
+
+TaskStatus = Literal[
+    "pending", "analyzing", "queued", "assigned", "in_progress", "testing", "review",
+    "completed", "failed", "cancelled",
+]
+TASK_STATUSES: tuple[str, ...] = (
+    "pending", "analyzing", "queued", "assigned", "in_progress", "testing", "review",
+    "completed", "failed", "cancelled",
+)
+FINAL: frozenset[str] = frozenset({"completed", "cancelled"})
+WITH_AGENT: frozenset[str] = frozenset({"assigned", "in_progress", "testing"})
+ACTIVE: frozenset[str] = WITH_AGENT
+
+# event type -> (states it may follow, state it leads to; None = unchanged)
+TRANSITIONS: dict[type, tuple[frozenset[str], str | None]] = {
+    TaskAnalysisStarted: (frozenset({"pending"}), "analyzing"),
+    TaskAnalyzed: (frozenset({"analyzing"}), "queued"),
+    TaskAssigned: (frozenset({"queued"}), "assigned"),
+    TaskStarted: (frozenset({"assigned"}), "in_progress"),
+    TaskTestsStarted: (frozenset({"in_progress"}), "testing"),
+    TaskPullRequestOpened: (frozenset({"testing"}), "review"),
+    TaskCompleted: (frozenset({"review"}), "completed"),
+    TaskFailed: (frozenset({"assigned", "in_progress", "testing", "review"}), "failed"),
+    TaskRequeued: (frozenset({"failed", "assigned", "in_progress", "testing"}), "queued"),
+    TaskCancellationRequested: (frozenset(WITH_AGENT), None),
+    TaskCancelled: (frozenset(TASK_STATUSES) - FINAL, "cancelled"),
+}
+
+
+class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    task_id: str
+    status: TaskStatus
+    version: int
+    issue: IssueRef
+    created_at: datetime
+    updated_at: datetime
+    max_attempts: int = 3
+    attempt: int = 1
+    specialty: str = "general"
+    requirements: tuple[str, ...] = ()
+    complexity: str = "small"
+    priority: str = "normal"
+    security_level: str = "public"
+    dependencies: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    plan: str = ""
+    agent_id: str | None = None
+    not_before: datetime | None = None
+    cancel_requested: bool = False
+    branch: str = ""
+    pr_url: str = ""
+    pr_number: int | None = None
+    draft: bool = False
+    files_changed: tuple[str, ...] = ()
+    diff_ref: str = ""
+    tests_passed: int = 0
+    tests_failed: int = 0
+    failure_reason: str = ""
+    failure_phase: str = ""
+    failure_retryable: bool = False
+    status_reason: str = ""
+    dollars: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def can_retry(self) -> bool:
+        return self.status == "failed" and self.failure_retryable and self.attempt < self.max_attempts
+
+
+def _add_usage(state: TaskState, usage: Usage | None, **changes) -> TaskState:
+    if usage is not None:
+        changes["dollars"] = state.dollars + usage.dollars
+        changes["input_tokens"] = state.input_tokens + usage.input_tokens
+        changes["output_tokens"] = state.output_tokens + usage.output_tokens
+    return replace(state, **changes)
+
+
+def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
+    """Apply one stored event. Raises :class:`VersionMismatch` on a gap or repeat and
+    :class:`IllegalTransition` if the log holds a transition the machine forbids."""
+    if state is None:
+        if not isinstance(event, TaskCreated):
+            raise IllegalTransition("task " + event.task_id, "absent", event.__struct_config__.tag)
+        if event.version != 1:
+            raise VersionMismatch(f"task {event.task_id}: first event has version {event.version}")
+        return TaskState(
+            task_id=event.task_id, status="pending", version=1, issue=event.issue,
+            created_at=event.occurred_at, updated_at=event.occurred_at,
+            max_attempts=event.max_attempts,
+        )
+    if event.version != state.version + 1:
+        raise VersionMismatch(
+            f"task {state.task_id}: event version {event.version} after {state.version}"
+        )
+    rule = TRANSITIONS.get(type(event))
+    if rule is None or state.status not in rule[0]:
+        raise IllegalTransition("task " + state.task_id, state.status, event.__struct_config__.tag)
+    status = rule[1] or state.status
+    base = {"version": event.version, "updated_at": event.occurred_at, "status": status}
+
+    match event:
+        case TaskAnalysisStarted():
+            return replace(state, **base)
+        case TaskAnalyzed():
+            return _add_usage(
+                state, event.usage, **base, specialty=event.specialty,
+                requirements=event.requirements, complexity=event.complexity,
+                priority=event.priority, security_level=event.security_level,
+                dependencies=event.dependencies, reasons=event.reasons, plan=event.plan,
+            )
+        case TaskAssigned():
+            return replace(state, **base, agent_id=event.agent_id, not_before=None)
+        case TaskStarted():
+            return replace(state, **base)
+        case TaskTestsStarted():
+            return _add_usage(
+                state, event.usage, **base, files_changed=event.files_changed,
+                diff_ref=event.diff_ref,
+            )
+        case TaskPullRequestOpened():
+            return replace(
+                state, **base, branch=event.branch, pr_url=event.pr_url,
+                pr_number=event.pr_number, draft=event.draft,
+                tests_passed=event.tests_passed, tests_failed=event.tests_failed,
+            )
+        case TaskCompleted():
+            return replace(state, **base, status_reason=event.reason)
+        case TaskFailed():
+            return replace(
+                state, **base, failure_reason=event.reason, failure_phase=event.phase,
+                failure_retryable=event.retryable, status_reason=event.reason,
+            )
+        case TaskRequeued():
+            return replace(
+                state, **base, attempt=event.attempt, agent_id=None,
+                not_before=event.not_before, cancel_requested=False, status_reason=event.reason,
+            )
+        case TaskCancellationRequested():
+            return replace(state, **base, cancel_requested=True, status_reason=event.reason)
+        case TaskCancelled():
+            return replace(state, **base, status_reason=event.reason)
+    raise IllegalTransition("task " + state.task_id, state.status, type(event).__name__)
+
+
+def fold(events, state: TaskState | None = None) -> TaskState | None:
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+# -- commands -----------------------------------------------------------------------
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    at: datetime
+    actor: str
+    causation_id: str | None = None
+
+
+class CreateTask(Command, frozen=True, kw_only=True):
+    task_id: str
+    issue: IssueRef
+    max_attempts: int = 3
+
+
+class StartAnalysis(Command, frozen=True, kw_only=True):
+    analyser: str = "rules"
+
+
+class RecordAnalysis(Command, frozen=True, kw_only=True):
+    specialty: str = "general"
+    requirements: tuple[str, ...] = ()
+    complexity: str = "small"
+    priority: str = "normal"
+    security_level: str = "public"
+    dependencies: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    plan: str = ""
+    usage: Usage | None = None
+
+
+class AssignTask(Command, frozen=True, kw_only=True):
+    agent_id: str
+
+
+class StartTask(Command, frozen=True, kw_only=True):
+    agent_id: str
+    workspace: str = ""
+
+
+class StartTests(Command, frozen=True, kw_only=True):
+    agent_id: str
+    files_changed: tuple[str, ...] = ()
+    diff_stat: str = ""
+    diff_ref: str = ""
+    usage: Usage | None = None
+
+
+class OpenPullRequest(Command, frozen=True, kw_only=True):
+    agent_id: str
+    branch: str
+    pr_url: str = ""
+    pr_number: int | None = None
+    draft: bool = False
+    tests_passed: int = 0
+    tests_failed: int = 0
+
+
+class CompleteTask(Command, frozen=True, kw_only=True):
+    reason: str = "pull request merged"
+
+
+class FailTask(Command, frozen=True, kw_only=True):
+    reason: str
+    phase: str = ""
+    retryable: bool = True
+    log_ref: str = ""
+    agent_id: str | None = None  # when an agent reports, it must be the assignee
+
+
+class RetryTask(Command, frozen=True, kw_only=True):
+    backoff_base: float = 5.0  # seconds; doubles each attempt
+    backoff_max: float = 300.0
+
+
+class RequeueTask(Command, frozen=True, kw_only=True):
+    reason: Literal["agent_lost", "handed_back"]
+    agent_id: str  # the agent the task is taken from: a stale report is refused
+
+
+class CancelTask(Command, frozen=True, kw_only=True):
+    reason: str = ""
+    force: bool = False  # skip asking the agent (it acknowledged, or it is gone)
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Delay before attempt ``attempt + 1``: base, 2*base, 4*base, … capped."""
+    return min(cap, base * (2 ** max(0, attempt - 1)))
+
+
+def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
+    """What happens if ``command`` is applied now. Raises a :class:`DomainError` when
+    the command is not allowed; never mutates anything."""
+    if isinstance(command, CreateTask):
+        if state is not None:
+            raise IllegalTransition("task " + command.task_id, state.status, "create")
+        if command.max_attempts < 1:
+            raise DomainError("max_attempts must be at least 1")
+        return [_validated(TaskCreated(**_env(command, command.task_id, 1), issue=command.issue,
+                                       max_attempts=command.max_attempts))]
+    if state is None:
+        raise DomainError(f"no such task for {type(command).__name__}")
+    env = _env(command, state.task_id, state.version + 1)
+    event: TaskEvent
+    match command:
+        case StartAnalysis():
+            event = TaskAnalysisStarted(**env, analyser=command.analyser)
+        case RecordAnalysis():
+            event = TaskAnalyzed(**env, **_payload(command))
+        case AssignTask():
+            _require(state, "queued", "assign")
+            if state.not_before is not None and command.at < state.not_before:
+                raise DomainError(f"task {state.task_id}: retry backoff until {state.not_before.isoformat()}")
+            event = TaskAssigned(**env, agent_id=command.agent_id, attempt=state.attempt)
+        case StartTask():
+            _require_agent(state, command.agent_id, "start")
+            event = TaskStarted(**env, agent_id=command.agent_id, workspace=command.workspace)
+        case StartTests():
+            _require_agent(state, command.agent_id, "report tests")
+            event = TaskTestsStarted(**env, **_payload(command))
+        case OpenPullRequest():
+            _require_agent(state, command.agent_id, "open a pull request")
+            event = TaskPullRequestOpened(**env, **_payload(command))
+        case CompleteTask():
+            event = TaskCompleted(**env, reason=command.reason)
+        case FailTask():
+            if command.agent_id is not None:
+                _require_agent(state, command.agent_id, "fail")
+            event = TaskFailed(**env, reason=command.reason, phase=command.phase,
+                               retryable=command.retryable, log_ref=command.log_ref)
+        case RetryTask():
+            _require(state, "failed", "retry")
+            if not state.failure_retryable:
+                raise DomainError(f"task {state.task_id}: failure is not retryable")
+            if state.attempt >= state.max_attempts:
+                raise DomainError(f"task {state.task_id}: attempts exhausted ({state.attempt}/{state.max_attempts})")
+            delay = backoff(state.attempt, command.backoff_base, command.backoff_max)
+            event = TaskRequeued(**env, reason="retry", attempt=state.attempt + 1,
+                                 not_before=command.at + timedelta(seconds=delay))
+        case RequeueTask():
+            if state.status not in WITH_AGENT or state.agent_id != command.agent_id:
+                raise IllegalTransition("task " + state.task_id, state.status,
+                                        f"take back from {command.agent_id}")
+            if state.attempt >= state.max_attempts:
+                event = TaskFailed(**env, reason=f"agent {command.agent_id} lost; attempts exhausted",
+                                   phase=state.status, retryable=False)
+            else:
+                event = TaskRequeued(**env, reason=command.reason, attempt=state.attempt + 1)
+        case CancelTask():
+            if state.final:
+                raise IllegalTransition("task " + state.task_id, state.status, "cancel")
+            if state.status in WITH_AGENT and not command.force:
+                if state.cancel_requested:
+                    return []  # already asked; idempotent
+                event = TaskCancellationRequested(**env, reason=command.reason, requested_by=command.actor)
+            else:
+                event = TaskCancelled(**env, reason=command.reason)
+        case _:
+            raise DomainError(f"unknown command {type(command).__name__}")
+    evolve(state, event)  # the transition table is the single source of legality
+    return [_validated(event)]
+
+
+def _validated(event: TaskEvent) -> TaskEvent:
+    """Struct constructors do not check types; a round trip does, so nothing that
+    cannot be decoded again ever reaches the log."""
+    try:
+        return msgspec.json.decode(msgspec.json.encode(event), type=type(event))
+    except msgspec.ValidationError as e:
+        raise DomainError(f"invalid {event.__struct_config__.tag}: {e}") from None
+
+
+def _payload(command: Command) -> dict:
+    d = msgspec.structs.asdict(command)
+    for k in ("at", "actor", "causation_id"):
+        d.pop(k, None)
+    return d
+
+
+def _env(command: Command, task_id: str, version: int) -> dict:
+    return {
+        "event_id": f"{task_id}:{version}",
+        "task_id": task_id,
+        "version": version,
+        "occurred_at": command.at,
+        "correlation_id": task_id,
+        "causation_id": command.causation_id,
+        "actor": command.actor,
+    }
+
+
+def _require(state: TaskState, status: str, action: str) -> None:
+    if state.status != status:
+        raise IllegalTransition("task " + state.task_id, state.status, action)
+
+
+def _require_agent(state: TaskState, agent_id: str, action: str) -> None:
+    if state.agent_id != agent_id:
+        raise IllegalTransition(
+            "task " + state.task_id, f"{state.status} (assigned to {state.agent_id})",
+            f"{action} as {agent_id}",
+        )

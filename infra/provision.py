@@ -1,0 +1,92 @@
+"""Idempotent provisioning of streams, KV buckets and the object store.
+
+Run at every start: creates what is missing, updates what drifted, leaves the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import api
+
+from events.errors import StoreUnavailable
+from events.subjects import DEFAULT_NS, Namespace
+
+STREAM_NAME_IN_USE = 10058
+
+
+def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.StreamConfig]:
+    events = api.StreamConfig(
+        name=ns.events_stream,
+        description="claude-code-cluster event log: task and agent aggregates",
+        subjects=[ns.task_filter(), ns.agent_filter()],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=30 * 60.0,  # ≥ 10 min: retries after a leader election still dedup
+        deny_delete=True,  # the log is the database: events are never removed
+        deny_purge=True,
+        allow_direct=True,  # fast last-by-subject reads for optimistic concurrency
+        max_msg_size=512 * 1024,
+        discard=api.DiscardPolicy.NEW,  # if a limit is ever set, refuse rather than lose
+    )
+    issues = api.StreamConfig(
+        name=ns.issues_stream,
+        description="claude-code-cluster intake: issue facts from webhooks, CLI, nats pub",
+        subjects=[f"{ns.prefix}.issue.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=24 * 3600.0,  # GitHub redelivers a webhook hours later
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+        max_msg_size=512 * 1024,
+    )
+    heartbeats = api.StreamConfig(
+        name=ns.heartbeats_stream,
+        description="claude-code-cluster agent heartbeats (latest per agent)",
+        subjects=[f"{ns.prefix}.hb.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        allow_direct=True,
+        duplicate_window=60.0,
+    )
+    return [events, issues, heartbeats]
+
+
+async def _ensure_stream(js, config: api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError as e:
+        if e.err_code != STREAM_NAME_IN_USE:
+            raise
+        await js.update_stream(config)
+
+
+async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1) -> None:
+    """Create or update everything the cluster needs. Safe to run concurrently and
+    repeatedly."""
+    js = nc.jetstream(timeout=10.0)
+    try:
+        for config in stream_configs(ns, replicas):
+            await _ensure_stream(js, config)
+        for bucket, description in (
+            (ns.tasks_bucket, "task view, materialised from the event log"),
+            (ns.agents_bucket, "agent view, materialised from the event log"),
+        ):
+            await js.create_key_value(
+                bucket=bucket, description=description, history=1, replicas=replicas,
+                storage=api.StorageType.FILE,
+            )
+        await js.create_object_store(
+            bucket=ns.artifacts_bucket, description="diffs, test logs, transcripts",
+            replicas=replicas, storage=api.StorageType.FILE,
+        )
+    except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
+        raise StoreUnavailable(f"provisioning failed: {type(e).__name__}: {e}") from None
