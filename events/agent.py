@@ -30,7 +30,7 @@ class AgentEventBase(
 
     @property
     def rel_subject(self) -> str:
-        return agent_subject(self.agent_id, self.__struct_config__.tag.split(".", 1)[1])
+        return f"agent.{self.agent_id}.{self.__struct_config__.tag[6:]}"
 
 
 class AgentRegistered(AgentEventBase, tag="agent.registered"):

@@ -65,7 +65,7 @@ class TaskEventBase(
 
     @property
     def rel_subject(self) -> str:
-        return task_subject(self.task_id, self.__struct_config__.tag.split(".", 1)[1])
+        return f"task.{self.task_id}.{self.__struct_config__.tag[5:]}"
 
 
 class TaskCreated(TaskEventBase, tag="task.created"):

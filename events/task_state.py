@@ -105,7 +105,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     @property
     def can_retry(self) -> bool:
-        return self.status == "failed" and self.failure_retryable and self.attempt < self.max_attempts
+        return (self.status == "failed" and self.failure_retryable and not self.cancel_requested
+                and self.attempt < self.max_attempts)
 
 
 def _add_usage(state: TaskState, usage: Usage | None, **changes) -> TaskState:
@@ -136,51 +137,81 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
     rule = TRANSITIONS.get(type(event))
     if rule is None or state.status not in rule[0]:
         raise IllegalTransition("task " + state.task_id, state.status, event.__struct_config__.tag)
-    status = rule[1] or state.status
-    base = {"version": event.version, "updated_at": event.occurred_at, "status": status}
+    return _APPLY[type(event)](state, event, rule[1] or state.status)
 
-    match event:
-        case TaskAnalysisStarted():
-            return replace(state, **base)
-        case TaskAnalyzed():
-            return _add_usage(
-                state, event.usage, **base, specialty=event.specialty,
-                requirements=event.requirements, complexity=event.complexity,
-                priority=event.priority, security_level=event.security_level,
-                dependencies=event.dependencies, reasons=event.reasons, plan=event.plan,
-            )
-        case TaskAssigned():
-            return replace(state, **base, agent_id=event.agent_id, not_before=None)
-        case TaskStarted():
-            return replace(state, **base)
-        case TaskTestsStarted():
-            return _add_usage(
-                state, event.usage, **base, files_changed=event.files_changed,
-                diff_ref=event.diff_ref,
-            )
-        case TaskPullRequestOpened():
-            return replace(
-                state, **base, branch=event.branch, pr_url=event.pr_url,
-                pr_number=event.pr_number, draft=event.draft,
-                tests_passed=event.tests_passed, tests_failed=event.tests_failed,
-            )
-        case TaskCompleted():
-            return replace(state, **base, status_reason=event.reason)
-        case TaskFailed():
-            return replace(
-                state, **base, failure_reason=event.reason, failure_phase=event.phase,
-                failure_retryable=event.retryable, status_reason=event.reason,
-            )
-        case TaskRequeued():
-            return replace(
-                state, **base, attempt=event.attempt, agent_id=None,
-                not_before=event.not_before, cancel_requested=False, status_reason=event.reason,
-            )
-        case TaskCancellationRequested():
-            return replace(state, **base, cancel_requested=True, status_reason=event.reason)
-        case TaskCancelled():
-            return replace(state, **base, status_reason=event.reason)
-    raise IllegalTransition("task " + state.task_id, state.status, type(event).__name__)
+
+# one small function per event type, dispatched by a dict (this runs once per event
+# on every projection rebuild, so it is kept flat)
+def _status_only(s: TaskState, e: TaskEvent, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status)
+
+
+def _analyzed(s: TaskState, e: TaskAnalyzed, status: str) -> TaskState:
+    return _add_usage(
+        s, e.usage, version=e.version, updated_at=e.occurred_at, status=status,
+        specialty=e.specialty, requirements=e.requirements, complexity=e.complexity,
+        priority=e.priority, security_level=e.security_level, dependencies=e.dependencies,
+        reasons=e.reasons, plan=e.plan,
+    )
+
+
+def _assigned(s: TaskState, e: TaskAssigned, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
+                   agent_id=e.agent_id, not_before=None)
+
+
+def _tests_started(s: TaskState, e: TaskTestsStarted, status: str) -> TaskState:
+    return _add_usage(s, e.usage, version=e.version, updated_at=e.occurred_at, status=status,
+                      files_changed=e.files_changed, diff_ref=e.diff_ref)
+
+
+def _pr_opened(s: TaskState, e: TaskPullRequestOpened, status: str) -> TaskState:
+    return replace(
+        s, version=e.version, updated_at=e.occurred_at, status=status, branch=e.branch,
+        pr_url=e.pr_url, pr_number=e.pr_number, draft=e.draft,
+        tests_passed=e.tests_passed, tests_failed=e.tests_failed,
+    )
+
+
+def _with_reason(s: TaskState, e: TaskCompleted | TaskCancelled, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
+                   status_reason=e.reason)
+
+
+def _failed(s: TaskState, e: TaskFailed, status: str) -> TaskState:
+    return replace(
+        s, version=e.version, updated_at=e.occurred_at, status=status,
+        failure_reason=e.reason, failure_phase=e.phase, failure_retryable=e.retryable,
+        status_reason=e.reason,
+    )
+
+
+def _requeued(s: TaskState, e: TaskRequeued, status: str) -> TaskState:
+    return replace(
+        s, version=e.version, updated_at=e.occurred_at, status=status, attempt=e.attempt,
+        agent_id=None, not_before=e.not_before, cancel_requested=False, status_reason=e.reason,
+    )
+
+
+def _cancel_requested(s: TaskState, e: TaskCancellationRequested, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
+                   cancel_requested=True, status_reason=e.reason)
+
+
+_APPLY = {
+    TaskAnalysisStarted: _status_only,
+    TaskAnalyzed: _analyzed,
+    TaskAssigned: _assigned,
+    TaskStarted: _status_only,
+    TaskTestsStarted: _tests_started,
+    TaskPullRequestOpened: _pr_opened,
+    TaskCompleted: _with_reason,
+    TaskFailed: _failed,
+    TaskRequeued: _requeued,
+    TaskCancellationRequested: _cancel_requested,
+    TaskCancelled: _with_reason,
+}
+assert _APPLY.keys() == TRANSITIONS.keys()
 
 
 def fold(events, state: TaskState | None = None) -> TaskState | None:
@@ -321,6 +352,8 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
             _require(state, "failed", "retry")
             if not state.failure_retryable:
                 raise DomainError(f"task {state.task_id}: failure is not retryable")
+            if state.cancel_requested:  # the failure came after a cancel: honour the cancel
+                raise DomainError(f"task {state.task_id}: cancellation requested, not retrying")
             if state.attempt >= state.max_attempts:
                 raise DomainError(f"task {state.task_id}: attempts exhausted ({state.attempt}/{state.max_attempts})")
             delay = backoff(state.attempt, command.backoff_base, command.backoff_max)
@@ -330,7 +363,12 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
             if state.status not in WITH_AGENT or state.agent_id != command.agent_id:
                 raise IllegalTransition("task " + state.task_id, state.status,
                                         f"take back from {command.agent_id}")
-            if state.attempt >= state.max_attempts:
+            if state.cancel_requested:
+                # the agent will never acknowledge the cancel now: finish it rather than
+                # put a task the user cancelled back in the queue
+                lost = "lost" if command.reason == "agent_lost" else "handed it back"
+                event = TaskCancelled(**env, reason=f"cancellation requested; agent {command.agent_id} {lost}")
+            elif state.attempt >= state.max_attempts:
                 event = TaskFailed(**env, reason=f"agent {command.agent_id} lost; attempts exhausted",
                                    phase=state.status, retryable=False)
             else:

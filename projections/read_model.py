@@ -1,0 +1,155 @@
+"""The read model: a pure, incremental fold of the whole event log into the task
+view, the agent view and the cluster counters.
+
+``apply(seq, item)`` is idempotent by stream sequence: an item at or below the last
+applied sequence is a no-op, so redelivery and overlapping catch-up reads are safe,
+and folding the log in any batch sizes gives exactly the same result as one rebuild
+from sequence 0. A message that does not decode, or an event the state machine
+rejects, is recorded in ``bad`` (with its sequence) and skipped; nothing after it is
+lost.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import msgspec
+
+from events.agent import AgentEvent
+from events.agent_state import AgentState
+from events.agent_state import evolve as evolve_agent
+from events.codec import Event
+from events.errors import DomainError
+from events.store import BadMessage
+from events.task import TaskAssigned, TaskEventBase
+from events.task_state import TaskState
+from events.task_state import evolve as evolve_task
+
+MAX_BAD_KEPT = 1000  # the count is exact; only the newest details are kept
+
+
+class ClusterView(msgspec.Struct, frozen=True, kw_only=True):
+    tasks_total: int
+    tasks_by_status: dict[str, int]
+    tasks_by_specialty: dict[str, int]
+    agents_total: int
+    agents_by_status: dict[str, int]
+    agents_by_specialty: dict[str, int]
+    capacity: int  # task slots on online agents
+    active: int  # tasks held by online agents
+    load: float  # active / capacity
+    last_seq: int
+    bad_events: int
+
+
+class ReadModel:
+    """Task, agent and cluster views, plus what could not be applied."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.tasks: dict[str, TaskState] = {}
+        self.agents: dict[str, AgentState] = {}
+        self.task_seq: dict[str, int] = {}  # stream seq of the last event applied per task
+        self.agent_seq: dict[str, int] = {}
+        self.agent_tasks: dict[str, set[str]] = {}  # every task ever assigned to an agent
+        self.task_status_counts: dict[str, int] = {}
+        self.bad: list[BadMessage] = []
+        self.bad_count = 0
+        self.applied_count = 0
+        self.dirty_tasks: set[str] = set()  # changed since the last materialisation
+        self.dirty_agents: set[str] = set()
+
+    # -- folding -------------------------------------------------------------------
+    def apply(self, seq: int, item: Event | BadMessage) -> bool:
+        """Apply one log item. Returns False for a no-op (already applied, or bad)."""
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        if isinstance(item, BadMessage):
+            self._reject(item)
+            return False
+        try:
+            if isinstance(item, TaskEventBase):
+                tid = item.task_id
+                old = self.tasks.get(tid)
+                new = evolve_task(old, item)
+                self.tasks[tid] = new
+                self.task_seq[tid] = seq
+                counts = self.task_status_counts
+                if old is not None:
+                    counts[old.status] -= 1
+                counts[new.status] = counts.get(new.status, 0) + 1
+                if type(item) is TaskAssigned:
+                    self.agent_tasks.setdefault(item.agent_id, set()).add(tid)
+                self.dirty_tasks.add(tid)
+            else:
+                aid = item.agent_id
+                self.agents[aid] = evolve_agent(self.agents.get(aid), item)
+                self.agent_seq[aid] = seq
+                self.dirty_agents.add(aid)
+        except DomainError as e:
+            self._reject(BadMessage(
+                seq=seq, subject=item.rel_subject, error=f"{type(e).__name__}: {e}",
+                preview=msgspec.json.encode(item)[:200].decode(errors="replace"),
+            ))
+            return False
+        self.applied_count += 1
+        return True
+
+    def apply_many(self, items: Iterable[tuple[int, Event | BadMessage]]) -> int:
+        n = 0
+        for seq, item in items:
+            n += self.apply(seq, item)
+        return n
+
+    def _reject(self, bad: BadMessage) -> None:
+        self.bad_count += 1
+        self.bad.append(bad)
+        if len(self.bad) > MAX_BAD_KEPT:
+            del self.bad[0]
+
+    # -- queries -------------------------------------------------------------------
+    def cluster(self) -> ClusterView:
+        by_specialty: Counter[str] = Counter(t.specialty for t in self.tasks.values())
+        agents_by_status: Counter[str] = Counter(a.status for a in self.agents.values())
+        agents_by_specialty: Counter[str] = Counter()
+        capacity = active = 0
+        for a in self.agents.values():
+            if a.status == "offline":
+                continue
+            agents_by_specialty.update(a.specialties)
+            capacity += a.capacity
+            active += len(a.active_tasks)
+        return ClusterView(
+            tasks_total=len(self.tasks),
+            tasks_by_status={k: v for k, v in sorted(self.task_status_counts.items()) if v},
+            tasks_by_specialty=dict(sorted(by_specialty.items())),
+            agents_total=len(self.agents),
+            agents_by_status=dict(sorted(agents_by_status.items())),
+            agents_by_specialty=dict(sorted(agents_by_specialty.items())),
+            capacity=capacity,
+            active=active,
+            load=round(active / capacity, 4) if capacity else 0.0,
+            last_seq=self.last_seq,
+            bad_events=self.bad_count,
+        )
+
+    def tasks_of_agent(self, agent_id: str) -> list[TaskState]:
+        return [self.tasks[t] for t in sorted(self.agent_tasks.get(agent_id, ()))]
+
+    def snapshot(self) -> dict:
+        """Everything observable, as builtins: equal snapshots = equal read models."""
+        return {
+            "last_seq": self.last_seq,
+            "tasks": msgspec.to_builtins(self.tasks),
+            "agents": msgspec.to_builtins(self.agents),
+            "task_seq": dict(self.task_seq),
+            "agent_seq": dict(self.agent_seq),
+            "agent_tasks": {k: sorted(v) for k, v in self.agent_tasks.items()},
+            "cluster": msgspec.to_builtins(self.cluster()),
+            "bad": msgspec.to_builtins(self.bad),
+        }
+
+
+__all__ = ["ClusterView", "ReadModel", "AgentEvent"]
