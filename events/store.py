@@ -16,6 +16,7 @@ with its stream sequence, and reading continues after it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ from .agent import AgentEvent
 from .agent_state import AgentState
 from .agent_state import fold as fold_agent
 from .codec import MAX_EVENT_BYTES, Event, decode_event, encode, event_decoder
-from .errors import BadEventError, ConcurrencyConflict, StoreUnavailable
+from .errors import BadEventError, CccError, ConcurrencyConflict, StoreUnavailable
 from .subjects import DEFAULT_NS, Namespace
 from .task import TaskEvent
 from .task_state import TaskState
@@ -72,6 +73,7 @@ class EventStore:
         self.timeout = timeout
         self.js = nc.jetstream(timeout=timeout)
         self.stream = ns.events_stream
+        self._pipeline: _AckPipeline | None = None
 
     # -- writing -------------------------------------------------------------------
     def _message(self, event: Event, expected: int | None) -> tuple[str, bytes, dict[str, str]]:
@@ -111,29 +113,21 @@ class EventStore:
         """Pipelined appends for independent aggregates: one round trip's latency for
         the whole batch. Each item is ``(event, expected_last_seq)``; the result holds
         the stream sequence or the error (ConcurrencyConflict / StoreUnavailable)."""
+        if self._pipeline is None:
+            self._pipeline = _AckPipeline(self.nc)
         futures = []
         try:
             for event, expected in items:
                 subject, data, headers = self._message(event, expected)
-                futures.append(await self.js.publish_async(subject, data, headers=headers))
+                futures.append(await self._pipeline.publish(subject, data, headers))
         except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
             for f in futures:
                 f.cancel()
             raise _unavailable(e) from None
-        results: list[int | Exception] = []
         done = await asyncio.gather(
             *(asyncio.wait_for(f, self.timeout) for f in futures), return_exceptions=True
         )
-        for r in done:
-            if isinstance(r, api.PubAck):
-                results.append(r.seq)
-            elif isinstance(r, nats.js.errors.APIError) and r.err_code == WRONG_LAST_SEQUENCE:
-                results.append(ConcurrencyConflict(str(r.description)))
-            elif isinstance(r, BaseException):
-                results.append(_unavailable(r))  # type: ignore[arg-type]
-            else:  # pragma: no cover
-                results.append(StoreUnavailable(f"unexpected ack {r!r}"))
-        return results
+        return [r if isinstance(r, (int, CccError)) else _unavailable(r) for r in done]
 
     # -- reading -------------------------------------------------------------------
     async def last_seq(self, filter_subject: str | None = None) -> int:
@@ -310,6 +304,60 @@ class EventStore:
         loaded = await self.load(self.ns.agent_filter(agent_id))
         state = fold_agent(e.event for e in loaded.events if isinstance(e.event, AgentEvent))
         return state, loaded.last_seq
+
+
+class _AckPipeline:
+    """Pipelined JetStream publishes with our own ack inbox.
+
+    (nats-py's ``publish_async`` raises inside its reply callback when the server
+    answers with an error, so a conflict would surface only as a timeout; here every
+    ack, good or bad, resolves its future.)"""
+
+    MAX_IN_FLIGHT = 4096
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.prefix = f"{bytes(nc._inbox_prefix).decode()}.{secrets.token_hex(8)}."
+        self.futures: dict[str, asyncio.Future] = {}
+        self.slots = asyncio.Semaphore(self.MAX_IN_FLIGHT)
+        self.sub = None
+        self.counter = 0
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> asyncio.Future:
+        if self.sub is None:
+            self.sub = await self.nc.subscribe(self.prefix + "*", cb=self._on_ack)
+        await self.slots.acquire()
+        self.counter += 1
+        token = str(self.counter)
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _f, t=token: self._done(t))
+        self.futures[token] = future
+        await self.nc.publish(subject, data, reply=self.prefix + token, headers=headers)
+        return future
+
+    def _done(self, token: str) -> None:
+        self.futures.pop(token, None)
+        self.slots.release()
+
+    async def _on_ack(self, msg) -> None:
+        future = self.futures.get(msg.subject[len(self.prefix):])
+        if future is None or future.done():
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(StoreUnavailable("no stream responded (is it provisioned?)"))
+            return
+        try:
+            resp = msgspec.json.decode(msg.data)
+        except msgspec.DecodeError:
+            future.set_exception(StoreUnavailable(f"unreadable ack: {msg.data[:100]!r}"))
+            return
+        error = resp.get("error")
+        if error is None:
+            future.set_result(int(resp["seq"]))
+        elif error.get("err_code") == WRONG_LAST_SEQUENCE:
+            future.set_exception(ConcurrencyConflict(f"{error.get('description')}"))
+        else:
+            future.set_exception(StoreUnavailable(f"append refused: {error.get('description')}"))
 
 
 def stream_seq(reply: str) -> int:

@@ -56,7 +56,9 @@ async def connect(
         "name": name,
         "connect_timeout": connect_timeout,
         "allow_reconnect": reconnect,
-        "max_reconnect_attempts": -1 if reconnect else 0,
+        # bounded while connecting for the first time (a CLI command must not hang
+        # on a wrong URL); unlimited once connected, set below
+        "max_reconnect_attempts": 2,
         "reconnect_time_wait": 0.25,
         "error_cb": error_cb,
         "disconnected_cb": disconnected_cb,
@@ -72,9 +74,12 @@ async def connect(
         if tls is not None:
             kwargs["tls"] = tls
     try:
-        return await nats.connect(**kwargs)
+        nc = await nats.connect(**kwargs)
     except (nats.errors.Error, OSError, asyncio.TimeoutError) as e:
         raise StoreUnavailable(f"cannot connect to NATS at {url}: {e or type(e).__name__}") from None
+    if reconnect:
+        nc.options["max_reconnect_attempts"] = -1  # ride out server restarts for ever
+    return nc
 
 
 def embedded_url_file(data_dir: Path) -> Path:

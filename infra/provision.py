@@ -22,7 +22,7 @@ def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.St
     events = api.StreamConfig(
         name=ns.events_stream,
         description="claude-code-cluster event log: task and agent aggregates",
-        subjects=[ns.task_filter(), ns.agent_filter()],
+        subjects=[f"{ns.prefix}.task.>", f"{ns.prefix}.agent.>"],
         retention=api.RetentionPolicy.LIMITS,
         storage=api.StorageType.FILE,
         num_replicas=replicas,
