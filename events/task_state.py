@@ -367,7 +367,8 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
                 # the agent will never acknowledge the cancel now: finish it rather than
                 # put a task the user cancelled back in the queue
                 lost = "lost" if command.reason == "agent_lost" else "handed it back"
-                event = TaskCancelled(**env, reason=f"cancellation requested; agent {command.agent_id} {lost}")
+                event = TaskCancelled(
+                    **env, reason=f"cancellation requested; agent {command.agent_id} {lost}")
             elif state.attempt >= state.max_attempts:
                 event = TaskFailed(**env, reason=f"agent {command.agent_id} lost; attempts exhausted",
                                    phase=state.status, retryable=False)
@@ -384,8 +385,11 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
                 event = TaskCancelled(**env, reason=command.reason)
         case _:
             raise DomainError(f"unknown command {type(command).__name__}")
+    # validate first: evolve trusts field types (e.g. reads usage.dollars), so a
+    # malformed command must fail here as a DomainError, not inside evolve
+    event = _validated(event)
     evolve(state, event)  # the transition table is the single source of legality
-    return [_validated(event)]
+    return [event]
 
 
 def _validated(event: TaskEvent) -> TaskEvent:
