@@ -14,7 +14,7 @@ from typing import Literal
 import msgspec
 
 from .subjects import agent_subject
-from .task import SecurityLevel
+from .task import SecurityLevel, Usage
 
 
 class AgentEventBase(
@@ -43,11 +43,82 @@ class AgentRegistered(AgentEventBase, tag="agent.registered"):
 
 class AgentTaskStarted(AgentEventBase, tag="agent.task_started"):
     task_id: str
+    attempt: int = 0
 
 
 class AgentTaskReleased(AgentEventBase, tag="agent.task_released"):
     task_id: str
     outcome: Literal["done", "failed", "cancelled", "handed_back", "lost"] = "done"
+    attempt: int = 0
+
+
+class AgentTaskDeclined(AgentEventBase, tag="agent.task_declined"):
+    """An assignment the agent will not start (no free slot, shutting down)."""
+
+    task_id: str
+    attempt: int = 0
+    reason: str = ""
+
+
+# -- work reports: one per pipeline phase, about a task the agent holds ---------------
+class WorkReport(AgentEventBase):
+    task_id: str
+    attempt: int
+
+
+class AgentWorkspacePrepared(WorkReport, tag="agent.workspace_prepared"):
+    path: str
+    base_commit: str = ""
+
+
+class AgentCodebaseAnalysed(WorkReport, tag="agent.codebase_analysed"):
+    languages: dict[str, int] = {}
+    test_command: tuple[str, ...] = ()
+
+
+class AgentImplementationProduced(WorkReport, tag="agent.implementation_produced"):
+    coder: str = ""
+    summary: str = ""
+    files_changed: tuple[str, ...] = ()
+    diff_stat: str = ""
+    diff_ref: str = ""  # object store name; the diff itself is never in an event
+    diff_digest: str = ""  # sha256 of the diff
+    turns: int = 0
+    usage: Usage | None = None
+    transcript_ref: str = ""
+
+
+class AgentTestsRun(WorkReport, tag="agent.tests_run"):
+    command: tuple[str, ...] = ()
+    exit_code: int | None = None
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    duration: float = 0.0
+    timed_out: bool = False
+    log_ref: str = ""
+
+
+class AgentChangesPushed(WorkReport, tag="agent.changes_pushed"):
+    branch: str
+    commit: str
+
+
+class AgentPullRequestOpened(WorkReport, tag="agent.pr_opened"):
+    branch: str
+    pr_url: str = ""
+    pr_number: int | None = None
+    draft: bool = False
+    tests_passed: int = 0
+    tests_failed: int = 0
+
+
+class AgentWorkFailed(WorkReport, tag="agent.work_failed"):
+    phase: str
+    reason: str
+    retryable: bool = True
+    log_ref: str = ""
 
 
 class AgentMaintenanceStarted(AgentEventBase, tag="agent.maintenance_started"):
@@ -74,6 +145,14 @@ AgentEvent = (
     AgentRegistered
     | AgentTaskStarted
     | AgentTaskReleased
+    | AgentTaskDeclined
+    | AgentWorkspacePrepared
+    | AgentCodebaseAnalysed
+    | AgentImplementationProduced
+    | AgentTestsRun
+    | AgentChangesPushed
+    | AgentPullRequestOpened
+    | AgentWorkFailed
     | AgentMaintenanceStarted
     | AgentMaintenanceEnded
     | AgentErrored

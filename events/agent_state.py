@@ -17,6 +17,8 @@ import msgspec
 from msgspec.structs import replace
 
 from .agent import (
+    AgentChangesPushed,
+    AgentCodebaseAnalysed,
     AgentErrored,
     AgentEvent,
     AgentMaintenanceEnded,
@@ -24,26 +26,45 @@ from .agent import (
     AgentRecovered,
     AgentRegistered,
     AgentTaskReleased,
+    AgentImplementationProduced,
+    AgentPullRequestOpened,
+    AgentTaskDeclined,
     AgentTaskStarted,
+    AgentTestsRun,
     AgentWentOffline,
+    AgentWorkFailed,
+    AgentWorkspacePrepared,
+    WorkReport,
 )
 from .errors import DomainError, IllegalTransition, VersionMismatch
+from .task_state import check_id
 
 AgentStatus = Literal["offline", "idle", "busy", "overloaded", "maintenance", "error"]
 AGENT_STATUSES: tuple[str, ...] = ("offline", "idle", "busy", "overloaded", "maintenance", "error")
 ONLINE: frozenset[str] = frozenset({"idle", "busy", "overloaded"})
 ACCEPTING: frozenset[str] = frozenset({"idle", "busy"})
+# statuses in which an agent can hold tasks (idle holds none by definition)
+HOLDING: frozenset[str] = frozenset({"busy", "overloaded", "maintenance", "error"})
 
 TRANSITIONS: dict[type, frozenset[str]] = {
     AgentRegistered: frozenset({"offline"}),
     AgentTaskStarted: ONLINE,
-    AgentTaskReleased: frozenset(AGENT_STATUSES) - {"offline"},
+    AgentTaskReleased: HOLDING,
     AgentMaintenanceStarted: ONLINE | {"error"},
     AgentMaintenanceEnded: frozenset({"maintenance"}),
     AgentErrored: ONLINE | {"maintenance"},
     AgentRecovered: frozenset({"error"}),
     AgentWentOffline: frozenset(AGENT_STATUSES) - {"offline"},
+    AgentTaskDeclined: frozenset(AGENT_STATUSES) - {"offline"},
 }
+REPORTS: tuple[type, ...] = (
+    AgentWorkspacePrepared, AgentCodebaseAnalysed, AgentImplementationProduced, AgentTestsRun,
+    AgentChangesPushed, AgentPullRequestOpened, AgentWorkFailed,
+)
+REPORT_BY_TAG: dict[str, type] = {r.__struct_config__.tag: r for r in REPORTS}
+# a work report is about a task the agent holds; it never changes the agent's status
+for _report in REPORTS:
+    TRANSITIONS[_report] = HOLDING
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -94,6 +115,11 @@ def evolve(state: AgentState | None, event: AgentEvent) -> AgentState:
         )
     assert state is not None
     base = {"version": event.version, "updated_at": event.occurred_at}
+    if isinstance(event, WorkReport):
+        if event.task_id not in state.active_tasks:
+            raise IllegalTransition("agent " + state.agent_id, state.status,
+                                    f"report on {event.task_id} it does not hold")
+        return replace(state, **base)
     match event:
         case AgentTaskStarted():
             if event.task_id in state.active_tasks:
@@ -118,6 +144,8 @@ def evolve(state: AgentState | None, event: AgentEvent) -> AgentState:
             return replace(state, **base, status=_by_load(len(state.active_tasks), state.capacity), reason="")
         case AgentWentOffline():
             return replace(state, **base, status="offline", active_tasks=(), reason=event.reason)
+        case AgentTaskDeclined():
+            return replace(state, **base)
     raise IllegalTransition("agent " + state.agent_id, state.status, type(event).__name__)
 
 
@@ -145,11 +173,28 @@ class RegisterAgent(Command, frozen=True, kw_only=True):
 
 class StartAgentTask(Command, frozen=True, kw_only=True):
     task_id: str
+    attempt: int = 0
+
+
+class DeclineTask(Command, frozen=True, kw_only=True):
+    task_id: str
+    attempt: int = 0
+    reason: str = ""
+
+
+class ReportWork(Command, frozen=True, kw_only=True):
+    """A pipeline phase's report; ``kind`` is the report's tag (``agent.tests_run``)."""
+
+    task_id: str
+    attempt: int
+    kind: str
+    fields: dict = {}
 
 
 class ReleaseAgentTask(Command, frozen=True, kw_only=True):
     task_id: str
     outcome: Literal["done", "failed", "cancelled", "handed_back", "lost"] = "done"
+    attempt: int = 0
 
 
 class EnterMaintenance(Command, frozen=True, kw_only=True):
@@ -174,6 +219,9 @@ class GoOffline(Command, frozen=True, kw_only=True):
 
 def decide(state: AgentState | None, command: Command) -> list[AgentEvent]:
     if isinstance(command, RegisterAgent):
+        check_id(command.agent_id, "agent id")  # it becomes a subject token
+        if state is not None and state.agent_id != command.agent_id:
+            raise DomainError(f"state of {state.agent_id} given for {command.agent_id}")
         if command.capacity < 1:
             raise DomainError("capacity must be at least 1")
         if not command.specialties:
@@ -198,9 +246,21 @@ def decide(state: AgentState | None, command: Command) -> list[AgentEvent]:
         case StartAgentTask():
             if state.status not in ONLINE:
                 raise IllegalTransition("agent " + state.agent_id, state.status, "start a task")
-            event = AgentTaskStarted(**env, task_id=command.task_id)
+            event = AgentTaskStarted(**env, task_id=command.task_id, attempt=command.attempt)
         case ReleaseAgentTask():
-            event = AgentTaskReleased(**env, task_id=command.task_id, outcome=command.outcome)
+            event = AgentTaskReleased(**env, task_id=command.task_id, outcome=command.outcome,
+                                      attempt=command.attempt)
+        case DeclineTask():
+            event = AgentTaskDeclined(**env, task_id=command.task_id, attempt=command.attempt,
+                                      reason=command.reason)
+        case ReportWork():
+            cls = REPORT_BY_TAG.get(command.kind)
+            if cls is None:
+                raise DomainError(f"unknown work report {command.kind!r}")
+            try:
+                event = cls(**env, task_id=command.task_id, attempt=command.attempt, **command.fields)
+            except TypeError as e:
+                raise DomainError(f"invalid {command.kind}: {e}") from None
         case EnterMaintenance():
             event = AgentMaintenanceStarted(**env, reason=command.reason)
         case LeaveMaintenance():

@@ -16,7 +16,15 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
-from .errors import DomainError, IllegalTransition, VersionMismatch
+from .errors import ConfigError, DomainError, IllegalTransition, VersionMismatch
+from .subjects import check_id as _check_id
+
+
+def check_id(value: str, what: str) -> None:
+    try:
+        _check_id(value, what)
+    except ConfigError as e:
+        raise DomainError(str(e)) from None
 from .task import (
     IssueRef,
     TaskAnalysisStarted,
@@ -314,6 +322,7 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
     if isinstance(command, CreateTask):
         if state is not None:
             raise IllegalTransition("task " + command.task_id, state.status, "create")
+        check_id(command.task_id, "task id")  # it becomes a subject token
         if command.max_attempts < 1:
             raise DomainError("max_attempts must be at least 1")
         return [_validated(TaskCreated(**_env(command, command.task_id, 1), issue=command.issue,

@@ -20,14 +20,17 @@ from hypothesis import strategies as st
 from domain_helpers import AT, Given, given
 from events import agent_state as ag
 from events.agent import (
-    AgentErrored, AgentEvent, AgentMaintenanceEnded, AgentMaintenanceStarted, AgentRecovered,
-    AgentRegistered, AgentTaskReleased, AgentTaskStarted, AgentWentOffline, Heartbeat, heartbeat_decoder,
+    AgentChangesPushed, AgentCodebaseAnalysed, AgentErrored, AgentEvent, AgentImplementationProduced,
+    AgentMaintenanceEnded, AgentMaintenanceStarted, AgentPullRequestOpened, AgentRecovered,
+    AgentRegistered, AgentTaskDeclined, AgentTaskReleased, AgentTaskStarted, AgentTestsRun,
+    AgentWentOffline, AgentWorkFailed, AgentWorkspacePrepared, Heartbeat, heartbeat_decoder,
 )
 from events.codec import decode_event, encode
 from events.errors import BadEventError, DomainError, IllegalTransition, VersionMismatch
 from events.agent_state import (
-    AGENT_STATUSES, ONLINE, TRANSITIONS, Command, EnterMaintenance, GoOffline, LeaveMaintenance,
-    Recover, RegisterAgent, ReleaseAgentTask, ReportError, StartAgentTask, decide, evolve, fold,
+    AGENT_STATUSES, HOLDING, ONLINE, REPORTS, TRANSITIONS, Command, DeclineTask, EnterMaintenance,
+    GoOffline, LeaveMaintenance, Recover, RegisterAgent, ReleaseAgentTask, ReportError, ReportWork,
+    StartAgentTask, decide, evolve, fold,
 )
 
 AG = "agent-1"
@@ -99,7 +102,24 @@ LEGAL_CASES = {  # event type -> command, payload
     AgentErrored: (cmd(ReportError, reason="oom"), dict(reason="oom")),
     AgentRecovered: (cmd(Recover), {}),
     AgentWentOffline: (cmd(GoOffline, reason="heartbeat_timeout"), dict(reason="heartbeat_timeout")),
+    AgentTaskDeclined: (cmd(DeclineTask, task_id="t9", attempt=2, reason="no free slot"),
+                        dict(task_id="t9", attempt=2, reason="no free slot")),
 }
+REPORT_FIELDS = {  # a realistic payload for each work report about the held task t1
+    AgentWorkspacePrepared: dict(path="/ws/agent-1/tasks/task-t1/repo", base_commit="abc123"),
+    AgentCodebaseAnalysed: dict(languages={"python": 3}, test_command=("python", "-m", "pytest")),
+    AgentImplementationProduced: dict(coder="scripted", files_changed=("app.py",), diff_stat="1 file changed",
+                                      diff_ref="diffs/t1/1", turns=2),
+    AgentTestsRun: dict(command=("make", "test"), exit_code=0, passed=4, duration=1.5),
+    AgentChangesPushed: dict(branch="ccc/task-t1-fix", commit="def456"),
+    AgentPullRequestOpened: dict(branch="ccc/task-t1-fix", pr_url="file:///pr/1", pr_number=1, tests_passed=4),
+    AgentWorkFailed: dict(phase="testing", reason="2 tests failed", retryable=True),
+}
+for _r in REPORTS:
+    LEGAL_CASES[_r] = (
+        cmd(ReportWork, task_id="t1", attempt=1, kind=_r.__struct_config__.tag, fields=REPORT_FIELDS[_r]),
+        dict(task_id="t1", attempt=1, **REPORT_FIELDS[_r]),
+    )
 
 
 def expected_status(event_type: type, status: str) -> str:
@@ -109,6 +129,8 @@ def expected_status(event_type: type, status: str) -> str:
         return {"idle": "busy", "busy": "busy", "overloaded": "overloaded"}[status]
     if event_type is AgentTaskReleased:
         return {"busy": "idle", "overloaded": "busy"}.get(status, status)
+    if event_type is AgentTaskDeclined or event_type in REPORTS:
+        return status  # reports and declines never change the agent's status
     return fixed[event_type]
 
 
@@ -134,17 +156,22 @@ SAMPLE_PAYLOAD = {
     AgentRegistered: dict(specialties=("backend",)), AgentTaskStarted: dict(task_id="t9"),
     AgentTaskReleased: dict(task_id="t1"), AgentMaintenanceStarted: {}, AgentMaintenanceEnded: {},
     AgentErrored: dict(reason="x"), AgentRecovered: {}, AgentWentOffline: {},
+    AgentTaskDeclined: dict(task_id="t9"),
+    **{r: dict(task_id="t1", attempt=1, **REPORT_FIELDS[r]) for r in REPORTS},
 }
 ALLOWED = {  # command -> statuses it is accepted in ("absent": never registered)
     RegisterAgent: {"absent", *AGENT_STATUSES}, StartAgentTask: ONLINE,
     ReleaseAgentTask: {"busy", "overloaded", "maintenance", "error"},  # those holding t1
     EnterMaintenance: ONLINE | {"error"}, LeaveMaintenance: {"maintenance"},
     ReportError: ONLINE | {"maintenance"}, Recover: {"error"}, GoOffline: set(AGENT_STATUSES) - {"offline"},
+    DeclineTask: set(AGENT_STATUSES) - {"offline"}, ReportWork: HOLDING,
 }
 SAMPLE_COMMAND = {
     RegisterAgent: dict(agent_id=AG, specialties=("backend",)), StartAgentTask: dict(task_id="t9"),
     ReleaseAgentTask: dict(task_id="t1"), EnterMaintenance: {}, LeaveMaintenance: {},
     ReportError: dict(reason="x"), Recover: {}, GoOffline: {},
+    DeclineTask: dict(task_id="t9"),
+    ReportWork: dict(task_id="t1", attempt=1, kind="agent.tests_run", fields=dict(exit_code=1, failed=2)),
 }
 
 
@@ -361,3 +388,20 @@ def test_random_commands_keep_invariants(capacity, commands):
     assert fold(log) == state  # replaying the log gives the same state
     for reached in sorted({fold(log[:i]).status for i in range(1, len(log) + 1)}):
         note_event(f"reached {reached}")  # see --hypothesis-show-statistics
+
+
+# -- work reports --------------------------------------------------------------------
+def test_report_on_a_task_not_held_is_refused():
+    agent(history("busy")).when(cmd(ReportWork, task_id="t7", attempt=1, kind="agent.tests_run")).then_raises(
+        IllegalTransition, "does not hold")
+
+
+@pytest.mark.parametrize(("kind", "fields", "why"), [
+    ("agent.exploded", {}, "unknown work report"),
+    ("agent.tests_run", {"no_such_field": 1}, "invalid agent.tests_run"),
+    ("agent.tests_run", {"passed": "many"}, "invalid agent.tests_run"),
+    ("agent.changes_pushed", {"branch": "b"}, "invalid agent.changes_pushed"),  # commit missing
+])
+def test_malformed_report_is_a_domain_error(kind, fields, why):
+    agent(history("busy")).when(cmd(ReportWork, task_id="t1", attempt=1, kind=kind, fields=fields)).then_raises(
+        DomainError, why)
