@@ -12,7 +12,7 @@ it never lags behind the agent's own reports."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from events.agent_state import ACCEPTING, AgentState
@@ -35,9 +35,12 @@ def blocked_by(task: TaskState, tasks: Mapping[str, TaskState]) -> list[str]:
     return [d for d in task.dependencies if (dep := tasks.get(d)) is None or dep.status != "completed"]
 
 
-def eligible_tasks(tasks: Mapping[str, TaskState], now: datetime) -> list[TaskState]:
+def eligible_tasks(
+    tasks: Mapping[str, TaskState], now: datetime, queued: Iterable[str] | None = None
+) -> list[TaskState]:
+    candidates = tasks.values() if queued is None else (tasks[t] for t in queued)
     ready = [
-        t for t in tasks.values()
+        t for t in candidates
         if t.status == "queued"
         and (t.not_before is None or t.not_before <= now)
         and not blocked_by(t, tasks)
@@ -59,8 +62,10 @@ def plan_assignments(
     agents: Mapping[str, AgentState],
     now: datetime,
     held: dict[str, int] | None = None,
+    queued: Iterable[str] | None = None,
 ) -> list[tuple[str, str]]:
-    """``[(task_id, agent_id), ...]`` to assign now. Pure."""
+    """``[(task_id, agent_id), ...]`` to assign now. Pure. ``held`` and ``queued``
+    are indexes the read model keeps (derived from ``tasks`` when not given)."""
     held = dict(held_by_agent(tasks) if held is None else held)
     free = {
         a.agent_id: a.capacity - held.get(a.agent_id, 0)
@@ -70,7 +75,7 @@ def plan_assignments(
     plan: list[tuple[str, str]] = []
     if not free:
         return plan
-    for task in eligible_tasks(tasks, now):
+    for task in eligible_tasks(tasks, now, queued):
         best = None
         best_key = None
         for agent_id in free:

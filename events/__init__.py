@@ -25,7 +25,18 @@ from .errors import (
     StoreUnavailable,
     VersionMismatch,
 )
-from .issue import IssueClosed, IssueEdited, IssueEvent, IssueLabeled, IssueOpened, IssueReopened
+from .issue import (
+    IssueCancelRequested,
+    IssueClosed,
+    IssueEdited,
+    IssueEvent,
+    IssueLabeled,
+    IssueOpened,
+    IssuePullRequestClosed,
+    IssuePullRequestMerged,
+    IssueReopened,
+    IssueRetryRequested,
+)
 from .subjects import DEFAULT_NS, Namespace, task_id_for
 from .task import (
     IssueRef,

@@ -57,6 +57,39 @@ class IssueReopened(IssueEventBase, tag="issue.reopened"):
     pass
 
 
-IssueEvent = IssueOpened | IssueEdited | IssueLabeled | IssueClosed | IssueReopened
+class IssuePullRequestMerged(IssueEventBase, tag="issue.pr_merged"):
+    """The pull request that resolves this issue was merged (forge fact)."""
+
+    pr_number: int | None = None
+    branch: str = ""
+
+
+class IssuePullRequestClosed(IssueEventBase, tag="issue.pr_closed"):
+    """The pull request was closed without merging: rejected."""
+
+    pr_number: int | None = None
+    branch: str = ""
+    reason: str = "pull request closed without merging"
+
+
+class IssueCancelRequested(IssueEventBase, tag="issue.cancel_requested"):
+    reason: str = ""
+
+
+class IssueRetryRequested(IssueEventBase, tag="issue.retry_requested"):
+    reason: str = ""
+
+
+IssueEvent = (
+    IssueOpened
+    | IssueEdited
+    | IssueLabeled
+    | IssueClosed
+    | IssueReopened
+    | IssuePullRequestMerged
+    | IssuePullRequestClosed
+    | IssueCancelRequested
+    | IssueRetryRequested
+)
 
 issue_decoder = msgspec.json.Decoder(IssueEvent)

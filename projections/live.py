@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 
@@ -21,9 +22,15 @@ log = structlog.get_logger("ccc.projection")
 
 class LiveReadModel:
     def __init__(
-        self, store: EventStore, *, materialize: bool = False, flush_interval: float = 0.05
+        self,
+        store: EventStore,
+        *,
+        materialize: bool = False,
+        flush_interval: float = 0.05,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        self.on_change = on_change
         self.model = ReadModel()
         self.kv = KvMaterializer(store.nc, store.ns, self.model) if materialize else None
         self.flush_interval = flush_interval
@@ -54,6 +61,8 @@ class LiveReadModel:
                     from_seq=self.model.last_seq + 1, follow=True
                 ):
                     self._log_bad_apply(seq, item)
+                    if self.on_change is not None:
+                        self.on_change()
                     async with self._changed:
                         self._changed.notify_all()
             except StoreUnavailable as e:

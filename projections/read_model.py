@@ -23,7 +23,7 @@ from events.codec import Event
 from events.errors import DomainError
 from events.store import BadMessage
 from events.task import TaskAssigned, TaskEventBase
-from events.task_state import TaskState
+from events.task_state import WITH_AGENT, TaskState
 from events.task_state import evolve as evolve_task
 
 MAX_BAD_KEPT = 1000  # the count is exact; only the newest details are kept
@@ -54,6 +54,8 @@ class ReadModel:
         self.agent_seq: dict[str, int] = {}
         self.agent_tasks: dict[str, set[str]] = {}  # every task ever assigned to an agent
         self.task_status_counts: dict[str, int] = {}
+        self.queued: set[str] = set()  # tasks in Queued: the scheduler's work list
+        self.holder: dict[str, str] = {}  # task -> agent, for tasks an agent is working on
         self.bad: list[BadMessage] = []
         self.bad_count = 0
         self.applied_count = 0
@@ -76,10 +78,19 @@ class ReadModel:
                 new = evolve_task(old, item)
                 self.tasks[tid] = new
                 self.task_seq[tid] = seq
-                counts = self.task_status_counts
-                if old is not None:
-                    counts[old.status] -= 1
-                counts[new.status] = counts.get(new.status, 0) + 1
+                if old is None or old.status != new.status or old.agent_id != new.agent_id:
+                    counts = self.task_status_counts
+                    if old is not None:
+                        counts[old.status] -= 1
+                    counts[new.status] = counts.get(new.status, 0) + 1
+                    if new.status == "queued":
+                        self.queued.add(tid)
+                    else:
+                        self.queued.discard(tid)
+                    if new.status in WITH_AGENT and new.agent_id:
+                        self.holder[tid] = new.agent_id
+                    else:
+                        self.holder.pop(tid, None)
                 if type(item) is TaskAssigned:
                     self.agent_tasks.setdefault(item.agent_id, set()).add(tid)
                 self.dirty_tasks.add(tid)
@@ -149,7 +160,16 @@ class ReadModel:
             "agent_tasks": {k: sorted(v) for k, v in self.agent_tasks.items()},
             "cluster": msgspec.to_builtins(self.cluster()),
             "bad": msgspec.to_builtins(self.bad),
+            "queued": sorted(self.queued),
+            "holder": dict(sorted(self.holder.items())),
         }
+
+    def held(self) -> dict[str, int]:
+        """How many tasks each agent is working on, by the task view."""
+        out: dict[str, int] = {}
+        for agent_id in self.holder.values():
+            out[agent_id] = out.get(agent_id, 0) + 1
+        return out
 
 
 __all__ = ["ClusterView", "ReadModel", "AgentEvent"]

@@ -1,0 +1,432 @@
+"""The coordinator: intake, analysis, scheduling, health, retries, cancellation.
+
+It writes every task event (agents write only their own aggregate) and decides from
+a live read model of the whole log. Each decision is appended with the aggregate's
+last stream sequence as the expectation, so several coordinators can run at once:
+a stale one gets a conflict, its message is redelivered, and by then its model has
+caught up and the re-decision is a no-op or a fresh, correct choice.
+
+Inputs:
+* ``<ns>.issue.>``  (durable ``coordinator-intake``): issue facts -> task commands
+* ``<ns>.agent.>``  (durable ``coordinator-reports``): agent reports -> task commands
+* ``<ns>.hb.*``     (ordered, latest per agent): heartbeats -> health
+* the live model's changes and timers -> scheduling passes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import datetime, timezone
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from events import agent_state as ag
+from events import task_state as ts
+from events.agent import (
+    AgentEventBase,
+    AgentImplementationProduced,
+    AgentPullRequestOpened,
+    AgentTaskDeclined,
+    AgentTaskReleased,
+    AgentTaskStarted,
+    AgentWentOffline,
+    AgentWorkFailed,
+)
+from events.codec import decode_event, decode_issue
+from events.errors import ConcurrencyConflict, DomainError
+from events.issue import (
+    IssueCancelRequested,
+    IssueClosed,
+    IssueEvent,
+    IssueOpened,
+    IssuePullRequestClosed,
+    IssuePullRequestMerged,
+    IssueRetryRequested,
+)
+from events.store import EventStore
+from events.subjects import Namespace, task_id_for
+from events.task import IssueRef
+from projections.live import LiveReadModel
+
+from .analysis import Analyser, RuleAnalyser
+from .runtime import ConsumerLoop
+from .scheduling import plan_assignments
+
+log = structlog.get_logger("ccc.coordinator")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class CoordinatorConfig:
+    def __init__(
+        self,
+        *,
+        name: str = "coordinator",
+        heartbeat_timeout: float = 15.0,
+        retry_base: float = 5.0,
+        retry_max: float = 300.0,
+        max_attempts: int = 3,
+        concurrency: int = 64,
+    ) -> None:
+        self.name = name
+        self.heartbeat_timeout = heartbeat_timeout
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.max_attempts = max_attempts
+        self.concurrency = concurrency
+
+
+class Coordinator:
+    def __init__(
+        self,
+        nc: Client,
+        ns: Namespace,
+        config: CoordinatorConfig | None = None,
+        *,
+        analyser: Analyser | None = None,
+    ) -> None:
+        self.nc = nc
+        self.ns = ns
+        self.config = config or CoordinatorConfig()
+        self.analyser = analyser or RuleAnalyser()
+        self.store = EventStore(nc, ns)
+        self.live = LiveReadModel(self.store, on_change=self.kick)
+        self.model = self.live.model
+        self._kick = asyncio.Event()
+        self._loops: list[ConsumerLoop] = []
+        self._tasks: list[asyncio.Task] = []
+        self._last_seen: dict[str, float] = {}
+        self._started = 0.0
+        self._hb_sub = None
+        self.assignments = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._started = time.monotonic()
+        await self.live.start()
+        await self._watch_heartbeats()
+        await self.reconcile()
+        name = self.config.name
+        self._loops = [
+            ConsumerLoop(self.nc, stream=self.ns.issues_stream, durable=f"{name}-intake",
+                         filter_subjects=[f"{self.ns.prefix}.issue.>"], handler=self._on_issue,
+                         concurrency=self.config.concurrency),
+            ConsumerLoop(self.nc, stream=self.ns.events_stream, durable=f"{name}-reports",
+                         filter_subjects=[self.ns.agent_filter()], handler=self._on_agent_event,
+                         concurrency=self.config.concurrency),
+        ]
+        for loop in self._loops:
+            await loop.start()
+        self._tasks = [
+            asyncio.create_task(self._schedule_loop(), name="scheduler"),
+            asyncio.create_task(self._health_loop(), name="health"),
+        ]
+        self.kick()
+        log.info("coordinator.started", name=name, last_seq=self.model.last_seq,
+                 tasks=len(self.model.tasks), agents=len(self.model.agents))
+
+    async def stop(self) -> None:
+        for loop in self._loops:
+            await loop.stop(grace=5.0)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._hb_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._hb_sub.unsubscribe()
+        await self.live.stop()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- task commands ---------------------------------------------------------------
+    async def _run(
+        self, task_id: str, *commands: ts.Command, start: tuple[ts.TaskState | None, int] | None = None
+    ) -> ts.TaskState | None:
+        """Decide and append commands on one task in order, from the model's view (or
+        ``start``), carrying the new state and sequence locally between them (no wait
+        for the model in the middle of a chain)."""
+        state, last = start if start is not None else (
+            self.model.tasks.get(task_id), self.model.task_seq.get(task_id, 0))
+        for command in commands:
+            events = ts.decide(state, command)
+            if not events:
+                continue
+            seqs = await self.store.append(events, expected_last_seq=last)
+            for event in events:
+                state = ts.evolve(state, event)
+            last = seqs[-1]
+        return state
+
+    async def _catch_up_to(self, seq: int) -> None:
+        await self.live.wait_for_seq(seq, timeout=10.0)
+
+    # -- intake ----------------------------------------------------------------------
+    async def _on_issue(self, msg: Msg) -> None:
+        event = decode_issue(self.ns.rel(msg.subject), msg.data)
+        task_id = task_id_for(event.repo, event.number)
+        at = utcnow()
+        actor = self.config.name
+        match event:
+            case IssueOpened():
+                await self._intake(task_id, event, at)
+            case IssueClosed() | IssueCancelRequested():
+                reason = "issue closed" if isinstance(event, IssueClosed) else (event.reason or "cancelled by user")
+                await self._with_fresh_state(task_id, ts.CancelTask(at=at, actor=actor, reason=reason,
+                                                                    causation_id=event.event_id))
+            case IssueRetryRequested():
+                await self._with_fresh_state(task_id, ts.RetryTask(
+                    at=at, actor=actor, backoff_base=0.0, causation_id=event.event_id))
+            case IssuePullRequestMerged():
+                await self._with_fresh_state(task_id, ts.CompleteTask(
+                    at=at, actor=actor, reason="pull request merged", causation_id=event.event_id))
+            case IssuePullRequestClosed():
+                state = await self._with_fresh_state(task_id, ts.FailTask(
+                    at=at, actor=actor, reason=event.reason, phase="review", retryable=True,
+                    causation_id=event.event_id))
+                await self._maybe_retry(task_id, state)
+            case _:
+                log.info("coordinator.issue_ignored", type=type(event).__name__, task_id=task_id)
+
+    async def _with_fresh_state(self, task_id: str, command: ts.Command) -> ts.TaskState | None:
+        if task_id not in self.model.tasks:
+            # the model may lag the log by a hop; the log itself is the authority
+            await self.live.catch_up()
+            if task_id not in self.model.tasks:
+                raise DomainError(f"no task {task_id}")
+        try:
+            return await self._run(task_id, command)
+        except ConcurrencyConflict:
+            await self.live.catch_up()
+            raise
+
+    async def _intake(self, task_id: str, event: IssueEvent, at: datetime) -> None:
+        assert isinstance(event, IssueOpened)
+        issue = IssueRef(source=event.source, repo=event.repo, number=event.number, title=event.title,
+                         body=event.body, labels=event.labels, url=event.url, author=event.author)
+        state = self.model.tasks.get(task_id)
+        last = self.model.task_seq.get(task_id, 0)
+        if state is None:
+            create = ts.CreateTask(at=at, actor=self.config.name, task_id=task_id, issue=issue,
+                                   max_attempts=self.config.max_attempts, causation_id=event.event_id)
+            try:
+                events = ts.decide(None, create)
+                [last] = await self.store.append(events, expected_last_seq=0)
+                state = ts.evolve(None, events[0])
+            except ConcurrencyConflict:
+                # created already (a repeated issue event, or another coordinator)
+                state, last = await self.store.load_task(task_id)
+                if state is None:
+                    raise
+        await self._analyse(task_id, state, last, event.event_id)
+
+    async def _analyse(self, task_id: str, state: ts.TaskState, last: int, cause: str | None) -> None:
+        if state.status not in ("pending", "analyzing"):
+            return  # a repeated issue event: nothing to do
+        at = utcnow()
+        actor = self.config.name
+        begin = [ts.StartAnalysis(at=at, actor=actor, analyser=self.analyser.name, causation_id=cause)] \
+            if state.status == "pending" else []
+        analysis = await self.analyser.analyse(state.issue)
+        record = ts.RecordAnalysis(
+            at=utcnow(), actor=actor, causation_id=cause, specialty=analysis.specialty,
+            requirements=analysis.requirements, complexity=analysis.complexity,
+            priority=analysis.priority, security_level=analysis.security_level,
+            dependencies=analysis.dependencies, reasons=analysis.reasons, plan=analysis.plan,
+            usage=analysis.usage,
+        )
+        await self._run(task_id, *begin, record, start=(state, last))
+        log.info("task.analysed", task_id=task_id, specialty=analysis.specialty,
+                 priority=analysis.priority, dependencies=list(analysis.dependencies))
+        self.kick()
+
+    # -- agent reports -----------------------------------------------------------------
+    async def _on_agent_event(self, msg: Msg) -> None:
+        event = decode_event(self.ns.rel(msg.subject), msg.data)
+        assert isinstance(event, AgentEventBase)
+        await self._catch_up_to(msg.metadata.sequence.stream)
+        aid = event.agent_id
+        at = utcnow()
+        actor = self.config.name
+        cause = event.event_id
+        if isinstance(event, AgentWentOffline):
+            await self._take_back_all(aid, "agent_lost", cause)
+            return
+        task_id = getattr(event, "task_id", None)
+        if task_id is None:
+            return  # registration, maintenance, errors: the scheduler reacts to the model
+        state = self.model.tasks.get(task_id)
+        if state is None:
+            raise DomainError(f"report about unknown task {task_id}")
+        attempt = getattr(event, "attempt", 0)
+        if attempt and attempt != state.attempt:
+            raise DomainError(f"stale report from {aid} on {task_id}: attempt {attempt}, now {state.attempt}")
+        match event:
+            case AgentTaskStarted():
+                await self._run(task_id, ts.StartTask(at=at, actor=actor, agent_id=aid, causation_id=cause))
+            case AgentImplementationProduced():
+                await self._run(task_id, ts.StartTests(
+                    at=at, actor=actor, agent_id=aid, files_changed=event.files_changed,
+                    diff_stat=event.diff_stat, diff_ref=event.diff_ref, usage=event.usage,
+                    causation_id=cause))
+            case AgentPullRequestOpened():
+                await self._run(task_id, ts.OpenPullRequest(
+                    at=at, actor=actor, agent_id=aid, branch=event.branch, pr_url=event.pr_url,
+                    pr_number=event.pr_number, draft=event.draft, tests_passed=event.tests_passed,
+                    tests_failed=event.tests_failed, causation_id=cause))
+            case AgentWorkFailed():
+                new = await self._run(task_id, ts.FailTask(
+                    at=at, actor=actor, agent_id=aid, reason=event.reason, phase=event.phase,
+                    retryable=event.retryable, log_ref=event.log_ref, causation_id=cause))
+                await self._maybe_retry(task_id, new)
+            case AgentTaskReleased(outcome="cancelled"):
+                if state.agent_id == aid and state.cancel_requested:
+                    await self._run(task_id, ts.CancelTask(at=at, actor=actor, force=True,
+                                                           reason=state.status_reason or "cancelled",
+                                                           causation_id=cause))
+            case AgentTaskReleased(outcome="handed_back") | AgentTaskDeclined():
+                if state.agent_id == aid and state.status in ts.WITH_AGENT:
+                    await self._run(task_id, ts.RequeueTask(at=at, actor=actor, reason="handed_back",
+                                                            agent_id=aid, causation_id=cause))
+            case _:
+                pass  # progress reports (workspace, analysis, tests, push) change no task state
+
+    async def _maybe_retry(self, task_id: str, state: ts.TaskState | None) -> None:
+        if state is not None and state.can_retry:
+            await self._run(task_id, ts.RetryTask(
+                at=utcnow(), actor=self.config.name, backoff_base=self.config.retry_base,
+                backoff_max=self.config.retry_max))
+            self.kick()
+
+    async def _take_back_all(self, agent_id: str, reason: str, cause: str | None) -> None:
+        for task_id, holder in list(self.model.holder.items()):
+            if holder != agent_id:
+                continue
+            try:
+                await self._run(task_id, ts.RequeueTask(at=utcnow(), actor=self.config.name,
+                                                        reason=reason, agent_id=agent_id,
+                                                        causation_id=cause))
+                log.info("task.taken_back", task_id=task_id, agent_id=agent_id, reason=reason)
+            except DomainError:
+                pass  # already moved on
+        self.kick()
+
+    # -- scheduling ----------------------------------------------------------------------
+    async def _schedule_loop(self) -> None:
+        while True:
+            timeout = self._next_wake()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
+            self._kick.clear()
+            try:
+                await self.schedule_once()
+            except Exception as e:  # noqa: BLE001 - the loop must survive; next pass retries
+                log.warning("scheduler.pass_failed", error=f"{type(e).__name__}: {e}")
+                await asyncio.sleep(0.2)
+                self.kick()
+
+    def _next_wake(self) -> float | None:
+        now = utcnow()
+        waits = [
+            (t.not_before - now).total_seconds()
+            for tid in self.model.queued
+            if (t := self.model.tasks[tid]).not_before is not None and t.not_before > now
+        ]
+        return max(0.01, min(waits)) if waits else None
+
+    async def schedule_once(self) -> int:
+        model = self.model
+        if not model.queued:
+            return 0
+        now = utcnow()
+        plan = plan_assignments(model.tasks, model.agents, now, held=model.held(), queued=model.queued)
+        if not plan:
+            return 0
+        items = []
+        for task_id, agent_id in plan:
+            [event] = ts.decide(model.tasks[task_id], ts.AssignTask(
+                at=now, actor=self.config.name, agent_id=agent_id))
+            items.append((event, model.task_seq[task_id]))
+        results = await self.store.append_many(items)
+        done = [r for r in results if isinstance(r, int)]
+        self.assignments += len(done)
+        for (event, _), r in zip(items, results):
+            if isinstance(r, int):
+                log.info("task.assigned", task_id=event.task_id, agent_id=event.agent_id, attempt=event.attempt)
+            elif not isinstance(r, ConcurrencyConflict):
+                log.warning("task.assign_failed", task_id=event.task_id, error=str(r))
+        if done:
+            await self._catch_up_to(max(done))  # the next pass must see these
+        if len(done) < len(results):
+            await self.live.catch_up()
+            self.kick()
+        return len(done)
+
+    # -- health ------------------------------------------------------------------------
+    async def _watch_heartbeats(self) -> None:
+        async def on_heartbeat(msg: Msg) -> None:
+            self._last_seen[msg.subject.rsplit(".", 1)[1]] = time.monotonic()
+
+        js = self.nc.jetstream()
+        self._hb_sub = await js.subscribe(
+            f"{self.ns.prefix}.hb.*", stream=self.ns.heartbeats_stream, cb=on_heartbeat,
+            ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        )
+
+    async def _health_loop(self) -> None:
+        interval = max(0.05, self.config.heartbeat_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_health()
+            except Exception as e:  # noqa: BLE001
+                log.warning("health.check_failed", error=f"{type(e).__name__}: {e}")
+
+    async def check_health(self) -> list[str]:
+        """Agents silent for longer than the timeout go offline (their tasks are then
+        taken back by the report handler, the same path as a clean shutdown)."""
+        now = time.monotonic()
+        lost = []
+        for agent in list(self.model.agents.values()):
+            if agent.status == "offline":
+                continue
+            seen = self._last_seen.get(agent.agent_id, self._started)
+            if now - seen <= self.config.heartbeat_timeout:
+                continue
+            events = ag.decide(agent, ag.GoOffline(at=utcnow(), actor=self.config.name,
+                                                   reason="heartbeat_timeout"))
+            try:
+                await self.store.append(events, expected_last_seq=self.model.agent_seq[agent.agent_id])
+            except ConcurrencyConflict:
+                continue  # it just wrote something: alive, or another coordinator acted
+            log.warning("agent.lost", agent_id=agent.agent_id, silent_for=round(now - seen, 1))
+            lost.append(agent.agent_id)
+        return lost
+
+    # -- restart reconciliation --------------------------------------------------------
+    async def reconcile(self) -> None:
+        """Finish what a crashed predecessor left half done. Every step is a normal,
+        concurrency-checked decision, so running it twice is harmless."""
+        for task_id, state in list(self.model.tasks.items()):
+            try:
+                if state.status in ("pending", "analyzing"):
+                    await self._analyse(task_id, state, self.model.task_seq[task_id], None)
+                elif state.can_retry:
+                    await self._maybe_retry(task_id, state)
+                elif state.status in ts.WITH_AGENT:
+                    agent = self.model.agents.get(state.agent_id or "")
+                    if agent is None or agent.status == "offline":
+                        await self._run(task_id, ts.RequeueTask(
+                            at=utcnow(), actor=self.config.name, reason="agent_lost",
+                            agent_id=state.agent_id or ""))
+            except (DomainError, ConcurrencyConflict) as e:
+                log.info("reconcile.skipped", task_id=task_id, reason=str(e))

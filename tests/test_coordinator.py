@@ -1,0 +1,223 @@
+"""The coordinator against a real nats-server, with agents played by the test
+(appending the agent events a real agent would)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from actors.coordinator import Coordinator, CoordinatorConfig
+from events import agent_state as ag
+from events.codec import encode
+from events.issue import IssueOpened, IssuePullRequestMerged
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def publish_issue(nc, ns, event) -> None:
+    await nc.jetstream().publish(ns.subject(event.rel_subject), encode(event),
+                                 headers={"Nats-Msg-Id": event.event_id})
+
+
+def opened(number: int, title: str, body: str = "", labels=(), repo="acme/app") -> IssueOpened:
+    return IssueOpened(event_id=f"test:{repo}#{number}", repo=repo, number=number, title=title,
+                       body=body, labels=tuple(labels), occurred_at=now())
+
+
+class FakeAgent:
+    """Writes exactly what a real agent writes to its own aggregate."""
+
+    def __init__(self, store, agent_id, specialties=("backend",), capacity=1, clearance="internal"):
+        self.store, self.id = store, agent_id
+        self.specialties, self.capacity, self.clearance = specialties, capacity, clearance
+
+    async def do(self, command) -> None:
+        state, last = await self.store.load_agent(self.id)
+        await self.store.append(ag.decide(state, command), expected_last_seq=last)
+
+    async def register(self):
+        await self.do(ag.RegisterAgent(at=now(), actor=self.id, agent_id=self.id,
+                                       specialties=self.specialties, capacity=self.capacity,
+                                       clearance=self.clearance))
+
+    async def start(self, task_id, attempt=1):
+        await self.do(ag.StartAgentTask(at=now(), actor=self.id, task_id=task_id, attempt=attempt))
+
+    async def report(self, task_id, kind, attempt=1, **fields):
+        await self.do(ag.ReportWork(at=now(), actor=self.id, task_id=task_id, attempt=attempt,
+                                    kind=kind, fields=fields))
+
+    async def release(self, task_id, outcome="done", attempt=1):
+        await self.do(ag.ReleaseAgentTask(at=now(), actor=self.id, task_id=task_id, outcome=outcome,
+                                          attempt=attempt))
+
+
+@pytest.fixture
+async def coordinator(nc, ns, store):
+    c = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=60, retry_base=0.05, retry_max=0.2))
+    await c.start()
+    yield c
+    await c.stop()
+
+
+def status(c, task_id):
+    t = c.model.tasks.get(task_id)
+    return t.status if t else None
+
+
+async def test_issue_becomes_a_queued_task_then_assigned_when_an_agent_appears(nc, ns, store, coordinator):
+    await publish_issue(nc, ns, opened(1, "Fix the API endpoint for users", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-1") == "queued")
+    task = coordinator.model.tasks["acme_app-1"]
+    assert task.specialty == "backend" and any("label 'backend'" in r for r in task.reasons)
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    await eventually(lambda: status(coordinator, "acme_app-1") == "assigned")
+    assert coordinator.model.tasks["acme_app-1"].agent_id == "agent-1"
+
+
+async def test_repeated_issue_event_is_one_task(nc, ns, store, coordinator):
+    for i in range(5):
+        ev = opened(2, "Add docs")
+        await nc.jetstream().publish(ns.subject(ev.rel_subject), encode(ev),
+                                     headers={"Nats-Msg-Id": f"delivery-{i}"})  # distinct deliveries
+    await eventually(lambda: status(coordinator, "acme_app-2") == "queued")
+    await coordinator.live.catch_up()
+    loaded = await store.load(ns.task_filter("acme_app-2"))
+    assert [type(e.event).__name__ for e in loaded.events] == ["TaskCreated", "TaskAnalysisStarted", "TaskAnalyzed"]
+
+
+async def test_full_happy_path_through_reports(nc, ns, store, coordinator):
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    await publish_issue(nc, ns, opened(3, "Fix crash in server handler", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-3") == "assigned")
+    await agent.start("acme_app-3")
+    await eventually(lambda: status(coordinator, "acme_app-3") == "in_progress")
+    await agent.report("acme_app-3", "agent.implementation_produced", files_changed=["app.py"], diff_stat="1 file")
+    await eventually(lambda: status(coordinator, "acme_app-3") == "testing")
+    await agent.report("acme_app-3", "agent.pr_opened", branch="ccc/task-acme_app-3-fix", tests_passed=3)
+    await eventually(lambda: status(coordinator, "acme_app-3") == "review")
+    await agent.release("acme_app-3")
+    await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m3", repo="acme/app", number=3, occurred_at=now()))
+    await eventually(lambda: status(coordinator, "acme_app-3") == "completed")
+
+
+async def test_routing_by_specialty_and_dependencies(nc, ns, store, coordinator):
+    fe, be = FakeAgent(store, "fe", ("frontend",), capacity=2), FakeAgent(store, "be", ("backend",), capacity=2)
+    await fe.register()
+    await be.register()
+    await publish_issue(nc, ns, opened(10, "Button CSS broken", labels=["frontend"]))
+    await publish_issue(nc, ns, opened(11, "Add API endpoint", body="depends on #12", labels=["backend"]))
+    await publish_issue(nc, ns, opened(12, "Database migration", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-10") == "assigned"
+                     and status(coordinator, "acme_app-12") == "assigned")
+    assert coordinator.model.tasks["acme_app-10"].agent_id == "fe"
+    assert coordinator.model.tasks["acme_app-12"].agent_id == "be"
+    assert status(coordinator, "acme_app-11") == "queued"  # waits for #12
+    # finish #12
+    await be.start("acme_app-12")
+    await eventually(lambda: status(coordinator, "acme_app-12") == "in_progress")
+    await be.report("acme_app-12", "agent.implementation_produced")
+    await eventually(lambda: status(coordinator, "acme_app-12") == "testing")
+    await be.report("acme_app-12", "agent.pr_opened", branch="b")
+    await be.release("acme_app-12")
+    await eventually(lambda: status(coordinator, "acme_app-12") == "review")
+    assert status(coordinator, "acme_app-11") == "queued"
+    await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m12", repo="acme/app", number=12, occurred_at=now()))
+    await eventually(lambda: status(coordinator, "acme_app-11") == "assigned")
+    assert coordinator.model.tasks["acme_app-11"].agent_id == "be"
+
+
+async def test_failure_retries_with_backoff_then_fails_for_good(nc, ns, store, coordinator):
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    await publish_issue(nc, ns, opened(20, "Fix flaky server test", labels=["backend"]))
+    for attempt in (1, 2, 3):
+        await eventually(lambda: status(coordinator, "acme_app-20") == "assigned"
+                         and coordinator.model.tasks["acme_app-20"].attempt == attempt)
+        await agent.start("acme_app-20", attempt)
+        await eventually(lambda: status(coordinator, "acme_app-20") == "in_progress")
+        await agent.report("acme_app-20", "agent.implementation_produced", attempt=attempt)
+        await eventually(lambda: status(coordinator, "acme_app-20") == "testing")
+        await agent.report("acme_app-20", "agent.work_failed", attempt=attempt, phase="testing",
+                           reason="2 tests failed", retryable=True)
+        await agent.release("acme_app-20", "failed", attempt)
+    await eventually(lambda: status(coordinator, "acme_app-20") == "failed")
+    task = coordinator.model.tasks["acme_app-20"]
+    assert task.attempt == 3 and task.failure_reason == "2 tests failed"
+
+
+async def test_lost_agent_tasks_are_requeued_and_reassigned(nc, ns, store):
+    c = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=0.3))
+    await c.start()
+    try:
+        a1, a2 = FakeAgent(store, "a1"), FakeAgent(store, "a2")
+        await a1.register()
+        await publish_issue(nc, ns, opened(30, "server bug", labels=["backend"]))
+        await eventually(lambda: status(c, "acme_app-30") == "assigned")
+        await a1.start("acme_app-30")
+        await eventually(lambda: status(c, "acme_app-30") == "in_progress")
+        # a1 never heartbeats: after the timeout it is offline and its task goes back
+        await a2.register()
+        await nc.jetstream().publish(ns.heartbeat_subject("a2"), b"{}")
+
+        async def a2_alive():
+            await nc.jetstream().publish(ns.heartbeat_subject("a2"), b"{}")
+            t = c.model.tasks["acme_app-30"]
+            return t.agent_id == "a2" and t.status == "assigned"
+        await eventually(a2_alive, timeout=15)
+        assert c.model.agents["a1"].status == "offline"
+        assert c.model.tasks["acme_app-30"].attempt == 2
+        # the stale agent's late report is refused and does not corrupt the task
+        with pytest.raises(Exception):
+            await a1.report("acme_app-30", "agent.pr_opened", branch="b")
+    finally:
+        await c.stop()
+
+
+async def test_cancel_while_agent_works(nc, ns, store, coordinator):
+    from events.issue import IssueCancelRequested
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    await publish_issue(nc, ns, opened(40, "backend thing", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-40") == "assigned")
+    await agent.start("acme_app-40")
+    await eventually(lambda: status(coordinator, "acme_app-40") == "in_progress")
+    await publish_issue(nc, ns, IssueCancelRequested(event_id="c40", repo="acme/app", number=40, occurred_at=now()))
+    await eventually(lambda: coordinator.model.tasks["acme_app-40"].cancel_requested)
+    await agent.release("acme_app-40", "cancelled")
+    await eventually(lambda: status(coordinator, "acme_app-40") == "cancelled")
+
+
+async def test_two_coordinators_never_double_assign(nc, ns, store):
+    c1 = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=60))
+    c2 = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=60))
+    await c1.start()
+    await c2.start()
+    try:
+        agents = [FakeAgent(store, f"ag{i}", ("backend", "general"), capacity=3) for i in range(3)]
+        for a in agents:
+            await a.register()
+        for n in range(1, 13):
+            await publish_issue(nc, ns, opened(100 + n, f"server issue {n}", labels=["backend"]))
+        await eventually(lambda: sum(status(c1, f"acme_app-{100 + n}") == "assigned" for n in range(1, 13)) == 9,
+                         timeout=20)
+        await c1.live.catch_up()
+        assigned = 0
+        for n in range(1, 13):
+            loaded = await store.load(ns.task_filter(f"acme_app-{100 + n}"))
+            kinds = [type(e.event).__name__ for e in loaded.events]
+            assert kinds.count("TaskCreated") == 1
+            assert kinds.count("TaskAssigned") <= 1
+            assigned += kinds.count("TaskAssigned")
+        assert assigned == 9  # 3 agents x capacity 3; the rest wait in Queued
+    finally:
+        await c1.stop()
+        await c2.stop()
