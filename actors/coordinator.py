@@ -103,6 +103,7 @@ class Coordinator:
         self._loops: list[ConsumerLoop] = []
         self._tasks: list[asyncio.Task] = []
         self._last_seen: dict[str, float] = {}
+        self._agent_locks: dict[str, asyncio.Lock] = {}
         self._started = 0.0
         self._hb_sub = None
         self.assignments = 0
@@ -151,7 +152,7 @@ class Coordinator:
     # -- task commands ---------------------------------------------------------------
     async def _run(
         self, task_id: str, *commands: ts.Command, start: tuple[ts.TaskState | None, int] | None = None
-    ) -> ts.TaskState | None:
+    ) -> tuple[ts.TaskState | None, int]:
         """Decide and append commands on one task in order, from the model's view (or
         ``start``), carrying the new state and sequence locally between them (no wait
         for the model in the middle of a chain)."""
@@ -165,7 +166,7 @@ class Coordinator:
             for event in events:
                 state = ts.evolve(state, event)
             last = seqs[-1]
-        return state
+        return state, last
 
     async def _catch_up_to(self, seq: int) -> None:
         await self.live.wait_for_seq(seq, timeout=10.0)
@@ -190,14 +191,16 @@ class Coordinator:
                 await self._with_fresh_state(task_id, ts.CompleteTask(
                     at=at, actor=actor, reason="pull request merged", causation_id=event.event_id))
             case IssuePullRequestClosed():
-                state = await self._with_fresh_state(task_id, ts.FailTask(
+                after = await self._with_fresh_state(task_id, ts.FailTask(
                     at=at, actor=actor, reason=event.reason, phase="review", retryable=True,
                     causation_id=event.event_id))
-                await self._maybe_retry(task_id, state)
+                await self._maybe_retry(task_id, after)
             case _:
                 log.info("coordinator.issue_ignored", type=type(event).__name__, task_id=task_id)
 
-    async def _with_fresh_state(self, task_id: str, command: ts.Command) -> ts.TaskState | None:
+    async def _with_fresh_state(
+        self, task_id: str, command: ts.Command
+    ) -> tuple[ts.TaskState | None, int]:
         if task_id not in self.model.tasks:
             # the model may lag the log by a hop; the log itself is the authority
             await self.live.catch_up()
@@ -253,7 +256,14 @@ class Coordinator:
     async def _on_agent_event(self, msg: Msg) -> None:
         event = decode_event(self.ns.rel(msg.subject), msg.data)
         assert isinstance(event, AgentEventBase)
-        await self._catch_up_to(msg.metadata.sequence.stream)
+        # one agent's reports are handled in log order (handlers start in fetch order
+        # and asyncio locks are FIFO); different agents' reports run concurrently
+        lock = self._agent_locks.setdefault(event.agent_id, asyncio.Lock())
+        async with lock:
+            await self._on_agent_event_in_order(event, msg.metadata.sequence.stream)
+
+    async def _on_agent_event_in_order(self, event: AgentEventBase, seq: int) -> None:
+        await self._catch_up_to(seq)
         aid = event.agent_id
         at = utcnow()
         actor = self.config.name
@@ -284,10 +294,10 @@ class Coordinator:
                     pr_number=event.pr_number, draft=event.draft, tests_passed=event.tests_passed,
                     tests_failed=event.tests_failed, causation_id=cause))
             case AgentWorkFailed():
-                new = await self._run(task_id, ts.FailTask(
+                after = await self._run(task_id, ts.FailTask(
                     at=at, actor=actor, agent_id=aid, reason=event.reason, phase=event.phase,
                     retryable=event.retryable, log_ref=event.log_ref, causation_id=cause))
-                await self._maybe_retry(task_id, new)
+                await self._maybe_retry(task_id, after)
             case AgentTaskReleased(outcome="cancelled"):
                 if state.agent_id == aid and state.cancel_requested:
                     await self._run(task_id, ts.CancelTask(at=at, actor=actor, force=True,
@@ -300,11 +310,14 @@ class Coordinator:
             case _:
                 pass  # progress reports (workspace, analysis, tests, push) change no task state
 
-    async def _maybe_retry(self, task_id: str, state: ts.TaskState | None) -> None:
+    async def _maybe_retry(self, task_id: str, after: tuple[ts.TaskState | None, int]) -> None:
+        """Right after a failure: requeue with backoff if the policy allows. ``after`` is
+        the state and sequence the failure left (the model may not have them yet)."""
+        state = after[0]
         if state is not None and state.can_retry:
             await self._run(task_id, ts.RetryTask(
                 at=utcnow(), actor=self.config.name, backoff_base=self.config.retry_base,
-                backoff_max=self.config.retry_max))
+                backoff_max=self.config.retry_max), start=after)
             self.kick()
 
     async def _take_back_all(self, agent_id: str, reason: str, cause: str | None) -> None:
@@ -421,7 +434,7 @@ class Coordinator:
                 if state.status in ("pending", "analyzing"):
                     await self._analyse(task_id, state, self.model.task_seq[task_id], None)
                 elif state.can_retry:
-                    await self._maybe_retry(task_id, state)
+                    await self._maybe_retry(task_id, (state, self.model.task_seq[task_id]))
                 elif state.status in ts.WITH_AGENT:
                     agent = self.model.agents.get(state.agent_id or "")
                     if agent is None or agent.status == "offline":

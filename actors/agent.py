@@ -1,0 +1,279 @@
+"""An agent: registers, heartbeats, consumes only its own assignments, runs the
+pipeline and reports every phase on its own aggregate.
+
+The agent is the only writer of ``<ns>.agent.<id>.*`` besides the coordinator's
+supervision event (``agent.offline`` on a missed heartbeat). All its appends carry
+the aggregate's last sequence, so once the coordinator has declared it offline any
+late report it tries is refused by the concurrency check; the agent then notices,
+drops the work it was doing (those tasks were taken back) and registers afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from events import agent_state as ag
+from events.agent import Heartbeat
+from events.codec import decode_event, encode
+from events.errors import ConcurrencyConflict, StoreUnavailable
+from events.store import EventStore
+from events.subjects import Namespace
+from events.task import TaskAssigned
+from infra.coders.base import Coder
+from infra.workspace import Workspace, cleanup_expired
+
+from .pipeline import ForgeClient, PhaseFailed, PipelineSettings, run_pipeline
+from .runtime import ConsumerLoop
+
+log = structlog.get_logger("ccc.agent")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
+    agent_id: str
+    specialties: tuple[str, ...] = ("general",)
+    capacity: int = 1
+    clearance: str = "internal"
+    host: str = msgspec.field(default_factory=socket.gethostname)
+    heartbeat_interval: float = 2.0
+    ack_wait: float = 30.0
+    retention: float = 24 * 3600.0  # finished workspaces are removed after this
+    shutdown_grace: float = 10.0
+    pipeline: PipelineSettings
+
+
+class Superseded(Exception):
+    """The coordinator declared this agent offline while it worked."""
+
+
+class ObjectStoreArtifacts:
+    def __init__(self, nc: Client, bucket: str) -> None:
+        self.js = nc.jetstream(timeout=30.0)
+        self.bucket = bucket
+        self._obs = None
+
+    async def put(self, name: str, data: bytes) -> str:
+        if self._obs is None:
+            self._obs = await self.js.object_store(self.bucket)
+        await self._obs.put(name, data)
+        return f"{self.bucket}/{name}"
+
+
+class Agent:
+    def __init__(self, nc: Client, ns: Namespace, config: AgentConfig, *, coder: Coder,
+                 forge: ForgeClient) -> None:
+        self.nc = nc
+        self.ns = ns
+        self.config = config
+        self.id = config.agent_id
+        self.coder = coder
+        self.forge = forge
+        self.store = EventStore(nc, ns)
+        self.artifacts = ObjectStoreArtifacts(nc, ns.artifacts_bucket)
+        self.state: ag.AgentState | None = None
+        self.last_seq = 0
+        self._lock = asyncio.Lock()
+        self.running: dict[str, asyncio.Task] = {}
+        self._stop_reason: dict[str, str] = {}
+        self._loop: ConsumerLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._cancel_sub = None
+        self._hb_seq = 0
+        self.completed = 0
+
+    # -- own aggregate -----------------------------------------------------------------
+    async def _append(self, command: ag.Command) -> None:
+        async with self._lock:
+            events = ag.decide(self.state, command)
+            try:
+                seqs = await self.store.append(events, expected_last_seq=self.last_seq)
+            except ConcurrencyConflict:
+                self.state, self.last_seq = await self.store.load_agent(self.id)
+                if self.state is None or self.state.status == "offline":
+                    raise Superseded(f"{self.id} was declared offline") from None
+                events = ag.decide(self.state, command)  # someone else wrote; re-decide once
+                seqs = await self.store.append(events, expected_last_seq=self.last_seq)
+            for e in events:
+                self.state = ag.evolve(self.state, e)
+            self.last_seq = seqs[-1]
+
+    async def register(self) -> None:
+        self.state, self.last_seq = await self.store.load_agent(self.id)
+        c = self.config
+        await self._append(ag.RegisterAgent(
+            at=utcnow(), actor=self.id, agent_id=self.id, specialties=c.specialties,
+            capacity=c.capacity, clearance=c.clearance, host=c.host, coder=self.coder.name))
+        log.info("agent.registered", agent_id=self.id, specialties=list(c.specialties), capacity=c.capacity)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        Path(self.config.pipeline.workspace_root).mkdir(parents=True, exist_ok=True)
+        await self.register()
+        await self._heartbeat_once()
+        await self._watch_cancellations()
+        self._loop = ConsumerLoop(
+            self.nc, stream=self.ns.events_stream, durable=f"agent-{self.id}",
+            filter_subjects=[self.ns.assignments_filter(self.id)], handler=self._on_assignment,
+            concurrency=self.config.capacity, ack_wait=self.config.ack_wait, max_deliver=5,
+        )
+        await self._loop.start()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name=f"hb-{self.id}"),
+            asyncio.create_task(self._cleanup_loop(), name=f"cleanup-{self.id}"),
+        ]
+
+    async def stop(self) -> None:
+        """Graceful: stop taking work, give running tasks ``shutdown_grace`` to finish,
+        hand back the rest, then say we are offline."""
+        for task_id in self.running:
+            self._stop_reason.setdefault(task_id, "handed_back")
+        if self._loop is not None:
+            await self._loop.stop(grace=self.config.shutdown_grace)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._cancel_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._cancel_sub.unsubscribe()
+        if self.state is not None and self.state.status != "offline":
+            with contextlib.suppress(Exception):
+                await self._append(ag.GoOffline(at=utcnow(), actor=self.id, reason="shutdown"))
+        log.info("agent.stopped", agent_id=self.id)
+
+    # -- heartbeats and housekeeping ------------------------------------------------------
+    async def _heartbeat_once(self) -> None:
+        self._hb_seq += 1
+        hb = Heartbeat(agent_id=self.id, at=utcnow(), active_tasks=tuple(self.running), seq=self._hb_seq)
+        await self.nc.publish(self.ns.heartbeat_subject(self.id), encode(hb))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                await self._heartbeat_once()
+            except (nats.errors.Error, OSError) as e:
+                log.warning("agent.heartbeat_failed", agent_id=self.id, error=str(e))
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(3600.0, self.config.retention / 10)))
+            removed = await asyncio.to_thread(
+                cleanup_expired, self.config.pipeline.workspace_root, self.id, self.config.retention)
+            if removed:
+                log.info("agent.workspaces_removed", agent_id=self.id, count=len(removed))
+
+    async def _watch_cancellations(self) -> None:
+        async def on_cancel(msg: Msg) -> None:
+            task_id = msg.subject.split(".")[2]
+            running = self.running.get(task_id)
+            if running is not None:
+                self._stop_reason[task_id] = "cancelled"
+                running.cancel()
+
+        self._cancel_sub = await self.nc.jetstream().subscribe(
+            f"{self.ns.prefix}.task.*.cancel_requested", stream=self.ns.events_stream,
+            cb=on_cancel, ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW,
+        )
+
+    # -- assignments -------------------------------------------------------------------
+    async def _on_assignment(self, msg: Msg) -> None:
+        event = decode_event(self.ns.rel(msg.subject), msg.data)
+        if not isinstance(event, TaskAssigned) or event.agent_id != self.id:
+            return
+        task, _ = await self.store.load_task(event.task_id)
+        if task is None or task.agent_id != self.id or task.attempt != event.attempt or task.status != "assigned":
+            log.info("agent.stale_assignment", agent_id=self.id, task_id=event.task_id)
+            return
+        tid = task.task_id
+        if task.cancel_requested:
+            await self._append(ag.DeclineTask(at=utcnow(), actor=self.id, task_id=tid,
+                                              attempt=task.attempt, reason="cancel requested"))
+            return
+        if self.state is None or self.state.status not in ag.ONLINE or len(self.running) >= self.config.capacity:
+            await self._append(ag.DeclineTask(at=utcnow(), actor=self.id, task_id=tid,
+                                              attempt=task.attempt, reason="no free slot"))
+            return
+        await self._append(ag.StartAgentTask(at=utcnow(), actor=self.id, task_id=tid, attempt=task.attempt))
+        work = asyncio.create_task(self._work(task), name=f"work-{tid}")
+        self.running[tid] = work
+        pinger = asyncio.create_task(self._keep_in_progress(msg))
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # the consumer loop is shutting down: hand the task back
+            self._stop_reason.setdefault(tid, "handed_back")
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            raise
+        finally:
+            pinger.cancel()
+            self.running.pop(tid, None)
+
+    async def _keep_in_progress(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.config.ack_wait / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _work(self, task) -> None:
+        tid, attempt = task.task_id, task.attempt
+
+        async def report(kind: str, **fields) -> None:
+            await self._append(ag.ReportWork(at=utcnow(), actor=self.id, task_id=tid, attempt=attempt,
+                                             kind=kind, fields=fields))
+
+        outcome = "done"
+        try:
+            await run_pipeline(agent_id=self.id, task=task, settings=self.config.pipeline,
+                               coder=self.coder, forge=self.forge, artifacts=self.artifacts,
+                               report=report)
+            self.completed += 1
+        except PhaseFailed as e:
+            outcome = "failed"
+            log.info("agent.task_failed", agent_id=self.id, task_id=tid, phase=e.phase, reason=e.reason)
+            await report("agent.work_failed", phase=e.phase, reason=e.reason, retryable=e.retryable,
+                         log_ref=e.log_ref)
+        except asyncio.CancelledError:
+            outcome = self._stop_reason.pop(tid, "handed_back")
+            log.info("agent.task_stopped", agent_id=self.id, task_id=tid, outcome=outcome)
+        except Superseded:
+            log.warning("agent.superseded", agent_id=self.id, task_id=tid)
+            await self._reregister()
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                Workspace.open(self.config.pipeline.workspace_root, self.id, tid).mark_finished(outcome=outcome)
+        try:
+            await self._append(ag.ReleaseAgentTask(at=utcnow(), actor=self.id, task_id=tid,
+                                                   outcome=outcome, attempt=attempt))
+        except Superseded:
+            await self._reregister()
+        except StoreUnavailable as e:
+            log.warning("agent.release_failed", agent_id=self.id, task_id=tid, error=str(e))
+
+    async def _reregister(self) -> None:
+        """Declared offline while alive (e.g. a long stall): our tasks were taken back;
+        stop what we hold and come back as a new incarnation."""
+        for tid, work in list(self.running.items()):
+            self._stop_reason[tid] = "lost"
+            work.cancel()
+        async with self._lock:
+            self.state, self.last_seq = await self.store.load_agent(self.id)
+        await self.register()

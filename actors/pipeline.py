@@ -1,0 +1,198 @@
+"""An agent's work pipeline for one task attempt. Every phase ends in a report on
+the agent's own aggregate; the coordinator turns reports into task transitions.
+
+    workspace (clone) -> analyse codebase -> implement (coder) -> run tests
+      -> branch + commit + push -> open pull request
+
+Large outputs (the diff, the test log, the coder's transcript) go to the JetStream
+object store; reports carry a reference and a digest. A phase that fails reports
+``agent.work_failed`` with the phase, the reason and whether a retry may help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+import structlog
+
+from events.errors import CccError
+from events.task_state import TaskState
+from infra import gitops
+from infra.coders.base import Budget, CodeRequest, Coder, mask_secrets
+from infra.testrun import parse_test_counts
+from infra.workspace import Workspace
+
+log = structlog.get_logger("ccc.pipeline")
+
+Report = Callable[..., Awaitable[None]]  # report(kind, **fields)
+
+
+class ForgeClient(Protocol):
+    """What an agent needs from the forge (local bare repos, or GitHub)."""
+
+    name: str
+
+    def clone_url(self, repo: str) -> str: ...
+
+    def git_env(self, repo: str) -> dict[str, str]: ...
+
+    async def open_pull_request(
+        self, *, repo: str, branch: str, base: str, title: str, body: str, draft: bool, issue_number: int
+    ) -> tuple[str, int | None]: ...
+
+
+class ArtifactStore(Protocol):
+    async def put(self, name: str, data: bytes) -> str: ...
+
+
+class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
+    workspace_root: str
+    test_timeout: float = 600.0
+    command_timeout: float = 300.0
+    author_name: str = "claude-code-cluster"
+    author_email: str = "ccc@localhost"
+    budget: Budget = msgspec.field(default_factory=Budget)
+
+
+class PhaseFailed(CccError):
+    def __init__(self, phase: str, reason: str, *, retryable: bool = True, log_ref: str = "") -> None:
+        super().__init__(f"{phase}: {reason}", retryable=retryable)
+        self.phase = phase
+        self.reason = reason
+        self.log_ref = log_ref
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def instructions_of(repo_dir: Path) -> str:
+    """The repository's own instructions for coding agents, if it has any."""
+    parts = []
+    for name in ("CLAUDE.md", "AGENTS.md", ".ccc/instructions.md"):
+        p = repo_dir / name
+        if p.is_file():
+            parts.append(f"# {name}\n{p.read_text(errors='replace')[:20000]}")
+    return "\n\n".join(parts)
+
+
+async def run_pipeline(
+    *,
+    agent_id: str,
+    task: TaskState,
+    settings: PipelineSettings,
+    coder: Coder,
+    forge: ForgeClient,
+    artifacts: ArtifactStore,
+    report: Report,
+) -> None:
+    """Run one attempt. Raises :class:`PhaseFailed` (already reported) on failure;
+    ``asyncio.CancelledError`` propagates (the caller reports the cancellation)."""
+    issue = task.issue
+    attempt = task.attempt
+    prefix = f"{task.task_id}/{attempt}"
+
+    # 1. workspace
+    phase = "workspace"
+    try:
+        ws = Workspace.create(settings.workspace_root, agent_id, task.task_id, {
+            "repo": issue.repo, "issue": issue.number, "attempt": attempt, "title": issue.title})
+        url = forge.clone_url(issue.repo)
+        await asyncio.to_thread(gitops.clone, url, ws.repo_dir, env=forge.git_env(issue.repo))
+        base_branch = gitops.default_branch(ws.repo_dir)
+        base_commit = gitops.head_sha(ws.repo_dir) or ""
+        await report("agent.workspace_prepared", path=str(ws.path), base_commit=base_commit)
+
+        # 2. analyse the codebase
+        phase = "analysis"
+        languages = await asyncio.to_thread(gitops.languages, ws.repo_dir)
+        test_command = gitops.detect_test_command(ws.repo_dir)
+        await report("agent.codebase_analysed", languages=languages,
+                     test_command=tuple(test_command or ()))
+
+        # 3. implement
+        phase = "implementation"
+        branch = gitops.branch_name(task.task_id, issue.title)
+        gitops.create_branch(ws.repo_dir, branch)
+        outcome = await coder.implement(CodeRequest(
+            task_id=task.task_id, attempt=attempt, title=issue.title, body=issue.body,
+            specialty=task.specialty, labels=issue.labels, repo=issue.repo,
+            repo_dir=str(ws.repo_dir), issue_number=issue.number,
+            instructions=instructions_of(ws.repo_dir), budget=settings.budget,
+        ), ws)
+        transcript_ref = ""
+        if outcome.transcript:
+            transcript_ref = await artifacts.put(f"transcripts/{prefix}.txt",
+                                                 mask_secrets(outcome.transcript).encode())
+        if outcome.status == "failed":
+            raise PhaseFailed("implementation", outcome.reason or "the coder failed", retryable=True)
+        files = await asyncio.to_thread(gitops.changed_files, ws.repo_dir)
+        if not files:
+            raise PhaseFailed("implementation", "the coder made no change", retryable=True)
+        diff = (await asyncio.to_thread(gitops.diff, ws.repo_dir)).encode()
+        diff_ref = await artifacts.put(f"diffs/{prefix}.diff", diff)
+        await report(
+            "agent.implementation_produced", coder=coder.name, summary=outcome.summary[:2000],
+            files_changed=tuple(files), diff_stat=await asyncio.to_thread(gitops.diff_stat, ws.repo_dir),
+            diff_ref=diff_ref, diff_digest=_digest(diff), turns=outcome.turns, usage=outcome.usage,
+            transcript_ref=transcript_ref,
+        )
+        budget_hit = outcome.status == "budget_exhausted"
+
+        # 4. tests
+        phase = "testing"
+        passed = failed = 0
+        tests_ok = True
+        if test_command:
+            result = await ws.run(test_command, timeout=settings.test_timeout, log_name="tests.log")
+            counts = parse_test_counts(result.output)
+            log_ref = await artifacts.put(f"logs/{prefix}/tests.log", mask_secrets(result.output).encode())
+            passed, failed = counts.passed, counts.failed + counts.errors
+            tests_ok = result.exit_code == 0 and not result.timed_out
+            await report("agent.tests_run", command=tuple(test_command), exit_code=result.exit_code,
+                         passed=counts.passed, failed=counts.failed, errors=counts.errors,
+                         skipped=counts.skipped, duration=round(result.duration, 3),
+                         timed_out=result.timed_out, log_ref=log_ref)
+            if not tests_ok and not budget_hit:
+                why = "tests timed out" if result.timed_out else (
+                    f"{failed} test(s) failed" if failed else f"test command exited {result.exit_code}")
+                raise PhaseFailed("testing", why, retryable=True, log_ref=log_ref)
+
+        # 5. commit + push
+        phase = "push"
+        message = f"{issue.title}\n\n{outcome.summary}\n\nResolves {issue.repo}#{issue.number} (task {task.task_id}, attempt {attempt})"
+        commit = await asyncio.to_thread(gitops.commit_all, ws.repo_dir, message,
+                                         settings.author_name, settings.author_email)
+        await asyncio.to_thread(gitops.push, ws.repo_dir, branch, env=forge.git_env(issue.repo))
+        await report("agent.changes_pushed", branch=branch, commit=commit)
+
+        # 6. pull request (a draft when the budget ran out or tests did not pass)
+        phase = "pull_request"
+        draft = budget_hit or not tests_ok
+        body = (
+            f"Resolves #{issue.number}\n\n{outcome.summary}\n\n"
+            f"Tests: {passed} passed, {failed} failed\n"
+            + (f"\nDraft: {outcome.reason or 'budget exhausted'}\n" if draft else "")
+            + f"\n_Opened by claude-code-cluster agent `{agent_id}` (task `{task.task_id}`, attempt {attempt})._"
+        )
+        url, number = await forge.open_pull_request(
+            repo=issue.repo, branch=branch, base=base_branch, title=issue.title, body=body,
+            draft=draft, issue_number=issue.number,
+        )
+        await report("agent.pr_opened", branch=branch, pr_url=url, pr_number=number, draft=draft,
+                     tests_passed=passed, tests_failed=failed)
+        ws.mark_finished(outcome="pr_opened")
+    except PhaseFailed:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except CccError as e:
+        raise PhaseFailed(phase, str(e), retryable=e.retryable) from e
+    except Exception as e:  # noqa: BLE001 - an unexpected failure is still a reported failure
+        log.error("pipeline.crashed", task_id=task.task_id, phase=phase, exc_info=True)
+        raise PhaseFailed(phase, f"{type(e).__name__}: {e}", retryable=True) from e

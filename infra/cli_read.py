@@ -1,0 +1,395 @@
+"""The read side of ``ccc``: ``events``, ``replay``, ``tasks``, ``agents``, ``bad-events``,
+and the output helpers every command shares.
+
+Output has two forms. Human: a rich table on a terminal, plain aligned text otherwise
+(stable columns, no colour codes, safe to grep). ``--json``: exactly one JSON object
+per line (msgspec encoding of the events and states themselves).
+
+The commands get their connection from ``ctx.obj`` (a ``CliState`` from
+:mod:`infra.cli`): ``obj.ns``, ``obj.settings()``, ``obj.store(nc)`` and
+``obj.run(fn)``, which connects, provisions and awaits ``fn(nc)``. This module does
+not import :mod:`infra.cli`, so there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Sequence
+from datetime import datetime, timezone
+
+import click
+import msgspec
+
+from events.agent import AgentEventBase
+from events.agent_state import AGENT_STATUSES, AgentState
+from events.agent_state import evolve as evolve_agent
+from events.errors import ConfigError, DomainError
+from events.store import BadMessage
+from events.subjects import check_id
+from events.task import SPECIALTIES, TaskCreated, TaskEventBase
+from events.task_state import TASK_STATUSES, TaskState
+from events.task_state import evolve as evolve_task
+from projections.read_model import MAX_BAD_KEPT, ReadModel
+
+_json = msgspec.json.Encoder()
+_ENVELOPE = frozenset({"type", "event_id", "version", "occurred_at", "correlation_id",
+                       "causation_id", "actor"})
+
+
+# -- output helpers -------------------------------------------------------------------
+def is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def console(stderr: bool = False):
+    from rich.console import Console  # rich is only imported when a terminal needs it
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def emit_json(obj: object) -> None:
+    click.echo(_json.encode(obj).decode())
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *,
+                title: str | None = None, footer: Sequence[str] = ()) -> None:
+    cells = [[("-" if v is None or v == "" else str(v)) for v in row] for row in rows]
+    if is_terminal():
+        from rich.table import Table
+
+        table = Table(*headers, title=title, title_justify="left", header_style="bold")
+        for row in cells:
+            table.add_row(*row)
+        con = console()
+        con.print(table)
+        for line in footer:
+            con.print(line, markup=False)
+        return
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    if title:
+        click.echo(title)
+    for row in [list(headers), *cells]:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for line in footer:
+        click.echo(line)
+
+
+def print_line(text: str, style: str | None = None) -> None:
+    if style and is_terminal():
+        console().print(text, style=style, markup=False, soft_wrap=True)
+    else:
+        click.echo(text)
+
+
+def fmt_time(at: datetime | None) -> str:
+    if at is None:
+        return "-"
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "-"
+    if isinstance(value, dict) and "dollars" in value:  # Usage
+        tokens = f"{value.get('input_tokens', 0)}in/{value.get('output_tokens', 0)}out"
+        return f"${value.get('dollars', 0):.4f}/{tokens}"
+    if isinstance(value, str) and (" " in value or not value):
+        return repr(value)
+    return str(value)
+
+
+def event_details(event: TaskEventBase | AgentEventBase) -> str:
+    """The payload of an event as ``key=value`` pairs (the envelope is shown apart)."""
+    if isinstance(event, TaskCreated):
+        i = event.issue
+        return f"{i.source}:{i.repo}#{i.number} {i.title!r} max_attempts={event.max_attempts}"
+    data = msgspec.to_builtins(event)
+    own = "task_id" if isinstance(event, TaskEventBase) else "agent_id"
+    return " ".join(f"{k}={_fmt_value(v)}" for k, v in data.items() if k not in _ENVELOPE and k != own)
+
+
+def event_type(event: object) -> str:
+    return event.__struct_config__.tag  # type: ignore[attr-defined]
+
+
+def task_summary(s: TaskState) -> str:
+    parts = [f"task {s.task_id}", s.status, f"v{s.version}", f"attempt {s.attempt}/{s.max_attempts}",
+             f"agent {s.agent_id or '-'}", f"specialty {s.specialty}", f"priority {s.priority}"]
+    if s.not_before:
+        parts.append(f"not before {fmt_time(s.not_before)}")
+    if s.cancel_requested:
+        parts.append("cancel requested")
+    if s.status_reason:
+        parts.append(f"reason {s.status_reason!r}")
+    return "  ".join(parts)
+
+
+def agent_summary(s: AgentState) -> str:
+    parts = [f"agent {s.agent_id}", s.status, f"v{s.version}", f"load {len(s.active_tasks)}/{s.capacity}",
+             f"tasks {','.join(s.active_tasks) or '-'}", f"specialties {','.join(s.specialties)}"]
+    if s.reason:
+        parts.append(f"reason {s.reason!r}")
+    return "  ".join(parts)
+
+
+def full_subject(ns, subject: str) -> str:
+    return subject if subject.startswith(ns.prefix + ".") else ns.subject(subject)
+
+
+# -- running -------------------------------------------------------------------------
+async def until_signal(coro: Awaitable) -> bool:
+    """Run ``coro``; SIGINT/SIGTERM cancel it. Returns True if a signal stopped it."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        task.cancel()
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return stopped
+
+
+def scope_filter(ns, task: str | None, agent: str | None) -> str | None:
+    if task and agent:
+        raise ConfigError("use --task or --agent, not both")
+    if task:
+        return ns.task_filter(check_id(task, "task id"))
+    if agent:
+        return ns.agent_filter(check_id(agent, "agent id"))
+    return None
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+task_option = click.option("--task", "task_id", metavar="ID", help="Only this task's events.")
+agent_option = click.option("--agent", "agent_id", metavar="ID", help="Only this agent's own events.")
+
+
+# -- events ---------------------------------------------------------------------------
+EVENT_COLUMNS = ("SEQ", "TIME", "SUBJECT", "TYPE", "V", "DETAILS")
+
+
+def _event_row(ns, seq: int, item) -> tuple[tuple[str, ...], str | None]:
+    if isinstance(item, BadMessage):
+        return (str(seq), "-", full_subject(ns, item.subject), "BAD", "-", item.error), "red"
+    return (str(seq), fmt_time(item.occurred_at), ns.subject(item.rel_subject), event_type(item),
+            str(item.version), event_details(item)), None
+
+
+def _line(cols: Sequence[str]) -> str:
+    seq, at, subject, typ, v, details = cols
+    return f"{seq:>7}  {at:<19}  {subject:<44}  {typ:<26}  {v:>3}  {details}".rstrip()
+
+
+def event_json(ns, seq: int, item) -> dict:
+    if isinstance(item, BadMessage):
+        return {"seq": seq, "subject": full_subject(ns, item.subject), "bad": True,
+                "error": item.error, "preview": item.preview}
+    return {"seq": seq, "subject": ns.subject(item.rel_subject), "event": item}
+
+
+@click.command("events")
+@task_option
+@agent_option
+@click.option("--from-seq", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Start at this stream sequence.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events until Ctrl-C.")
+@json_option
+@click.pass_obj
+def events_cmd(obj, task_id, agent_id, from_seq, follow, as_json) -> None:
+    """Print the event log.
+
+    One line per message of CCC_EVENTS: sequence, time, subject, type, payload.
+    Messages that do not decode are shown as BAD with the reason; they never stop
+    the listing."""
+    ns = obj.ns
+    subject = scope_filter(ns, task_id, agent_id)
+
+    async def show(nc) -> None:
+        store = obj.store(nc)
+        if not as_json:
+            print_line(_line(EVENT_COLUMNS), "bold")
+        async for seq, item in store.read(filter_subject=subject, from_seq=from_seq, follow=follow):
+            if as_json:
+                emit_json(event_json(ns, seq, item))
+            else:
+                cols, style = _event_row(ns, seq, item)
+                print_line(_line(cols), style)
+
+    obj.run(lambda nc: until_signal(show(nc)) if follow else show(nc))
+
+
+# -- replay ---------------------------------------------------------------------------
+@click.command("replay")
+@task_option
+@agent_option
+@click.option("--until-seq", type=click.IntRange(min=1), default=None,
+              help="Stop after this stream sequence (time travel).")
+@json_option
+@click.pass_obj
+def replay_cmd(obj, task_id, agent_id, until_seq, as_json) -> None:
+    """Replay events through the state machines.
+
+    Prints each event and the state of its aggregate after it.
+    Uses the same pure evolve functions as every projection, so what you see is what
+    the system computes. An event the state machine rejects is shown with the reason
+    (the state stays as it was) and the replay goes on."""
+    ns = obj.ns
+    subject = scope_filter(ns, task_id, agent_id)
+    tasks: dict[str, TaskState] = {}
+    agents: dict[str, AgentState] = {}
+    counts = {"applied": 0, "rejected": 0, "bad": 0}
+
+    def apply(seq: int, item) -> None:
+        if isinstance(item, BadMessage):
+            counts["bad"] += 1
+            if as_json:
+                emit_json(event_json(ns, seq, item))
+            else:
+                print_line(_line(_event_row(ns, seq, item)[0]), "red")
+            return
+        views, evolve, key = ((tasks, evolve_task, item.task_id) if isinstance(item, TaskEventBase)
+                              else (agents, evolve_agent, item.agent_id))
+        before = views.get(key)
+        try:
+            after = evolve(before, item)
+        except DomainError as e:
+            counts["rejected"] += 1
+            error = f"{type(e).__name__}: {e}"
+            if as_json:
+                emit_json({**event_json(ns, seq, item), "rejected": True, "error": error, "state": before})
+            else:
+                print_line(_line(_event_row(ns, seq, item)[0]))
+                print_line(f"{'':9}REJECTED {error}; state unchanged", "red")
+            return
+        views[key] = after
+        counts["applied"] += 1
+        if as_json:
+            emit_json({**event_json(ns, seq, item), "state": after})
+        else:
+            print_line(_line(_event_row(ns, seq, item)[0]))
+            summary = task_summary(after) if isinstance(after, TaskState) else agent_summary(after)
+            print_line(f"{'':9}-> {summary}", "cyan")
+
+    async def run(nc) -> int:
+        if not as_json:
+            print_line(_line(EVENT_COLUMNS), "bold")
+        return await obj.store(nc).replay(apply, filter_subject=subject, until_seq=until_seq)
+
+    last = obj.run(run)
+    if not as_json:
+        total = sum(counts.values())
+        click.echo(f"replayed {total} events up to seq {max(last, 0)}: {counts['applied']} applied, "
+                   f"{counts['rejected']} rejected, {counts['bad']} bad")
+
+
+# -- tasks / agents / bad events ---------------------------------------------------
+def _load_model(obj) -> ReadModel:
+    model = ReadModel()
+
+    async def rebuild(nc) -> None:
+        await obj.store(nc).replay(model.apply)
+
+    obj.run(rebuild)
+    return model
+
+
+def _bad_footer(model: ReadModel) -> list[str]:
+    return [f"bad events: {model.bad_count} (ccc bad-events lists them)"] if model.bad_count else []
+
+
+def _counts(states) -> str:
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.status] = counts.get(s.status, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+@click.command("tasks")
+@click.option("--state", type=click.Choice(TASK_STATUSES), help="Only tasks in this state.")
+@click.option("--specialty", type=click.Choice(SPECIALTIES), help="Only tasks of this specialty.")
+@json_option
+@click.pass_obj
+def tasks_cmd(obj, state, specialty, as_json) -> None:
+    """The task board, rebuilt from the event log."""
+    model = _load_model(obj)
+    shown = [t for t in model.tasks.values()
+             if (state is None or t.status == state) and (specialty is None or t.specialty == specialty)]
+    if as_json:
+        for t in shown:
+            emit_json({"seq": model.task_seq[t.task_id], "task": t})
+        return
+    rows = [(t.task_id, t.status, t.specialty, t.priority, t.agent_id, f"{t.attempt}/{t.max_attempts}",
+             t.issue.title) for t in shown]
+    total = len(model.tasks)
+    head = f"{len(shown)} of {total} tasks" if len(shown) != total else f"{total} tasks"
+    footer = [f"{head}" + (f": {_counts(model.tasks.values())}" if total else "")
+              + f"  (log at seq {model.last_seq})", *_bad_footer(model)]
+    print_table(("TASK", "STATE", "SPECIALTY", "PRIORITY", "AGENT", "ATTEMPT", "TITLE"), rows, footer=footer)
+
+
+@click.command("agents")
+@click.option("--state", type=click.Choice(AGENT_STATUSES), help="Only agents in this state.")
+@json_option
+@click.pass_obj
+def agents_cmd(obj, state, as_json) -> None:
+    """The agents, rebuilt from the event log."""
+    model = _load_model(obj)
+    shown = [a for a in model.agents.values() if state is None or a.status == state]
+    if as_json:
+        for a in shown:
+            emit_json({"seq": model.agent_seq[a.agent_id], "agent": a})
+        return
+    rows = [(a.agent_id, a.status, ",".join(a.specialties), f"{len(a.active_tasks)}/{a.capacity}",
+             ",".join(a.active_tasks), a.tasks_done, a.tasks_failed) for a in shown]
+    cluster = model.cluster()
+    total = len(model.agents)
+    head = f"{len(shown)} of {total} agents" if len(shown) != total else f"{total} agents"
+    footer = [f"{head}" + (f": {_counts(model.agents.values())}" if total else "")
+              + f"; cluster load {cluster.active}/{cluster.capacity}  (log at seq {model.last_seq})",
+              *_bad_footer(model)]
+    print_table(("AGENT", "STATE", "SPECIALTIES", "LOAD", "ACTIVE TASKS", "DONE", "FAILED"), rows,
+                footer=footer)
+
+
+@click.command("bad-events")
+@json_option
+@click.pass_obj
+def bad_events_cmd(obj, as_json) -> None:
+    """List messages the projections could not apply.
+
+    Undecodable payloads and events the state machines reject, with their stream
+    sequence and the reason."""
+    model = _load_model(obj)
+    ns = obj.ns
+    if as_json:
+        for b in model.bad:
+            emit_json({"seq": b.seq, "subject": full_subject(ns, b.subject), "bad": True,
+                       "error": b.error, "preview": b.preview})
+        return
+    footer = [f"bad events: {model.bad_count}"]
+    if model.bad_count > len(model.bad):
+        footer.append(f"(showing the newest {MAX_BAD_KEPT})")
+    print_table(("SEQ", "SUBJECT", "ERROR"),
+                [(b.seq, full_subject(ns, b.subject), b.error) for b in model.bad], footer=footer)
+
+
+READ_COMMANDS = (events_cmd, replay_cmd, tasks_cmd, agents_cmd, bad_events_cmd)
