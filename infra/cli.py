@@ -29,7 +29,8 @@ from events.errors import CccError, ConfigError, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 
-from .cli_read import READ_COMMANDS, emit_json, print_table, until_signal
+from .cli_cluster import CLUSTER_COMMANDS
+from .cli_read import READ_COMMANDS, emit_json, print_table
 from .settings import Settings, load_settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -203,7 +204,7 @@ def cli(ctx: click.Context, nats_url, data_dir, namespace, log_level) -> None:
     ctx.obj = CliState(nats_url, data_dir, namespace, log_level.lower())
 
 
-for _command in READ_COMMANDS:
+for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS):
     cli.add_command(_command)
 
 
@@ -394,37 +395,6 @@ def _with_progress(rounds: int, fn):
 
 
 # -- status API -------------------------------------------------------------------
-@cli.command("api")
-@click.option("--host", default=None, help="Bind address [default: settings api_host, 127.0.0.1].")
-@click.option("--port", type=click.IntRange(0, 65535), default=None,
-              help="Port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
-@click.pass_obj
-def api_cmd(obj: CliState, host: str | None, port: int | None) -> None:
-    """Serve the status API.
-
-    Task, agent and cluster views over a live projection of the event log."""
-    try:
-        from .api_server import ApiServer
-    except ModuleNotFoundError as e:
-        if e.name not in ("infra.api_server", "uvicorn", "litestar"):
-            raise
-        raise ConfigError(f"the status API is not available: {e}") from None
-    settings = obj.settings()
-    host = host or settings.api_host
-    port = settings.api_port if port is None else port
-
-    async def serve(nc) -> None:
-        server = ApiServer(obj.store(nc), host, port, materialize=True)
-        try:
-            await server.start()
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        click.echo(f"status API at {server.url}  (Ctrl-C to stop)")
-        await until_signal(server.serve_forever())
-
-    obj.run(serve)
-
-
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="ccc")
 

@@ -323,14 +323,16 @@ def _counts(states) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
-@click.command("tasks")
+@click.group("tasks", invoke_without_command=True)
 @click.option("--state", type=click.Choice(TASK_STATUSES), help="Only tasks in this state.")
 @click.option("--specialty", type=click.Choice(SPECIALTIES), help="Only tasks of this specialty.")
 @json_option
-@click.pass_obj
-def tasks_cmd(obj, state, specialty, as_json) -> None:
-    """The task board, rebuilt from the event log."""
-    model = _load_model(obj)
+@click.pass_context
+def tasks_cmd(ctx, state, specialty, as_json) -> None:
+    """The task board, rebuilt from the event log (``ccc tasks cancel ID`` cancels one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    model = _load_model(ctx.obj)
     shown = [t for t in model.tasks.values()
              if (state is None or t.status == state) and (specialty is None or t.specialty == specialty)]
     if as_json:

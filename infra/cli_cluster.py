@@ -1,0 +1,326 @@
+"""The running side of ``ccc``: ``up``, ``agent``, ``demo``, ``api``, ``pr merge|close``,
+``tasks cancel`` and ``repo create|import`` (the local forge)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import msgspec
+import structlog
+
+from events.codec import encode
+from events.errors import ConfigError
+from events.issue import IssueCancelRequested, IssuePullRequestClosed, IssuePullRequestMerged
+from events.subjects import check_id
+from projections.read_model import ReadModel
+
+from .cli_read import emit_json, print_table, tasks_cmd, until_signal
+from .cluster import ClusterOptions, LocalCluster, make_coder, parse_specialties
+from .forge_local import LocalForge
+from .settings import load_settings
+
+log = structlog.get_logger("ccc.cli")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- ccc up ------------------------------------------------------------------------------
+@click.command("up")
+@click.option("--agents", type=click.IntRange(0, 64), default=3, show_default=True)
+@click.option("--specialties", default="backend,frontend,general", show_default=True,
+              help="Comma-separated; agent i gets the i-th (cycling).")
+@click.option("--capacity", type=click.IntRange(1, 32), default=1, show_default=True,
+              help="Tasks each agent works on at once.")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=None,
+              help="Status API port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
+@click.option("--no-api", is_flag=True, help="Do not serve the status API.")
+@click.option("--coder", default="scripted", show_default=True)
+@click.option("--script-dir", type=click.Path(file_okay=False), help="Recorded sessions for the scripted coder.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True)
+@click.pass_obj
+def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_dir, heartbeat_timeout) -> None:
+    """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
+    --nats-url), one coordinator, N agents and the status API."""
+    settings = obj.settings()
+    options = ClusterOptions(
+        agents=agents, specialties=parse_specialties(specialties), capacity=capacity,
+        api_port=None if no_api else (settings.api_port if api_port is None else api_port),
+        coder=coder, script_dir=script_dir, heartbeat_timeout=heartbeat_timeout,
+    )
+    make_coder(coder, script_dir)  # bad --coder fails before anything starts
+
+    async def main() -> None:
+        cluster = LocalCluster(settings, obj.ns, options)
+        try:
+            await cluster.start()
+        except OSError as e:
+            await cluster.stop()
+            raise ConfigError(f"cannot start: {e.strerror or e}") from None
+        except BaseException:
+            await cluster.stop()
+            raise
+        try:
+            ns = obj.ns
+            click.echo(f"claude-code-cluster is up ({len(cluster.agents)} agents)")
+            click.echo(f"  NATS        {cluster.url}")
+            if cluster.api is not None:
+                click.echo(f"  status API  {cluster.api.url}/api/v1/tasks   (OpenAPI: {cluster.api.url}/schema)")
+            click.echo(f"  local forge {cluster.forge_root}   (add a repo: ccc repo import OWNER/NAME PATH)")
+            click.echo("  publish an issue:")
+            click.echo("    ccc issue publish --repo OWNER/NAME --title 'Fix the bug' --label backend")
+            click.echo(f"  watch:       ccc events --follow    |   nats --server {cluster.url} sub '{ns.prefix}.>'")
+            click.echo("Ctrl-C to stop.")
+            await until_signal(asyncio.Event().wait())
+        finally:
+            click.echo("stopping: agents hand back their work...", err=True)
+            await cluster.stop()
+
+    asyncio.run(main())
+
+
+# -- ccc agent ----------------------------------------------------------------------------
+@click.command("agent")
+@click.option("--specialty", "specialty_list", multiple=True, required=True,
+              help="A specialty (repeatable).")
+@click.option("--agent-id", default=None, help="Default: <host>-<first specialty>-<random>.")
+@click.option("--capacity", type=click.IntRange(1, 32), default=1, show_default=True)
+@click.option("--clearance", type=click.Choice(["public", "internal", "confidential", "restricted"]),
+              default="internal", show_default=True)
+@click.option("--coder", default="scripted", show_default=True)
+@click.option("--script-dir", type=click.Path(file_okay=False))
+@click.option("--forge-root", type=click.Path(file_okay=False),
+              help="Local forge [default: <data-dir>/forge].")
+@click.option("--workspace-root", type=click.Path(file_okay=False),
+              help="Where task workspaces go [default: <data-dir>/workspaces].")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
+@click.pass_obj
+def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, script_dir, forge_root,
+              workspace_root, heartbeat_interval) -> None:
+    """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
+    from actors.agent import Agent, AgentConfig
+    from actors.pipeline import PipelineSettings
+
+    from .forge import LocalForgeClient
+
+    specialties = parse_specialties(",".join(specialty_list))
+    settings = obj.settings()
+    host = os.uname().nodename.split(".")[0]
+    agent_id = check_id(agent_id or f"{host}-{specialties[0]}-{uuid.uuid4().hex[:6]}", "agent id")
+    forge = LocalForgeClient(Path(forge_root) if forge_root else settings.data_dir / "forge")
+    config = AgentConfig(
+        agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
+        heartbeat_interval=heartbeat_interval,
+        pipeline=PipelineSettings(workspace_root=str(workspace_root or settings.data_dir / "workspaces")),
+    )
+
+    async def run(nc) -> None:
+        agent = Agent(nc, obj.ns, config, coder=make_coder(coder, script_dir), forge=forge)
+        await agent.start()
+        click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; Ctrl-C / SIGTERM to stop")
+        try:
+            await until_signal(asyncio.Event().wait())
+        finally:
+            await agent.stop()
+
+    obj.run(run)
+
+
+# -- ccc demo -----------------------------------------------------------------------------
+@click.command("demo")
+@click.option("--keep", is_flag=True, help="Keep the demo's data dir (printed at the end).")
+@click.option("--timeout", type=click.FloatRange(10), default=180.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The summary as JSON lines.")
+@click.pass_obj
+def demo_cmd(obj, keep, timeout, as_json) -> None:
+    """Issues -> pull requests on a sample repository, offline, no API key."""
+    from .demo import run_demo
+
+    data_dir = Path(tempfile.mkdtemp(prefix="ccc-demo-"))
+    # the demo always runs its own embedded server, whatever NATS_URL says
+    settings = msgspec.structs.replace(load_settings(data_dir=str(data_dir)), nats_url=None)
+    last: list = []
+
+    def show(rows) -> None:
+        nonlocal last
+        if as_json:
+            return
+        states = [(r.task, r.state, r.attempt) for r in rows]
+        if states != last:
+            last = states
+            click.echo("  " + "  ".join(f"{r.task}:{r.state}" + (f"(try {r.attempt})" if r.attempt > 1 else "")
+                                        for r in rows), err=True)
+
+    if not as_json:
+        click.echo("ccc demo: 4 issues on demo/shop, 3 agents (backend, frontend, general), scripted coder",
+                   err=True)
+    try:
+        ok, rows, cluster = asyncio.run(run_demo(settings, obj.ns, timeout=timeout, on_progress=show))
+        if as_json:
+            for r in rows:
+                emit_json(r)
+        else:
+            print_table(("TASK", "ISSUE", "AGENT", "STATE", "ATTEMPT", "BRANCH", "TESTS"),
+                        [(r.task, r.issue, r.agent, r.state, r.attempt, r.branch, r.tests) for r in rows])
+            click.echo("")
+            click.echo("Every step above is an event. Inspect them with:")
+            click.echo(f"  ccc --data-dir {data_dir} events            # the log")
+            click.echo(f"  ccc --data-dir {data_dir} replay --task demo_shop-4   # state after each event")
+            click.echo(f"  ccc --data-dir {data_dir} tasks             # the board")
+            click.echo(f"  git -C {data_dir}/forge/demo/shop.git branch  # the pushed branches")
+            if not keep:
+                click.echo("(run with --keep to keep that directory)")
+    finally:
+        if not keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    if not ok:
+        click.echo("demo: not every task reached its expected state", err=True)
+        sys.exit(1)
+
+
+# -- ccc api ---------------------------------------------------------------------------
+@click.command("api")
+@click.option("--host", default=None, help="Bind address [default: settings api_host, 127.0.0.1].")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
+@click.pass_obj
+def api_cmd(obj, host: str | None, port: int | None) -> None:
+    """Serve the status API.
+
+    Task, agent and cluster views over a live projection of the event log."""
+    try:
+        from .api_server import ApiServer
+    except ModuleNotFoundError as e:
+        if e.name not in ("infra.api_server", "uvicorn", "litestar"):
+            raise
+        raise ConfigError(f"the status API is not available: {e}") from None
+    settings = obj.settings()
+    host = host or settings.api_host
+    port = settings.api_port if port is None else port
+
+    async def serve(nc) -> None:
+        server = ApiServer(obj.store(nc), host, port, materialize=True)
+        try:
+            await server.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        click.echo(f"status API at {server.url}  (Ctrl-C to stop)")
+        await until_signal(server.serve_forever())
+
+    obj.run(serve)
+
+
+# -- ccc tasks cancel / ccc pr merge|close ---------------------------------------------
+async def _task_of(obj, nc, task_id: str):
+    model = ReadModel()
+    await obj.store(nc).replay(model.apply, filter_subject=obj.ns.task_filter(check_id(task_id, "task id")))
+    task = model.tasks.get(task_id)
+    if task is None:
+        raise ConfigError(f"no task {task_id}")
+    return task
+
+
+async def _publish(nc, ns, event) -> int:
+    ack = await nc.jetstream().publish(ns.subject(event.rel_subject), encode(event),
+                                       headers={"Nats-Msg-Id": event.event_id})
+    return ack.seq
+
+
+@tasks_cmd.command("cancel")
+@click.argument("task_id")
+@click.option("--reason", default="cancelled by user", show_default=True)
+@click.pass_obj
+def tasks_cancel(obj, task_id, reason) -> None:
+    """Cancel a task; an agent working on it stops first."""
+    async def go(nc) -> None:
+        task = await _task_of(obj, nc, task_id)
+        if task.final:
+            raise ConfigError(f"task {task_id} is already {task.status}")
+        seq = await _publish(nc, obj.ns, IssueCancelRequested(
+            event_id=f"cli:{task_id}:cancel:{uuid.uuid4().hex}", source=task.issue.source,
+            repo=task.issue.repo, number=task.issue.number, occurred_at=_now(), reason=reason))
+        click.echo(f"cancellation of {task_id} requested (seq {seq})")
+
+    obj.run(go)
+
+
+@click.group("pr")
+def pr_group() -> None:
+    """Pull requests on the local forge: merge or close (reject)."""
+
+
+@pr_group.command("merge")
+@click.argument("task_id")
+@click.pass_obj
+def pr_merge(obj, task_id) -> None:
+    """Merge the task's branch into the default branch; the task completes."""
+    async def go(nc) -> None:
+        task = await _task_of(obj, nc, task_id)
+        if task.status != "review" or not task.branch:
+            raise ConfigError(f"task {task_id} has no open pull request (it is {task.status})")
+        forge = LocalForge(obj.settings().data_dir / "forge")
+        sha = await asyncio.to_thread(forge.merge, task.issue.repo, task.branch,
+                                      message=f"Merge {task.branch}: {task.issue.title}")
+        seq = await _publish(nc, obj.ns, IssuePullRequestMerged(
+            event_id=f"local:{task.issue.repo}#{task.issue.number}:merged:{task.attempt}",
+            source=task.issue.source, repo=task.issue.repo, number=task.issue.number,
+            occurred_at=_now(), pr_number=task.pr_number, branch=task.branch))
+        click.echo(f"merged {task.branch} into {task.issue.repo} ({sha[:12]}); seq {seq}")
+
+    obj.run(go)
+
+
+@pr_group.command("close")
+@click.argument("task_id")
+@click.option("--reason", default="pull request closed without merging", show_default=True)
+@click.pass_obj
+def pr_close(obj, task_id, reason) -> None:
+    """Reject the pull request: the task fails and the retry policy applies."""
+    async def go(nc) -> None:
+        task = await _task_of(obj, nc, task_id)
+        if task.status != "review":
+            raise ConfigError(f"task {task_id} has no open pull request (it is {task.status})")
+        seq = await _publish(nc, obj.ns, IssuePullRequestClosed(
+            event_id=f"local:{task.issue.repo}#{task.issue.number}:closed:{task.attempt}",
+            source=task.issue.source, repo=task.issue.repo, number=task.issue.number,
+            occurred_at=_now(), pr_number=task.pr_number, branch=task.branch, reason=reason))
+        click.echo(f"closed the pull request of {task_id}; seq {seq}")
+
+    obj.run(go)
+
+
+# -- ccc repo -------------------------------------------------------------------------------
+@click.group("repo")
+def repo_group() -> None:
+    """Repositories of the local forge (bare git repos under <data-dir>/forge)."""
+
+
+@repo_group.command("import")
+@click.argument("repo")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.pass_obj
+def repo_import(obj, repo, source) -> None:
+    """Make SOURCE (a git work tree) the origin of OWNER/NAME in the local forge."""
+    forge = LocalForge(obj.settings().data_dir / "forge")
+    path = forge.import_repo(repo, source)
+    click.echo(f"{repo} -> {path}")
+
+
+@repo_group.command("list")
+@click.pass_obj
+def repo_list(obj) -> None:
+    root = obj.settings().data_dir / "forge"
+    rows = [(f"{p.parent.name}/{p.name[:-4]}", str(p)) for p in sorted(root.glob("*/*.git"))]
+    print_table(("REPO", "PATH"), rows)
+
+
+CLUSTER_COMMANDS = (up_cmd, agent_cmd, demo_cmd, api_cmd, pr_group, repo_group)
