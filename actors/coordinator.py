@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from datetime import datetime, timezone
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import api
 
-from events import agent_state as ag
 from events import task_state as ts
 from events.agent import (
     AgentEventBase,
@@ -54,6 +51,7 @@ from events.task import IssueRef
 from projections.live import LiveReadModel
 
 from .analysis import Analyser, RuleAnalyser
+from .health import HealthMonitor
 from .runtime import ConsumerLoop
 from .scheduling import plan_assignments
 
@@ -102,17 +100,15 @@ class Coordinator:
         self._kick = asyncio.Event()
         self._loops: list[ConsumerLoop] = []
         self._tasks: list[asyncio.Task] = []
-        self._last_seen: dict[str, float] = {}
         self._agent_locks: dict[str, asyncio.Lock] = {}
-        self._started = 0.0
-        self._hb_sub = None
+        self.health = HealthMonitor(nc, ns, self.store, self.model, name=self.config.name,
+                                    timeout=self.config.heartbeat_timeout)
         self.assignments = 0
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        self._started = time.monotonic()
         await self.live.start()
-        await self._watch_heartbeats()
+        await self.health.start()
         await self.reconcile()
         name = self.config.name
         self._loops = [
@@ -125,10 +121,7 @@ class Coordinator:
         ]
         for loop in self._loops:
             await loop.start()
-        self._tasks = [
-            asyncio.create_task(self._schedule_loop(), name="scheduler"),
-            asyncio.create_task(self._health_loop(), name="health"),
-        ]
+        self._tasks = [asyncio.create_task(self._schedule_loop(), name="scheduler")]
         self.kick()
         log.info("coordinator.started", name=name, last_seq=self.model.last_seq,
                  tasks=len(self.model.tasks), agents=len(self.model.agents))
@@ -141,9 +134,7 @@ class Coordinator:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._hb_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._hb_sub.unsubscribe()
+        await self.health.stop()
         await self.live.stop()
 
     def kick(self) -> None:
@@ -383,47 +374,6 @@ class Coordinator:
             await self.live.catch_up()
             self.kick()
         return len(done)
-
-    # -- health ------------------------------------------------------------------------
-    async def _watch_heartbeats(self) -> None:
-        async def on_heartbeat(msg: Msg) -> None:
-            self._last_seen[msg.subject.rsplit(".", 1)[1]] = time.monotonic()
-
-        js = self.nc.jetstream()
-        self._hb_sub = await js.subscribe(
-            f"{self.ns.prefix}.hb.*", stream=self.ns.heartbeats_stream, cb=on_heartbeat,
-            ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
-        )
-
-    async def _health_loop(self) -> None:
-        interval = max(0.05, self.config.heartbeat_timeout / 4)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.check_health()
-            except Exception as e:  # noqa: BLE001
-                log.warning("health.check_failed", error=f"{type(e).__name__}: {e}")
-
-    async def check_health(self) -> list[str]:
-        """Agents silent for longer than the timeout go offline (their tasks are then
-        taken back by the report handler, the same path as a clean shutdown)."""
-        now = time.monotonic()
-        lost = []
-        for agent in list(self.model.agents.values()):
-            if agent.status == "offline":
-                continue
-            seen = self._last_seen.get(agent.agent_id, self._started)
-            if now - seen <= self.config.heartbeat_timeout:
-                continue
-            events = ag.decide(agent, ag.GoOffline(at=utcnow(), actor=self.config.name,
-                                                   reason="heartbeat_timeout"))
-            try:
-                await self.store.append(events, expected_last_seq=self.model.agent_seq[agent.agent_id])
-            except ConcurrencyConflict:
-                continue  # it just wrote something: alive, or another coordinator acted
-            log.warning("agent.lost", agent_id=agent.agent_id, silent_for=round(now - seen, 1))
-            lost.append(agent.agent_id)
-        return lost
 
     # -- restart reconciliation --------------------------------------------------------
     async def reconcile(self) -> None:

@@ -172,7 +172,7 @@ def rows(cluster: LocalCluster) -> list[DemoRow]:
 
 
 async def run_demo(settings: Settings, ns: Namespace, *, timeout: float = 120.0, on_progress=None,
-                   api_port: int | None = None) -> tuple[bool, list[DemoRow], LocalCluster]:
+                   api_port: int | None = None, before_stop=None) -> tuple[bool, list[DemoRow], LocalCluster]:
     """Run the demo; returns (every task reached its expected state, rows, cluster)."""
     _, scripts = prepare(settings.data_dir)
     options = ClusterOptions(
@@ -204,7 +204,10 @@ async def run_demo(settings: Settings, ns: Namespace, *, timeout: float = 120.0,
                 done = all(r.state == "completed" for r in current)
                 break
             await asyncio.sleep(0.1)
+        await cluster.coordinator.live.catch_up()
         final = rows(cluster)
         if on_progress:
             on_progress(final)
+        if before_stop is not None:
+            await before_stop(cluster)
     return done, final, cluster
