@@ -329,7 +329,7 @@ def _counts(states) -> str:
 @json_option
 @click.pass_context
 def tasks_cmd(ctx, state, specialty, as_json) -> None:
-    """The task board, rebuilt from the event log (``ccc tasks cancel ID`` cancels one)."""
+    """The task board, rebuilt from the event log; `ccc tasks cancel ID` cancels one."""
     if ctx.invoked_subcommand is not None:
         return
     model = _load_model(ctx.obj)
