@@ -38,12 +38,14 @@ async def connect(
     connect_timeout: float = 5.0,
     inbox_prefix: str | None = None,
     reconnect: bool = True,
+    quiet: bool = False,
 ) -> Client:
     """Connect with reconnection on and errors logged (a publish denied by
     permissions only reaches ``error_cb``; without it it would be silent)."""
 
     async def error_cb(e: Exception) -> None:
-        log.warning("nats.error", error=str(e), kind=type(e).__name__)
+        if not quiet:
+            log.warning("nats.error", error=str(e), kind=type(e).__name__)
 
     async def disconnected_cb() -> None:
         log.info("nats.disconnected")
@@ -58,7 +60,7 @@ async def connect(
         "allow_reconnect": reconnect,
         # bounded while connecting for the first time (a CLI command must not hang
         # on a wrong URL); unlimited once connected, set below
-        "max_reconnect_attempts": 2,
+        "max_reconnect_attempts": 2 if reconnect else 1,
         "reconnect_time_wait": 0.25,
         "error_cb": error_cb,
         "disconnected_cb": disconnected_cb,
