@@ -5,11 +5,11 @@ Ack policy lives here and only here:
 
 * handler returns                   -> ack
 * DomainError (an illegal/no-op decision, e.g. a stale report) -> ack (logged)
-* BadEventError (poison message)    -> term (logged with its stream sequence)
+* BadEventError (poison message)    -> parked in the dead-letter stream with the
+                                       reason and original sequence, then term
 * retryable InfrastructureError     -> nak with exponential backoff (redelivered)
 * anything else                     -> nak with backoff; after ``max_deliver``
-                                       attempts the server stops redelivering and the
-                                       message is logged as given up
+                                       attempts it is parked as a dead letter and termed
 
 Concurrency is bounded by a semaphore (and by ``max_ack_pending`` on the server).
 Shutdown: stop fetching, wait for in-flight handlers (up to ``grace``), cancel the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -29,6 +30,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
+from events.codec import encode
+from events.dead_letter import DeadLetter
 from events.errors import BadEventError, CccError, DomainError
 
 log = structlog.get_logger("ccc.actor")
@@ -54,6 +57,7 @@ class ConsumerLoop:
         max_deliver: int = 20,
         deliver_policy: api.DeliverPolicy = api.DeliverPolicy.ALL,
         name: str | None = None,
+        dlq_subject: str | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=10.0)
@@ -72,6 +76,8 @@ class ConsumerLoop:
         self._task: asyncio.Task | None = None
         self.handled = 0
         self.failed = 0
+        self.dead_letters = 0
+        self.dlq_subject = dlq_subject or f"{stream.split('_')[0].lower()}.dlq.{durable}"
 
     async def start(self) -> None:
         config = api.ConsumerConfig(
@@ -144,6 +150,7 @@ class ConsumerLoop:
             except BadEventError as e:
                 log.warning("actor.poison_message", actor=self.name, seq=seq, subject=msg.subject, error=str(e))
                 self.failed += 1
+                await self._dead_letter(msg, "poison", str(e))
                 await msg.term()
                 return
             except asyncio.CancelledError:
@@ -157,6 +164,7 @@ class ConsumerLoop:
                       exc_info=not isinstance(e, CccError))
                 if delivered >= self.max_deliver:
                     log.error("actor.gave_up", actor=self.name, seq=seq, subject=msg.subject)
+                    await self._dead_letter(msg, "gave_up", f"{type(e).__name__}: {e}")
                     await msg.term()
                 else:
                     await msg.nak(delay=redelivery_delay(delivered))
@@ -169,6 +177,22 @@ class ConsumerLoop:
             log.warning("actor.ack_failed", actor=self.name, error=str(e))
         finally:
             self._slots.release()
+
+    async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
+        md = msg.metadata
+        letter = DeadLetter(
+            stream=md.stream, seq=md.sequence.stream, subject=msg.subject, consumer=self.durable,
+            reason=reason, error=error[:2000], deliveries=md.num_delivered,
+            at=datetime.now(timezone.utc), size=len(msg.data),
+            preview=msg.data[:500].decode("utf-8", errors="replace"),
+        )
+        self.dead_letters += 1
+        try:
+            await self.js.publish(self.dlq_subject, encode(letter), headers={"Nats-Msg-Id": letter.dedup_id})
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as e:
+            # keep the message for redelivery rather than lose the reason
+            log.error("actor.dead_letter_failed", actor=self.name, seq=letter.seq, error=str(e))
+            raise
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping.set()

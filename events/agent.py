@@ -13,7 +13,6 @@ from typing import Literal
 
 import msgspec
 
-from .subjects import agent_subject
 from .task import SecurityLevel, Usage
 
 

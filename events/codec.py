@@ -39,6 +39,8 @@ def decode_event(rel_subject: str, data: bytes) -> Event:
 
 
 def decode_issue(rel_subject: str, data: bytes) -> IssueEvent:
+    if len(data) > MAX_EVENT_BYTES:
+        raise BadEventError(f"oversize event: {len(data)} bytes > {MAX_EVENT_BYTES}")
     try:
         event = issue_decoder.decode(data)
     except msgspec.DecodeError as e:

@@ -80,6 +80,37 @@ class IssueRetryRequested(IssueEventBase, tag="issue.retry_requested"):
     reason: str = ""
 
 
+class IssueCommented(IssueEventBase, tag="issue.commented"):
+    """A trusted person addressed the bot on the issue with a free-text request
+    (``@ccc please also cover the CLI``). ``request`` is the text after the mention;
+    ``body`` the whole comment, for context."""
+
+    comment_id: int | None = None
+    body: str = ""
+    request: str = ""
+    author: str = ""
+    author_association: str = ""
+    url: str = ""
+
+
+class IssueChangesRequested(IssueEventBase, tag="issue.changes_requested"):
+    """A trusted reviewer asked for changes on the task's pull request: a review
+    submitted as "changes requested" (``review_id``, no ``comment_id``) or one
+    inline review comment (``comment_id``, with ``path``/``line``). The inline comments
+    of one review share its ``review_id``, so a consumer can group them."""
+
+    pr_number: int | None = None
+    branch: str = ""
+    body: str = ""
+    author: str = ""
+    author_association: str = ""
+    review_id: int | None = None
+    comment_id: int | None = None
+    path: str = ""
+    line: int | None = None
+    url: str = ""
+
+
 IssueEvent = (
     IssueOpened
     | IssueEdited
@@ -90,6 +121,8 @@ IssueEvent = (
     | IssuePullRequestClosed
     | IssueCancelRequested
     | IssueRetryRequested
+    | IssueCommented
+    | IssueChangesRequested
 )
 
 issue_decoder = msgspec.json.Decoder(IssueEvent)

@@ -95,6 +95,13 @@ class Namespace(msgspec.Struct, frozen=True):
         return f"{self.prefix.upper()}_HEARTBEATS"
 
     @property
+    def dlq_stream(self) -> str:
+        return f"{self.prefix.upper()}_DLQ"
+
+    def dlq_subject(self, consumer: str) -> str:
+        return f"{self.prefix}.dlq.{consumer}"
+
+    @property
     def tasks_bucket(self) -> str:
         return f"{self.prefix}_tasks"
 

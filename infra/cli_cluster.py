@@ -46,17 +46,31 @@ def _now() -> datetime:
 @click.option("--no-api", is_flag=True, help="Do not serve the status API.")
 @click.option("--coder", default="scripted", show_default=True)
 @click.option("--script-dir", type=click.Path(file_okay=False), help="Recorded sessions for the scripted coder.")
-@click.option("--heartbeat-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True)
+@click.option("--heartbeat-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
+              help="Seconds of silence after which an agent is declared lost and its tasks re-queued.")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=None,
+              help="How often the local agents heartbeat [default: a quarter of --heartbeat-timeout, "
+                   "at most 2s].")
+@click.option("--retry-base", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Seconds before the first retry of a failed task; doubles each attempt.")
+@click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Attempts per task (new tasks).")
 @click.pass_obj
-def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_dir, heartbeat_timeout) -> None:
+def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_dir, heartbeat_timeout,
+           heartbeat_interval, retry_base, max_attempts) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
     settings = obj.settings()
+    if heartbeat_interval is None:
+        # several beats per timeout: one late beat must not get a healthy agent declared lost
+        heartbeat_interval = min(2.0, heartbeat_timeout / 4)
     options = ClusterOptions(
         agents=agents, specialties=parse_specialties(specialties), capacity=capacity,
         api_port=None if no_api else (settings.api_port if api_port is None else api_port),
         coder=coder, script_dir=script_dir, heartbeat_timeout=heartbeat_timeout,
+        heartbeat_interval=heartbeat_interval, retry_base=retry_base, max_attempts=max_attempts,
     )
+    options.validate()
     make_coder(coder, script_dir)  # bad --coder fails before anything starts
 
     async def main() -> None:
@@ -298,6 +312,34 @@ def pr_close(obj, task_id, reason) -> None:
     obj.run(go)
 
 
+# -- ccc dead-letters ------------------------------------------------------------------------
+@click.command("dead-letters")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_obj
+def dead_letters_cmd(obj, as_json) -> None:
+    """Messages actors could not process, parked with the reason and original sequence."""
+    from events.dead_letter import dead_letter_decoder
+
+    async def go(nc) -> None:
+        js = nc.jetstream()
+        info = await js.stream_info(obj.ns.dlq_stream)
+        letters = []
+        for seq in range(info.state.first_seq or 1, info.state.last_seq + 1):
+            try:
+                letters.append(dead_letter_decoder.decode((await js.get_msg(obj.ns.dlq_stream, seq)).data))
+            except Exception as e:  # noqa: BLE001 - a damaged letter is still listed
+                log.warning("dlq.unreadable", seq=seq, error=str(e))
+        if as_json:
+            for d in letters:
+                emit_json(d)
+            return
+        print_table(("STREAM", "SEQ", "SUBJECT", "CONSUMER", "REASON", "ERROR"),
+                    [(d.stream, d.seq, d.subject, d.consumer, d.reason, d.error[:80]) for d in letters],
+                    footer=[f"{len(letters)} dead letters"])
+
+    obj.run(go)
+
+
 # -- ccc repo -------------------------------------------------------------------------------
 @click.group("repo")
 def repo_group() -> None:
@@ -323,4 +365,4 @@ def repo_list(obj) -> None:
     print_table(("REPO", "PATH"), rows)
 
 
-CLUSTER_COMMANDS = (up_cmd, agent_cmd, demo_cmd, api_cmd, pr_group, repo_group)
+CLUSTER_COMMANDS = (up_cmd, agent_cmd, demo_cmd, api_cmd, pr_group, repo_group, dead_letters_cmd)

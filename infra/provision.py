@@ -57,7 +57,18 @@ def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.St
         allow_direct=True,
         duplicate_window=60.0,
     )
-    return [events, issues, heartbeats]
+    dlq = api.StreamConfig(
+        name=ns.dlq_stream,
+        description="claude-code-cluster dead letters: messages actors could not process",
+        subjects=[f"{ns.prefix}.dlq.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=24 * 3600.0,
+        max_age=30 * 24 * 3600.0,  # operators have a month to look; the originals stay in their streams
+        allow_direct=True,
+    )
+    return [events, issues, heartbeats, dlq]
 
 
 async def _ensure_stream(js, config: api.StreamConfig) -> None:

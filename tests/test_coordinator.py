@@ -221,3 +221,43 @@ async def test_two_coordinators_never_double_assign(nc, ns, store):
     finally:
         await c1.stop()
         await c2.stop()
+
+
+async def test_poison_messages_are_parked_and_processing_continues(nc, ns, store, coordinator):
+    from events.dead_letter import dead_letter_decoder
+
+    js = nc.jetstream()
+    poison = [
+        (ns.subject("issue.local.acme_app.50.opened"), b"not json"),
+        (ns.subject("issue.local.acme_app.51.opened"), b'{"type":"issue.teleported"}'),
+        (ns.subject("issue.local.acme_app.52.opened"), b'{"type":"issue.opened","event_id":"x","repo":"acme/app"}'),
+        (ns.subject("issue.local.acme_app.53.opened"), b"{" + b" " * (300 * 1024) + b"}"),  # oversize
+        (ns.subject("agent.ghost.registered"), b"\xff\xfe garbage"),
+    ]
+    seqs = [(await js.publish(s, d)).seq for s, d in poison]
+    await publish_issue(nc, ns, opened(54, "A real issue after the poison", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-54") == "queued")
+
+    async def parked() -> list:
+        letters = []
+        try:
+            info = await js.stream_info(ns.dlq_stream)
+        except Exception:  # noqa: BLE001
+            return letters
+        for seq in range(1, info.state.last_seq + 1):
+            letters.append(dead_letter_decoder.decode((await js.get_msg(ns.dlq_stream, seq)).data))
+        return letters
+
+    await eventually(lambda: _count(parked, 5), timeout=15)
+    letters = await parked()
+    assert {(d.stream, d.seq) for d in letters} == {
+        (ns.issues_stream, seqs[0]), (ns.issues_stream, seqs[1]), (ns.issues_stream, seqs[2]),
+        (ns.issues_stream, seqs[3]), (ns.events_stream, seqs[4])}
+    assert all(d.reason == "poison" and d.error for d in letters)
+    assert any("oversize" in d.error for d in letters)
+
+
+def _count(parked, n):
+    async def check():
+        return len(await parked()) >= n
+    return check()

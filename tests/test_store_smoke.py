@@ -4,7 +4,7 @@ import pytest
 
 from events.errors import ConcurrencyConflict
 from events.task import IssueRef
-from events.task_state import AssignTask, CreateTask, RecordAnalysis, StartAnalysis, decide, evolve
+from events.task_state import CreateTask, RecordAnalysis, StartAnalysis, decide, evolve
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
