@@ -256,11 +256,13 @@ class EventStore:
         def on_msg(seq: int, subject: str, data: bytes) -> None:
             queue.put_nowait((seq, decode_or_bad(seq, subject, rel(subject), data)))
 
+        stop = asyncio.Event()  # ends the consumer even if a cancel is swallowed mid-subscribe
+
         async def run() -> None:
             try:
                 await self._consume(
                     on_msg, filter_subject=filter_subject, from_seq=from_seq,
-                    until_seq=until_seq, follow=follow,
+                    until_seq=until_seq, follow=follow, stop=stop,
                 )
             except BaseException as e:  # noqa: BLE001
                 queue.put_nowait(e)
@@ -276,6 +278,7 @@ class EventStore:
                     raise item
                 yield item
         finally:
+            stop.set()
             task.cancel()
             try:
                 await task

@@ -85,14 +85,14 @@ class ApiServer:
         """Catch the projection up, bind, start serving; returns the bound port."""
         if self._task is not None:
             raise RuntimeError("ApiServer already started")
-        if self._owns_live:
-            await self.live.start()
-        try:
-            sock = _bind(self.host, self.port)
-        except OSError:
-            await self._stop_live()
-            raise
+        sock = _bind(self.host, self.port)  # first: a port in use fails before any replay
         self.port = sock.getsockname()[1]
+        if self._owns_live:
+            try:
+                await self.live.start()
+            except BaseException:
+                sock.close()
+                raise
         config = uvicorn.Config(
             create_app(self.live), host=self.host, port=self.port, log_level="warning",
             lifespan="on", timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
@@ -151,8 +151,13 @@ class ApiServer:
         await self._stop_live()
 
     async def _stop_live(self) -> None:
-        if self._owns_live:
-            await self.live.stop()
+        if not self._owns_live:
+            return
+        try:
+            # bounded: shutting down must not hang on a follower that missed its cancel
+            await asyncio.wait_for(self.live.stop(), SHUTDOWN_TIMEOUT)
+        except TimeoutError:
+            log.warning("api.projection_stop_timeout", timeout=SHUTDOWN_TIMEOUT)
 
 
 async def serve_api(

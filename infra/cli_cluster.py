@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from events.subjects import check_id
 from projections.read_model import ReadModel
 
 from .cli_read import emit_json, print_table, tasks_cmd, until_signal
-from .cluster import ClusterOptions, LocalCluster, make_coder, parse_specialties
+from .cluster import ClusterOptions, LocalCluster, hand_back_now, make_coder, parse_specialties
 from .forge_local import LocalForge
 from .settings import load_settings
 
@@ -32,6 +34,86 @@ log = structlog.get_logger("ccc.cli")
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _require_running_nats(obj) -> None:
+    """``agent`` and ``api`` join a running cluster. Without ``--nats-url`` and without
+    a live server for the data dir, ``obj.run`` would start a private embedded server
+    for the life of the command: an agent nobody can assign work to (the server writes
+    no nats.url, so no other command finds it), on the same store dir that a later
+    ``ccc up`` would open with a second server."""
+    from .cli import reachable, run_async  # local: infra.cli imports this module
+    from .nats_conn import embedded_url_file
+
+    settings = obj.settings()
+    if settings.nats_url:
+        return
+    url_file = embedded_url_file(settings.data_dir)
+    url = url_file.read_text().strip() if url_file.is_file() else ""
+    if not url or not run_async(reachable(url, settings)):
+        raise ConfigError(f"no cluster is running for data dir {settings.data_dir}: start `ccc up` "
+                          "(or `ccc server`) with that data dir first, or pass --nats-url")
+
+
+class StopSignals:
+    """SIGINT/SIGTERM for the whole life of a long-running command (``up``, ``agent``).
+
+    The first signal ends :meth:`wait`, or cancels the start-up if it comes earlier.
+    Later ones, and any during :meth:`cleanup`, call ``hurry`` (running tasks are
+    handed back now instead of after the grace period) and never interrupt the
+    cleanup: a second Ctrl-C must not abandon the shutdown half way, leaving the
+    nats-server (in its own session) and workspace commands running, and nats.url
+    pointing at them."""
+
+    def __init__(self, hurry: Callable[[], None]) -> None:
+        self.hurry = hurry
+        self.received = 0
+        self._phase = "starting"  # -> "running" (in wait) -> "stopping" (in cleanup)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._installed: list[int] = []
+
+    def __enter__(self) -> "StopSignals":
+        self._task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal)
+                self._installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self) -> None:
+        self.received += 1
+        if self.received == 1 and self._phase != "stopping":
+            self._stop.set()
+            if self._phase == "starting" and self._task is not None:
+                self._task.cancel()
+            return
+        click.echo("stopping now: running tasks are handed back", err=True)
+        self.hurry()
+
+    async def wait(self) -> None:
+        self._phase = "running"
+        await self._stop.wait()
+
+    async def cleanup(self, coro: Awaitable) -> None:
+        self._phase = "stopping"
+        task = asyncio.current_task()
+        if self.received and task is not None and task.cancelling():
+            task.uncancel()  # our own cancel of the start-up: the cleanup runs in full
+        await coro
+
+
+shutdown_grace_option = click.option(
+    "--shutdown-grace", type=click.FloatRange(0), default=10.0, show_default=True,
+    help="On Ctrl-C/SIGTERM, seconds running tasks get to finish before they are handed back.")
 
 
 # -- ccc up ------------------------------------------------------------------------------
@@ -55,9 +137,10 @@ def _now() -> datetime:
               help="Seconds before the first retry of a failed task; doubles each attempt.")
 @click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Attempts per task (new tasks).")
+@shutdown_grace_option
 @click.pass_obj
 def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_dir, heartbeat_timeout,
-           heartbeat_interval, retry_base, max_attempts) -> None:
+           heartbeat_interval, retry_base, max_attempts, shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
     settings = obj.settings()
@@ -69,37 +152,45 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_d
         api_port=None if no_api else (settings.api_port if api_port is None else api_port),
         coder=coder, script_dir=script_dir, heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=heartbeat_interval, retry_base=retry_base, max_attempts=max_attempts,
+        shutdown_grace=shutdown_grace,
     )
     options.validate()
     make_coder(coder, script_dir)  # bad --coder fails before anything starts
 
     async def main() -> None:
         cluster = LocalCluster(settings, obj.ns, options)
-        try:
-            await cluster.start()
-        except OSError as e:
-            await cluster.stop()
-            raise ConfigError(f"cannot start: {e.strerror or e}") from None
-        except BaseException:
-            await cluster.stop()
-            raise
-        try:
-            ns = obj.ns
-            click.echo(f"claude-code-cluster is up ({len(cluster.agents)} agents)")
-            click.echo(f"  NATS        {cluster.url}")
-            if cluster.api is not None:
-                click.echo(f"  status API  {cluster.api.url}/api/v1/tasks   (OpenAPI: {cluster.api.url}/schema)")
-            click.echo(f"  local forge {cluster.forge_root}   (add a repo: ccc repo import OWNER/NAME PATH)")
-            click.echo("  publish an issue:")
-            click.echo("    ccc issue publish --repo OWNER/NAME --title 'Fix the bug' --label backend")
-            click.echo(f"  watch:       ccc events --follow    |   nats --server {cluster.url} sub '{ns.prefix}.>'")
-            click.echo("Ctrl-C to stop.")
-            await until_signal(asyncio.Event().wait())
-        finally:
-            click.echo("stopping: agents hand back their work...", err=True)
-            await cluster.stop()
+        started = False
+        with StopSignals(cluster.hurry) as signals:
+            try:
+                await cluster.start()
+                started = True
+                _print_up(cluster, obj.ns)
+                await signals.wait()
+            except OSError as e:
+                raise ConfigError(f"cannot start: {e.strerror or e}") from None
+            except asyncio.CancelledError:
+                if not signals.received:
+                    raise  # not a signal of ours
+            finally:
+                if started:
+                    click.echo("stopping: agents hand back their work (again: right now)...", err=True)
+                await signals.cleanup(cluster.stop())
 
-    asyncio.run(main())
+    from .cli import run_async  # local: infra.cli imports this module
+
+    run_async(main())
+
+
+def _print_up(cluster: LocalCluster, ns) -> None:
+    click.echo(f"claude-code-cluster is up ({len(cluster.agents)} agents)")
+    click.echo(f"  NATS        {cluster.url}")
+    if cluster.api is not None:
+        click.echo(f"  status API  {cluster.api.url}/api/v1/tasks   (OpenAPI: {cluster.api.url}/schema)")
+    click.echo(f"  local forge {cluster.forge_root}   (add a repo: ccc repo import OWNER/NAME PATH)")
+    click.echo("  publish an issue:")
+    click.echo("    ccc issue publish --repo OWNER/NAME --title 'Fix the bug' --label backend")
+    click.echo(f"  watch:       ccc events --follow    |   nats --server {cluster.url} sub '{ns.prefix}.>'")
+    click.echo("Ctrl-C to stop.")
 
 
 # -- ccc agent ----------------------------------------------------------------------------
@@ -117,9 +208,10 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_d
 @click.option("--workspace-root", type=click.Path(file_okay=False),
               help="Where task workspaces go [default: <data-dir>/workspaces].")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
+@shutdown_grace_option
 @click.pass_obj
 def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, script_dir, forge_root,
-              workspace_root, heartbeat_interval) -> None:
+              workspace_root, heartbeat_interval, shutdown_grace) -> None:
     """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
     from actors.agent import Agent, AgentConfig
     from actors.pipeline import PipelineSettings
@@ -133,18 +225,25 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, script_
     forge = LocalForgeClient(Path(forge_root) if forge_root else settings.data_dir / "forge")
     config = AgentConfig(
         agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
-        heartbeat_interval=heartbeat_interval,
+        heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
         pipeline=PipelineSettings(workspace_root=str(workspace_root or settings.data_dir / "workspaces")),
     )
 
+    coder_impl = make_coder(coder, script_dir)  # a bad --coder fails before connecting
+    _require_running_nats(obj)
+
     async def run(nc) -> None:
-        agent = Agent(nc, obj.ns, config, coder=make_coder(coder, script_dir), forge=forge)
-        await agent.start()
-        click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; Ctrl-C / SIGTERM to stop")
-        try:
-            await until_signal(asyncio.Event().wait())
-        finally:
-            await agent.stop()
+        agent = Agent(nc, obj.ns, config, coder=coder_impl, forge=forge)
+        with StopSignals(lambda: hand_back_now(agent)) as signals:
+            try:
+                await agent.start()
+                click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; Ctrl-C / SIGTERM to stop")
+                await signals.wait()
+            except asyncio.CancelledError:
+                if not signals.received:
+                    raise  # not a signal of ours
+            finally:
+                await signals.cleanup(agent.stop())
 
     obj.run(run)
 
@@ -220,6 +319,7 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
     settings = obj.settings()
     host = host or settings.api_host
     port = settings.api_port if port is None else port
+    _require_running_nats(obj)
 
     async def serve(nc) -> None:
         server = ApiServer(obj.store(nc), host, port, materialize=True)
@@ -235,7 +335,7 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
 
 # -- ccc tasks cancel / ccc pr merge|close ---------------------------------------------
 async def _task_of(obj, nc, task_id: str):
-    model = ReadModel()
+    model = ReadModel(obj.ns.prefix)
     await obj.store(nc).replay(model.apply, filter_subject=obj.ns.task_filter(check_id(task_id, "task id")))
     task = model.tasks.get(task_id)
     if task is None:

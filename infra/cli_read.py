@@ -134,10 +134,6 @@ def agent_summary(s: AgentState) -> str:
     return "  ".join(parts)
 
 
-def full_subject(ns, subject: str) -> str:
-    return subject if subject.startswith(ns.prefix + ".") else ns.subject(subject)
-
-
 # -- running -------------------------------------------------------------------------
 async def until_signal(coro: Awaitable) -> bool:
     """Run ``coro``; SIGINT/SIGTERM cancel it. Returns True if a signal stopped it."""
@@ -189,7 +185,7 @@ EVENT_COLUMNS = ("SEQ", "TIME", "SUBJECT", "TYPE", "V", "DETAILS")
 
 def _event_row(ns, seq: int, item) -> tuple[tuple[str, ...], str | None]:
     if isinstance(item, BadMessage):
-        return (str(seq), "-", full_subject(ns, item.subject), "BAD", "-", item.error), "red"
+        return (str(seq), "-", item.subject, "BAD", "-", item.error), "red"
     return (str(seq), fmt_time(item.occurred_at), ns.subject(item.rel_subject), event_type(item),
             str(item.version), event_details(item)), None
 
@@ -201,7 +197,7 @@ def _line(cols: Sequence[str]) -> str:
 
 def event_json(ns, seq: int, item) -> dict:
     if isinstance(item, BadMessage):
-        return {"seq": seq, "subject": full_subject(ns, item.subject), "bad": True,
+        return {"seq": seq, "subject": item.subject, "bad": True,
                 "error": item.error, "preview": item.preview}
     return {"seq": seq, "subject": ns.subject(item.rel_subject), "event": item}
 
@@ -303,7 +299,7 @@ def replay_cmd(obj, task_id, agent_id, until_seq, as_json) -> None:
 
 # -- tasks / agents / bad events ---------------------------------------------------
 def _load_model(obj) -> ReadModel:
-    model = ReadModel()
+    model = ReadModel(obj.ns.prefix)
 
     async def rebuild(nc) -> None:
         await obj.store(nc).replay(model.apply)
@@ -381,17 +377,16 @@ def bad_events_cmd(obj, as_json) -> None:
     Undecodable payloads and events the state machines reject, with their stream
     sequence and the reason."""
     model = _load_model(obj)
-    ns = obj.ns
     if as_json:
         for b in model.bad:
-            emit_json({"seq": b.seq, "subject": full_subject(ns, b.subject), "bad": True,
+            emit_json({"seq": b.seq, "subject": b.subject, "bad": True,
                        "error": b.error, "preview": b.preview})
         return
     footer = [f"bad events: {model.bad_count}"]
     if model.bad_count > len(model.bad):
         footer.append(f"(showing the newest {MAX_BAD_KEPT})")
     print_table(("SEQ", "SUBJECT", "ERROR"),
-                [(b.seq, full_subject(ns, b.subject), b.error) for b in model.bad], footer=footer)
+                [(b.seq, b.subject, b.error) for b in model.bad], footer=footer)
 
 
 READ_COMMANDS = (events_cmd, replay_cmd, tasks_cmd, agents_cmd, bad_events_cmd)

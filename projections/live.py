@@ -12,7 +12,7 @@ from collections.abc import Callable
 import structlog
 
 from events.errors import StoreUnavailable
-from events.store import BadMessage, EventStore
+from events.store import EventStore
 
 from .kv_writer import KvMaterializer
 from .read_model import ReadModel
@@ -31,7 +31,7 @@ class LiveReadModel:
     ) -> None:
         self.store = store
         self.on_change = on_change
-        self.model = ReadModel()
+        self.model = ReadModel(store.ns.prefix)
         self.kv = KvMaterializer(store.nc, store.ns, self.model) if materialize else None
         self.flush_interval = flush_interval
         self._changed = asyncio.Condition()
@@ -77,6 +77,11 @@ class LiveReadModel:
                 await self.kv.flush()
             except StoreUnavailable as e:
                 log.warning("kv.flush_failed", error=str(e))
+
+    @property
+    def following(self) -> bool:
+        """False once the follower task has died (a bug): /health reports it."""
+        return any(t.get_name() == "projection-follow" and not t.done() for t in self._tasks)
 
     async def wait_for_seq(self, seq: int, timeout: float = 10.0) -> None:
         """Wait until everything up to ``seq`` has been applied (read-your-writes)."""

@@ -46,7 +46,8 @@ class ClusterView(msgspec.Struct, frozen=True, kw_only=True):
 class ReadModel:
     """Task, agent and cluster views, plus what could not be applied."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "ccc") -> None:
+        self.prefix = prefix  # bad items are reported with their absolute subject
         self.last_seq = 0
         self.tasks: dict[str, TaskState] = {}
         self.agents: dict[str, AgentState] = {}
@@ -101,7 +102,7 @@ class ReadModel:
                 self.dirty_agents.add(aid)
         except DomainError as e:
             self._reject(BadMessage(
-                seq=seq, subject=item.rel_subject, error=f"{type(e).__name__}: {e}",
+                seq=seq, subject=f"{self.prefix}.{item.rel_subject}", error=f"{type(e).__name__}: {e}",
                 preview=msgspec.json.encode(item)[:200].decode(errors="replace"),
             ))
             return False

@@ -1,8 +1,7 @@
 """The read-side status API: a Litestar app over a :class:`LiveReadModel`.
 
-Pure read side. Every answer comes from the in-memory projection (which follows the
-log), except ``/tasks/{id}/events``, which reads that task's history from the log
-itself. Nothing here writes an event.
+Pure read side: answers come from the in-memory projection (which follows the log),
+except ``/tasks/{id}/events``, read from the log itself. Nothing here writes an event.
 
 JSON shapes (all stable; new fields may be added, none removed or retyped):
 
@@ -13,7 +12,7 @@ JSON shapes (all stable; new fields may be added, none removed or retyped):
   log position the page reflects, ``next_offset`` is null on the last page.
 * errors, for every status >= 400: ``{error, detail, parameter?}``: ``error`` is the
   HTTP reason as a slug (``not_found``, ``bad_request``, ``gateway_timeout``...);
-  ``parameter`` names the query/path parameter a 400 is about.
+  ``parameter`` names the query/path parameter at fault (400, 404, 504), if any.
 
 Read-your-writes: a writer that got stream sequence N back from ``append`` passes
 ``min_seq=N``; the request waits (bounded) until the projection has applied N and
@@ -156,13 +155,13 @@ class StatusReader:
             self._order = sorted(tasks, key=lambda t: (tasks[t].created_at, t))
         return self._order
 
-    def task_out(self, task_id: FromPath[str]) -> TaskOut:
+    def task_out(self, task_id: str) -> TaskOut:
         state = self.model.tasks.get(task_id)
         if state is None:
             raise ApiError(404, f"no task {task_id!r}", "task_id")
         return _out(TaskOut, state, self.model.task_seq[task_id])
 
-    def agent_out(self, agent_id: FromPath[str]) -> AgentOut:
+    def agent_out(self, agent_id: str) -> AgentOut:
         state = self.model.agents.get(agent_id)
         if state is None:
             raise ApiError(404, f"no agent {agent_id!r}", "agent_id")

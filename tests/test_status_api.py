@@ -5,7 +5,7 @@ over real HTTP through uvicorn)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import msgspec
@@ -17,7 +17,12 @@ from events.agent_state import EnterMaintenance, RegisterAgent, StartAgentTask
 from events.store import EventStore
 from events.task import IssueRef
 from events.task_state import (
-    AssignTask, CancelTask, CreateTask, RecordAnalysis, StartAnalysis, StartTask,
+    AssignTask,
+    CancelTask,
+    CreateTask,
+    RecordAnalysis,
+    StartAnalysis,
+    StartTask,
 )
 from infra.api_server import ApiServer, serve_api
 from infra.nats_conn import connect
@@ -27,7 +32,7 @@ from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
-T0 = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
 
 
 def at(seconds: int) -> datetime:
@@ -72,8 +77,10 @@ async def build_world(store: EventStore) -> World:
         RegisterAgent(at=at(0), actor="a-front", agent_id="a-front", specialties=("frontend",)),
         EnterMaintenance(at=at(1), actor="a-front", reason="upgrade"))
     _, _, seqs["r-1"] = await drive(store, task_state, None, 0, create("r-1", 0), *analysed(1, "backend"),
-        AssignTask(at=at(2), actor=c, agent_id="a-back"), StartTask(at=at(3), actor="a-back", agent_id="a-back"))
-    _, _, more = await drive(store, agent_state, back, last, StartAgentTask(at=at(3), actor="a-back", task_id="r-1"))
+        AssignTask(at=at(2), actor=c, agent_id="a-back"),
+        StartTask(at=at(3), actor="a-back", agent_id="a-back"))
+    _, _, more = await drive(store, agent_state, back, last,
+                             StartAgentTask(at=at(3), actor="a-back", task_id="r-1"))
     seqs["a-back"] += more
     _, _, seqs["r-2"] = await drive(store, task_state, None, 0, create("r-2", 10), *analysed(11, "frontend"))
     _, _, seqs["r-3"] = await drive(store, task_state, None, 0, create("r-3", 5))
@@ -95,6 +102,15 @@ async def live(store):
 async def client(live):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(live, min_seq_timeout=0.5)),
                                  base_url="http://status") as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def idle_client(store):
+    """For the HTTP surface alone (parameters, routing, schema): a projection that
+    is never started, so it holds nothing and needs no stopping."""
+    app = create_app(LiveReadModel(store))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://status") as client:
         yield client
 
 
@@ -217,21 +233,21 @@ async def test_cluster(client, world):
     ("/api/v1/agents", {"state": "pending"}, "state"),  # a task status, not an agent's
     ("/api/v1/agents/a-1/tasks", {"limit": 1000}, "limit"),
 ])
-async def test_bad_parameters_are_400_naming_the_parameter(client, path, params, parameter):
-    r = await client.get(path, params=params)
+async def test_bad_parameters_are_400_naming_the_parameter(idle_client, path, params, parameter):
+    r = await idle_client.get(path, params=params)
     assert r.status_code == 400, r.text
     body = r.json()
     assert body["error"] == "bad_request" and body["parameter"] == parameter
     assert parameter in body["detail"]
 
 
-async def test_unknown_route_is_a_json_404(client):
-    r = await client.get("/api/v1/nothing-here")
+async def test_unknown_route_is_a_json_404(idle_client):
+    r = await idle_client.get("/api/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"] == "not_found"
 
 
-async def test_openapi_document_lists_every_endpoint(client):
-    r = await client.get("/schema/openapi.json")
+async def test_openapi_document_lists_every_endpoint(idle_client):
+    r = await idle_client.get("/schema/openapi.json")
     assert r.status_code == 200
     doc = r.json()
     assert doc["info"]["title"] == "claude-code-cluster status API"
@@ -356,6 +372,8 @@ async def test_serve_api_runs_until_cancelled(store):
     busy = ApiServer(store, "127.0.0.1", 0, materialize=False)
     port = await busy.start()
     try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            assert (await http.get(f"{busy.url}/health")).status_code == 200
         with pytest.raises(OSError):  # a port in use is an error, not a process exit
             await ApiServer(store, "127.0.0.1", port, materialize=False).start()
     finally:
