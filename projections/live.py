@@ -37,8 +37,10 @@ class LiveReadModel:
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
         self.stream_last_seq = 0  # the log's end as last observed (for lag)
+        self.started = False
 
     async def start(self) -> None:
+        self.started = True
         await self.store.replay(self._log_bad_apply)
         if self.kv is not None:
             await self.kv.load_checkpoint()

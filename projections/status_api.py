@@ -111,6 +111,7 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     stream_last_seq: int  # the log's end (as last observed if NATS is unreachable)
     lag: int
     bad_events: int
+    projection_following: bool = True  # False if the projection's follower died
 
 
 class ApiError(Exception):
@@ -328,10 +329,12 @@ async def health(reader: Reader) -> Response[Health]:
             readable = True
         except (StoreUnavailable, TimeoutError) as e:
             log.warning("api.health_stream_unreadable", error=str(e))
-    ok = connected and readable
+    following = live.following or not live.started
+    ok = connected and readable and following
     body = Health(status="ok" if ok else "degraded", nats_connected=connected,
                   last_seq=model.last_seq, stream_last_seq=stream_last,
-                  lag=max(0, stream_last - model.last_seq), bad_events=model.bad_count)
+                  lag=max(0, stream_last - model.last_seq), bad_events=model.bad_count,
+                  projection_following=following)
     return Response(body, status_code=200 if ok else 503)
 
 

@@ -319,7 +319,8 @@ async def test_health_ok_lagging_and_degraded(nats_url, ns, store, live, client)
     r = await client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "nats_connected": True, "last_seq": last,
-                        "stream_last_seq": last, "lag": 0, "bad_events": 0}
+                        "stream_last_seq": last, "lag": 0, "bad_events": 0,
+                        "projection_following": True}
 
     idle = LiveReadModel(store)  # never started: it has applied nothing, so it lags
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(idle)),
