@@ -1,0 +1,381 @@
+"""GitHub webhook payloads -> issue facts: the pure half of the receiver (no I/O).
+
+:func:`translate` maps one delivery (event name, parsed JSON payload, delivery id) to
+the issue facts it stands for, often none; :func:`interpret` also says why not.
+
+Trust: issue text becomes input to a model that runs tools. Work is only started, and
+requests only accepted, from authors whose ``author_association`` is OWNER, MEMBER or
+COLLABORATOR; accounts of type ``Bot`` (and the bot itself) are never listened to, so
+the cluster cannot talk to itself in a loop. Pull-request facts count only for branches
+the cluster pushes (``ccc/task-<task_id>-<slug>``, see ``infra.gitops.branch_name``) in
+the repository itself: a fork cannot close or review its way into a task.
+
+Dedup ids: every fact's ``event_id`` (the ``Nats-Msg-Id``) is ``gh:<delivery>:<n>``, so
+a redelivered webhook is a no-op. ``IssueOpened`` is the exception: its id is the
+issue's own (``github:<repo>#<n>:opened``, as :func:`infra.issues.opened_event_id`),
+because GitHub sends ``opened`` *and* ``labeled`` for an issue created with the
+trigger label, and both should collapse into one fact.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import msgspec
+
+from events.issue import (
+    IssueCancelRequested,
+    IssueChangesRequested,
+    IssueClosed,
+    IssueCommented,
+    IssueEdited,
+    IssueEvent,
+    IssueLabeled,
+    IssueOpened,
+    IssuePullRequestClosed,
+    IssuePullRequestMerged,
+    IssueReopened,
+    IssueRetryRequested,
+)
+from events.subjects import repo_token
+
+TRUSTED: frozenset[str] = frozenset({"OWNER", "MEMBER", "COLLABORATOR"})
+TASK_BRANCH_PREFIX = "ccc/task-"  # infra.gitops.branch_name: ccc/task-<task_id>-<slug>
+_FENCED = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
+
+
+# -- the parts of GitHub's payloads we read (unknown fields are ignored) ---------------
+class _User(msgspec.Struct, frozen=True):
+    login: str = ""
+    type: str = "User"
+
+
+class _Label(msgspec.Struct, frozen=True):
+    name: str
+
+
+class _Repo(msgspec.Struct, frozen=True):
+    full_name: str
+
+
+class _Issue(msgspec.Struct, frozen=True):
+    number: int
+    title: str = ""
+    body: str | None = None
+    labels: list[_Label] = []
+    user: _User = _User()
+    author_association: str = "NONE"
+    html_url: str = ""
+    updated_at: datetime | None = None
+    closed_at: datetime | None = None
+    pull_request: dict | None = None  # present when the "issue" is a pull request
+
+
+class _Comment(msgspec.Struct, frozen=True):
+    id: int
+    body: str | None = None
+    user: _User = _User()
+    author_association: str = "NONE"
+    html_url: str = ""
+    created_at: datetime | None = None
+    path: str = ""  # review comments only
+    line: int | None = None
+    pull_request_review_id: int | None = None
+
+
+class _Head(msgspec.Struct, frozen=True):
+    ref: str
+    repo: _Repo | None = None  # null when the fork was deleted
+
+
+class _PullRequest(msgspec.Struct, frozen=True):
+    number: int
+    head: _Head
+    merged: bool | None = False
+    html_url: str = ""
+    closed_at: datetime | None = None
+    merged_at: datetime | None = None
+
+
+class _Review(msgspec.Struct, frozen=True):
+    id: int
+    state: str
+    body: str | None = None
+    user: _User = _User()
+    author_association: str = "NONE"
+    html_url: str = ""
+    submitted_at: datetime | None = None
+
+
+class _IssuesHook(msgspec.Struct, frozen=True):
+    issue: _Issue
+    repository: _Repo
+    sender: _User = _User()
+    label: _Label | None = None
+
+
+class _IssueCommentHook(msgspec.Struct, frozen=True):
+    issue: _Issue
+    comment: _Comment
+    repository: _Repo
+    sender: _User = _User()
+
+
+class _PullRequestHook(msgspec.Struct, frozen=True):
+    pull_request: _PullRequest
+    repository: _Repo
+    sender: _User = _User()
+
+
+class _ReviewHook(msgspec.Struct, frozen=True):
+    review: _Review
+    pull_request: _PullRequest
+    repository: _Repo
+    sender: _User = _User()
+
+
+class _ReviewCommentHook(msgspec.Struct, frozen=True):
+    comment: _Comment
+    pull_request: _PullRequest
+    repository: _Repo
+    sender: _User = _User()
+
+
+# -- translation (pure) ------------------------------------------------------------------
+class BadPayload(ValueError):
+    """The delivery is signed but its payload is not the shape GitHub documents."""
+
+
+class Translation(NamedTuple):
+    events: list[IssueEvent]
+    reason: str = ""  # why nothing was emitted, when nothing was
+
+
+class _Ctx(NamedTuple):
+    delivery: str
+    source: str
+    trigger_label: str
+    bot_name: str
+    trusted: frozenset[str]
+    now: datetime
+
+
+def is_signed(secret: str | bytes, body: bytes, signature: str | None) -> bool:
+    """``signature`` is ``sha256=<hex HMAC-SHA256(secret, body)>``; constant-time compare."""
+    if not signature or not secret:
+        return False
+    key = secret.encode() if isinstance(secret, str) else secret
+    expected = "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), signature.strip().encode("utf-8", "replace"))
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The ``X-Hub-Signature-256`` GitHub would send (tests, replaying a delivery)."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def mentions(text: str, bot_name: str) -> bool:
+    return _mention(bot_name).search(_unquoted(text)) is not None
+
+
+@functools.lru_cache(maxsize=8)
+def _mention(bot_name: str) -> re.Pattern[str]:
+    # a login is [A-Za-z0-9-]; "@ccc-bot" and "me@ccc.io" are not "@ccc"
+    return re.compile(rf"(?<![\w@/.-])@{re.escape(bot_name)}(?![\w-])", re.IGNORECASE)
+
+
+def _unquoted(text: str) -> str:
+    """Drop quoted replies and fenced code: quoting ``@ccc cancel`` is not asking again."""
+    text = _FENCED.sub("", text or "")
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(">"))
+
+
+def task_issue_number(branch: str, repo: str) -> int | None:
+    """The issue number of a cluster branch of ``repo``, else None. Anchored on the
+    repository's token, so ids with ``-`` in them (``octo-org_my-app-7``) parse exactly."""
+    prefix = f"{TASK_BRANCH_PREFIX}{repo_token(repo)}-"
+    if not branch.startswith(prefix):
+        return None
+    m = re.match(r"(\d+)(?:-|$)", branch[len(prefix):])
+    return int(m.group(1)) if m else None
+
+
+def translate(event_name: str, payload: Any, delivery_id: str, *, trigger_label: str = "ccc",
+              bot_name: str = "ccc", source: str = "github", trusted: frozenset[str] = TRUSTED,
+              now: datetime | None = None) -> list[IssueEvent]:
+    """The issue facts one delivery stands for (often none). Raises :class:`BadPayload`."""
+    return interpret(event_name, payload, delivery_id, trigger_label=trigger_label,
+                     bot_name=bot_name, source=source, trusted=trusted, now=now).events
+
+
+def interpret(event_name: str, payload: Any, delivery_id: str, *, trigger_label: str = "ccc",
+              bot_name: str = "ccc", source: str = "github", trusted: frozenset[str] = TRUSTED,
+              now: datetime | None = None) -> Translation:
+    """Like :func:`translate`, with the reason when the delivery is ignored."""
+    if not isinstance(payload, dict):
+        raise BadPayload("the payload is not a JSON object")
+    action = payload.get("action")
+    handler = _HANDLERS.get((event_name, action if isinstance(action, str) else ""))
+    if handler is None:
+        return Translation([], f"not handled: {event_name}" + (f".{action}" if action else ""))
+    shape, fn = handler
+    try:
+        hook = msgspec.convert(payload, shape)
+    except msgspec.ValidationError as e:
+        raise BadPayload(f"{event_name}.{action}: {e}") from None
+    ctx = _Ctx(delivery_id, source, trigger_label.lower(), bot_name, trusted,
+               now or datetime.now(UTC))
+    return fn(hook, ctx)
+
+
+def _base(ctx: _Ctx, repo: str, number: int, n: int, at: datetime | None, sender: _User) -> dict:
+    return {"event_id": f"gh:{ctx.delivery}:{n}", "source": ctx.source, "repo": repo, "number": number,
+            "occurred_at": at or ctx.now, "actor": f"github:{sender.login}" if sender.login else "github"}
+
+
+def _is_bot(user: _User, ctx: _Ctx) -> bool:
+    login = user.login.lower()
+    return user.type == "Bot" or login in (ctx.bot_name.lower(), f"{ctx.bot_name.lower()}[bot]")
+
+
+def _untrusted(user: _User, association: str, ctx: _Ctx) -> str:
+    """Why this author is not listened to, or "" if they are."""
+    if _is_bot(user, ctx):
+        return f"author {user.login or '?'} is a bot"
+    if association not in ctx.trusted:
+        return f"author {user.login or '?'} is {association}, not one of {', '.join(sorted(ctx.trusted))}"
+    return ""
+
+
+def _triggered(issue: _Issue, ctx: _Ctx) -> bool:
+    return (any(label.name.lower() == ctx.trigger_label for label in issue.labels)
+            or mentions(f"{issue.title}\n{issue.body or ''}", ctx.bot_name))
+
+
+def _opened(hook: _IssuesHook, ctx: _Ctx) -> IssueOpened:
+    issue, repo = hook.issue, hook.repository.full_name
+    return IssueOpened(  # the id as infra.issues.opened_event_id derives it
+        **{**_base(ctx, repo, issue.number, 0, issue.updated_at, hook.sender),
+           "event_id": f"{ctx.source}:{repo}#{issue.number}:opened"},
+        title=issue.title, body=issue.body or "", labels=tuple(lbl.name for lbl in issue.labels),
+        url=issue.html_url, author=issue.user.login, author_association=issue.author_association,
+    )
+
+
+def _on_issue(hook: _IssuesHook, ctx: _Ctx, action: str) -> Translation:
+    issue, repo = hook.issue, hook.repository.full_name
+    if issue.pull_request is not None:
+        return Translation([], "a pull request, not an issue")
+    if why := _untrusted(issue.user, issue.author_association, ctx):
+        return Translation([], why)
+    base = _base(ctx, repo, issue.number, 0, issue.updated_at, hook.sender)
+    if action == "opened":
+        if not _triggered(issue, ctx):
+            return Translation([], f"no {ctx.trigger_label!r} label and no @{ctx.bot_name} mention")
+        return Translation([_opened(hook, ctx)])
+    if action == "closed":  # no trigger check: the label may be gone by now
+        return Translation([IssueClosed(**{**base, "occurred_at": issue.closed_at or base["occurred_at"]})])
+    if action == "reopened":
+        return Translation([IssueReopened(**base)])
+    if not _triggered(issue, ctx):
+        return Translation([], f"issue #{issue.number} is not for @{ctx.bot_name}")
+    if action == "edited":
+        return Translation([IssueEdited(**base, title=issue.title, body=issue.body or "")])
+    # labeled: the trigger added later starts work too; the IssueOpened id is the issue's,
+    # so with the "opened" of an issue created with the label it is one fact, not two
+    label = hook.label.name if hook.label else ""
+    labeled = IssueLabeled(**{**base, "event_id": f"gh:{ctx.delivery}:1"}, label=label,
+                           labels=tuple(lbl.name for lbl in issue.labels))
+    if label.lower() == ctx.trigger_label:
+        return Translation([_opened(hook, ctx), labeled])
+    return Translation([IssueLabeled(**base, label=label, labels=labeled.labels)])
+
+
+def _on_comment(hook: _IssueCommentHook, ctx: _Ctx) -> Translation:
+    issue, comment, repo = hook.issue, hook.comment, hook.repository.full_name
+    if why := _untrusted(comment.user, comment.author_association, ctx):
+        return Translation([], why)
+    if issue.pull_request is not None:
+        # the payload has no head branch to map the PR to its task; reviews do
+        return Translation([], "a comment on a pull request: comment on the issue or review the PR")
+    text = _unquoted(comment.body or "")
+    m = _mention(ctx.bot_name).search(text)
+    if m is None:
+        return Translation([], f"not addressed to @{ctx.bot_name}")
+    request = text[m.end():].strip()
+    verb, rest = [*request.split(maxsplit=1), "", ""][:2]
+    verb, who = verb.strip(".,:;!").lower(), comment.user.login
+    base = _base(ctx, repo, issue.number, 0, comment.created_at, hook.sender)
+    if verb == "retry":
+        return Translation([IssueRetryRequested(**base, reason=rest.strip() or f"retry requested by {who}")])
+    if verb in ("cancel", "stop"):
+        return Translation([IssueCancelRequested(**base, reason=rest.strip() or f"cancelled by {who}")])
+    if not request:
+        return Translation([], f"@{ctx.bot_name} mentioned with no request")
+    return Translation([IssueCommented(
+        **base, comment_id=comment.id, body=comment.body or "", request=request,
+        author=comment.user.login, author_association=comment.author_association, url=comment.html_url,
+    )])
+
+
+def _task_pr(pr: _PullRequest, repo: str) -> int | None:
+    if pr.head.repo is None or pr.head.repo.full_name.lower() != repo.lower():
+        return None  # from a fork: anyone can name a branch ccc/task-...
+    return task_issue_number(pr.head.ref, repo)
+
+
+def _on_pr_closed(hook: _PullRequestHook, ctx: _Ctx) -> Translation:
+    pr, repo = hook.pull_request, hook.repository.full_name
+    number = _task_pr(pr, repo)
+    if number is None:
+        return Translation([], f"branch {pr.head.ref!r} is not a task branch of {repo}")
+    if pr.merged:
+        base = _base(ctx, repo, number, 0, pr.merged_at or pr.closed_at, hook.sender)
+        return Translation([IssuePullRequestMerged(**base, pr_number=pr.number, branch=pr.head.ref)])
+    base = _base(ctx, repo, number, 0, pr.closed_at, hook.sender)
+    return Translation([IssuePullRequestClosed(**base, pr_number=pr.number, branch=pr.head.ref)])
+
+
+def _changes(hook: _ReviewHook | _ReviewCommentHook, ctx: _Ctx, author: _User, association: str,
+             at: datetime | None, **fields: Any) -> Translation:
+    pr, repo = hook.pull_request, hook.repository.full_name
+    if why := _untrusted(author, association, ctx):
+        return Translation([], why)
+    number = _task_pr(pr, repo)
+    if number is None:
+        return Translation([], f"branch {pr.head.ref!r} is not a task branch of {repo}")
+    return Translation([IssueChangesRequested(
+        **_base(ctx, repo, number, 0, at, hook.sender), pr_number=pr.number, branch=pr.head.ref,
+        author=author.login, author_association=association, **fields,
+    )])
+
+
+def _on_review(hook: _ReviewHook, ctx: _Ctx) -> Translation:
+    review = hook.review
+    if review.state.lower() != "changes_requested":
+        return Translation([], f"review state {review.state!r}, not changes_requested")
+    return _changes(hook, ctx, review.user, review.author_association, review.submitted_at,
+                    body=review.body or "", review_id=review.id, url=review.html_url)
+
+
+def _on_review_comment(hook: _ReviewCommentHook, ctx: _Ctx) -> Translation:
+    c = hook.comment
+    return _changes(hook, ctx, c.user, c.author_association, c.created_at, body=c.body or "",
+                    review_id=c.pull_request_review_id, comment_id=c.id, path=c.path, line=c.line,
+                    url=c.html_url)
+
+
+_HANDLERS: dict[tuple[str, str], tuple[type, Callable[[Any, _Ctx], Translation]]] = {
+    **{("issues", a): (_IssuesHook, lambda h, c, a=a: _on_issue(h, c, a))
+       for a in ("opened", "edited", "labeled", "closed", "reopened")},
+    ("issue_comment", "created"): (_IssueCommentHook, _on_comment),
+    ("pull_request", "closed"): (_PullRequestHook, _on_pr_closed),
+    ("pull_request_review", "submitted"): (_ReviewHook, _on_review),
+    ("pull_request_review_comment", "created"): (_ReviewCommentHook, _on_review_comment),
+}
