@@ -38,7 +38,9 @@ from events.codec import decode_event, decode_issue
 from events.errors import ConcurrencyConflict, DomainError
 from events.issue import (
     IssueCancelRequested,
+    IssueChangesRequested,
     IssueClosed,
+    IssueCommented,
     IssueEvent,
     IssueOpened,
     IssuePullRequestClosed,
@@ -181,6 +183,22 @@ class Coordinator:
             case IssuePullRequestMerged():
                 await self._with_fresh_state(task_id, ts.CompleteTask(
                     at=at, actor=actor, reason="pull request merged", causation_id=event.event_id))
+            case IssueChangesRequested():
+                # the reviewer's request fails this attempt; the retry carries it, and the
+                # next attempt pushes to the same branch (the PR stays the same)
+                feedback = f"Changes requested by {event.author or 'a reviewer'}: {event.body}".strip()
+                after = await self._with_fresh_state(task_id, ts.FailTask(
+                    at=at, actor=actor, reason=feedback[:500], phase="review", retryable=True,
+                    causation_id=event.event_id))
+                await self._maybe_retry(task_id, after, guidance=feedback, immediate=True)
+            case IssueCommented():
+                state = self.model.tasks.get(task_id)
+                if state is not None and state.can_retry:
+                    await self._maybe_retry(task_id, (state, self.model.task_seq[task_id]),
+                                            guidance=event.request or event.body, immediate=True)
+                else:
+                    log.info("coordinator.request_noted", task_id=task_id,
+                             status=state.status if state else None, request=event.request[:200])
             case IssuePullRequestClosed():
                 after = await self._with_fresh_state(task_id, ts.FailTask(
                     at=at, actor=actor, reason=event.reason, phase="review", retryable=True,
@@ -301,14 +319,16 @@ class Coordinator:
             case _:
                 pass  # progress reports (workspace, analysis, tests, push) change no task state
 
-    async def _maybe_retry(self, task_id: str, after: tuple[ts.TaskState | None, int]) -> None:
+    async def _maybe_retry(self, task_id: str, after: tuple[ts.TaskState | None, int], *,
+                           guidance: str = "", immediate: bool = False) -> None:
         """Right after a failure: requeue with backoff if the policy allows. ``after`` is
         the state and sequence the failure left (the model may not have them yet)."""
         state = after[0]
         if state is not None and state.can_retry:
             await self._run(task_id, ts.RetryTask(
-                at=utcnow(), actor=self.config.name, backoff_base=self.config.retry_base,
-                backoff_max=self.config.retry_max), start=after)
+                at=utcnow(), actor=self.config.name,
+                backoff_base=0.0 if immediate else self.config.retry_base,
+                backoff_max=self.config.retry_max, guidance=guidance), start=after)
             self.kick()
 
     async def _take_back_all(self, agent_id: str, reason: str, cause: str | None) -> None:

@@ -119,8 +119,11 @@ async def run_pipeline(
         phase = "implementation"
         branch = gitops.branch_name(task.task_id, issue.title)
         gitops.create_branch(ws.repo_dir, branch)
+        body = issue.body
+        if task.guidance:
+            body += f"\n\n## Requested for this attempt\n{task.guidance}"
         outcome = await coder.implement(CodeRequest(
-            task_id=task.task_id, attempt=attempt, title=issue.title, body=issue.body,
+            task_id=task.task_id, attempt=attempt, title=issue.title, body=body,
             specialty=task.specialty, labels=issue.labels, repo=issue.repo,
             repo_dir=str(ws.repo_dir), issue_number=issue.number,
             instructions=instructions_of(ws.repo_dir), budget=settings.budget,

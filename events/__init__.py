@@ -27,6 +27,8 @@ from .errors import (
 )
 from .issue import (
     IssueCancelRequested,
+    IssueChangesRequested,
+    IssueCommented,
     IssueClosed,
     IssueEdited,
     IssueEvent,
@@ -77,6 +79,8 @@ __all__ = [
     "IllegalTransition",
     "InfrastructureError",
     "IssueCancelRequested",
+    "IssueChangesRequested",
+    "IssueCommented",
     "IssueClosed",
     "IssueEdited",
     "IssueEvent",

@@ -139,6 +139,7 @@ class TaskRequeued(TaskEventBase, tag="task.requeued"):
     reason: Literal["retry", "agent_lost", "handed_back"]
     attempt: int  # the new attempt number
     not_before: datetime | None = None  # retry backoff: do not assign earlier
+    guidance: str = ""  # what a reviewer or requester asked for, for the next attempt
 
 
 class TaskCancellationRequested(TaskEventBase, tag="task.cancel_requested"):

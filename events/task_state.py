@@ -103,6 +103,7 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     failure_phase: str = ""
     failure_retryable: bool = False
     status_reason: str = ""
+    guidance: str = ""  # review feedback / a request to act on in the current attempt
     dollars: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -198,6 +199,7 @@ def _requeued(s: TaskState, e: TaskRequeued, status: str) -> TaskState:
     return replace(
         s, version=e.version, updated_at=e.occurred_at, status=status, attempt=e.attempt,
         agent_id=None, not_before=e.not_before, cancel_requested=False, status_reason=e.reason,
+        guidance=e.guidance or s.guidance,
     )
 
 
@@ -299,6 +301,7 @@ class FailTask(Command, frozen=True, kw_only=True):
 class RetryTask(Command, frozen=True, kw_only=True):
     backoff_base: float = 5.0  # seconds; doubles each attempt
     backoff_max: float = 300.0
+    guidance: str = ""
 
 
 class RequeueTask(Command, frozen=True, kw_only=True):
@@ -367,7 +370,8 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
                 raise DomainError(f"task {state.task_id}: attempts exhausted ({state.attempt}/{state.max_attempts})")
             delay = backoff(state.attempt, command.backoff_base, command.backoff_max)
             event = TaskRequeued(**env, reason="retry", attempt=state.attempt + 1,
-                                 not_before=command.at + timedelta(seconds=delay))
+                                 not_before=command.at + timedelta(seconds=delay),
+                                 guidance=command.guidance[:20000])
         case RequeueTask():
             if state.status not in WITH_AGENT or state.agent_id != command.agent_id:
                 raise IllegalTransition("task " + state.task_id, state.status,

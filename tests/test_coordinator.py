@@ -261,3 +261,24 @@ def _count(parked, n):
     async def check():
         return len(await parked()) >= n
     return check()
+
+
+async def test_changes_requested_retries_with_the_review_as_guidance(nc, ns, store, coordinator):
+    from events.issue import IssueChangesRequested
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    await publish_issue(nc, ns, opened(60, "server endpoint", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-60") == "assigned")
+    await agent.start("acme_app-60")
+    await agent.report("acme_app-60", "agent.implementation_produced")
+    await agent.report("acme_app-60", "agent.pr_opened", branch="ccc/task-acme_app-60-server")
+    await agent.release("acme_app-60")
+    await eventually(lambda: status(coordinator, "acme_app-60") == "review")
+    await publish_issue(nc, ns, IssueChangesRequested(
+        event_id="review-1", repo="acme/app", number=60, occurred_at=now(), pr_number=60,
+        branch="ccc/task-acme_app-60-server", body="Please add a test for the empty case.", author="maria"))
+    await eventually(lambda: coordinator.model.tasks["acme_app-60"].attempt == 2
+                     and status(coordinator, "acme_app-60") in ("queued", "assigned"))
+    task = coordinator.model.tasks["acme_app-60"]
+    assert "Please add a test for the empty case." in task.guidance
+    assert task.agent_id in (None, "agent-1")

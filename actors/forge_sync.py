@@ -1,0 +1,258 @@
+"""Forge sync: reflect each GitHub-sourced task's state back on its issue, as one
+``ccc:*`` state label and one tracking comment per task, edited in place.
+
+It follows the task events (a durable consumer on ``<ns>.task.>``); for each event it
+takes the task's *current* state (folded from the store, or from a live read model)
+and renders it. Rendering is a pure function of the state, so a redelivery, a replay
+from sequence 0 or a second sync process all converge on the same label and the same
+comment body. The renderings last sent are cached by task, so an event that changes
+nothing visible costs no API call.
+
+Ordering: events of one task are handled one at a time in a process (a lock per task),
+and after writing, the sync checks whether the task moved on meanwhile (another
+process may have rendered a newer state and then been overtaken by this older
+write); if so it renders again, so the issue always ends at the latest state. For
+the same reason the cache of renderings is trusted only when this process rendered
+the task's previous version; otherwise everything is written again (the forge reads
+labels before changing them, and edits a comment it already knows in one request).
+
+Failures: a retryable forge error (network, 5xx, rate limit) naks the event and it is
+redelivered with backoff; a permanent one (no such issue, no permission) is logged
+and the event acked: the issue cannot be updated, and retrying would not change that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import weakref
+from collections import OrderedDict
+from typing import NamedTuple, Protocol
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from events.errors import CccError, StoreUnavailable
+from events.store import EventStore
+from events.subjects import Namespace
+from events.task_state import WITH_AGENT, TaskState
+from infra.coders.base import mask_secrets
+from projections.live import LiveReadModel
+
+from .runtime import ConsumerLoop
+
+log = structlog.get_logger("ccc.forge_sync")
+
+LABEL_OF_STATUS: dict[str, str] = {
+    "pending": "ccc:queued", "analyzing": "ccc:queued", "queued": "ccc:queued",
+    "assigned": "ccc:in-progress", "in_progress": "ccc:in-progress", "testing": "ccc:in-progress",
+    "review": "ccc:review", "completed": "ccc:done", "failed": "ccc:failed", "cancelled": "ccc:cancelled",
+}
+_PHASE: dict[str, str] = {
+    "pending": "received, waiting for analysis",
+    "analyzing": "analysing the issue",
+    "queued": "queued, waiting for an agent",
+    "assigned": "assigned to an agent",
+    "in_progress": "in progress: implementing",
+    "testing": "in progress: running the tests",
+    "review": "pull request open, waiting for review",
+    "completed": "done",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+MAX_REASON = 600
+
+
+class IssueForge(Protocol):
+    """What the sync needs from a forge (:class:`infra.forge_github.GitHubForge`)."""
+
+    async def set_state_label(self, repo: str, number: int, label: str) -> object: ...
+
+    async def upsert_tracking_comment(self, repo: str, number: int, marker: str, body: str) -> object: ...
+
+
+# -- pure rendering ----------------------------------------------------------------
+def state_label(state: TaskState) -> str:
+    return LABEL_OF_STATUS[state.status]
+
+
+def tracking_marker(task_id: str) -> str:
+    return f"<!-- ccc:task:{task_id} -->"
+
+
+def _text(value: str, limit: int = MAX_REASON) -> str:
+    """Free text from events, safe inside one line of Markdown on a public issue:
+    secrets masked, whitespace collapsed, no HTML (so no forged marker), bounded."""
+    text = re.sub(r"\s+", " ", mask_secrets(value)).strip()
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def render_comment(state: TaskState) -> str:
+    """The tracking comment for ``state``: deterministic (no clock), so equal states
+    give byte-equal bodies."""
+    s = state
+    status = _PHASE[s.status]
+    if s.cancel_requested and s.status in WITH_AGENT:
+        status += " (cancellation requested)"
+    rows: list[tuple[str, str]] = []
+    if s.agent_id:
+        rows.append(("Agent", f"`{_text(s.agent_id, 128)}`"))
+    rows.append(("Attempt", f"{s.attempt} of {s.max_attempts}"))
+    if s.tests_passed or s.tests_failed or s.status in ("review", "completed"):
+        rows.append(("Tests", f"{s.tests_passed} passed, {s.tests_failed} failed"))
+    if s.dollars or s.input_tokens or s.output_tokens:
+        rows.append(("Cost", f"${s.dollars:.4f} ({s.input_tokens:,} input / {s.output_tokens:,} output tokens)"))
+    if s.pr_url:
+        link = f"[#{s.pr_number}]({s.pr_url})" if s.pr_number else f"[pull request]({s.pr_url})"
+        rows.append(("Pull request", link + (" (draft)" if s.draft else "")))
+    lines = [
+        tracking_marker(s.task_id),
+        f"**claude-code-cluster** · task `{s.task_id}`",
+        "",
+        f"**Status:** {status}",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows),
+        "",
+    ]
+    phase = f" in `{_text(s.failure_phase, 64)}`" if s.failure_phase else ""
+    if s.status == "failed":
+        lines += [f"**Failed**{phase}: {_text(s.failure_reason or s.status_reason)}", ""]
+    elif s.failure_reason and s.status != "completed":
+        lines += [f"Previous attempt failed{phase}: {_text(s.failure_reason)}", ""]
+    if s.status in ("completed", "cancelled") and s.status_reason:
+        lines += [f"Reason: {_text(s.status_reason)}", ""]
+    lines.append("<sub>Kept up to date from the task's event log by claude-code-cluster; "
+                 "edits to this comment are overwritten.</sub>")
+    return "\n".join(lines)
+
+
+class Rendered(NamedTuple):
+    version: int
+    label: str
+    body: str
+
+
+# -- the actor -----------------------------------------------------------------------
+class ForgeSync:
+    def __init__(
+        self,
+        nc: Client,
+        ns: Namespace,
+        forge: IssueForge,
+        *,
+        name: str = "forge-sync",
+        source: str = "github",
+        live: LiveReadModel | None = None,
+        concurrency: int = 8,
+        cache_size: int = 10_000,
+    ) -> None:
+        self.nc = nc
+        self.ns = ns
+        self.forge = forge
+        self.name = name
+        self.source = source
+        self.live = live
+        self.store = live.store if live is not None else EventStore(nc, ns)
+        self.concurrency = concurrency
+        self.cache_size = cache_size
+        self._rendered: OrderedDict[str, Rendered] = OrderedDict()
+        self._other_source: set[str] = set()  # tasks of other forges: never loaded again
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._loop: ConsumerLoop | None = None
+        self.api_writes = 0  # label/comment calls made (not skipped)
+        self.skipped_errors = 0  # permanent forge errors logged and acked
+
+    async def start(self) -> None:
+        self._loop = ConsumerLoop(
+            self.nc, stream=self.ns.events_stream, durable=self.name,
+            filter_subjects=[f"{self.ns.prefix}.task.>"], handler=self._on_task_event,
+            concurrency=self.concurrency, ack_wait=60.0,
+        )
+        await self._loop.start()
+        log.info("forge_sync.started", name=self.name, source=self.source)
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            await self._loop.stop()
+
+    @property
+    def handled(self) -> int:
+        return self._loop.handled if self._loop is not None else 0
+
+    async def _on_task_event(self, msg: Msg) -> None:
+        task_id = self.ns.rel(msg.subject).split(".")[1]
+        if task_id in self._other_source:
+            return
+        try:
+            await self.sync_task(task_id, min_seq=msg.metadata.sequence.stream)
+        except CccError as e:
+            if e.retryable:
+                raise  # nak: the loop redelivers with backoff
+            self.skipped_errors += 1
+            log.warning("forge_sync.skipped", task_id=task_id, error=str(e))
+
+    async def sync_task(self, task_id: str, *, min_seq: int = 0) -> bool:
+        """Reflect the task's current state on its issue; returns whether the forge
+        was written to."""
+        lock = self._locks.get(task_id)
+        if lock is None:
+            lock = self._locks[task_id] = asyncio.Lock()
+        wrote = False
+        async with lock:
+            for _ in range(5):  # bounded: a task has only so many events
+                state, seq = await self._current(task_id, min_seq)
+                if state is None:
+                    return wrote
+                if state.issue.source != self.source:
+                    self._other_source.add(task_id)
+                    return wrote
+                wrote |= await self._reflect(state)
+                latest = await self.store.last_seq(self.ns.task_filter(task_id))
+                if latest <= seq:
+                    return wrote
+                min_seq = latest  # the task moved on while we wrote: render the newer state
+        return wrote
+
+    async def _current(self, task_id: str, min_seq: int) -> tuple[TaskState | None, int]:
+        if self.live is not None:
+            try:
+                await self.live.wait_for_seq(min_seq)
+            except TimeoutError:
+                raise StoreUnavailable(f"read model has not reached sequence {min_seq}") from None
+            model = self.live.model
+            return model.tasks.get(task_id), model.task_seq.get(task_id, 0)
+        return await self.store.load_task(task_id)
+
+    async def _reflect(self, state: TaskState) -> bool:
+        prev = self._rendered.get(state.task_id)
+        if prev is not None and prev.version >= state.version:
+            return False  # this state (or a newer one) is already on the issue
+        # The cache may only say "unchanged" if we rendered the version just before:
+        # then every other writer has finished with that version or an older one
+        # followed by it (see the module docstring). Otherwise another process may
+        # have rendered the versions in between, and everything is written again.
+        if prev is not None and prev.version != state.version - 1:
+            prev = None
+        label, body = state_label(state), render_comment(state)
+        repo, number = state.issue.repo, state.issue.number
+        wrote = False
+        if prev is None or prev.label != label:
+            await self.forge.set_state_label(repo, number, label)
+            wrote = True
+        if prev is None or prev.body != body:
+            await self.forge.upsert_tracking_comment(repo, number, tracking_marker(state.task_id), body)
+            wrote = True
+        self.api_writes += wrote
+        self._rendered[state.task_id] = Rendered(state.version, label, body)
+        self._rendered.move_to_end(state.task_id)
+        while len(self._rendered) > self.cache_size:
+            self._rendered.popitem(last=False)
+        if wrote:
+            log.info("forge_sync.reflected", task_id=state.task_id, repo=repo, issue=number,
+                     status=state.status, label=label)
+        return wrote
