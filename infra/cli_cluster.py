@@ -26,7 +26,7 @@ from projections.read_model import ReadModel
 
 from .cli_read import emit_json, print_table, tasks_cmd, until_signal
 from .cluster import ClusterOptions, LocalCluster, hand_back_now, make_coder, parse_specialties
-from .forge_local import LocalForge
+from .forge_local import ForgeError, LocalForge
 from .settings import load_settings
 
 log = structlog.get_logger("ccc.cli")
@@ -73,7 +73,7 @@ class StopSignals:
         self._task: asyncio.Task | None = None
         self._installed: list[int] = []
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         self._task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -333,6 +333,34 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
     obj.run(serve)
 
 
+# -- ccc webhook -------------------------------------------------------------------------
+@click.command("webhook")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True)
+@click.option("--trigger-label", default="ccc", show_default=True,
+              help="Issues with this label (or an @mention of the bot) start work.")
+@click.option("--bot-name", default="ccc", show_default=True)
+@click.pass_obj
+def webhook_cmd(obj, host, port, trigger_label, bot_name) -> None:
+    """Receive GitHub webhooks (HMAC-verified with CCC_WEBHOOK_SECRET) and publish
+    them as issue facts; a redelivered webhook is a no-op."""
+    from .webhook import WebhookServer, webhook_secret
+
+    secret = webhook_secret()  # a ConfigError before anything starts
+
+    async def serve(nc) -> None:
+        server = WebhookServer(nc, obj.ns, host, port, secret=secret, trigger_label=trigger_label,
+                               bot_name=bot_name)
+        try:
+            await server.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        click.echo(f"webhook receiver at {server.url}/webhook  (Ctrl-C to stop)")
+        await until_signal(server.serve_forever())
+
+    obj.run(serve)
+
+
 # -- ccc tasks cancel / ccc pr merge|close ---------------------------------------------
 async def _task_of(obj, nc, task_id: str):
     model = ReadModel(obj.ns.prefix)
@@ -453,7 +481,10 @@ def repo_group() -> None:
 def repo_import(obj, repo, source) -> None:
     """Make SOURCE (a git work tree) the origin of OWNER/NAME in the local forge."""
     forge = LocalForge(obj.settings().data_dir / "forge")
-    path = forge.import_repo(repo, source)
+    try:
+        path = forge.import_repo(repo, source)
+    except ForgeError as e:  # a bad name, a source that is no repository, a repo that exists
+        raise ConfigError(str(e)) from None
     click.echo(f"{repo} -> {path}")
 
 
@@ -465,4 +496,4 @@ def repo_list(obj) -> None:
     print_table(("REPO", "PATH"), rows)
 
 
-CLUSTER_COMMANDS = (up_cmd, agent_cmd, demo_cmd, api_cmd, pr_group, repo_group, dead_letters_cmd)
+CLUSTER_COMMANDS = (up_cmd, agent_cmd, demo_cmd, api_cmd, webhook_cmd, pr_group, repo_group, dead_letters_cmd)
