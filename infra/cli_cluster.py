@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -65,7 +67,7 @@ class StopSignals:
     nats-server (in its own session) and workspace commands running, and nats.url
     pointing at them."""
 
-    def __init__(self, hurry: Callable[[], None]) -> None:
+    def __init__(self, hurry: Callable[[], None] | None = None) -> None:
         self.hurry = hurry
         self.received = 0
         self._phase = "starting"  # -> "running" (in wait) -> "stopping" (in cleanup)
@@ -96,8 +98,9 @@ class StopSignals:
             if self._phase == "starting" and self._task is not None:
                 self._task.cancel()
             return
-        click.echo("stopping now: running tasks are handed back", err=True)
-        self.hurry()
+        if self.hurry is not None:
+            click.echo("stopping now: running tasks are handed back", err=True)
+            self.hurry()
 
     async def wait(self) -> None:
         self._phase = "running"
@@ -109,6 +112,14 @@ class StopSignals:
         if self.received and task is not None and task.cancelling():
             task.uncancel()  # our own cancel of the start-up: the cleanup runs in full
         await coro
+
+
+async def _settle(task: asyncio.Future | None, then: Awaitable) -> None:
+    """Let a cancelled task finish its own cleanup, then run ``then``."""
+    if task is not None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await then
 
 
 shutdown_grace_option = click.option(
@@ -152,7 +163,7 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_d
         api_port=None if no_api else (settings.api_port if api_port is None else api_port),
         coder=coder, script_dir=script_dir, heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=heartbeat_interval, retry_base=retry_base, max_attempts=max_attempts,
-        shutdown_grace=shutdown_grace,
+        shutdown_grace=shutdown_grace, agent_prefix=_agent_prefix(settings.nats_url),
     )
     options.validate()
     make_coder(coder, script_dir)  # bad --coder fails before anything starts
@@ -179,6 +190,16 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_d
     from .cli import run_async  # local: infra.cli imports this module
 
     run_async(main())
+
+
+def _agent_prefix(nats_url: str | None) -> str:
+    """``agent`` on the embedded server. On a shared NATS the ids carry the host: two
+    machines running ``ccc up --nats-url`` must not both run ``agent-1-backend`` (one
+    aggregate and one durable consumer, fed to two processes)."""
+    if nats_url is None:
+        return "agent"
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", os.uname().nodename.split(".")[0]) or "host"
+    return f"{host}-agent"
 
 
 def _print_up(cluster: LocalCluster, ns) -> None:
@@ -237,7 +258,8 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, script_
         with StopSignals(lambda: hand_back_now(agent)) as signals:
             try:
                 await agent.start()
-                click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; Ctrl-C / SIGTERM to stop")
+                click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; "
+                           "Ctrl-C / SIGTERM to stop")
                 await signals.wait()
             except asyncio.CancelledError:
                 if not signals.received:
@@ -323,12 +345,25 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
 
     async def serve(nc) -> None:
         server = ApiServer(obj.store(nc), host, port, materialize=True)
-        try:
-            await server.start()
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        click.echo(f"status API at {server.url}  (Ctrl-C to stop)")
-        await until_signal(server.serve_forever())
+        with StopSignals() as signals:  # a second Ctrl-C must not cut the shutdown short
+            serving = stopped = None
+            try:
+                try:
+                    await server.start()
+                except OSError as e:
+                    raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+                click.echo(f"status API at {server.url}  (Ctrl-C to stop)")
+                serving = asyncio.ensure_future(server.serve_forever())  # ends if uvicorn stops by itself
+                stopped = asyncio.ensure_future(signals.wait())
+                await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if not signals.received:
+                    raise  # not a signal of ours
+            finally:
+                for t in (serving, stopped):
+                    if t is not None:
+                        t.cancel()
+                await signals.cleanup(_settle(serving, server.stop()))
 
     obj.run(serve)
 

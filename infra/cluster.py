@@ -7,7 +7,11 @@ Agents on other machines join with ``ccc agent --nats-url ...``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
+import os
+import time
 from pathlib import Path
 
 import msgspec
@@ -17,7 +21,7 @@ from nats.aio.client import Client
 from actors.agent import Agent, AgentConfig
 from actors.coordinator import Coordinator, CoordinatorConfig
 from actors.pipeline import PipelineSettings
-from events.errors import ConfigError
+from events.errors import ConfigError, StoreUnavailable
 from events.subjects import Namespace
 from events.task import SPECIALTIES
 
@@ -45,7 +49,18 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     retry_max: float = 300.0
     max_attempts: int = 3
     test_timeout: float = 600.0
+    shutdown_grace: float = 10.0  # on stop, running tasks get this long before they are handed back
     agent_prefix: str = "agent"
+
+    def validate(self) -> None:
+        if self.agents < 0:
+            raise ConfigError("--agents must be >= 0")
+        if self.shutdown_grace < 0:
+            raise ConfigError("--shutdown-grace must be >= 0")
+        if self.heartbeat_interval >= self.heartbeat_timeout:
+            # every agent would be declared lost between two of its own heartbeats
+            raise ConfigError(f"--heartbeat-interval ({self.heartbeat_interval}s) must be shorter than "
+                              f"--heartbeat-timeout ({self.heartbeat_timeout}s)")
 
 
 def parse_specialties(text: str) -> tuple[str, ...]:
@@ -62,10 +77,16 @@ def make_coder(kind: str, script_dir: str | None) -> Coder:
     raise ConfigError(f"--coder {kind!r}: this build has 'scripted'")
 
 
+def hand_back_now(agent: Agent) -> None:
+    """Skip an agent's shutdown grace: cancel its running work, which the pipeline then
+    reports as handed back (the coordinator re-queues it), as when the grace runs out."""
+    for work in list(agent.running.values()):
+        work.cancel()
+
+
 class LocalCluster:
     def __init__(self, settings: Settings, ns: Namespace, options: ClusterOptions) -> None:
-        if options.agents < 0:
-            raise ConfigError("--agents must be >= 0")
+        options.validate()
         self.settings = settings
         self.ns = ns
         self.options = options
@@ -76,6 +97,7 @@ class LocalCluster:
         self.api = None
         self.url = settings.nats_url or ""
         self._url_file: Path | None = None
+        self._lock_fd: int | None = None
 
     @property
     def forge_root(self) -> Path:
@@ -88,6 +110,7 @@ class LocalCluster:
     async def start(self) -> None:
         s, o = self.settings, self.options
         if s.nats_url is None:
+            await self._claim_data_dir()
             self.server = EmbeddedServer(s.data_dir, sync_interval=s.sync_interval)
             self.url = self.server.start()
             self._url_file = embedded_url_file(s.data_dir)
@@ -105,6 +128,7 @@ class LocalCluster:
             agent = Agent(self.nc, self.ns, AgentConfig(
                 agent_id=f"{o.agent_prefix}-{i + 1}-{specialty}", specialties=(specialty,),
                 capacity=o.capacity, heartbeat_interval=o.heartbeat_interval,
+                shutdown_grace=o.shutdown_grace,
                 pipeline=PipelineSettings(workspace_root=str(self.workspace_root),
                                           test_timeout=o.test_timeout),
             ), coder=make_coder(o.coder, o.script_dir), forge=LocalForgeClient(self.forge_root))
@@ -114,14 +138,78 @@ class LocalCluster:
             from .api_server import ApiServer
 
             self.api = ApiServer(self.coordinator.store, s.api_host, o.api_port, materialize=True)
-            await self.api.start()
+            try:
+                await self.api.start()
+            except OSError as e:
+                raise ConfigError(f"cannot serve the status API on {s.api_host}:{o.api_port}: "
+                                  f"{e.strerror or e}") from None
         log.info("cluster.up", nats=self.url, agents=len(self.agents),
                  api=self.api.url if self.api else None)
+
+    def hurry(self) -> None:
+        """A second Ctrl-C while stopping: hand running tasks back now."""
+        for agent in self.agents:
+            hand_back_now(agent)
+
+    async def _claim_data_dir(self) -> None:
+        """One embedded server per data dir. nats-server does not lock its store dir, so
+        a second ``ccc up`` (or one next to ``ccc server``, or next to the server an
+        earlier ``ccc up`` left behind when it was SIGKILLed) would run a second server
+        on the same JetStream files. An flock (released by the kernel however this
+        process ends) guards against another ``ccc up``; the URL file against a live
+        server started by anything else."""
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another `ccc up` is already running with data dir {data_dir}") from None
+        self._lock_fd = fd
+        url_file = embedded_url_file(data_dir)
+        url = url_file.read_text().strip() if url_file.is_file() else ""
+        if url:
+            try:
+                nc = await connect(url, name="ccc-up-probe", settings=self.settings, connect_timeout=1.0,
+                                   reconnect=False)
+            except StoreUnavailable:
+                url_file.unlink(missing_ok=True)  # left by a server that is gone
+            else:
+                await nc.close()
+                pids = sorted(f.stem.rsplit("_", 1)[-1] for f in (data_dir / "ports").glob("*.ports"))
+                which = f" (pid {', '.join(pids)})" if pids else ""
+                raise ConfigError(f"a nats-server for {data_dir} is already running at {url}{which}: "
+                                  f"stop it, or join it with --nats-url {url}")
+
+    def _release_data_dir(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    async def _drain_reports(self, timeout: float = 5.0) -> None:
+        """Let the coordinator handle what the stopping agents just reported (hand-backs,
+        going offline) before it stops too, so the log shows those tasks queued again
+        instead of leaving it to the next start."""
+        assert self.coordinator is not None and self.nc is not None
+        jsm = self.nc.jsm()
+        durable = f"{self.coordinator.config.name}-reports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await jsm.consumer_info(self.ns.events_stream, durable)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("cluster.reports_not_drained", timeout=timeout)
 
     async def stop(self) -> None:
         for agent in self.agents:
             with contextlib.suppress(Exception):
                 await agent.stop()
+        if self.agents and self.coordinator is not None:
+            with contextlib.suppress(Exception):
+                await self._drain_reports()
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.stop()
@@ -137,6 +225,7 @@ class LocalCluster:
                     self._url_file.unlink()
         if self.server is not None:
             self.server.stop()
+        self._release_data_dir()
 
     async def __aenter__(self) -> "LocalCluster":
         try:
