@@ -129,6 +129,7 @@ class Agent:
             self.nc, stream=self.ns.events_stream, durable=f"agent-{self.id}",
             filter_subjects=[self.ns.assignments_filter(self.id)], handler=self._on_assignment,
             concurrency=self.config.capacity, ack_wait=self.config.ack_wait, max_deliver=5,
+            inactive_threshold=7 * 24 * 3600.0,  # an agent id never seen again does not pile up
         )
         await self._loop.start()
         self._tasks = [
@@ -167,8 +168,21 @@ class Agent:
             await asyncio.sleep(self.config.heartbeat_interval)
             try:
                 await self._heartbeat_once()
-            except (nats.errors.Error, OSError) as e:
+                await self._check_supervision()
+            except (nats.errors.Error, OSError, StoreUnavailable) as e:
                 log.warning("agent.heartbeat_failed", agent_id=self.id, error=str(e))
+
+    async def _check_supervision(self) -> None:
+        """An idle agent appends nothing, so a failed append cannot tell it that the
+        coordinator declared it offline (e.g. after a stall): look at our aggregate's
+        last sequence with each heartbeat (one direct get) and come back if so."""
+        if await self.store.last_seq(self.ns.agent_filter(self.id)) <= self.last_seq:
+            return
+        async with self._lock:
+            self.state, self.last_seq = await self.store.load_agent(self.id)
+        if self.state is None or self.state.status == "offline":
+            log.warning("agent.declared_offline", agent_id=self.id)
+            await self._reregister()
 
     async def _cleanup_loop(self) -> None:
         while True:

@@ -58,6 +58,7 @@ class ConsumerLoop:
         deliver_policy: api.DeliverPolicy = api.DeliverPolicy.ALL,
         name: str | None = None,
         dlq_subject: str | None = None,
+        inactive_threshold: float | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=10.0)
@@ -69,6 +70,7 @@ class ConsumerLoop:
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
         self.deliver_policy = deliver_policy
+        self.inactive_threshold = inactive_threshold
         self.name = name or durable
         self._slots = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task] = set()
@@ -87,6 +89,7 @@ class ConsumerLoop:
             max_deliver=self.max_deliver,
             max_ack_pending=max(self.concurrency * 4, 64),
             deliver_policy=self.deliver_policy,
+            inactive_threshold=self.inactive_threshold,
         )
         if len(self.filter_subjects) == 1:
             config.filter_subject = self.filter_subjects[0]

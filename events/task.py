@@ -140,6 +140,7 @@ class TaskRequeued(TaskEventBase, tag="task.requeued"):
     attempt: int  # the new attempt number
     not_before: datetime | None = None  # retry backoff: do not assign earlier
     guidance: str = ""  # what a reviewer or requester asked for, for the next attempt
+    agent_id: str = ""  # the agent the task was taken from (or the last assignee, on a retry)
 
 
 class TaskCancellationRequested(TaskEventBase, tag="task.cancel_requested"):

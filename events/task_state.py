@@ -371,7 +371,7 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
             delay = backoff(state.attempt, command.backoff_base, command.backoff_max)
             event = TaskRequeued(**env, reason="retry", attempt=state.attempt + 1,
                                  not_before=command.at + timedelta(seconds=delay),
-                                 guidance=command.guidance[:20000])
+                                 guidance=command.guidance[:20000], agent_id=state.agent_id or "")
         case RequeueTask():
             if state.status not in WITH_AGENT or state.agent_id != command.agent_id:
                 raise IllegalTransition("task " + state.task_id, state.status,
@@ -386,7 +386,8 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
                 event = TaskFailed(**env, reason=f"agent {command.agent_id} lost; attempts exhausted",
                                    phase=state.status, retryable=False)
             else:
-                event = TaskRequeued(**env, reason=command.reason, attempt=state.attempt + 1)
+                event = TaskRequeued(**env, reason=command.reason, attempt=state.attempt + 1,
+                                     agent_id=command.agent_id)
         case CancelTask():
             if state.final:
                 raise IllegalTransition("task " + state.task_id, state.status, "cancel")

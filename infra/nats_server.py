@@ -15,6 +15,8 @@ from pathlib import Path
 
 from events.errors import ConfigError, StoreUnavailable
 
+from .procutil import die_with_parent
+
 CONF_NAME = "nats-server.conf"
 
 
@@ -96,6 +98,7 @@ class EmbeddedServer:
         self.proc = subprocess.Popen(
             args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent,  # a SIGKILLed `ccc up` must not orphan its server
         )
         ports_file = ports_dir / f"{Path(args[0]).name}_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout

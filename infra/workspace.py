@@ -42,6 +42,8 @@ import structlog
 
 from events.errors import CccError, ConfigError
 
+from .procutil import die_with_parent
+
 log = structlog.get_logger("ccc.workspace")
 
 _ID = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
@@ -356,6 +358,7 @@ class Workspace:
                     cwd=workdir,
                     env=self.environment(env_allow, env),
                     start_new_session=True,
+                    preexec_fn=die_with_parent,  # a SIGKILLed agent must not leave commands running
                 )
             except OSError as exc:  # not found, not executable: a result, not a crash
                 message = f"cannot start {argv[0]!r}: {exc}"

@@ -95,9 +95,10 @@ def _legal_case(event_type: type, status: str) -> tuple[Command, dict]:
     """The command that causes ``event_type`` from ``status`` and the payload expected."""
     if event_type is TaskRequeued:
         if status == "failed":
-            return cmd(RetryTask, backoff_base=10), dict(reason="retry", attempt=2,
+            return cmd(RetryTask, backoff_base=10), dict(reason="retry", attempt=2, agent_id=A1,
                                                          not_before=AT + timedelta(seconds=10))
-        return cmd(RequeueTask, reason="agent_lost", agent_id=A1), dict(reason="agent_lost", attempt=2)
+        return cmd(RequeueTask, reason="agent_lost", agent_id=A1), dict(reason="agent_lost", attempt=2,
+                                                                        agent_id=A1)
     analysis = dict(specialty="frontend", requirements=("a11y",), complexity="medium",
                     priority="high", security_level="internal", dependencies=("acme_repo-1",),
                     reasons=("label",), plan="do it", usage=USAGE)
@@ -213,7 +214,7 @@ def test_retry_increments_attempt_with_exponential_backoff():
         retry = cmd(RetryTask, backoff_base=2.0, backoff_max=5.0)
         due = AT + timedelta(seconds=min(5.0, 2.0 * 2 ** (attempt - 1)))
         task(log).when(retry).then([ev(TaskRequeued, len(log) + 1, reason="retry", attempt=attempt + 1,
-                                       not_before=due)])
+                                       not_before=due, agent_id=A1)])
         log = run([retry, cmd(AssignTask, agent_id=A1, at=due), cmd(StartTask, agent_id=A1),
                    cmd(FailTask, reason="red", agent_id=A1)], log)
     assert fold(log).attempt == 4 and not fold(log).can_retry
@@ -249,7 +250,7 @@ def test_requeue_only_by_the_holding_agent(status, reason):
     log = history(status)
     task(log).when(cmd(RequeueTask, reason=reason, agent_id=A2)).then_raises(IllegalTransition, A2)
     after = task(log).when(cmd(RequeueTask, reason=reason, agent_id=A1)).then(
-        [ev(TaskRequeued, len(log) + 1, reason=reason, attempt=2)])
+        [ev(TaskRequeued, len(log) + 1, reason=reason, attempt=2, agent_id=A1)])
     assert (after.status, after.agent_id, after.attempt, after.not_before) == ("queued", None, 2, None)
 
 
