@@ -187,6 +187,10 @@ def cli(ctx: click.Context, nats_url, data_dir, namespace, log_level) -> None:
 for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS):
     cli.add_command(_command)
 
+from .chaos import chaos_cmd  # noqa: E402 - the fault suite
+
+cli.add_command(chaos_cmd)
+
 
 # -- server -----------------------------------------------------------------------
 async def _provision_at(url: str, settings: Settings, ns: Namespace) -> None:
@@ -373,11 +377,13 @@ def bench_store(obj: CliState, n_events: int, rounds: int, as_json: bool) -> Non
               help="Null agents in the throughput run.")
 @click.option("--sync-interval", default="always", show_default=True, metavar="INTERVAL",
               help='The throwaway server\'s JetStream sync_interval ("always" fsyncs every write; e.g. "1s").')
+@click.option("--immediate-reports", is_flag=True,
+              help="Null agents report back to back instead of after the coordinator's previous reaction.")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Run the coordinator under cProfile; write its stats to DIR (inflates the figures).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def bench_dispatch(agents: int | None, tasks: int, throughput_tasks: int, throughput_agents: int,
-                   sync_interval: str, profile_dir: str | None, as_json: bool) -> None:
+                   sync_interval: str, immediate_reports: bool, profile_dir: str | None, as_json: bool) -> None:
     """Coordinator dispatch latency and orchestration throughput vs raw JetStream.
 
     Latency: issue published -> TaskAssigned observed, one issue at a time, with N idle
@@ -391,7 +397,8 @@ def bench_dispatch(agents: int | None, tasks: int, throughput_tasks: int, throug
     steps = 1 + len(counts) + (1 if throughput_tasks else 0)
     result = _with_progress(steps, lambda progress: run_async(run_dispatch_bench(
         agent_counts=counts, tasks=tasks, throughput_tasks=throughput_tasks, sync_interval=sync_interval,
-        progress=progress, throughput_agents=throughput_agents, profile_dir=profile_dir)))
+        progress=progress, throughput_agents=throughput_agents, profile_dir=profile_dir,
+        immediate_reports=immediate_reports)))
     if as_json:
         emit_json(msgspec.to_builtins(result))
         return

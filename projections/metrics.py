@@ -1,0 +1,419 @@
+"""Prometheus metrics.
+
+Facts of the log are computed from the read model *at scrape time* by a custom
+collector (:class:`ClusterMetrics`), so a restart (which rebuilds the model from the log)
+does not reset them, and every replica of the status API reports the same numbers for
+the same log position. Counts the current states cannot give (events by type, tokens,
+dollars, coder turns, test runs) come from :class:`LogCounters`, a pure fold kept next
+to the read model. Process-side numbers (HTTP requests of this API process, pipeline
+phases of this agent process) are ordinary client metrics: :class:`ApiMetrics`,
+:class:`AgentMetrics`.
+
+Naming follows the seed design (``claude_*``). ``claude_tasks_total`` and
+``claude_agents_total`` keep the seed's names but are gauges: the number of tasks/agents
+*now* in each status (a task moves between statuses, so they go down too). Monotonic
+history is ``claude_events_total{type}``: e.g. ``rate(claude_events_total{type=
+"task.completed"}[1h])``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import time
+from collections import Counter as Tally
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from events.agent import AgentImplementationProduced, AgentTestsRun
+from events.agent_state import AGENT_STATUSES
+from events.store import BadMessage
+from events.task import TaskAnalyzed, TaskTestsStarted, Usage
+from events.task_state import ACTIVE, TaskState
+
+if TYPE_CHECKING:
+    from .read_model import ReadModel
+
+TASK_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+API_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PHASE_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+UNKNOWN = "unknown"
+
+
+# -- counts only the history knows ---------------------------------------------------------
+class LogCounters:
+    """A pure fold of applied events into monotonic counters. Call :meth:`observe` for
+    each event the read model applied, *after* applying it (the task's specialty is read
+    from ``tasks``), or :meth:`apply` to have it skip sequences already seen."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.events: dict[str, int] = {}  # event type tag -> count
+        self.tokens: dict[tuple[str, str, str], int] = {}  # (model, specialty, direction)
+        self.dollars: dict[tuple[str, str], float] = {}  # (model, specialty)
+        self.coder_turns: dict[str, int] = {}  # coder -> turns
+        self.test_runs: dict[str, int] = {}  # outcome -> runs
+
+    def apply(self, seq: int, item: Any, tasks: Mapping[str, TaskState]) -> bool:
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        if isinstance(item, BadMessage):
+            return False
+        self.observe(item, tasks)
+        return True
+
+    def observe(self, event: Any, tasks: Mapping[str, TaskState]) -> None:
+        tag = event.__struct_config__.tag
+        self.events[tag] = self.events.get(tag, 0) + 1
+        # usage is counted where the task's cost is (TaskState.dollars): the analysis, and
+        # the implementation's usage, which the coordinator copies onto task.testing
+        if isinstance(event, TaskAnalyzed):
+            self._usage(event.usage, event.specialty)
+        elif isinstance(event, TaskTestsStarted):
+            task = tasks.get(event.task_id)
+            self._usage(event.usage, task.specialty if task else UNKNOWN)
+        elif isinstance(event, AgentImplementationProduced):
+            coder = event.coder or UNKNOWN
+            self.coder_turns[coder] = self.coder_turns.get(coder, 0) + event.turns
+        elif isinstance(event, AgentTestsRun):
+            outcome = tests_outcome(event)
+            self.test_runs[outcome] = self.test_runs.get(outcome, 0) + 1
+
+    def _usage(self, usage: Usage | None, specialty: str) -> None:
+        if usage is None:
+            return
+        model = usage.model or UNKNOWN
+        for direction, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                             ("cache_read", usage.cache_read_tokens),
+                             ("cache_write", usage.cache_write_tokens)):
+            if n:
+                key = (model, specialty, direction)
+                self.tokens[key] = self.tokens.get(key, 0) + n
+        if usage.dollars:
+            self.dollars[(model, specialty)] = self.dollars.get((model, specialty), 0.0) + usage.dollars
+
+    def snapshot(self) -> dict:
+        return {"events": dict(sorted(self.events.items())),
+                "tokens": {"/".join(k): v for k, v in sorted(self.tokens.items())},
+                "dollars": {"/".join(k): round(v, 9) for k, v in sorted(self.dollars.items())},
+                "coder_turns": dict(sorted(self.coder_turns.items())),
+                "test_runs": dict(sorted(self.test_runs.items()))}
+
+
+def tests_outcome(event: AgentTestsRun) -> str:
+    if event.timed_out:
+        return "timed_out"
+    if event.exit_code is None:
+        return "error"
+    return "passed" if event.exit_code == 0 else "failed"
+
+
+
+def duration_buckets(values: list[float], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs, ending with ``+Inf``, as Prometheus wants them."""
+    values = sorted(values)
+    out, i = [], 0
+    for bound in bounds:
+        while i < len(values) and values[i] <= bound:
+            i += 1
+        out.append((repr(float(bound)), i))
+    out.append(("+Inf", len(values)))
+    return out
+
+
+# -- the collector over the read model -----------------------------------------------------
+class ClusterMetrics(Collector):
+    """Metrics computed from ``model`` (and its ``counters``) at each scrape. Scrape on the
+    thread that applies events (the event loop), so each scrape is one log position."""
+
+    def __init__(
+        self,
+        model: ReadModel,
+        registry: CollectorRegistry | None = None,
+        *,
+        counters: LogCounters | None = None,
+        stream_last_seq: Callable[[], int] | None = None,
+        duration_buckets: tuple[float, ...] = TASK_DURATION_BUCKETS,
+    ) -> None:
+        self.model = model
+        self._counters = counters
+        self.buckets = duration_buckets
+        self.lag_sources: dict[str, tuple[Callable[[], int], Callable[[], int]]] = {}
+        if stream_last_seq is not None:
+            self.add_lag_source("read_model", lambda: self.model.last_seq, stream_last_seq)
+        if registry is not None:
+            registry.register(self)
+
+    @property
+    def counters(self) -> LogCounters | None:
+        return self._counters if self._counters is not None else getattr(self.model, "counters", None)
+
+    def add_lag_source(self, projection: str, applied: Callable[[], int],
+                       stream_last: Callable[[], int]) -> None:
+        """Report ``claude_event_log_lag{projection}`` = stream's last seq - applied seq."""
+        self.lag_sources[projection] = (applied, stream_last)
+
+    def describe(self) -> Iterator[Any]:
+        return self._families(describe=True)
+
+    def collect(self) -> Iterator[Any]:
+        return self._families(describe=False)
+
+    def _families(self, *, describe: bool) -> Iterator[Any]:
+        m = self.model
+        tasks = GaugeMetricFamily("claude_tasks_total", "Tasks now in each status, by specialty (agent_type)",
+                                  labels=["status", "agent_type"])
+        active = GaugeMetricFamily("claude_active_tasks",
+                                   "Tasks held by agents (assigned, in_progress, testing)")
+        durations = HistogramMetricFamily(
+            "claude_task_duration_seconds", "Created to completed, of completed tasks", labels=["agent_type"])
+        agents = GaugeMetricFamily("claude_agents_total", "Agents now in each status", labels=["status"])
+        load = GaugeMetricFamily("claude_agent_load", "Active tasks / capacity, per online agent",
+                                 labels=["agent_id"])
+        cluster_load = GaugeMetricFamily("claude_cluster_load", "Active tasks / capacity of online agents")
+        capacity = GaugeMetricFamily("claude_cluster_capacity", "Task slots on online agents")
+        bad = CounterMetricFamily("claude_bad_events", "Log messages the projection could not apply")
+        lag = GaugeMetricFamily("claude_event_log_lag", "Stream last sequence - applied sequence",
+                                labels=["projection"])
+        applied = GaugeMetricFamily("claude_event_log_applied_seq", "Last stream sequence applied",
+                                    labels=["projection"])
+        events = CounterMetricFamily("claude_events", "Events applied, by type", labels=["type"])
+        tokens = CounterMetricFamily("claude_model_tokens", "Model tokens by model, specialty, direction",
+                                     labels=["model", "specialty", "direction"])
+        dollars = CounterMetricFamily("claude_model_dollars", "Model cost in dollars",
+                                      labels=["model", "specialty"])
+        turns = CounterMetricFamily("claude_coder_turns", "Coder turns", labels=["coder"])
+        tests = CounterMetricFamily("claude_test_runs", "Test runs of the repos under work",
+                                    labels=["outcome"])
+        families = [tasks, active, durations, agents, load, cluster_load, capacity, bad, lag, applied,
+                    events, tokens, dollars, turns, tests]
+        if describe:
+            yield from families
+            return
+
+        by_status: Tally[tuple[str, str]] = Tally()
+        done: dict[str, list[float]] = {}
+        for t in m.tasks.values():
+            by_status[(t.status, t.specialty)] += 1
+            if t.status == "completed":
+                done.setdefault(t.specialty, []).append((t.updated_at - t.created_at).total_seconds())
+        for (status, specialty), n in sorted(by_status.items()):
+            tasks.add_metric([status, specialty], n)
+        active.add_metric([], sum(m.task_status_counts.get(s, 0) for s in ACTIVE))
+        for specialty, values in sorted(done.items()):
+            durations.add_metric([specialty], duration_buckets(values, self.buckets), sum(values))
+
+        agent_status = Tally(a.status for a in m.agents.values())
+        slots = held = 0
+        for status in AGENT_STATUSES:
+            agents.add_metric([status], agent_status.get(status, 0))
+        for aid, a in sorted(m.agents.items()):
+            if a.status != "offline":
+                load.add_metric([aid], a.load)
+                slots += a.capacity
+                held += len(a.active_tasks)
+        cluster_load.add_metric([], held / slots if slots else 0.0)
+        capacity.add_metric([], slots)
+        bad.add_metric([], m.bad_count)
+        for name, (applied_of, last_of) in sorted(self.lag_sources.items()):
+            done_seq = applied_of()
+            lag.add_metric([name], max(0, last_of() - done_seq))
+            applied.add_metric([name], done_seq)
+
+        c = self.counters
+        if c is not None:
+            for tag, n in sorted(c.events.items()):
+                events.add_metric([tag], n)
+            for key, n in sorted(c.tokens.items()):
+                tokens.add_metric(list(key), n)
+            for key, v in sorted(c.dollars.items()):
+                dollars.add_metric(list(key), v)
+            for coder, n in sorted(c.coder_turns.items()):
+                turns.add_metric([coder], n)
+            for outcome, n in sorted(c.test_runs.items()):
+                tests.add_metric([outcome], n)
+        yield from families
+
+
+# -- the status API's own requests -----------------------------------------------------------
+class ApiMetrics:
+    """``claude_api_requests_total{endpoint,method,status}`` and
+    ``claude_api_duration_seconds{endpoint,method}``; ``endpoint`` is the route template
+    (``/api/v1/tasks/{task_id:str}``), never the raw path, so cardinality stays bounded."""
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 buckets: tuple[float, ...] = API_DURATION_BUCKETS) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter("claude_api_requests", "HTTP requests served",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.duration = Histogram("claude_api_duration_seconds", "HTTP request duration",
+                                  ["endpoint", "method"], registry=self.registry, buckets=buckets)
+
+    def middleware(self, app: Any) -> MetricsMiddleware:
+        """Litestar middleware (``Litestar(middleware=[api_metrics.middleware])``) or a
+        wrapper for any ASGI app."""
+        return MetricsMiddleware(app, self)
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.duration.labels(endpoint, method).observe(seconds)
+
+
+class MetricsMiddleware:
+    """ASGI middleware recording :class:`ApiMetrics`. The route template is read from the
+    scope (Litestar sets ``path_template`` when it routes); a request no route matched
+    is recorded as ``<unmatched>``."""
+
+    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message.get("type") == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            endpoint = scope.get("path_template") or "<unmatched>"
+            self.metrics.observe(endpoint, scope.get("method", "GET"), status, time.perf_counter() - start)
+
+
+def metrics_response(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``registry`` and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def metrics_route(registry: CollectorRegistry, *, path: str = "/metrics",
+                  before: Callable[[], Awaitable[None]] | None = None) -> Any:
+    """A Litestar ``GET /metrics`` handler for ``registry``. ``before``: awaited first
+    (e.g. refresh the stream's last sequence for the lag metric)."""
+    from litestar import Response, get
+
+    async def metrics() -> Any:
+        if before is not None:
+            await before()
+        body, content_type = metrics_response(registry)
+        # Litestar would append a second charset to a text/ media type: set the header as is
+        return Response(content=body, media_type=content_type, headers={"content-type": content_type})
+
+    metrics.__annotations__ = {"return": Response}  # resolved here, not in this module's globals
+    return get(path, include_in_schema=False, name="metrics")(metrics)
+
+
+# -- an agent process's own work ---------------------------------------------------------------
+class AgentMetrics:
+    """What an agent process measures about its own work (not facts of the log)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.phase_seconds = Histogram(
+            "claude_agent_phase_duration_seconds", "Pipeline phase duration in this process",
+            ["agent_id", "phase", "outcome"], registry=self.registry, buckets=PHASE_DURATION_BUCKETS)
+        self.tasks = Counter("claude_agent_tasks_processed", "Task attempts finished by this process",
+                             ["agent_id", "outcome"], registry=self.registry)
+        self.running = Gauge("claude_agent_running_tasks", "Tasks this process is working on",
+                             ["agent_id"], registry=self.registry)
+
+    @contextlib.contextmanager
+    def phase(self, agent_id: str, phase: str) -> Iterator[None]:
+        """Time a phase; ``outcome`` is ``ok``, ``error`` or ``cancelled``."""
+        start, outcome = time.perf_counter(), "error"
+        try:
+            yield
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.phase_seconds.labels(agent_id, phase, outcome).observe(time.perf_counter() - start)
+
+
+# -- a tiny /metrics server for processes without the status API --------------------------------
+class MetricsServer:
+    def __init__(self, server: asyncio.base_events.Server, host: str, port: int) -> None:
+        self._server = server
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}/metrics" if ":" in host else f"http://{host}:{self.port}/metrics"
+
+    async def close(self) -> None:
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+async def serve_metrics(port: int = 0, *, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY,
+                        before: Callable[[], Awaitable[None]] | None = None) -> MetricsServer:
+    """Serve ``GET /metrics`` (and ``/healthz``) on the running event loop, so collectors
+    run on the loop's thread. Port 0 picks a free port: read ``.port``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            method, target = (request_line.split(" ") + ["", ""])[:2]
+            headers = {k.strip().lower(): v.strip()
+                       for k, _, v in (h.partition(":") for h in header_lines if h)}
+            path = target.split("?", 1)[0]
+            content_type, extra = "text/plain; charset=utf-8", ""
+            if method not in ("GET", "HEAD"):
+                status, body = "405 Method Not Allowed", b"method not allowed\n"
+            elif path == "/metrics":
+                if before is not None:
+                    await before()
+                body, content_type = metrics_response(registry)
+                status = "200 OK"
+                if "gzip" in headers.get("accept-encoding", ""):
+                    body, extra = gzip.compress(body), "Content-Encoding: gzip\r\n"
+            elif path in ("/", "/healthz"):
+                status, body = "200 OK", b"ok\n"
+            else:
+                status, body = "404 Not Found", b"not found; try /metrics\n"
+            writer.write((f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n{extra}"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1"))
+            if method != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError,
+                ValueError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, host, port)
+    bound = server.sockets[0].getsockname()[1]
+    return MetricsServer(server, host, bound)
+
+
+__all__ = ["AgentMetrics", "ApiMetrics", "ClusterMetrics", "LogCounters", "MetricsMiddleware",
+           "MetricsServer", "metrics_response", "metrics_route", "serve_metrics"]
