@@ -189,6 +189,7 @@ def analyse_issue(issue: IssueRef) -> Analysis:
 
 class RuleAnalyser:
     name = "rules"
+    instant = True  # no I/O: the coordinator may record creation and analysis together
 
     async def analyse(self, issue: IssueRef) -> Analysis:
         return analyse_issue(issue)

@@ -103,6 +103,7 @@ class Coordinator:
         self._loops: list[ConsumerLoop] = []
         self._tasks: list[asyncio.Task] = []
         self._agent_locks: dict[str, asyncio.Lock] = {}
+        self._written: dict[str, int] = {}  # our last append per task: the model must reach it
         self.health = HealthMonitor(nc, ns, self.store, self.model, name=self.config.name,
                                     timeout=self.config.heartbeat_timeout)
         self.assignments = 0
@@ -148,18 +149,48 @@ class Coordinator:
     ) -> tuple[ts.TaskState | None, int]:
         """Decide and append commands on one task in order, from the model's view (or
         ``start``), carrying the new state and sequence locally between them (no wait
-        for the model in the middle of a chain)."""
-        state, last = start if start is not None else (
-            self.model.tasks.get(task_id), self.model.task_seq.get(task_id, 0))
-        for command in commands:
-            events = ts.decide(state, command)
-            if not events:
-                continue
-            seqs = await self.store.append(events, expected_last_seq=last)
-            for event in events:
+        for the model in the middle of a chain).
+
+        The model may lag the log: by our own last write (we wait for it first, free
+        when caught up), or by another coordinator's. A refusal or a conflict on the
+        model's view is therefore checked once against the log itself before it counts."""
+        if start is None:
+            await self._fresh(task_id)
+            try:
+                return await self._append_chain(task_id, commands, self._view(task_id))
+            except (DomainError, ConcurrencyConflict):
+                if not await self._fresh(task_id, from_log=True):
+                    raise  # the view was current: the refusal stands
+                return await self._append_chain(task_id, commands, self._view(task_id))
+        return await self._append_chain(task_id, commands, start)
+
+    def _view(self, task_id: str) -> tuple[ts.TaskState | None, int]:
+        return self.model.tasks.get(task_id), self.model.task_seq.get(task_id, 0)
+
+    async def _append_chain(
+        self, task_id: str, commands: tuple[ts.Command, ...], start: tuple[ts.TaskState | None, int]
+    ) -> tuple[ts.TaskState | None, int]:
+        state, last = start
+        events = []
+        for command in commands:  # decide the whole chain first: it lands as one batch
+            for event in ts.decide(state, command):
                 state = ts.evolve(state, event)
-            last = seqs[-1]
+                events.append(event)
+        if events:
+            last = (await self.store.append(events, expected_last_seq=last))[-1]
+            self._written[task_id] = max(last, self._written.get(task_id, 0))
         return state, last
+
+    async def _fresh(self, task_id: str, *, from_log: bool = False) -> bool:
+        """Bring the model up to our own last write on the task (and, ``from_log``, to
+        the task's last event in the log). Returns True if it had to move."""
+        target = self._written.get(task_id, 0)
+        if from_log:
+            target = max(target, await self.store.last_seq(self.ns.task_filter(task_id)))
+        if target > self.model.task_seq.get(task_id, 0):
+            await self.live.wait_for_seq(target, timeout=10.0)
+            return True
+        return False
 
     async def _catch_up_to(self, seq: int) -> None:
         await self.live.wait_for_seq(seq, timeout=10.0)
@@ -225,30 +256,36 @@ class Coordinator:
         assert isinstance(event, IssueOpened)
         issue = IssueRef(source=event.source, repo=event.repo, number=event.number, title=event.title,
                          body=event.body, labels=event.labels, url=event.url, author=event.author)
-        state = self.model.tasks.get(task_id)
-        last = self.model.task_seq.get(task_id, 0)
-        if state is None:
-            create = ts.CreateTask(at=at, actor=self.config.name, task_id=task_id, issue=issue,
-                                   max_attempts=self.config.max_attempts, causation_id=event.event_id)
+        state, last = self._view(task_id)
+        create = ts.CreateTask(at=at, actor=self.config.name, task_id=task_id, issue=issue,
+                               max_attempts=self.config.max_attempts, causation_id=event.event_id)
+        if state is None and getattr(self.analyser, "instant", False):
+            # the rules answer at once: creation and analysis land as one atomic batch,
+            # one round trip instead of three before the task can be scheduled
             try:
-                events = ts.decide(None, create)
-                [last] = await self.store.append(events, expected_last_seq=0)
-                state = ts.evolve(None, events[0])
+                await self._analyse(task_id, None, 0, event.event_id, create=create, issue=issue)
+                return
             except ConcurrencyConflict:
-                # created already (a repeated issue event, or another coordinator)
+                state, last = await self.store.load_task(task_id)  # a repeat, or another coordinator
+        elif state is None:
+            try:
+                state, last = await self._run(task_id, create, start=(None, 0))
+            except ConcurrencyConflict:
                 state, last = await self.store.load_task(task_id)
-                if state is None:
-                    raise
+        if state is None:
+            raise DomainError(f"task {task_id} could not be created")
         await self._analyse(task_id, state, last, event.event_id)
 
-    async def _analyse(self, task_id: str, state: ts.TaskState, last: int, cause: str | None) -> None:
-        if state.status not in ("pending", "analyzing"):
+    async def _analyse(self, task_id: str, state: ts.TaskState | None, last: int, cause: str | None, *,
+                       create: ts.CreateTask | None = None, issue: IssueRef | None = None) -> None:
+        if state is not None and state.status not in ("pending", "analyzing"):
             return  # a repeated issue event: nothing to do
         at = utcnow()
         actor = self.config.name
+        first = [create] if create is not None else []
         begin = [ts.StartAnalysis(at=at, actor=actor, analyser=self.analyser.name, causation_id=cause)] \
-            if state.status == "pending" else []
-        analysis = await self.analyser.analyse(state.issue)
+            if state is None or state.status == "pending" else []
+        analysis = await self.analyser.analyse(issue if state is None else state.issue)
         record = ts.RecordAnalysis(
             at=utcnow(), actor=actor, causation_id=cause, specialty=analysis.specialty,
             requirements=analysis.requirements, complexity=analysis.complexity,
@@ -256,7 +293,7 @@ class Coordinator:
             dependencies=analysis.dependencies, reasons=analysis.reasons, plan=analysis.plan,
             usage=analysis.usage,
         )
-        await self._run(task_id, *begin, record, start=(state, last))
+        await self._run(task_id, *first, *begin, record, start=(state, last))
         log.info("task.analysed", task_id=task_id, specialty=analysis.specialty,
                  priority=analysis.priority, dependencies=list(analysis.dependencies))
         self.kick()
@@ -283,7 +320,11 @@ class Coordinator:
         task_id = getattr(event, "task_id", None)
         if task_id is None:
             return  # registration, maintenance, errors: the scheduler reacts to the model
+        await self._fresh(task_id)
         state = self.model.tasks.get(task_id)
+        if state is not None and (getattr(event, "attempt", 0) or state.attempt) != state.attempt:
+            await self._fresh(task_id, from_log=True)  # a report can only be ahead of a stale view
+            state = self.model.tasks.get(task_id)
         if state is None:
             raise DomainError(f"report about unknown task {task_id}")
         attempt = getattr(event, "attempt", 0)

@@ -11,7 +11,8 @@ Ack policy lives here and only here:
 * anything else                     -> nak with backoff; after ``max_deliver``
                                        attempts it is parked as a dead letter and termed
 
-Concurrency is bounded by a semaphore (and by ``max_ack_pending`` on the server).
+Concurrency is bounded by asking for no more messages than there are free handler
+slots (and by ``max_ack_pending`` on the server).
 Shutdown: stop fetching, wait for in-flight handlers (up to ``grace``), cancel the
 rest (their messages are not acked, so they are redelivered to whoever is next).
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from datetime import datetime, timezone
 from collections.abc import Awaitable, Callable
 
@@ -72,8 +75,10 @@ class ConsumerLoop:
         self.deliver_policy = deliver_policy
         self.inactive_threshold = inactive_threshold
         self.name = name or durable
-        self._slots = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task] = set()
+        self._outstanding = 0  # messages asked for and not yet delivered
+        self._asked_at = self._delivered_at = 0.0
+        self._sub = None
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.handled = 0
@@ -95,52 +100,66 @@ class ConsumerLoop:
             config.filter_subject = self.filter_subjects[0]
         else:
             config.filter_subjects = self.filter_subjects
-        self._psub = await self.js.pull_subscribe_bind(
-            durable=self.durable, stream=self.stream,
-        ) if await self._exists() else await self.js.pull_subscribe(
-            self.filter_subjects[0] if len(self.filter_subjects) == 1 else "",
-            durable=self.durable, stream=self.stream, config=config,
-        )
-        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
-
-    async def _exists(self) -> bool:
+        jsm = self.js._jsm  # noqa: SLF001 - the manager nats-py builds for this context
         try:
-            await self.js._jsm.consumer_info(self.stream, self.durable)
-            return True
+            await jsm.consumer_info(self.stream, self.durable)
         except nats.js.errors.NotFoundError:
-            return False
+            await jsm.add_consumer(self.stream, config=config)
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
+        self._task = asyncio.create_task(self._watchdog(), name=f"consumer-{self.name}")
+        await self._pull()
 
-    async def _fetch(self) -> list[Msg]:
+    # -- continuous pull ---------------------------------------------------------------
+    # Pull requests ask for as many messages as there are free handler slots; the
+    # server delivers each one the moment it exists and the handler starts at once
+    # (no waiting for a batch to fill, no client-side linger). Requests expire after
+    # PULL_EXPIRES; the server then says how many it did not deliver (408), and we ask
+    # again. A watchdog re-asks if a request was lost (e.g. across a reconnect).
+    PULL_EXPIRES = 2.0
+
+    async def _pull(self) -> None:
+        if self._stopping.is_set():
+            return
+        free = self.concurrency - len(self._inflight) - self._outstanding
+        if free <= 0 or (self._outstanding and free < max(1, self.concurrency // 2)):
+            return  # enough is on its way; ask again when more slots are free
+        self._outstanding += free
+        self._asked_at = time.monotonic()
+        request = {"batch": free, "expires": int(self.PULL_EXPIRES * 1e9)}
         try:
-            msgs = await self._psub.fetch(1, timeout=1.0)
-        except (asyncio.TimeoutError, nats.errors.TimeoutError):
-            return []
-        # then take whatever else is already waiting, without lingering
-        free = self._slots._value  # noqa: SLF001 - a hint only; the semaphore still guards
-        if free > 1:
-            try:
-                msgs += await self._psub.fetch(min(free - 1, 64), timeout=0.005)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                pass
-        return msgs
+            await self.nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+        except (nats.errors.Error, OSError) as e:
+            self._outstanding -= free
+            log.warning("actor.pull_failed", actor=self.name, error=str(e))
 
-    async def _run(self) -> None:
+    def _pull_soon(self, *_: object) -> None:
+        if not self._stopping.is_set():
+            asyncio.ensure_future(self._pull())
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None and not msg.data:
+            if status in ("408", "409"):  # request expired / ended: what was not delivered
+                missing = msg.headers.get("Nats-Pending-Messages")
+                self._outstanding = max(0, self._outstanding - int(missing)) if missing else 0
+                await self._pull()
+            return  # 100 = idle heartbeat
+        self._outstanding = max(0, self._outstanding - 1)
+        self._delivered_at = time.monotonic()
+        task = asyncio.create_task(self._handle(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        task.add_done_callback(self._pull_soon)
+
+    async def _watchdog(self) -> None:
         while not self._stopping.is_set():
-            await self._slots.acquire()
-            self._slots.release()
-            try:
-                msgs = await self._fetch()
-            except (nats.errors.Error, OSError) as e:
-                if self._stopping.is_set():
-                    break
-                log.warning("actor.fetch_failed", actor=self.name, error=str(e))
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._slots.acquire()
-                task = asyncio.create_task(self._handle(msg))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+            await asyncio.sleep(self.PULL_EXPIRES + 0.5)
+            quiet = time.monotonic() - max(self._asked_at, self._delivered_at)
+            if quiet > self.PULL_EXPIRES + 0.5 and self._outstanding:
+                self._outstanding = 0  # the request's end never came: ask afresh
+            await self._pull()
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -178,8 +197,6 @@ class ConsumerLoop:
             # the ack could not be sent: the message will be redelivered, and the
             # handler's appends are idempotent, so this is safe
             log.warning("actor.ack_failed", actor=self.name, error=str(e))
-        finally:
-            self._slots.release()
 
     async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
         md = msg.metadata
@@ -199,6 +216,9 @@ class ConsumerLoop:
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping.set()
+        if self._sub is not None:  # stop taking work: no more deliveries to us
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -210,5 +230,3 @@ class ConsumerLoop:
             for t in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-        with contextlib.suppress(Exception):
-            await self._psub.unsubscribe()

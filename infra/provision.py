@@ -30,6 +30,7 @@ def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.St
         deny_delete=True,  # the log is the database: events are never removed
         deny_purge=True,
         allow_direct=True,  # fast last-by-subject reads for optimistic concurrency
+        allow_atomic=True,  # a decision's events land all together or not at all
         max_msg_size=512 * 1024,
         discard=api.DiscardPolicy.NEW,  # if a limit is ever set, refuse rather than lose
     )

@@ -152,3 +152,22 @@ def test_evolve_of_loaded_history_matches(store):
     # sanity: the helper used above builds valid events
     ev = created("x-1")
     assert evolve(None, ev[0]).status == "pending"
+
+
+async def test_several_events_append_atomically(store):
+    from events.task_state import RecordAnalysis
+
+    [first] = created("acme_app-1")
+    state = evolve(None, first)
+    started = decide(state, StartAnalysis(at=NOW, actor="c"))
+    analysed = decide(evolve(state, started[0]), RecordAnalysis(at=NOW, actor="c", specialty="backend"))
+    seqs = await store.append([first, *started, *analysed], expected_last_seq=0)
+    assert seqs == [1, 2, 3]
+    state, last = await store.load_task("acme_app-1")
+    assert state.status == "queued" and last == 3
+    # a stale batch: nothing of it lands
+    [other] = created("acme_app-2", 2)
+    with pytest.raises(ConcurrencyConflict):
+        await store.append([other, *decide(evolve(None, other), StartAnalysis(at=NOW, actor="c"))],
+                           expected_last_seq=5)
+    assert await store.last_seq() == 3
