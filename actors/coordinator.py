@@ -16,6 +16,7 @@ Inputs:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from datetime import datetime, timezone
 
@@ -104,6 +105,9 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self._agent_locks: dict[str, asyncio.Lock] = {}
         self._written: dict[str, int] = {}  # our last append per task: the model must reach it
+        # task -> [agent, seq of the assignment once appended]: intake's direct assignments
+        # that the model does not show yet
+        self._reserved: dict[str, list] = {}
         self.health = HealthMonitor(nc, ns, self.store, self.model, name=self.config.name,
                                     timeout=self.config.heartbeat_timeout)
         self.assignments = 0
@@ -293,10 +297,46 @@ class Coordinator:
             dependencies=analysis.dependencies, reasons=analysis.reasons, plan=analysis.plan,
             usage=analysis.usage,
         )
-        await self._run(task_id, *first, *begin, record, start=(state, last))
+        chain = [*first, *begin, record]
+        assign = self._direct_assignment(task_id, state, chain)
+        try:
+            _, seq = await self._run(task_id, *chain, *assign, start=(state, last))
+        except BaseException:
+            self._reserved.pop(task_id, None)
+            raise
+        if assign:
+            self._reserved[task_id][1] = seq
         log.info("task.analysed", task_id=task_id, specialty=analysis.specialty,
                  priority=analysis.priority, dependencies=list(analysis.dependencies))
         self.kick()
+
+    def _direct_assignment(self, task_id: str, state: ts.TaskState | None,
+                           chain: list[ts.Command]) -> list[ts.Command]:
+        """If an agent is free right now, assign in the same batch as the analysis (one
+        round trip from issue to assignment instead of two hops through the log). The
+        agent is reserved until the model shows the assignment, so a scheduling pass in
+        between cannot give the same slot away."""
+        for command in chain:
+            for event in ts.decide(state, command):
+                state = ts.evolve(state, event)
+        if state is None or state.status != "queued":
+            return []
+        tasks = collections.ChainMap({task_id: state}, self.model.tasks)
+        plan = plan_assignments(tasks, self.model.agents, utcnow(), held=self._held(), queued=[task_id])
+        if not plan:
+            return []
+        self._reserved[task_id] = [plan[0][1], None]
+        return [ts.AssignTask(at=utcnow(), actor=self.config.name, agent_id=plan[0][1])]
+
+    def _held(self) -> dict[str, int]:
+        """Tasks per agent by the model, plus our reservations it does not show yet."""
+        held = self.model.held()
+        for task_id, (agent_id, seq) in list(self._reserved.items()):
+            if seq is not None and self.model.task_seq.get(task_id, 0) >= seq:
+                del self._reserved[task_id]  # the model shows the assignment now
+                continue
+            held[agent_id] = held.get(agent_id, 0) + 1
+        return held
 
     # -- agent reports -----------------------------------------------------------------
     async def _on_agent_event(self, msg: Msg) -> None:
@@ -413,7 +453,8 @@ class Coordinator:
         if not model.queued:
             return 0
         now = utcnow()
-        plan = plan_assignments(model.tasks, model.agents, now, held=model.held(), queued=model.queued)
+        plan = plan_assignments(model.tasks, model.agents, now, held=self._held(),
+                                queued=[t for t in model.queued if t not in self._reserved])
         if not plan:
             return 0
         items = []
