@@ -103,7 +103,8 @@ async def run_pipeline(
         ws = Workspace.create(settings.workspace_root, agent_id, task.task_id, {
             "repo": issue.repo, "issue": issue.number, "attempt": attempt, "title": issue.title})
         url = forge.clone_url(issue.repo)
-        await asyncio.to_thread(gitops.clone, url, ws.repo_dir, env=forge.git_env(issue.repo))
+        git_env = await asyncio.to_thread(forge.git_env, issue.repo)  # may mint an App token
+        await asyncio.to_thread(gitops.clone, url, ws.repo_dir, env=git_env)
         base_branch = gitops.default_branch(ws.repo_dir)
         base_commit = gitops.head_sha(ws.repo_dir) or ""
         await report("agent.workspace_prepared", path=str(ws.path), base_commit=base_commit)
@@ -171,7 +172,8 @@ async def run_pipeline(
         message = f"{issue.title}\n\n{outcome.summary}\n\nResolves {issue.repo}#{issue.number} (task {task.task_id}, attempt {attempt})"
         commit = await asyncio.to_thread(gitops.commit_all, ws.repo_dir, message,
                                          settings.author_name, settings.author_email)
-        await asyncio.to_thread(gitops.push, ws.repo_dir, branch, env=forge.git_env(issue.repo))
+        await asyncio.to_thread(gitops.push, ws.repo_dir, branch,
+                                env=await asyncio.to_thread(forge.git_env, issue.repo))
         await report("agent.changes_pushed", branch=branch, commit=commit)
 
         # 6. pull request (a draft when the budget ran out or tests did not pass)

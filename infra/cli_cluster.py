@@ -27,7 +27,17 @@ from events.subjects import check_id
 from projections.read_model import ReadModel
 
 from .cli_read import emit_json, print_table, tasks_cmd, until_signal
-from .cluster import ClusterOptions, LocalCluster, hand_back_now, make_coder, parse_specialties
+from .cluster import (
+    ANALYSERS,
+    CODERS,
+    FORGES,
+    ClusterOptions,
+    LocalCluster,
+    hand_back_now,
+    make_coder,
+    make_forge,
+    parse_specialties,
+)
 from .forge_local import ForgeError, LocalForge
 from .settings import load_settings
 
@@ -127,6 +137,18 @@ shutdown_grace_option = click.option(
     help="On Ctrl-C/SIGTERM, seconds running tasks get to finish before they are handed back.")
 
 
+def coder_options(fn):
+    """--coder/--model/--forge, shared by `up` and `agent`."""
+    fn = click.option("--forge", type=click.Choice(FORGES), default="local", show_default=True,
+                      help="Where repos live and PRs open: the local forge, or GitHub "
+                           "(GITHUB_TOKEN or GITHUB_APP_*; GITHUB_API_URL for Enterprise).")(fn)
+    fn = click.option("--model", default=None, help="Claude model for the coder [default: the coder's].")(fn)
+    fn = click.option("--coder", type=click.Choice(CODERS), default="scripted", show_default=True,
+                      help="scripted: replays recorded sessions (offline); anthropic: the Messages API "
+                           "tool loop (ANTHROPIC_API_KEY); claude-code: the `claude` CLI, headless.")(fn)
+    return fn
+
+
 # -- ccc up ------------------------------------------------------------------------------
 @click.command("up")
 @click.option("--agents", type=click.IntRange(0, 64), default=3, show_default=True)
@@ -137,7 +159,10 @@ shutdown_grace_option = click.option(
 @click.option("--api-port", type=click.IntRange(0, 65535), default=None,
               help="Status API port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
 @click.option("--no-api", is_flag=True, help="Do not serve the status API.")
-@click.option("--coder", default="scripted", show_default=True)
+@coder_options
+@click.option("--analyser", type=click.Choice(ANALYSERS), default="rules", show_default=True,
+              help="claude: ask Claude for specialty, complexity, dependencies and a plan (falls back "
+                   "to the rules when it fails or is not configured).")
 @click.option("--script-dir", type=click.Path(file_okay=False), help="Recorded sessions for the scripted coder.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
               help="Seconds of silence after which an agent is declared lost and its tasks re-queued.")
@@ -150,8 +175,8 @@ shutdown_grace_option = click.option(
               help="Attempts per task (new tasks).")
 @shutdown_grace_option
 @click.pass_obj
-def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_dir, heartbeat_timeout,
-           heartbeat_interval, retry_base, max_attempts, shutdown_grace) -> None:
+def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, model, forge, analyser, script_dir,
+           heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
     settings = obj.settings()
@@ -161,12 +186,14 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, script_d
     options = ClusterOptions(
         agents=agents, specialties=parse_specialties(specialties), capacity=capacity,
         api_port=None if no_api else (settings.api_port if api_port is None else api_port),
-        coder=coder, script_dir=script_dir, heartbeat_timeout=heartbeat_timeout,
+        coder=coder, model=model, forge=forge, analyser=analyser, script_dir=script_dir,
+        heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=heartbeat_interval, retry_base=retry_base, max_attempts=max_attempts,
         shutdown_grace=shutdown_grace, agent_prefix=_agent_prefix(settings.nats_url),
     )
     options.validate()
-    make_coder(coder, script_dir)  # bad --coder fails before anything starts
+    make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
+    make_forge(forge, settings.data_dir / "forge")
 
     async def main() -> None:
         cluster = LocalCluster(settings, obj.ns, options)
@@ -222,7 +249,7 @@ def _print_up(cluster: LocalCluster, ns) -> None:
 @click.option("--capacity", type=click.IntRange(1, 32), default=1, show_default=True)
 @click.option("--clearance", type=click.Choice(["public", "internal", "confidential", "restricted"]),
               default="internal", show_default=True)
-@click.option("--coder", default="scripted", show_default=True)
+@coder_options
 @click.option("--script-dir", type=click.Path(file_okay=False))
 @click.option("--forge-root", type=click.Path(file_okay=False),
               help="Local forge [default: <data-dir>/forge].")
@@ -231,30 +258,28 @@ def _print_up(cluster: LocalCluster, ns) -> None:
 @click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
 @shutdown_grace_option
 @click.pass_obj
-def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, script_dir, forge_root,
-              workspace_root, heartbeat_interval, shutdown_grace) -> None:
+def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, script_dir,
+              forge_root, workspace_root, heartbeat_interval, shutdown_grace) -> None:
     """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
     from actors.agent import Agent, AgentConfig
     from actors.pipeline import PipelineSettings
-
-    from .forge import LocalForgeClient
 
     specialties = parse_specialties(",".join(specialty_list))
     settings = obj.settings()
     host = os.uname().nodename.split(".")[0]
     agent_id = check_id(agent_id or f"{host}-{specialties[0]}-{uuid.uuid4().hex[:6]}", "agent id")
-    forge = LocalForgeClient(Path(forge_root) if forge_root else settings.data_dir / "forge")
+    forge_client = make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
     config = AgentConfig(
         agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
         heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
         pipeline=PipelineSettings(workspace_root=str(workspace_root or settings.data_dir / "workspaces")),
     )
 
-    coder_impl = make_coder(coder, script_dir)  # a bad --coder fails before connecting
+    coder_impl = make_coder(coder, script_dir, model)  # a bad --coder fails before connecting
     _require_running_nats(obj)
 
     async def run(nc) -> None:
-        agent = Agent(nc, obj.ns, config, coder=coder_impl, forge=forge)
+        agent = Agent(nc, obj.ns, config, coder=coder_impl, forge=forge_client)
         with StopSignals(lambda: hand_back_now(agent)) as signals:
             try:
                 await agent.start()

@@ -19,6 +19,7 @@ import structlog
 from nats.aio.client import Client
 
 from actors.agent import Agent, AgentConfig
+from actors.analysis import Analyser, RuleAnalyser
 from actors.coordinator import Coordinator, CoordinatorConfig
 from actors.pipeline import PipelineSettings
 from events.errors import ConfigError, StoreUnavailable
@@ -42,6 +43,9 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     capacity: int = 1
     api_port: int | None = 8080  # None: no status API
     coder: str = "scripted"
+    model: str | None = None
+    analyser: str = "rules"
+    forge: str = "local"
     script_dir: str | None = None
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 10.0
@@ -71,10 +75,50 @@ def parse_specialties(text: str) -> tuple[str, ...]:
     return items
 
 
-def make_coder(kind: str, script_dir: str | None) -> Coder:
+CODERS = ("scripted", "anthropic", "claude-code")
+ANALYSERS = ("rules", "claude")
+FORGES = ("local", "github")
+
+
+def make_coder(kind: str, script_dir: str | None, model: str | None = None) -> Coder:
+    """The coder backend an agent uses; heavy SDKs are imported only when chosen."""
     if kind == "scripted":
         return ScriptedCoder(Path(script_dir) if script_dir else None)
-    raise ConfigError(f"--coder {kind!r}: this build has 'scripted'")
+    if kind == "anthropic":
+        if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+            raise ConfigError("--coder anthropic needs ANTHROPIC_API_KEY (ANTHROPIC_BASE_URL is honoured)")
+        from .coders.anthropic_coder import DEFAULT_MODEL, AnthropicCoder
+
+        return AnthropicCoder(default_model=model or DEFAULT_MODEL)
+    if kind == "claude-code":
+        from .coders.claude_cli import ClaudeCodeCoder
+
+        coder = ClaudeCodeCoder(default_model=model)
+        if not coder.available():
+            raise ConfigError("--coder claude-code: the `claude` CLI is not on PATH")
+        return coder
+    raise ConfigError(f"--coder {kind!r}: choose one of {', '.join(CODERS)}")
+
+
+def make_analyser(kind: str) -> Analyser:
+    if kind == "claude":
+        from actors.claude_analysis import ClaudeAnalyser
+
+        return ClaudeAnalyser()  # falls back to the rules by itself, saying why
+    if kind == "rules":
+        return RuleAnalyser()
+    raise ConfigError(f"--analyser {kind!r}: choose one of {', '.join(ANALYSERS)}")
+
+
+def make_forge(kind: str, forge_root: Path):
+    """The forge agents push to and open pull requests on."""
+    if kind == "local":
+        return LocalForgeClient(forge_root)
+    if kind == "github":
+        from .forge_github import GitHubForge
+
+        return GitHubForge()  # GITHUB_TOKEN / GITHUB_APP_* / GITHUB_API_URL; ConfigError if none
+    raise ConfigError(f"--forge {kind!r}: choose one of {', '.join(FORGES)}")
 
 
 def hand_back_now(agent: Agent) -> None:
@@ -98,6 +142,8 @@ class LocalCluster:
         self.url = settings.nats_url or ""
         self._url_file: Path | None = None
         self._lock_fd: int | None = None
+        self.forge = None
+        self.forge_sync = None
 
     @property
     def forge_root(self) -> Path:
@@ -119,10 +165,16 @@ class LocalCluster:
             tmp.replace(self._url_file)
         self.nc = await connect(self.url, name="ccc-up", settings=s)
         await provision(self.nc, self.ns, replicas=s.replicas)
+        self.forge = make_forge(o.forge, self.forge_root)
         self.coordinator = Coordinator(self.nc, self.ns, CoordinatorConfig(
             heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
-            max_attempts=o.max_attempts))
+            max_attempts=o.max_attempts), analyser=make_analyser(o.analyser))
         await self.coordinator.start()
+        if o.forge == "github":  # labels and the tracking comment follow the task events
+            from actors.forge_sync import ForgeSync
+
+            self.forge_sync = ForgeSync(self.nc, self.ns, self.forge, live=self.coordinator.live)
+            await self.forge_sync.start()
         for i in range(o.agents):
             specialty = o.specialties[i % len(o.specialties)]
             agent = Agent(self.nc, self.ns, AgentConfig(
@@ -131,7 +183,7 @@ class LocalCluster:
                 shutdown_grace=o.shutdown_grace,
                 pipeline=PipelineSettings(workspace_root=str(self.workspace_root),
                                           test_timeout=o.test_timeout),
-            ), coder=make_coder(o.coder, o.script_dir), forge=LocalForgeClient(self.forge_root))
+            ), coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge)
             await agent.start()
             self.agents.append(agent)
         if o.api_port is not None:
@@ -213,6 +265,12 @@ class LocalCluster:
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.stop()
+        if self.forge_sync is not None:
+            with contextlib.suppress(Exception):
+                await self.forge_sync.stop()
+        if self.forge is not None and hasattr(self.forge, "close"):
+            with contextlib.suppress(Exception):
+                self.forge.close()
         if self.coordinator is not None:
             with contextlib.suppress(Exception):
                 await self.coordinator.stop()
