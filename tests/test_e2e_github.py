@@ -70,7 +70,8 @@ async def deliver(url: str, event: str, body: dict) -> httpx.Response:
         return await client.post(f"{url}/webhook", content=raw, headers=headers)
 
 
-async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_github: FakeGitHub, fake_anthropic):
+async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_github: FakeGitHub,
+                                              fake_anthropic):  # noqa: F811 - the fixture
     server, base_url = fake_anthropic
     server.add(
         tool_call("edit_file", {"path": "calc.py", "old_string": "return a - b", "new_string": "return a + b"}),
