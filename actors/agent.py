@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from events import agent_state as ag
 from events.agent import Heartbeat
@@ -31,7 +34,9 @@ from events.store import EventStore
 from events.subjects import Namespace
 from events.task import TaskAssigned
 from infra.coders.base import Coder
+from infra.tracing import get_tracer
 from infra.workspace import Workspace, cleanup_expired
+from projections.metrics import AgentMetrics
 
 from .pipeline import ForgeClient, PhaseFailed, PipelineSettings, run_pipeline
 from .runtime import ConsumerLoop
@@ -75,13 +80,14 @@ class ObjectStoreArtifacts:
 
 class Agent:
     def __init__(self, nc: Client, ns: Namespace, config: AgentConfig, *, coder: Coder,
-                 forge: ForgeClient) -> None:
+                 forge: ForgeClient, metrics: AgentMetrics | None = None) -> None:
         self.nc = nc
         self.ns = ns
         self.config = config
         self.id = config.agent_id
         self.coder = coder
         self.forge = forge
+        self.metrics = metrics
         self.store = EventStore(nc, ns)
         self.artifacts = ObjectStoreArtifacts(nc, ns.artifacts_bucket)
         self.state: ag.AgentState | None = None
@@ -249,11 +255,28 @@ class Agent:
     async def _work(self, task) -> None:
         tid, attempt = task.task_id, task.attempt
 
+        phase_start = [time.perf_counter(), time.time_ns()]
+        tracer = get_tracer()
+
         async def report(kind: str, **fields) -> None:
+            # each report ends a pipeline phase: time it and give it a span of its own
+            phase = kind.removeprefix("agent.")
+            now, now_ns = time.perf_counter(), time.time_ns()
+            if self.metrics is not None:
+                self.metrics.phase_seconds.labels(self.id, phase, "error" if phase == "work_failed" else "ok") \
+                    .observe(now - phase_start[0])
+            tracer.start_span(f"pipeline.{phase}", start_time=phase_start[1],
+                              attributes={"ccc.task_id": tid, "ccc.attempt": attempt}).end(end_time=now_ns)
+            phase_start[:] = [now, now_ns]
             await self._append(ag.ReportWork(at=utcnow(), actor=self.id, task_id=tid, attempt=attempt,
                                              kind=kind, fields=fields))
 
         outcome = "done"
+        if self.metrics is not None:
+            self.metrics.running.labels(self.id).inc()
+        span = tracer.start_span("agent.task", attributes={"ccc.task_id": tid, "ccc.attempt": attempt,
+                                                          "ccc.agent_id": self.id})
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
             await run_pipeline(agent_id=self.id, task=task, settings=self.config.pipeline,
                                coder=self.coder, forge=self.forge, artifacts=self.artifacts,
@@ -272,6 +295,12 @@ class Agent:
             await self._reregister()
             return
         finally:
+            otel_context.detach(token)
+            span.set_attribute("ccc.outcome", outcome)
+            span.end()
+            if self.metrics is not None:
+                self.metrics.running.labels(self.id).dec()
+                self.metrics.tasks.labels(self.id, outcome).inc()
             with contextlib.suppress(Exception):
                 Workspace.open(self.config.pipeline.workspace_root, self.id, tid).mark_finished(outcome=outcome)
         try:

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from events.codec import encode
+from infra.tracing import span_from_msg
 from events.dead_letter import DeadLetter
 from events.errors import BadEventError, CccError, DomainError
 
@@ -166,7 +167,10 @@ class ConsumerLoop:
             delivered = msg.metadata.num_delivered
             seq = msg.metadata.sequence.stream
             try:
-                await self.handler(msg)
+                # a consumer span, child of the trace the message carries
+                with span_from_msg(None, f"{self.name} handle", msg, **{"ccc.consumer": self.durable,
+                                                                        "ccc.delivery": delivered}):
+                    await self.handler(msg)
             except DomainError as e:
                 log.info("actor.decision_refused", actor=self.name, seq=seq, subject=msg.subject, reason=str(e))
             except BadEventError as e:

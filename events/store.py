@@ -25,6 +25,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import api
+from opentelemetry import propagate
 
 from .agent import AgentEvent
 from .agent_state import AgentState
@@ -82,6 +83,7 @@ class EventStore:
     def _message(self, event: Event, expected: int | None) -> tuple[str, bytes, dict[str, str]]:
         subject = self.ns.subject(event.rel_subject)
         headers = {MSG_ID: event.event_id}
+        propagate.inject(headers)  # W3C traceparent: one trace spans coordinator and agents
         if expected is not None:
             headers[EXPECTED_SEQ] = str(expected)
             headers[EXPECTED_SEQ_SUBJECT] = self.ns.scope_of(subject) or subject

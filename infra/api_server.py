@@ -87,6 +87,7 @@ class ApiServer:
             raise RuntimeError("ApiServer already started")
         sock = _bind(self.host, self.port)  # first: a port in use fails before any replay
         self.port = sock.getsockname()[1]
+        app = create_app(self.live)  # before the replay: its metrics fold rides along from seq 1
         if self._owns_live:
             try:
                 await self.live.start()
@@ -94,7 +95,7 @@ class ApiServer:
                 sock.close()
                 raise
         config = uvicorn.Config(
-            create_app(self.live), host=self.host, port=self.port, log_level="warning",
+            app, host=self.host, port=self.port, log_level="warning", log_config=None,
             lifespan="on", timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
         )
         self._server = server = _Server(config)

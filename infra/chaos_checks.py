@@ -197,13 +197,14 @@ def check_log(
         for seq, e in hist:
             if isinstance(e, TaskCreated):
                 created_per_issue[(e.issue.repo, e.issue.number)] += 1
+            if isinstance(e, TaskAssigned):
+                assigned[e.attempt] += 1  # counted even where the fold breaks
             try:
                 new = evolve_task(state, e)
             except DomainError as err:
                 tally.add("illegal", f"task {tid} seq {seq} {e.__struct_config__.tag}: {err}")
                 break
             if isinstance(e, TaskAssigned):
-                assigned[e.attempt] += 1
                 if state is not None and e.attempt != state.attempt:
                     tally.add("illegal", f"task {tid} seq {seq}: assigned as attempt {e.attempt}, "
                                          f"task is at attempt {state.attempt}")

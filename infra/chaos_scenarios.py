@@ -226,9 +226,11 @@ async def busy_agent(w: World, exclude: tuple[str, ...] = (), status: str = "in_
     return agent, held
 
 
-def moved_on(w: World, held: dict[str, int]) -> bool:
+def taken_by_other(w: World, held: dict[str, int], agent: str) -> bool:
+    """Every task ``agent`` held is done or, in a later attempt, with another agent."""
     tasks = w.tracker.model.tasks
-    return all(tasks[t].attempt > a or tasks[t].status in ("review", "completed") for t, a in held.items())
+    return all(tasks[t].status in ("review", "completed")
+               or (tasks[t].attempt > a and tasks[t].agent_id not in (None, agent)) for t, a in held.items())
 
 
 def requeued_mark(held: dict[str, int], t0: float, reason: str) -> Mark:
@@ -326,8 +328,8 @@ async def kill_agent(w: World) -> None:
     w.fault.count += 1
     w.fault.marks.append(requeued_mark(held, t_kill, "agent_lost"))
     w.fault.checks.append(finished_by_other(held, victim))
-    if not await w.tracker.wait(lambda: moved_on(w, held), hb * 5 + 20):
-        w.fault.violations.append(f"scenario: {sorted(held)} of killed {victim} not re-queued in time")
+    if not await w.tracker.wait(lambda: taken_by_other(w, held, victim), hb * 5 + 20):
+        w.fault.violations.append(f"scenario: {sorted(held)} of killed {victim} not given to another agent in time")
         return
     # a stalled agent (SIGSTOP) is the one that can really report stale work: it
     # resumes believing it still holds its task, after the task was given to another
@@ -339,7 +341,7 @@ async def kill_agent(w: World) -> None:
     w.fault.marks.append(requeued_mark(stalled_held, t_stop, "agent_lost"))
     w.fault.checks.append(finished_by_other(stalled_held, stalled))
     try:
-        await w.tracker.wait(lambda: moved_on(w, stalled_held), hb * 5 + 20)
+        await w.tracker.wait(lambda: taken_by_other(w, stalled_held, stalled), hb * 5 + 20)
     finally:
         paused.signal(signal.SIGCONT, group=True)
     proc.start()  # the killed agent comes back with the same id

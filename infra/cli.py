@@ -12,7 +12,6 @@ else. Click's own usage errors keep click's format and exit code 2.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 import click
 import msgspec
 import nats.errors
-import structlog
 
 from events.errors import CccError, ConfigError, StoreUnavailable
 from events.store import EventStore
@@ -120,25 +118,6 @@ async def _drop_stale_url_file(settings: Settings) -> None:
         url_file.unlink(missing_ok=True)
 
 
-def configure_logging(level: str) -> None:
-    """structlog to stderr (looked up at each call, so a swapped stderr still works)."""
-
-    class _StderrFactory:
-        def __call__(self, *args):
-            return structlog.PrintLogger(sys.stderr)
-
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=_StderrFactory(),
-        cache_logger_on_first_use=False,
-    )
-
-
 class CccGroup(click.Group):
     """Turns the project's errors into one line on stderr and an exit code."""
 
@@ -175,12 +154,21 @@ class CccGroup(click.Group):
               help="Subject prefix / stream names: several clusters can share one NATS [env CCC_NAMESPACE].")
 @click.option("--log-level", envvar="CCC_LOG_LEVEL", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               default="warning", show_default=True, help="Log level (logs go to stderr) [env CCC_LOG_LEVEL].")
+@click.option("--log-format", envvar="CCC_LOG_FORMAT", type=click.Choice(["auto", "json", "console"]),
+              default="auto", show_default=True,
+              help="auto: JSON lines unless stderr is a terminal [env CCC_LOG_FORMAT].")
 @click.version_option(package_name="claude-code-cluster", prog_name="ccc")
 @click.pass_context
-def cli(ctx: click.Context, nats_url, data_dir, namespace, log_level) -> None:
+def cli(ctx: click.Context, nats_url, data_dir, namespace, log_level, log_format) -> None:
     """claude-code-cluster: coding agents coordinated through an event log on NATS
     JetStream."""
-    configure_logging(log_level.lower())
+    from .logs import configure_logging
+    from .tracing import setup_tracing
+
+    configure_logging(log_level.lower(), json={"auto": None, "json": True, "console": False}[log_format])
+    # spans are always created (so context flows through NATS headers); exported only
+    # when OTEL_* says where (OTLP endpoint, or console)
+    setup_tracing(f"ccc-{ctx.invoked_subcommand or 'cli'}")
     ctx.obj = CliState(nats_url, data_dir, namespace, log_level.lower())
 
 

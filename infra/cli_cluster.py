@@ -256,10 +256,12 @@ def _print_up(cluster: LocalCluster, ns) -> None:
 @click.option("--workspace-root", type=click.Path(file_okay=False),
               help="Where task workspaces go [default: <data-dir>/workspaces].")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
+@click.option("--metrics-port", envvar="CCC_METRICS_PORT", type=click.IntRange(0, 65535), default=None,
+              help="Serve this agent's Prometheus metrics on /metrics (0: a free port) [env CCC_METRICS_PORT].")
 @shutdown_grace_option
 @click.pass_obj
 def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, script_dir,
-              forge_root, workspace_root, heartbeat_interval, shutdown_grace) -> None:
+              forge_root, workspace_root, heartbeat_interval, metrics_port, shutdown_grace) -> None:
     """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
     from actors.agent import Agent, AgentConfig
     from actors.pipeline import PipelineSettings
@@ -279,7 +281,19 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
     _require_running_nats(obj)
 
     async def run(nc) -> None:
-        agent = Agent(nc, obj.ns, config, coder=coder_impl, forge=forge_client)
+        from prometheus_client import REGISTRY
+
+        from projections.metrics import AgentMetrics, serve_metrics
+
+        metrics = AgentMetrics(REGISTRY) if metrics_port is not None else None
+        agent = Agent(nc, obj.ns, config, coder=coder_impl, forge=forge_client, metrics=metrics)
+        metrics_server = None
+        if metrics_port is not None:
+            try:
+                metrics_server = await serve_metrics(metrics_port, registry=REGISTRY)
+            except OSError as e:
+                raise ConfigError(f"--metrics-port {metrics_port}: {e.strerror or e}") from None
+            click.echo(f"metrics at {metrics_server.url}")
         with StopSignals(lambda: hand_back_now(agent)) as signals:
             try:
                 await agent.start()
@@ -291,6 +305,8 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
                     raise  # not a signal of ours
             finally:
                 await signals.cleanup(agent.stop())
+                if metrics_server is not None:
+                    await metrics_server.close()
 
     obj.run(run)
 

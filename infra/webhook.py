@@ -198,7 +198,7 @@ def create_webhook_app(
         log.error("webhook.internal_error", path=request.url.path, error=repr(exc), exc_info=exc)
         return Response(WebhookError("internal_error", "internal error; see the server log"), status_code=500)
 
-    return Litestar(route_handlers=[webhook, health],
+    return Litestar(route_handlers=[webhook, health], logging_config=None,
                     exception_handlers={HTTPException: on_http, Exception: on_internal},
                     request_max_body_size=max_body_bytes, openapi_config=None)
 
@@ -242,7 +242,7 @@ class WebhookServer:
             raise RuntimeError("WebhookServer already started")
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", log_config=None,
                                 lifespan="on", timeout_graceful_shutdown=SHUTDOWN_TIMEOUT)
         self._server = server = _Server(config)
         self._task = asyncio.create_task(self._serve(server, sock), name=f"webhook:{self.port}")

@@ -38,6 +38,9 @@ class LiveReadModel:
         self._tasks: list[asyncio.Task] = []
         self.stream_last_seq = 0  # the log's end as last observed (for lag)
         self.started = False
+        # folds that ride along with the model (e.g. metrics counters): called with every
+        # (seq, item) the model applied or rejected, after it
+        self.observers: list[Callable[[int, object], object]] = []
 
     async def start(self) -> None:
         self.started = True
@@ -52,6 +55,8 @@ class LiveReadModel:
     def _log_bad_apply(self, seq: int, item) -> None:
         before = self.model.bad_count
         self.model.apply(seq, item)
+        for observe in self.observers:
+            observe(seq, item)
         if self.model.bad_count != before:
             bad = self.model.bad[-1]
             log.warning("projection.bad_event", seq=bad.seq, subject=bad.subject, error=bad.error)

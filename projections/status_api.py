@@ -24,12 +24,14 @@ The OpenAPI document is at ``/schema/openapi.json``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response, get
+from prometheus_client import CollectorRegistry
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -43,6 +45,7 @@ from events.task import SPECIALTIES
 from events.task_state import TASK_STATUSES, TaskState
 
 from .live import LiveReadModel
+from .metrics import ApiMetrics, ClusterMetrics, LogCounters, metrics_route
 from .read_model import ClusterView, ReadModel
 
 log = structlog.get_logger("ccc.api")
@@ -382,8 +385,25 @@ def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT)
     def provide_reader() -> StatusReader:
         return reader
 
+    # metrics: facts of the log come from the live model (a restart rebuilds them), the
+    # API's own request counts from this process; one registry per app
+    registry = CollectorRegistry()
+    api_metrics = ApiMetrics(registry)
+    counters = LogCounters()
+    if live.model.last_seq:  # created after the replay: fold what the model already has
+        log.warning("api.metrics_started_late", applied=live.model.last_seq)
+    live.observers.append(lambda seq, item: counters.apply(seq, item, live.model.tasks))
+    ClusterMetrics(live.model, registry, counters=counters,
+                   stream_last_seq=lambda: max(live.stream_last_seq, live.model.last_seq))
+
+    async def refresh_lag() -> None:
+        with contextlib.suppress(StoreUnavailable, TimeoutError, asyncio.TimeoutError):
+            live.stream_last_seq = await asyncio.wait_for(live.store.last_seq(), HEALTH_NATS_TIMEOUT)
+
     return Litestar(
-        route_handlers=HANDLERS,
+        route_handlers=[*HANDLERS, metrics_route(registry, before=refresh_lag)],
+        middleware=[api_metrics.middleware],
+        logging_config=None,  # our logging (with its masking processor) stays in charge
         dependencies={
             "reader": Provide(provide_reader, sync_to_thread=False),
             "view": Provide(_provide_view),
