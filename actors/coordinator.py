@@ -306,6 +306,7 @@ class Coordinator:
             raise
         if assign:
             self._reserved[task_id][1] = seq
+            self.assignments += 1
         log.info("task.analysed", task_id=task_id, specialty=analysis.specialty,
                  priority=analysis.priority, dependencies=list(analysis.dependencies))
         self.kick()
