@@ -69,11 +69,8 @@ class ReadModel:
         if seq <= self.last_seq:
             return False
         self.last_seq = seq
-        if isinstance(item, BadMessage):
-            self._reject(item)
-            return False
         try:
-            if isinstance(item, TaskEventBase):
+            if isinstance(item, TaskEventBase):  # the common case first: this runs per event
                 tid = item.task_id
                 old = self.tasks.get(tid)
                 new = evolve_task(old, item)
@@ -95,6 +92,9 @@ class ReadModel:
                 if type(item) is TaskAssigned:
                     self.agent_tasks.setdefault(item.agent_id, set()).add(tid)
                 self.dirty_tasks.add(tid)
+            elif isinstance(item, BadMessage):
+                self._reject(item)
+                return False
             else:
                 aid = item.agent_id
                 self.agents[aid] = evolve_agent(self.agents.get(aid), item)
