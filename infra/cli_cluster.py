@@ -325,22 +325,42 @@ def demo_cmd(obj, keep, timeout, as_json) -> None:
     # the demo always runs its own embedded server, whatever NATS_URL says
     settings = msgspec.structs.replace(load_settings(data_dir=str(data_dir)), nats_url=None)
     last: list = []
+    bar = None  # a rich progress bar on a terminal; plain lines otherwise
+    if not as_json and sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .cli_read import console
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=console(stderr=True), transient=True)
+        bar_id = bar.add_task("tasks completed", total=4)
 
     def show(rows) -> None:
         nonlocal last
         if as_json:
             return
         states = [(r.task, r.state, r.attempt) for r in rows]
-        if states != last:
-            last = states
-            click.echo("  " + "  ".join(f"{r.task}:{r.state}" + (f"(try {r.attempt})" if r.attempt > 1 else "")
-                                        for r in rows), err=True)
+        if states == last:
+            return
+        last = states
+        line = "  ".join(f"{r.task}:{r.state}" + (f"(try {r.attempt})" if r.attempt > 1 else "") for r in rows)
+        if bar is not None:
+            bar.update(bar_id, completed=sum(r.state == "completed" for r in rows))
+            bar.console.print(line, highlight=False)
+        else:
+            click.echo("  " + line, err=True)
 
     if not as_json:
         click.echo("ccc demo: 4 issues on demo/shop, 3 agents (backend, frontend, general), scripted coder",
                    err=True)
+    if bar is not None:
+        bar.start()
     try:
-        ok, rows, cluster = asyncio.run(run_demo(settings, obj.ns, timeout=timeout, on_progress=show))
+        try:
+            ok, rows, cluster = asyncio.run(run_demo(settings, obj.ns, timeout=timeout, on_progress=show))
+        finally:
+            if bar is not None:
+                bar.stop()
         if as_json:
             for r in rows:
                 emit_json(r)
