@@ -22,7 +22,6 @@ are signatures or payloads (only event, delivery, action and the outcome).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,14 +30,13 @@ from urllib.parse import parse_qs
 
 import msgspec
 import structlog
-import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 
 from events.errors import ConfigError, StoreUnavailable
 from events.issue import IssueEvent
 
-from .api_server import SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT, _bind, _Server
+from .http_service import HttpService
 from .issues import publish_issue
 from .webhook_translate import (
     TRUSTED,
@@ -222,78 +220,33 @@ class WebhookServer:
                  secret: str | None = None, trigger_label: str = "ccc", bot_name: str = "ccc",
                  source: str = "github", trusted: frozenset[str] = TRUSTED,
                  publish_timeout: float = 5.0) -> None:
-        self.host, self.port = host, port
+        self.http = HttpService(host, port, name="webhook receiver")
         self.app = create_webhook_app(
             nats_publisher(nc, ns, timeout=publish_timeout), secret=secret or webhook_secret(),
             trigger_label=trigger_label, bot_name=bot_name, source=source, trusted=trusted,
             is_connected=lambda: bool(nc.is_connected),
         )
-        self._server: Any = None
-        self._task: asyncio.Task | None = None
 
-    @property
-    def url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+    host = property(lambda self: self.http.host)
+    port = property(lambda self: self.http.port)
+    url = property(lambda self: self.http.url)
 
     async def start(self) -> int:
         """Bind (a port in use is an ``OSError`` here), start serving; returns the port."""
-        if self._task is not None:
-            raise RuntimeError("WebhookServer already started")
-        sock = _bind(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", log_config=None,
-                                lifespan="on", timeout_graceful_shutdown=SHUTDOWN_TIMEOUT)
-        self._server = server = _Server(config)
-        self._task = asyncio.create_task(self._serve(server, sock), name=f"webhook:{self.port}")
-        try:
-            async with asyncio.timeout(STARTUP_TIMEOUT):
-                while not server.started and not self._task.done():  # uvicorn has a flag only
-                    await asyncio.sleep(0.005)
-        except BaseException:
-            await self.stop()
-            raise
-        if self._task.done():
-            error = self._task.exception() or RuntimeError("webhook receiver exited during startup")
-            await self.stop()
-            raise error
-        log.info("webhook.started", url=self.url)
-        return self.port
-
-    @staticmethod
-    async def _serve(server: Any, sock: Any) -> None:
-        try:
-            await server.serve(sockets=[sock])
-        except SystemExit as e:
-            raise RuntimeError(f"webhook receiver failed to start (uvicorn exit {e.code})") from None
-        finally:
-            sock.close()
+        return await self.http.start(self.app)
 
     async def serve_forever(self) -> None:
         """Serve until cancelled (or stopped), then shut down."""
-        if self._task is None:
+        if not self.http.running:
             await self.start()
-        assert self._task is not None
         try:
-            await asyncio.shield(self._task)
+            await self.http.wait()
         finally:
             await self.stop()
 
     async def stop(self) -> None:
         """Stop serving; in-flight deliveries get the grace period. Idempotent."""
-        server, task = self._server, self._task
-        if server is None or task is None or task.done():
-            return
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(task), SHUTDOWN_TIMEOUT + 1.0)
-        except TimeoutError:
-            server.force_exit = True
-            task.cancel()
-        except Exception as e:  # noqa: BLE001 - shutting down regardless
-            log.warning("webhook.stop_error", error=repr(e))
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await self.http.stop()
 
 
 async def serve_webhook(nc: Any, ns: Any, host: str, port: int, *, secret: str | None = None,
