@@ -25,29 +25,28 @@ def encode(event: msgspec.Struct) -> bytes:
     return encoder.encode(event)
 
 
-def decode_event(rel_subject: str, data: bytes) -> Event:
-    """Decode a message of ``CCC_EVENTS``; raise :class:`BadEventError` with the reason."""
+def _checked(decoder: msgspec.json.Decoder, rel_subject: str, data: bytes):
+    """Decode, refusing oversize payloads and payloads whose own subject is not the one
+    they were published on; every failure is a :class:`BadEventError` with the reason."""
     if len(data) > MAX_EVENT_BYTES:
         raise BadEventError(f"oversize event: {len(data)} bytes > {MAX_EVENT_BYTES}")
     try:
-        event = event_decoder.decode(data)
+        event = decoder.decode(data)
     except msgspec.DecodeError as e:
         raise BadEventError(str(e)) from None
     if event.rel_subject != rel_subject:
         raise BadEventError(f"subject mismatch: payload says {event.rel_subject}")
     return event
+
+
+def decode_event(rel_subject: str, data: bytes) -> Event:
+    """Decode a message of ``<NS>_EVENTS`` (a task or agent event)."""
+    return _checked(event_decoder, rel_subject, data)
 
 
 def decode_issue(rel_subject: str, data: bytes) -> IssueEvent:
-    if len(data) > MAX_EVENT_BYTES:
-        raise BadEventError(f"oversize event: {len(data)} bytes > {MAX_EVENT_BYTES}")
-    try:
-        event = issue_decoder.decode(data)
-    except msgspec.DecodeError as e:
-        raise BadEventError(str(e)) from None
-    if event.rel_subject != rel_subject:
-        raise BadEventError(f"subject mismatch: payload says {event.rel_subject}")
-    return event
+    """Decode a message of ``<NS>_ISSUES`` (an issue fact)."""
+    return _checked(issue_decoder, rel_subject, data)
 
 
 def to_builtins(obj: object) -> object:
