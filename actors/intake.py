@@ -1,0 +1,183 @@
+"""The coordinator's intake: issue facts in, task decisions out.
+
+A mixin of :class:`actors.coordinator.Coordinator` (it uses the coordinator's model,
+store and ``_run``), kept in its own module so each part stays readable: an opened
+issue becomes a task, is analysed and, if an agent is free, assigned in the same atomic
+batch; the other facts (closed, cancel, retry, merged, rejected, changes requested,
+free-text requests) become the matching task commands.
+"""
+
+from __future__ import annotations
+
+import collections
+from datetime import datetime, timezone
+
+import structlog
+from nats.aio.msg import Msg
+
+from events import task_state as ts
+from events.codec import decode_issue
+from events.errors import ConcurrencyConflict, DomainError
+from events.issue import (
+    IssueCancelRequested,
+    IssueChangesRequested,
+    IssueClosed,
+    IssueCommented,
+    IssueEvent,
+    IssueOpened,
+    IssuePullRequestClosed,
+    IssuePullRequestMerged,
+    IssueRetryRequested,
+)
+from events.subjects import task_id_for
+from events.task import IssueRef
+
+from .scheduling import plan_assignments
+
+log = structlog.get_logger("ccc.coordinator")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Intake:
+    async def _on_issue(self, msg: Msg) -> None:
+        event = decode_issue(self.ns.rel(msg.subject), msg.data)
+        task_id = task_id_for(event.repo, event.number)
+        at = utcnow()
+        actor = self.config.name
+        match event:
+            case IssueOpened():
+                await self._intake(task_id, event, at)
+            case IssueClosed() | IssueCancelRequested():
+                reason = "issue closed" if isinstance(event, IssueClosed) else (event.reason or "cancelled by user")
+                await self._with_fresh_state(task_id, ts.CancelTask(at=at, actor=actor, reason=reason,
+                                                                    causation_id=event.event_id))
+            case IssueRetryRequested():
+                await self._with_fresh_state(task_id, ts.RetryTask(
+                    at=at, actor=actor, backoff_base=0.0, causation_id=event.event_id))
+            case IssuePullRequestMerged():
+                await self._with_fresh_state(task_id, ts.CompleteTask(
+                    at=at, actor=actor, reason="pull request merged", causation_id=event.event_id))
+            case IssueChangesRequested():
+                # the reviewer's request fails this attempt; the retry carries it, and the
+                # next attempt pushes to the same branch (the PR stays the same)
+                feedback = f"Changes requested by {event.author or 'a reviewer'}: {event.body}".strip()
+                after = await self._with_fresh_state(task_id, ts.FailTask(
+                    at=at, actor=actor, reason=feedback[:500], phase="review", retryable=True,
+                    causation_id=event.event_id))
+                await self._maybe_retry(task_id, after, guidance=feedback, immediate=True)
+            case IssueCommented():
+                state = self.model.tasks.get(task_id)
+                if state is not None and state.can_retry:
+                    await self._maybe_retry(task_id, (state, self.model.task_seq[task_id]),
+                                            guidance=event.request or event.body, immediate=True)
+                else:
+                    log.info("coordinator.request_noted", task_id=task_id,
+                             status=state.status if state else None, request=event.request[:200])
+            case IssuePullRequestClosed():
+                after = await self._with_fresh_state(task_id, ts.FailTask(
+                    at=at, actor=actor, reason=event.reason, phase="review", retryable=True,
+                    causation_id=event.event_id))
+                await self._maybe_retry(task_id, after)
+            case _:
+                log.info("coordinator.issue_ignored", type=type(event).__name__, task_id=task_id)
+
+    async def _with_fresh_state(
+        self, task_id: str, command: ts.Command
+    ) -> tuple[ts.TaskState | None, int]:
+        if task_id not in self.model.tasks:
+            # the model may lag the log by a hop; the log itself is the authority
+            await self.live.catch_up()
+            if task_id not in self.model.tasks:
+                raise DomainError(f"no task {task_id}")
+        try:
+            return await self._run(task_id, command)
+        except ConcurrencyConflict:
+            await self.live.catch_up()
+            raise
+
+    async def _intake(self, task_id: str, event: IssueEvent, at: datetime) -> None:
+        assert isinstance(event, IssueOpened)
+        issue = IssueRef(source=event.source, repo=event.repo, number=event.number, title=event.title,
+                         body=event.body, labels=event.labels, url=event.url, author=event.author)
+        state, last = self._view(task_id)
+        create = ts.CreateTask(at=at, actor=self.config.name, task_id=task_id, issue=issue,
+                               max_attempts=self.config.max_attempts, causation_id=event.event_id)
+        if state is None and getattr(self.analyser, "instant", False):
+            # the rules answer at once: creation and analysis land as one atomic batch,
+            # one round trip instead of three before the task can be scheduled
+            try:
+                await self._analyse(task_id, None, 0, event.event_id, create=create, issue=issue)
+                return
+            except ConcurrencyConflict:
+                state, last = await self.store.load_task(task_id)  # a repeat, or another coordinator
+        elif state is None:
+            try:
+                state, last = await self._run(task_id, create, start=(None, 0))
+            except ConcurrencyConflict:
+                state, last = await self.store.load_task(task_id)
+        if state is None:
+            raise DomainError(f"task {task_id} could not be created")
+        await self._analyse(task_id, state, last, event.event_id)
+
+    async def _analyse(self, task_id: str, state: ts.TaskState | None, last: int, cause: str | None, *,
+                       create: ts.CreateTask | None = None, issue: IssueRef | None = None) -> None:
+        if state is not None and state.status not in ("pending", "analyzing"):
+            return  # a repeated issue event: nothing to do
+        at = utcnow()
+        actor = self.config.name
+        first = [create] if create is not None else []
+        begin = [ts.StartAnalysis(at=at, actor=actor, analyser=self.analyser.name, causation_id=cause)] \
+            if state is None or state.status == "pending" else []
+        analysis = await self.analyser.analyse(issue if state is None else state.issue)
+        record = ts.RecordAnalysis(
+            at=utcnow(), actor=actor, causation_id=cause, specialty=analysis.specialty,
+            requirements=analysis.requirements, complexity=analysis.complexity,
+            priority=analysis.priority, security_level=analysis.security_level,
+            dependencies=analysis.dependencies, reasons=analysis.reasons, plan=analysis.plan,
+            usage=analysis.usage,
+        )
+        chain = [*first, *begin, record]
+        assign = self._direct_assignment(task_id, state, chain)
+        try:
+            _, seq = await self._run(task_id, *chain, *assign, start=(state, last))
+        except BaseException:
+            self._reserved.pop(task_id, None)
+            raise
+        if assign:
+            self._reserved[task_id][1] = seq
+            self.assignments += 1
+        log.info("task.analysed", task_id=task_id, specialty=analysis.specialty,
+                 priority=analysis.priority, dependencies=list(analysis.dependencies))
+        self.kick()
+
+    def _direct_assignment(self, task_id: str, state: ts.TaskState | None,
+                           chain: list[ts.Command]) -> list[ts.Command]:
+        """If an agent is free right now, assign in the same batch as the analysis (one
+        round trip from issue to assignment instead of two hops through the log). The
+        agent is reserved until the model shows the assignment, so a scheduling pass in
+        between cannot give the same slot away."""
+        for command in chain:
+            for event in ts.decide(state, command):
+                state = ts.evolve(state, event)
+        if state is None or state.status != "queued":
+            return []
+        tasks = collections.ChainMap({task_id: state}, self.model.tasks)
+        plan = plan_assignments(tasks, self.model.agents, utcnow(), held=self._held(), queued=[task_id])
+        if not plan:
+            return []
+        self._reserved[task_id] = [plan[0][1], None]
+        return [ts.AssignTask(at=utcnow(), actor=self.config.name, agent_id=plan[0][1])]
+
+    def _held(self) -> dict[str, int]:
+        """Tasks per agent by the model, plus our reservations it does not show yet."""
+        held = self.model.held()
+        for task_id, (agent_id, seq) in list(self._reserved.items()):
+            if seq is not None and self.model.task_seq.get(task_id, 0) >= seq:
+                del self._reserved[task_id]  # the model shows the assignment now
+                continue
+            held[agent_id] = held.get(agent_id, 0) + 1
+        return held
+
