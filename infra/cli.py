@@ -28,6 +28,7 @@ from events.store import EventStore
 from events.subjects import Namespace
 
 from .cli_cluster import CLUSTER_COMMANDS
+from .cli_forge import FORGE_COMMANDS
 from .cli_read import READ_COMMANDS, emit_json, print_table
 from .settings import Settings, load_settings
 
@@ -172,7 +173,7 @@ def cli(ctx: click.Context, nats_url, data_dir, namespace, log_level, log_format
     ctx.obj = CliState(nats_url, data_dir, namespace, log_level.lower())
 
 
-for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS):
+for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS, *FORGE_COMMANDS):
     cli.add_command(_command)
 
 from .chaos import chaos_cmd  # noqa: E402 - the fault suite
