@@ -380,7 +380,8 @@ def bench_dispatch(agents: int | None, tasks: int, throughput_tasks: int, throug
     null agents that do no work. Targets: p50 <= 3 ms, p99 <= 10 ms (100 agents),
     >= 1,000 tasks/s. Uses its own temporary nats-server; the coordinator runs in its
     own process."""
-    from .bench_dispatch import footer, rows, run_dispatch_bench
+    from .bench_dispatch import run_dispatch_bench
+    from .bench_report import footer, rows
 
     counts = (agents,) if agents else (10, 100, 1000)
     steps = 1 + len(counts) + (1 if throughput_tasks else 0)

@@ -13,16 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from infra.bench_dispatch import (
-    DispatchBench,
-    LatencyRun,
-    ThroughputRun,
-    ack_meta,
-    footer,
-    pct,
-    rows,
-    run_dispatch_bench,
-)
+from infra.bench_dispatch import run_dispatch_bench
+from infra.bench_probes import ack_meta, pct
+from infra.bench_report import DispatchBench, LatencyRun, ThroughputRun, footer, rows
 
 pytestmark = pytest.mark.timeout(120)
 REPO_ROOT = Path(__file__).resolve().parents[1]

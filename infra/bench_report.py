@@ -1,0 +1,150 @@
+"""Results of ``ccc bench dispatch`` and how they are shown."""
+
+from __future__ import annotations
+
+import msgspec
+
+# the bench's settings and targets (the other bench modules import them from here)
+P50_TARGET_MS, P99_TARGET_MS, LATENCY_TARGET_AGENTS, TASKS_PER_S_TARGET = 3.0, 10.0, 100, 1000.0
+REPO = "bench/app"
+SPECIALTIES = ("backend", "frontend", "general")
+HEARTBEAT_TIMEOUT = 3600.0  # null agents heartbeat once; none may be declared lost
+WAIT_ASSIGNED = 15.0  # seconds one dispatch may take before the bench gives up
+# The reviewer merges as soon as it sees task.pr_opened in the log. The coordinator
+# handles the merge fact against its read model, which may not have applied that
+# pr_opened yet; it then refuses ("cannot task.completed while testing") and acks, and
+# the merge is lost (a coordinator race, reported by the bench as merges_resent).
+# The reviewer then acts like a forge redelivering the webhook.
+MERGE_RESEND, MERGE_ATTEMPTS = 0.5, 20
+STEP_TIMEOUT = 60.0  # a paced null agent waits this long for the coordinator's reaction
+STALL = 15.0  # the throughput run gives up when no task completed for this long
+
+
+
+
+# -- results -------------------------------------------------------------------------
+class Hop(msgspec.Struct, kw_only=True):
+    """One step of a task's way through the system, over all tasks of a run."""
+
+    name: str
+    p50_ms: float
+    p99_ms: float
+
+
+class CpuUse(msgspec.Struct, kw_only=True):
+    """CPU used in a measured window (seconds; -1 where the platform does not say)."""
+
+    seconds: float  # wall time of the window
+    coordinator: float
+    driver: float  # this process: the driver, observers, null agents and reviewer
+    nats_server: float
+    machine: float  # every process on the machine, ours and others'
+    pressure: float  # fraction of the window in which some runnable task waited for a CPU
+
+    def cores(self, cpu_seconds: float) -> float:
+        return cpu_seconds / self.seconds if self.seconds > 0 and cpu_seconds >= 0 else -1.0
+
+
+class LatencyRun(msgspec.Struct, kw_only=True):
+    agents: int
+    tasks: int  # measured (after the warm-up)
+    warmup: int
+    assigned: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+    p50_x_raw: float  # p50 / raw round trip p50
+    p99_x_raw: float  # p99 / raw round trip p99
+    p50_ok: bool
+    p99_ok: bool
+    hops: list[Hop]
+    coordinator: dict
+    cpu: CpuUse  # over the measured tasks
+
+
+class ThroughputRun(msgspec.Struct, kw_only=True):
+    agents: int
+    capacity: int
+    tasks: int
+    completed: int
+    seconds: float  # first issue published -> last TaskCompleted observed
+    publish_seconds: float  # first issue published -> last issue acknowledged
+    tasks_per_s: float
+    events: int  # everything appended meanwhile: issue facts, task and agent events
+    events_per_task: float
+    events_per_s: float
+    events_x_raw: float  # events/s as a fraction of the raw pipelined publish rate
+    merges_resent: int  # merges the coordinator refused on a stale model and got again
+    reports_paced: bool  # null agents waited for the coordinator's reaction between reports
+    ok: bool
+    hops: list[Hop]
+    coordinator: dict
+    cpu: CpuUse  # first publish -> last completion
+
+
+class DispatchBench(msgspec.Struct, kw_only=True):
+    sync_interval: str
+    coordinator_process: bool
+    cpus: int
+    loadavg: list[float]  # 1-minute load average before and after: other work on the machine
+    raw_rtt_p50_ms: float
+    raw_rtt_p99_ms: float
+    raw_hop_p50_ms: float
+    raw_hop_p99_ms: float
+    raw_publish_per_s: float
+    latency: list[LatencyRun]
+    throughput: ThroughputRun | None
+    targets: dict
+    targets_met: bool
+    profiles: list[str] = []
+
+
+
+def rows(result: DispatchBench) -> list[tuple[str, str, str, str, str, str]]:
+    """The table: metric, value, baseline, ratio, target, ok."""
+    out = []
+    rtt50, rtt99 = result.raw_rtt_p50_ms, result.raw_rtt_p99_ms
+    for r in result.latency:
+        out.append((f"dispatch p50, {r.agents} agents", f"{r.p50_ms:.2f} ms", f"{rtt50:.2f} ms raw rtt p50",
+                    f"{r.p50_x_raw:.1f}x", f"<= {P50_TARGET_MS:g} ms", "ok" if r.p50_ok else "MISSED"))
+        out.append((f"dispatch p99, {r.agents} agents", f"{r.p99_ms:.2f} ms", f"{rtt99:.2f} ms raw rtt p99",
+                    f"{r.p99_x_raw:.1f}x", f"<= {P99_TARGET_MS:g} ms", "ok" if r.p99_ok else "MISSED"))
+    t = result.throughput
+    if t is not None:
+        out.append((f"throughput, {t.agents} null agents", f"{t.tasks_per_s:,.0f} tasks/s", "-", "-",
+                    f">= {TASKS_PER_S_TARGET:,.0f}/s", "ok" if t.ok else "MISSED"))
+        out.append(("throughput, events", f"{t.events_per_s:,.0f} ev/s",
+                    f"{result.raw_publish_per_s:,.0f}/s raw pipelined", f"{t.events_x_raw:.3f}", "-", "-"))
+    return out
+
+
+def footer(result: DispatchBench) -> list[str]:
+    lines = [
+        (f"sync_interval {result.sync_interval}; coordinator in its own process; {result.cpus} cpus "
+         f"(load {result.loadavg[0]:.1f} -> {result.loadavg[1]:.1f}); "
+         f"raw round trip p50 {result.raw_rtt_p50_ms:.3f} / p99 {result.raw_rtt_p99_ms:.3f} ms, "
+         f"raw hop (publish->delivery) p50 {result.raw_hop_p50_ms:.3f} / p99 {result.raw_hop_p99_ms:.3f} ms"),
+    ]
+    for r in result.latency:
+        hops = ", ".join(f"{h.name} {h.p50_ms:.2f}" for h in r.hops)
+        lines.append(f"hops p50 ms, {r.agents} agents ({r.tasks} tasks): {hops}")
+        c, n = r.cpu, max(1, r.tasks)
+        lines.append(f"  cpu ms per dispatch: coordinator {c.coordinator * 1000 / n:.2f}, "
+                     f"nats-server {c.nats_server * 1000 / n:.2f}, driver {c.driver * 1000 / n:.2f}; "
+                     f"machine busy {c.cores(c.machine):.2f} cores, cpu pressure {c.pressure:.0%}")
+    t = result.throughput
+    if t is not None:
+        lines.append(f"throughput: {t.tasks} tasks, {t.events} events ({t.events_per_task}/task) in "
+                     f"{t.seconds:.2f} s (issues published in {t.publish_seconds:.2f} s)")
+        hops = ", ".join(f"{h.name} {h.p50_ms:.1f}" for h in t.hops)
+        lines.append(f"throughput hops p50 ms: {hops}")
+        c = t.cpu
+        lines.append(f"  cores busy: coordinator {c.cores(c.coordinator):.2f}, nats-server "
+                     f"{c.cores(c.nats_server):.2f}, driver+null agents {c.cores(c.driver):.2f}, whole machine "
+                     f"{c.cores(c.machine):.2f}; cpu pressure {c.pressure:.0%}")
+        lines.append(f"  merges resent {t.merges_resent}; "
+                     f"null agents' reports {'paced by the coordinator' if t.reports_paced else 'back to back'}")
+    if result.profiles:
+        lines.append("coordinator profiles (figures inflated by profiling): " + " ".join(result.profiles))
+    return lines
