@@ -4,24 +4,34 @@
 the whole group), but it also detaches it from our fate: if this process is
 SIGKILLed, the child would run on. On Linux, ``PR_SET_PDEATHSIG`` asks the kernel
 to send the child SIGTERM when its parent dies; elsewhere this is a no-op.
+
+Everything is resolved here, at import, in the parent: between fork and exec the child
+of a threaded process may only do async-signal-safe work, so ``die_with_parent`` is a
+single prepared foreign call (no library lookup, no allocation in Python code paths
+that take locks).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
 
+_prctl = None
+if sys.platform.startswith("linux"):
+    try:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl  # libc is in the process already
+        _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+        _prctl.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        _prctl = None
+
+_SIGTERM = int(signal.SIGTERM)
+
 
 def die_with_parent() -> None:
     """A ``preexec_fn``: runs in the child between fork and exec."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except OSError:
-        pass  # best effort: the process still works, it just is not tied to us
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
