@@ -84,6 +84,10 @@ class ChaosOptions(msgspec.Struct, kw_only=True):
     def timeout(self) -> float:
         return self.run_timeout or (60.0 if self.quick else 240.0)
 
+    # a run whose log has not grown for this long (after the faults) is stuck: longer
+    # than a consumer's ack wait (30 s), after which an unacknowledged message comes back
+    stall: float = 40.0
+
 
 class RunResult(msgspec.Struct, kw_only=True):
     scenario: str
@@ -411,15 +415,21 @@ class Tracker:
         self._task: asyncio.Task | None = None
         self.errors = 0
         self.seen: dict[int, str | None] = {}  # seq -> event id of everything read
+        self.last_change = time.monotonic()
 
     def _apply(self, seq: int, item) -> None:
         self.seen[seq] = getattr(item, "event_id", None)
         self.model.apply(seq, item)
+        self.last_change = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the log last grew (as this tracker saw it)."""
+        return time.monotonic() - self.last_change
 
     async def poll(self) -> None:
         try:
             await asyncio.wait_for(self.store.replay(self._apply, from_seq=self.model.last_seq + 1), 5.0)
-        except (StoreUnavailable, asyncio.TimeoutError, Exception):  # noqa: BLE001 - try again later
+        except (TimeoutError, StoreUnavailable, Exception):  # noqa: BLE001 - try again later
             self.errors += 1
 
     async def _loop(self) -> None:
@@ -480,8 +490,8 @@ async def run_chaos(names: list[str], options: ChaosOptions,
             started = time.monotonic()
             try:
                 result = await spec.run(sandbox, i)
-            except Exception as e:  # noqa: BLE001 - a crashed run is a failed run, with the reason
-                log.error("chaos.run_crashed", scenario=name, run=i, exc_info=True)
+            except Exception as e:
+                log.exception("chaos.run_crashed", scenario=name, run=i)
                 result = RunResult(scenario=name, run=i, tasks=len(sandbox.issues), lost=len(sandbox.issues),
                                    duplicated=0, other=1,
                                    violations=[f"harness: the run crashed: {type(e).__name__}: {e}"])

@@ -21,8 +21,9 @@ pure function of those records and of what the harness published:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime
 from typing import NamedTuple
 
@@ -34,7 +35,7 @@ from nats.js import api
 from events.agent import AgentChangesPushed, AgentEventBase, AgentPullRequestOpened
 from events.agent_state import evolve as evolve_agent
 from events.codec import Event
-from events.errors import DomainError, StoreUnavailable
+from events.errors import CccError, DomainError, StoreUnavailable
 from events.store import BadMessage, decode_or_bad
 from events.subjects import Namespace
 from events.task import (
@@ -42,12 +43,15 @@ from events.task import (
     TaskCreated,
     TaskEventBase,
     TaskPullRequestOpened,
+    TaskRequeued,
     TaskStarted,
     TaskTestsStarted,
 )
 from events.task_state import TaskState
 from events.task_state import evolve as evolve_task
 from projections.read_model import ReadModel
+
+from .forge_local import LocalForge
 
 MAX_DETAILS = 50  # violations listed per run; the counts are exact
 
@@ -61,37 +65,51 @@ class LogRecord(NamedTuple):
 
 async def read_log(nc: Client, ns: Namespace, *, from_seq: int = 1, timeout: float = 30.0) -> list[LogRecord]:
     """Every message of the events stream from ``from_seq`` as it is now, decoded
-    (or as :class:`BadMessage`), with the server's timestamps."""
+    (or as :class:`BadMessage`), with the server's timestamps. A read that fails
+    (e.g. just after a leader election, while the cluster cannot create consumers
+    yet) is started again until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await _read_log_once(nc, ns, from_seq, max(1.0, deadline - time.monotonic()))
+        except StoreUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _read_log_once(nc: Client, ns: Namespace, from_seq: int, timeout: float) -> list[LogRecord]:
     js = nc.jetstream(timeout=5.0)
-    try:
-        info = await js.stream_info(ns.events_stream)
-    except (nats.errors.Error, asyncio.TimeoutError) as e:
-        raise StoreUnavailable(f"stream info: {type(e).__name__}: {e}") from None
-    end = info.state.last_seq
-    if end < from_seq or info.state.messages == 0:
-        return []
     out: list[LogRecord] = []
     done = asyncio.Event()
     cut = len(ns.prefix) + 1
+    try:
+        info = await js.stream_info(ns.events_stream)
+        end = info.state.last_seq
+        if end < from_seq or info.state.messages == 0:
+            return []
 
-    async def cb(msg) -> None:
-        md = msg.metadata
-        seq = md.sequence.stream
-        if seq <= end:
-            at = md.timestamp.timestamp() if isinstance(md.timestamp, datetime) else 0.0
-            out.append(LogRecord(seq, msg.subject, at, decode_or_bad(seq, msg.subject, msg.subject[cut:], msg.data)))
-        if seq >= end:
-            done.set()
+        async def cb(msg) -> None:
+            md = msg.metadata
+            seq = md.sequence.stream
+            if seq <= end:
+                at = md.timestamp.timestamp() if isinstance(md.timestamp, datetime) else 0.0
+                out.append(LogRecord(seq, msg.subject, at,
+                                     decode_or_bad(seq, msg.subject, msg.subject[cut:], msg.data)))
+            if seq >= end:
+                done.set()
 
-    sub = await js.subscribe(
-        "", stream=ns.events_stream, cb=cb, ordered_consumer=True,
-        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                                  opt_start_seq=max(1, from_seq)),
-        pending_msgs_limit=512 * 1024, pending_bytes_limit=256 * 1024 * 1024,
-    )
+        sub = await js.subscribe(
+            "", stream=ns.events_stream, cb=cb, ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=max(1, from_seq)),
+            pending_msgs_limit=512 * 1024, pending_bytes_limit=256 * 1024 * 1024,
+        )
+    except (TimeoutError, nats.errors.Error) as e:
+        raise StoreUnavailable(f"read the log: {type(e).__name__}: {e}") from None
     try:
         await asyncio.wait_for(done.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise StoreUnavailable(f"read the log: stopped at {out[-1].seq if out else 0} of {end}") from None
     finally:
         try:
@@ -204,10 +222,9 @@ def check_log(
             except DomainError as err:
                 tally.add("illegal", f"task {tid} seq {seq} {e.__struct_config__.tag}: {err}")
                 break
-            if isinstance(e, TaskAssigned):
-                if state is not None and e.attempt != state.attempt:
-                    tally.add("illegal", f"task {tid} seq {seq}: assigned as attempt {e.attempt}, "
-                                         f"task is at attempt {state.attempt}")
+            if isinstance(e, TaskAssigned) and state is not None and e.attempt != state.attempt:
+                tally.add("illegal", f"task {tid} seq {seq}: assigned as attempt {e.attempt}, "
+                                     f"task is at attempt {state.attempt}")
             if isinstance(e, _BY_AGENT) and state is not None:
                 if e.agent_id != state.agent_id:
                     tally.add("illegal", f"task {tid} seq {seq} {e.__struct_config__.tag} by {e.agent_id}, "
@@ -282,3 +299,98 @@ def percentile(values: list[float], q: float) -> float | None:
     k = (len(xs) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# -- scenario checks and recovery figures over the log -------------------------------------
+Mark = Callable[[list[LogRecord]], float | None]  # a recovery time read from the log
+Check = Callable[[list[LogRecord]], list[str]]  # violations found in the log
+
+
+def since(t: float | None, t0: float) -> float | None:
+    return None if t is None else max(0.0, t - t0)
+
+
+def requeued_mark(held: dict[str, int], t0: float, reason: str) -> Mark:
+    def mark(records: list[LogRecord]) -> float | None:
+        t = first_matching(records, t0, lambda e: isinstance(e, TaskRequeued) and e.task_id in held
+                           and e.reason == reason)
+        return since(t, t0)
+    return mark
+
+
+def finished_by_other(held: dict[str, int], agent: str, t0: float) -> Check:
+    """Tasks taken from ``agent`` at the fault (re-queued after ``t0``) were finished by
+    another agent (a task it finished before the fault landed is not counted)."""
+    def check(records: list[LogRecord]) -> list[str]:
+        out = []
+        for tid in held:
+            taken = any(r.at >= t0 and isinstance(r.item, TaskRequeued) and r.item.task_id == tid
+                        for r in records)
+            prs = [r.item for r in records if isinstance(r.item, TaskPullRequestOpened) and r.item.task_id == tid]
+            if taken and prs and prs[-1].agent_id == agent:
+                out.append(f"scenario: {tid} was finished by {agent}, the agent it was taken from")
+        return out
+    return check
+
+
+def coordinator_recovery(records: list[LogRecord], inputs: dict[str, float], spawn: float, up: float,
+                         end: float | None, notes: list[str]) -> float | None:
+    """How long a restarted coordinator took to resume work, from the log.
+
+    An *input* is something the coordinator must act on: an issue (published at a
+    known time) or an agent report; it is handled by the task event that names it as
+    its cause. If inputs were waiting when the coordinator came up (handled only by
+    this or a later incarnation), recovery is up -> its first task event. If nothing
+    was waiting, it is the first input after up -> its handling (plain dispatch
+    latency). ``end``: when this incarnation was killed again (a sample it could not
+    finish is censored, reported in the notes)."""
+    times = dict(inputs)
+    for r in records:
+        if isinstance(r.item, AgentEventBase) and r.item.event_id not in times:
+            times[r.item.event_id] = r.at
+    handled: dict[str, float] = {}
+    for r in records:
+        cause = getattr(r.item, "causation_id", None)
+        if isinstance(r.item, TaskEventBase) and cause in times and cause not in handled:
+            handled[cause] = r.at
+    waiting = [c for c, t in times.items() if t < up and c in handled and handled[c] >= spawn]
+    if waiting:
+        start = up
+    else:
+        later = [times[c] for c in handled if times[c] >= up]
+        if not later:
+            return None
+        start = min(later)
+    first = first_matching(records, max(spawn, start), lambda e: isinstance(e, TaskEventBase))
+    if first is None:
+        return None
+    if end is not None and first > end:
+        notes.append(f"incarnation up at {up:.2f} was killed {end - up:.2f}s later before it acted (censored)")
+        return None
+    return max(0.0, first - start)
+
+
+def forge_holds_the_pr(forge: LocalForge, records: list[LogRecord], prefix: str) -> list[str]:
+    """The branch of every task in review holds the commit its PR attempt pushed: a
+    stale attempt (an agent that resumed after its task was given to another) must not
+    have pushed over it."""
+    model = ReadModel(prefix)
+    pushed: dict[tuple[str, int], str] = {}
+    for r in records:
+        model.apply(r.seq, r.item)
+        if isinstance(r.item, AgentChangesPushed):
+            pushed[(r.item.task_id, r.item.attempt)] = r.item.commit
+    out = []
+    for tid, task in model.tasks.items():
+        if task.status != "review" or not task.branch:
+            continue
+        want = pushed.get((tid, task.attempt))
+        try:
+            have = forge.branch_sha(task.issue.repo, task.branch)
+        except CccError as e:
+            out.append(f"forge: {tid}: {e}")
+            continue
+        if want and have != want:
+            out.append(f"forge: {tid}: branch {task.branch} holds {have[:10]}, not {want[:10]} that attempt "
+                       f"{task.attempt} pushed and opened its PR with")
+    return out

@@ -184,7 +184,7 @@ class NatsCluster:
         except OSError:
             return ""
 
-    def __enter__(self) -> "NatsCluster":
+    def __enter__(self) -> NatsCluster:
         try:
             self.start()
         except BaseException:
@@ -213,7 +213,7 @@ async def wait_for_jetstream(nc: Client, timeout: float = 30.0) -> None:
             if "error" not in info:
                 return
             last = str(info["error"])
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
+        except (TimeoutError, nats.errors.Error) as e:
             last = f"{type(e).__name__}: {e}"
         await asyncio.sleep(0.2)
     raise StoreUnavailable(f"no JetStream meta leader after {timeout}s: {last}")
@@ -224,7 +224,7 @@ async def stream_leader(nc: Client, stream: str, timeout: float = 2.0) -> str | 
     ``$JS.API.STREAM.INFO.<stream>``), or None while there is none (an election)."""
     try:
         info = await _api(nc, f"$JS.API.STREAM.INFO.{stream}", timeout)
-    except (nats.errors.Error, asyncio.TimeoutError):
+    except (TimeoutError, nats.errors.Error):
         return None
     if "error" in info:
         return None
