@@ -29,16 +29,16 @@ from opentelemetry import trace
 from events import agent_state as ag
 from events.agent import Heartbeat
 from events.codec import decode_event, encode
-from events.errors import ConcurrencyConflict, StoreUnavailable
+from events.errors import BadEventError, ConcurrencyConflict, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
-from events.task import TaskAssigned
+from events.task import TaskAssigned, TaskCancellationRequested
 from infra.coders.base import Coder
 from infra.tracing import get_tracer
 from infra.workspace import Workspace, cleanup_expired
 from projections.metrics import AgentMetrics
 
-from .pipeline import ForgeClient, PhaseFailed, PipelineSettings, run_pipeline
+from .pipeline import ForgeClient, PhaseFailed, PipelineSettings, Superseded, run_pipeline
 from .runtime import ConsumerLoop
 
 log = structlog.get_logger("ccc.agent")
@@ -59,10 +59,6 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     retention: float = 24 * 3600.0  # finished workspaces are removed after this
     shutdown_grace: float = 10.0
     pipeline: PipelineSettings
-
-
-class Superseded(Exception):
-    """The coordinator declared this agent offline while it worked."""
 
 
 class ObjectStoreArtifacts:
@@ -182,6 +178,10 @@ class Agent:
         """An idle agent appends nothing, so a failed append cannot tell it that the
         coordinator declared it offline (e.g. after a stall): look at our aggregate's
         last sequence with each heartbeat (one direct get) and come back if so."""
+        if self.state is not None and self.state.status == "offline":
+            log.warning("agent.declared_offline", agent_id=self.id)
+            await self._reregister()
+            return
         if await self.store.last_seq(self.ns.agent_filter(self.id)) <= self.last_seq:
             return
         async with self._lock:
@@ -200,7 +200,14 @@ class Agent:
 
     async def _watch_cancellations(self) -> None:
         async def on_cancel(msg: Msg) -> None:
-            task_id = msg.subject.split(".")[2]
+            try:  # only a real cancellation request of a task we run stops the work
+                event = decode_event(self.ns.rel(msg.subject), msg.data)
+            except BadEventError:
+                log.warning("agent.bad_cancel_message", agent_id=self.id, subject=msg.subject)
+                return
+            if not isinstance(event, TaskCancellationRequested):
+                return
+            task_id = event.task_id
             running = self.running.get(task_id)
             if running is not None:
                 self._stop_reason[task_id] = "cancelled"

@@ -34,7 +34,7 @@ from events.agent import (
     AgentWorkFailed,
 )
 from events.codec import decode_event
-from events.errors import ConcurrencyConflict, DomainError
+from events.errors import ConcurrencyConflict, DomainError, InfrastructureError
 from events.store import EventStore
 from events.subjects import Namespace
 from projections.live import LiveReadModel
@@ -214,6 +214,21 @@ class Coordinator(Intake):
         attempt = getattr(event, "attempt", 0)
         if attempt and attempt != state.attempt:
             raise DomainError(f"stale report from {aid} on {task_id}: attempt {attempt}, now {state.attempt}")
+        try:
+            await self._translate(event, task_id, state, aid, at, actor, cause)
+        except DomainError as e:
+            # Reports of one agent are handled in log order, so a refusal while the task
+            # is still this agent's, in this attempt, means an earlier report has not been
+            # applied yet (it is being redelivered): retry later rather than drop this one.
+            now = self.model.tasks.get(task_id)
+            if now is not None and now.agent_id == aid and now.status in ts.WITH_AGENT \
+                    and (not attempt or attempt == now.attempt):
+                raise InfrastructureError(f"report out of order, retried: {e}") from None
+            raise
+
+    async def _translate(self, event: AgentEventBase, task_id: str, state: ts.TaskState, aid: str,
+                         at, actor: str, cause: str) -> None:
+        """One report -> the task command it implies (if any)."""
         match event:
             case AgentTaskStarted():
                 await self._run(task_id, ts.StartTask(at=at, actor=actor, agent_id=aid, causation_id=cause))
@@ -232,12 +247,13 @@ class Coordinator(Intake):
                     at=at, actor=actor, agent_id=aid, reason=event.reason, phase=event.phase,
                     retryable=event.retryable, log_ref=event.log_ref, causation_id=cause))
                 await self._maybe_retry(task_id, after)
-            case AgentTaskReleased(outcome="cancelled"):
-                if state.agent_id == aid and state.cancel_requested:
+            case AgentTaskReleased(outcome="cancelled") if state.cancel_requested:
+                if state.agent_id == aid:
                     await self._run(task_id, ts.CancelTask(at=at, actor=actor, force=True,
                                                            reason=state.status_reason or "cancelled",
                                                            causation_id=cause))
-            case AgentTaskReleased(outcome="handed_back") | AgentTaskDeclined():
+            case AgentTaskReleased(outcome="handed_back" | "cancelled" | "lost") | AgentTaskDeclined():
+                # (a "cancelled" release nobody asked for is a hand-back: never strand the task)
                 if state.agent_id == aid and state.status in ts.WITH_AGENT:
                     await self._run(task_id, ts.RequeueTask(at=at, actor=actor, reason="handed_back",
                                                             agent_id=aid, causation_id=cause))
@@ -294,6 +310,14 @@ class Coordinator(Intake):
 
     async def schedule_once(self) -> int:
         model = self.model
+        # an assignment that raced with its agent going offline would wait for ever:
+        # take such tasks back here (the offline handler ran before they existed)
+        for task_id, holder in list(model.holder.items()):
+            agent = model.agents.get(holder)
+            if agent is not None and agent.status == "offline" and task_id not in self._reserved:
+                with contextlib.suppress(DomainError, ConcurrencyConflict):
+                    await self._run(task_id, ts.RequeueTask(at=utcnow(), actor=self.config.name,
+                                                            reason="agent_lost", agent_id=holder))
         if not model.queued:
             return 0
         now = utcnow()

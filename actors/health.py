@@ -44,6 +44,7 @@ class HealthMonitor:
         self.timeout = timeout
         self.last_seen: dict[str, float] = {}
         self._started = time.monotonic()
+        self._forgiven_at = float("-inf")
         self._sub = None
         self._task: asyncio.Task | None = None
 
@@ -81,9 +82,18 @@ class HealthMonitor:
         """Declare silent agents offline; returns their ids."""
         now = time.monotonic()
         lost = []
-        for agent in list(self.model.agents.values()):
-            if agent.status == "offline":
-                continue
+        online = [a for a in self.model.agents.values() if a.status != "offline"]
+        heard = max(self.last_seen.values(), default=self._started)
+        if len(online) > 1 and now - max(heard, self._started) > self.timeout \
+                and now - self._forgiven_at > 3 * self.timeout:
+            # silence from *every* agent at once says more about us (a reconnect, a
+            # leader election) than about them: give them one more grace period (once;
+            # if they stay silent through it, they really are gone)
+            log.warning("health.no_heartbeats_at_all", silent_for=round(now - heard, 1))
+            self._started = self._forgiven_at = now
+            self.last_seen.clear()
+            return lost
+        for agent in online:
             seen = self.last_seen.get(agent.agent_id, self._started)
             if now - seen <= self.timeout:
                 continue

@@ -59,6 +59,11 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     budget: Budget = msgspec.field(default_factory=Budget)
 
 
+class Superseded(Exception):
+    """The coordinator declared this agent offline while it worked: the task was taken
+    back, so the work must stop (and the agent register afresh), not be reported."""
+
+
 class PhaseFailed(CccError):
     def __init__(self, phase: str, reason: str, *, retryable: bool = True, log_ref: str = "") -> None:
         super().__init__(f"{phase}: {reason}", retryable=retryable)
@@ -192,9 +197,7 @@ async def run_pipeline(
         await report("agent.pr_opened", branch=branch, pr_url=url, pr_number=number, draft=draft,
                      tests_passed=passed, tests_failed=failed)
         ws.mark_finished(outcome="pr_opened")
-    except PhaseFailed:
-        raise
-    except asyncio.CancelledError:
+    except (PhaseFailed, Superseded, asyncio.CancelledError):
         raise
     except CccError as e:
         raise PhaseFailed(phase, str(e), retryable=e.retryable) from e

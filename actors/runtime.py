@@ -85,7 +85,8 @@ class ConsumerLoop:
         self.handled = 0
         self.failed = 0
         self.dead_letters = 0
-        self.dlq_subject = dlq_subject or f"{stream.split('_')[0].lower()}.dlq.{durable}"
+        # streams are "<NS>_<KIND>" (the namespace may itself contain "_")
+        self.dlq_subject = dlq_subject or f"{stream.rsplit('_', 1)[0].lower()}.dlq.{durable}"
 
     async def start(self) -> None:
         config = api.ConsumerConfig(

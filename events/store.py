@@ -227,6 +227,9 @@ class EventStore:
         try:
             sub = await self.js.subscribe(
                 filter_subject or "", stream=self.stream, cb=cb, ordered_consumer=True,
+                # a missed heartbeat resets the ordered consumer: 1 s notices a restarted
+                # server quickly (the client default of 5 s left followers stalled ~20 s)
+                idle_heartbeat=1.0,
                 config=config, pending_msgs_limit=512 * 1024,
                 pending_bytes_limit=256 * 1024 * 1024,
             )

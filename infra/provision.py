@@ -78,6 +78,11 @@ async def _ensure_stream(js, config: api.StreamConfig) -> None:
     except nats.js.errors.BadRequestError as e:
         if e.err_code != STREAM_NAME_IN_USE:
             raise
+        existing = (await js.stream_info(config.name)).config
+        if (existing.num_replicas or 1) > (config.num_replicas or 1):
+            # never lower replication implicitly (a command run without CCC_REPLICAS=3
+            # against an R3 cluster must not turn its streams into R1)
+            config.num_replicas = existing.num_replicas
         await js.update_stream(config)
 
 

@@ -94,6 +94,7 @@ class ReadModel:
                 self.dirty_tasks.add(tid)
             elif isinstance(item, BadMessage):
                 self._reject(item)
+                self._advance(item.subject, seq)
                 return False
             else:
                 aid = item.agent_id
@@ -101,10 +102,12 @@ class ReadModel:
                 self.agent_seq[aid] = seq
                 self.dirty_agents.add(aid)
         except DomainError as e:
+            subject = f"{self.prefix}.{item.rel_subject}"
             self._reject(BadMessage(
-                seq=seq, subject=f"{self.prefix}.{item.rel_subject}", error=f"{type(e).__name__}: {e}",
+                seq=seq, subject=subject, error=f"{type(e).__name__}: {e}",
                 preview=msgspec.json.encode(item)[:200].decode(errors="replace"),
             ))
+            self._advance(subject, seq)
             return False
         self.applied_count += 1
         return True
@@ -114,6 +117,17 @@ class ReadModel:
         for seq, item in items:
             n += self.apply(seq, item)
         return n
+
+    def _advance(self, subject: str, seq: int) -> None:
+        """A skipped message still sits on its aggregate's subjects: the aggregate's last
+        sequence must include it, or every concurrency-checked write to that aggregate
+        would conflict for ever (one poison message would wedge the task)."""
+        parts = subject.split(".", 3)
+        if len(parts) >= 3 and parts[0] == self.prefix:
+            if parts[1] == "task" and parts[2] in self.tasks:
+                self.task_seq[parts[2]] = seq
+            elif parts[1] == "agent" and parts[2] in self.agents:
+                self.agent_seq[parts[2]] = seq
 
     def _reject(self, bad: BadMessage) -> None:
         self.bad_count += 1

@@ -1,6 +1,7 @@
 """Regenerate the golden event log (run deliberately, then review the diff):
 
-    python -m tests.make_golden
+    python -m tests.make_golden               # a new log from a demo run
+    python -m tests.make_golden --reproject   # same log, projection by the current code
 
 It runs ``ccc demo``'s flow on a throwaway server, copies the raw event log (bytes as
 stored) to ``tests/fixtures/golden_events.jsonl``, appends two poison messages, and
@@ -63,5 +64,15 @@ async def main() -> None:
     print(f"{len(lines)} events; {len(snapshot['tasks'])} tasks, {len(snapshot['agents'])} agents")
 
 
+def reproject() -> None:
+    """Keep the recorded log, record its projection by the current code (for a deliberate
+    change of how the log is folded: review the diff of golden_projection.json)."""
+    lines = [json.loads(line) for line in (FIXTURES / "golden_events.jsonl").read_text().splitlines()]
+    snapshot = project(lines).snapshot()
+    (FIXTURES / "golden_projection.json").write_text(json.dumps(snapshot, indent=1, sort_keys=True) + "\n")
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    import sys
+
+    reproject() if "--reproject" in sys.argv else asyncio.run(main())
