@@ -224,8 +224,20 @@ class Agent:
         if not isinstance(event, TaskAssigned) or event.agent_id != self.id:
             return
         task, _ = await self.store.load_task(event.task_id)
-        if task is None or task.agent_id != self.id or task.attempt != event.attempt or task.status != "assigned":
+        if task is None or task.agent_id != self.id or task.attempt != event.attempt:
             log.info("agent.stale_assignment", agent_id=self.id, task_id=event.task_id)
+            return
+        if task.status != "assigned":
+            if task.status in ("in_progress", "testing") and task.task_id not in self.running:
+                # ours, but nothing here works on it (a pipeline lost to a failure we could
+                # not even report): hand it back rather than strand it
+                log.warning("agent.orphaned_task_handed_back", agent_id=self.id, task_id=task.task_id)
+                held = self.state is not None and task.task_id in self.state.active_tasks
+                await self._append(
+                    ag.ReleaseAgentTask(at=utcnow(), actor=self.id, task_id=task.task_id,
+                                        outcome="handed_back", attempt=task.attempt) if held else
+                    ag.DeclineTask(at=utcnow(), actor=self.id, task_id=task.task_id,
+                                   attempt=task.attempt, reason="not running here"))
             return
         tid = task.task_id
         if task.cancel_requested:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -71,8 +72,10 @@ def _unavailable(e: Exception) -> StoreUnavailable:
 
 
 class EventStore:
-    def __init__(self, nc: Client, ns: Namespace = DEFAULT_NS, *, timeout: float = 5.0) -> None:
+    def __init__(self, nc: Client, ns: Namespace = DEFAULT_NS, *, timeout: float = 5.0,
+                 retry_for: float = 15.0) -> None:
         self.nc = nc
+        self.retry_for = retry_for  # an R3 leader election stalls writes ~5 s (DESIGN §9)
         self.ns = ns
         self.timeout = timeout
         self.js = nc.jetstream(timeout=timeout)
@@ -90,7 +93,39 @@ class EventStore:
         return subject, encode(event), headers
 
     async def append(self, events: Sequence[Event], *, expected_last_seq: int | None) -> list[int]:
-        """Append events of one aggregate, all or nothing. ``expected_last_seq`` is the
+        """Append events of one aggregate, all or nothing, retrying across a lost
+        connection or a leader election for up to ``retry_for`` seconds with the same
+        dedup ids. If a retry meets a conflict because the first try did land (its ack
+        was what got lost), that is success: the aggregate's last message is ours."""
+        deadline = time.monotonic() + self.retry_for
+        tries = 0
+        while True:
+            try:
+                return await self._append_once(events, expected_last_seq)
+            except ConcurrencyConflict:
+                if tries and events:
+                    landed = await self._landed(events)
+                    if landed:
+                        return landed
+                raise
+            except StoreUnavailable as e:
+                tries += 1
+                if not e.retryable or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** tries))
+
+    async def _landed(self, events: Sequence[Event]) -> list[int] | None:
+        subject = self.ns.subject(events[-1].rel_subject)
+        try:
+            msg = await self.js.get_last_msg(self.stream, self.ns.scope_of(subject) or subject, direct=True)
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError):
+            return None
+        if (msg.headers or {}).get(MSG_ID) != events[-1].event_id:
+            return None
+        return list(range(msg.seq - len(events) + 1, msg.seq + 1))
+
+    async def _append_once(self, events: Sequence[Event], expected_last_seq: int | None) -> list[int]:
+        """One try of :meth:`append`. ``expected_last_seq`` is the
         stream sequence of the aggregate's last event as loaded (0: none); ``None`` skips
         the check (only for writers that own the aggregate alone). Returns the sequences.
 

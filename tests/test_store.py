@@ -121,7 +121,7 @@ async def test_unavailable_server_raises_store_unavailable(tmp_path):
     server.start()
     nc = await connect(server.url, reconnect=False)
     await provision(nc)
-    store = EventStore(nc, timeout=1.0)
+    store = EventStore(nc, timeout=1.0, retry_for=1.0)
     server.kill()
     with pytest.raises(StoreUnavailable):
         await store.append(created("acme_app-1"), expected_last_seq=0)
