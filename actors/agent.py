@@ -62,16 +62,28 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ObjectStoreArtifacts:
-    def __init__(self, nc: Client, bucket: str) -> None:
-        self.js = nc.jetstream(timeout=30.0)
+    """Diffs, test logs and transcripts in the JetStream object store. A put is retried
+    with short timeouts, so a leader election costs seconds, not a 30 s stall."""
+
+    def __init__(self, nc: Client, bucket: str, *, timeout: float = 5.0, tries: int = 4) -> None:
+        self.js = nc.jetstream(timeout=timeout)
         self.bucket = bucket
+        self.tries = tries
         self._obs = None
 
     async def put(self, name: str, data: bytes) -> str:
-        if self._obs is None:
-            self._obs = await self.js.object_store(self.bucket)
-        await self._obs.put(name, data)
-        return f"{self.bucket}/{name}"
+        for attempt in range(1, self.tries + 1):
+            try:
+                if self._obs is None:
+                    self._obs = await self.js.object_store(self.bucket)
+                await self._obs.put(name, data)
+                return f"{self.bucket}/{name}"
+            except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
+                self._obs = None
+                if attempt == self.tries:
+                    raise StoreUnavailable(f"object store {self.bucket}: {type(e).__name__}: {e}") from None
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")
 
 
 class Agent:
