@@ -183,8 +183,10 @@ class Agent:
             try:
                 await self._heartbeat_once()
                 await self._check_supervision()
-            except (nats.errors.Error, OSError, StoreUnavailable) as e:
-                log.warning("agent.heartbeat_failed", agent_id=self.id, error=str(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                log.warning("agent.heartbeat_failed", agent_id=self.id, error=f"{type(e).__name__}: {e}")
 
     async def _check_supervision(self) -> None:
         """An idle agent appends nothing, so a failed append cannot tell it that the
@@ -235,6 +237,8 @@ class Agent:
         event = decode_event(self.ns.rel(msg.subject), msg.data)
         if not isinstance(event, TaskAssigned) or event.agent_id != self.id:
             return
+        if self.state is None or self.state.status == "offline":
+            await self._reregister()  # declared offline (e.g. across a server restart): come back first
         task, _ = await self.store.load_task(event.task_id)
         if task is None or task.agent_id != self.id or task.attempt != event.attempt:
             log.info("agent.stale_assignment", agent_id=self.id, task_id=event.task_id)

@@ -548,23 +548,6 @@ NATS_RESTART_BUG = (
     "(ordered consumer only notices via missed idle heartbeats), report handlers time out in "
     "_catch_up_to and are nak'ed; the same agent's later reports are then refused and acked "
     "(dropped), so tasks stick in testing (actors/coordinator.py _on_agent_event_in_order)")
-CLUSTER_BUG = (
-    "appends are not retried across the leader election (events/store.py append): an agent's "
-    "report fails at once (no responders), the pipeline turns it into a work failure whose report "
-    "fails too, the redelivered assignment is ignored as stale: tasks stick in in_progress. When "
-    "the kill lands during the coder instead, every agent blocks 30 s in the artifact upload "
-    "(actors/agent.py ObjectStoreArtifacts, 30 s timeout, no retry): recovery ~31 s > 10 s")
-POISON_BUG = (
-    "a poison message on a task subject wedges that task (projections/read_model.py: a bad message "
-    "does not advance task_seq, so every coordinator append conflicts); the agent's cancel watcher "
-    "cancels running work on any message on <ns>.task.<id>.cancel_requested without decoding it "
-    "(actors/agent.py _watch_cancellations) and the coordinator ignores that release")
-GRACEFUL_BUG = (
-    "intermittent: the scheduler assigns a task to an agent in the moment it goes offline (the "
-    "assignment is checked against the task's sequence only); the agent.offline handler ran before "
-    "the assignment existed and nothing takes a task back from an agent that is already offline "
-    "(actors/coordinator.py schedule_once/_take_back_all): the task stays assigned until a "
-    "coordinator restart reconciles it")
 
 SCENARIOS: dict[str, Spec] = {
     "coordinator": Spec(_standard("coordinator", fault=kill_coordinator), 1, 3, 2.0,
@@ -577,8 +560,8 @@ SCENARIOS: dict[str, Spec] = {
     # heartbeat timeout 10s (the `ccc up` default), above the ~5s election stall: with a
     # shorter one every agent is declared lost during the election (see the report)
     "cluster": Spec(_standard("cluster", fault=kill_leader, cluster=True, heartbeat_timeout=10.0), 1, 2, 10.0,
-                    "stream leader killed -> next event appended", CLUSTER_BUG),
+                    "stream leader killed -> next event appended"),
     "duplicates-and-poison": Spec(_standard("duplicates-and-poison", fault=poison, copies=5, agents=2), 1, 1,
-                                  None, "", POISON_BUG),
-    "graceful": Spec(graceful, 1, 1, None, "agent SIGTERMed -> its task re-queued (handed back)", GRACEFUL_BUG),
+                                  None, ""),
+    "graceful": Spec(graceful, 1, 1, None, "agent SIGTERMed -> its task re-queued (handed back)"),
 }
