@@ -101,6 +101,7 @@ class Agent:
         self.state: ag.AgentState | None = None
         self.last_seq = 0
         self._lock = asyncio.Lock()
+        self._rereg_lock = asyncio.Lock()
         self.running: dict[str, asyncio.Task] = {}
         self._stop_reason: dict[str, str] = {}
         self._loop: ConsumerLoop | None = None
@@ -348,10 +349,14 @@ class Agent:
 
     async def _reregister(self) -> None:
         """Declared offline while alive (e.g. a long stall): our tasks were taken back;
-        stop what we hold and come back as a new incarnation."""
-        for tid, work in list(self.running.items()):
-            self._stop_reason[tid] = "lost"
-            work.cancel()
-        async with self._lock:
-            self.state, self.last_seq = await self.store.load_agent(self.id)
-        await self.register()
+        stop what we hold and come back as a new incarnation. Serialised: the heartbeat
+        and an assignment may both notice at once."""
+        async with self._rereg_lock:
+            async with self._lock:
+                self.state, self.last_seq = await self.store.load_agent(self.id)
+            if self.state is not None and self.state.status != "offline":
+                return  # someone (the other caller) already brought us back
+            for tid, work in list(self.running.items()):
+                self._stop_reason[tid] = "lost"
+                work.cancel()
+            await self.register()

@@ -45,6 +45,7 @@ class HealthMonitor:
         self.last_seen: dict[str, float] = {}
         self._started = time.monotonic()
         self._forgiven_at = float("-inf")
+        self._reconnects = nc.stats.get("reconnects", 0)
         self._sub = None
         self._task: asyncio.Task | None = None
 
@@ -57,6 +58,7 @@ class HealthMonitor:
         self._sub = await self.nc.jetstream().subscribe(
             f"{self.ns.prefix}.hb.*", stream=self.ns.heartbeats_stream, cb=on_heartbeat,
             ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            idle_heartbeat=1.0,  # notice a restarted server within a second or two
         )
         self._task = asyncio.create_task(self._loop(), name="health")
 
@@ -81,7 +83,14 @@ class HealthMonitor:
     async def check(self) -> list[str]:
         """Declare silent agents offline; returns their ids."""
         now = time.monotonic()
-        lost = []
+        lost: list[str] = []
+        reconnects = self.nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:
+            # we were cut off: what we did not hear says nothing about the agents
+            self._reconnects = reconnects
+            self._started = now
+            self.last_seen.clear()
+            return lost
         online = [a for a in self.model.agents.values() if a.status != "offline"]
         heard = max(self.last_seen.values(), default=self._started)
         if len(online) > 1 and now - max(heard, self._started) > self.timeout \

@@ -543,11 +543,6 @@ def _standard(name: str, **kw) -> Callable[[Sandbox, int], Awaitable[RunResult]]
 
 # Scenarios that fail today because of bugs outside this suite (reported with file,
 # cause and fix). They still count as failures (exit 1); the table says why.
-NATS_RESTART_BUG = (
-    "coordinator report ordering: after the server restart the projection follower stalls ~10-20 s "
-    "(ordered consumer only notices via missed idle heartbeats), report handlers time out in "
-    "_catch_up_to and are nak'ed; the same agent's later reports are then refused and acked "
-    "(dropped), so tasks stick in testing (actors/coordinator.py _on_agent_event_in_order)")
 
 SCENARIOS: dict[str, Spec] = {
     "coordinator": Spec(_standard("coordinator", fault=kill_coordinator), 1, 3, 2.0,
@@ -556,7 +551,7 @@ SCENARIOS: dict[str, Spec] = {
                   "agent killed/stalled -> its task re-queued (2 s heartbeat timeout included)"),
     "two-coordinators": Spec(_standard("two-coordinators", coordinators=2), 1, 2, None, ""),
     "nats-restart": Spec(_standard("nats-restart", fault=restart_nats), 1, 2, None,
-                         "nats-server back -> next event appended", NATS_RESTART_BUG),
+                         "nats-server back -> next event appended"),
     # heartbeat timeout 10s (the `ccc up` default), above the ~5s election stall: with a
     # shorter one every agent is declared lost during the election (see the report)
     "cluster": Spec(_standard("cluster", fault=kill_leader, cluster=True, heartbeat_timeout=10.0), 1, 2, 10.0,
