@@ -541,9 +541,9 @@ def _standard(name: str, **kw) -> Callable[[Sandbox, int], Awaitable[RunResult]]
     return run
 
 
-# Scenarios that fail today because of bugs outside this suite (reported with file,
-# cause and fix). They still count as failures (exit 1); the table says why.
-
+# A scenario that fails because of a known bug carries its description in
+# ``Spec.expected_failure``: it still counts as a failure (exit 1) and the table says why.
+# None does today: the bugs this suite found were fixed (see the README).
 SCENARIOS: dict[str, Spec] = {
     "coordinator": Spec(_standard("coordinator", fault=kill_coordinator), 1, 3, 2.0,
                         "restarted coordinator up -> next task event"),
