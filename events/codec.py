@@ -47,7 +47,3 @@ def decode_event(rel_subject: str, data: bytes) -> Event:
 def decode_issue(rel_subject: str, data: bytes) -> IssueEvent:
     """Decode a message of ``<NS>_ISSUES`` (an issue fact)."""
     return _checked(issue_decoder, rel_subject, data)
-
-
-def to_builtins(obj: object) -> object:
-    return msgspec.to_builtins(obj)
