@@ -143,7 +143,9 @@ class Agent:
         self._loop = ConsumerLoop(
             self.nc, stream=self.ns.events_stream, durable=f"agent-{self.id}",
             filter_subjects=[self.ns.assignments_filter(self.id)], handler=self._on_assignment,
-            concurrency=self.config.capacity, ack_wait=self.config.ack_wait, max_deliver=5,
+            # an election can stall reads for ~5-8 s: enough redeliveries (with backoff) to
+            # outlast it, or an assignment would be parked and its task stranded
+            concurrency=self.config.capacity, ack_wait=self.config.ack_wait, max_deliver=20,
             inactive_threshold=7 * 24 * 3600.0,  # an agent id never seen again does not pile up
         )
         await self._loop.start()
@@ -240,7 +242,11 @@ class Agent:
             return
         if self.state is None or self.state.status == "offline":
             await self._reregister()  # declared offline (e.g. across a server restart): come back first
-        task, _ = await self.store.load_task(event.task_id)
+        task, last = await self.store.load_task(event.task_id)
+        if last < msg.metadata.sequence.stream:
+            # our read of the task is older than the assignment itself (e.g. a replica
+            # that lags right after a leader election): retry, never drop it as stale
+            raise StoreUnavailable(f"read of {event.task_id} is behind its assignment; retrying")
         if task is None or task.agent_id != self.id or task.attempt != event.attempt:
             log.info("agent.stale_assignment", agent_id=self.id, task_id=event.task_id)
             return
