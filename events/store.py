@@ -110,8 +110,9 @@ class EventStore:
                 raise
             except StoreUnavailable as e:
                 tries += 1
-                if not e.retryable or time.monotonic() >= deadline:
-                    raise
+                if not e.retryable or time.monotonic() >= deadline \
+                        or self.nc.is_closed or self.nc.is_draining:
+                    raise  # (a connection we are closing will not come back: fail fast)
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** tries))
 
     async def _landed(self, events: Sequence[Event]) -> list[int] | None:
