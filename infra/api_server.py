@@ -19,12 +19,12 @@ from events.store import EventStore
 from projections.live import LiveReadModel
 from projections.status_api import create_app
 
-from .http_service import SHUTDOWN_TIMEOUT, HttpService
+from .http_service import SHUTDOWN_TIMEOUT, HttpService, Served
 
 log = structlog.get_logger("ccc.api")
 
 
-class ApiServer:
+class ApiServer(Served):
     """The status API on ``host:port`` (0: any free port), over a projection it owns,
     or over ``live`` if given (then the caller starts and stops that)."""
 
@@ -37,10 +37,6 @@ class ApiServer:
         self._owns_live = live is None
         self.live = live or LiveReadModel(store, materialize=materialize)
 
-    host = property(lambda self: self.http.host)
-    port = property(lambda self: self.http.port)
-    url = property(lambda self: self.http.url)
-    running = property(lambda self: self.http.running)
 
     async def start(self) -> int:
         """Catch the projection up, bind, start serving; returns the bound port."""
@@ -57,15 +53,6 @@ class ApiServer:
         except BaseException:
             await self._stop_live()
             raise
-
-    async def serve_forever(self) -> None:
-        """Serve until cancelled (or stopped from elsewhere), then shut down."""
-        if not self.http.running:
-            await self.start()
-        try:
-            await self.http.wait()
-        finally:
-            await self.stop()
 
     async def stop(self) -> None:
         """Stop serving (in-flight requests get ``SHUTDOWN_TIMEOUT``), then the

@@ -129,3 +129,31 @@ class HttpService:
             log.warning("http.stop_error", service=self.name, error=repr(e))
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+class Served:
+    """What the status API and the webhook receiver share on top of :class:`HttpService`:
+    the address and ``serve_forever``. Subclasses set ``self.http`` and define
+    ``start()`` and ``stop()``."""
+
+    http: HttpService
+
+    host = property(lambda self: self.http.host)
+    port = property(lambda self: self.http.port)
+    url = property(lambda self: self.http.url)
+    running = property(lambda self: self.http.running)
+
+    async def start(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def stop(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled (or stopped from elsewhere), then shut down."""
+        if not self.http.running:
+            await self.start()
+        try:
+            await self.http.wait()
+        finally:
+            await self.stop()

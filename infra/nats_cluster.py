@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import socket
 import subprocess
 import time
@@ -30,6 +29,7 @@ from nats.aio.client import Client
 from events.errors import StoreUnavailable
 
 from .nats_server import server_binary
+from .procutil import kill, terminate
 
 
 def free_ports(n: int) -> list[int]:
@@ -153,22 +153,13 @@ class NatsCluster:
     def kill(self, name: str) -> None:
         """SIGKILL one node: no flush, no goodbye to its peers."""
         node = self.node(name)
-        if node.proc is not None and node.proc.poll() is None:
-            node.proc.kill()
-            node.proc.wait()
-        node.proc = None
+        proc, node.proc = node.proc, None
+        kill(proc)
 
     def stop_node(self, name: str, timeout: float = 10.0) -> None:
         node = self.node(name)
         proc, node.proc = node.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from events.errors import ConfigError, StoreUnavailable
 
-from .procutil import die_with_parent
+from .procutil import die_with_parent, kill, terminate
 
 CONF_NAME = "nats-server.conf"
 
@@ -129,21 +128,12 @@ class EmbeddedServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL, for fault tests: no flush, no goodbye."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        proc, self.proc = self.proc, None
+        kill(proc)
 
     @property
     def running(self) -> bool:

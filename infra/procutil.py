@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import subprocess
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -35,3 +36,22 @@ def die_with_parent() -> None:
     """A ``preexec_fn``: runs in the child between fork and exec."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM and wait; SIGKILL if it does not go within ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def kill(proc: subprocess.Popen | None) -> None:
+    """SIGKILL and reap: no flush, no goodbye (fault tests)."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()

@@ -36,7 +36,7 @@ from litestar.exceptions import HTTPException
 from events.errors import ConfigError, StoreUnavailable
 from events.issue import IssueEvent
 
-from .http_service import HttpService
+from .http_service import HttpService, Served
 from .issues import publish_issue
 from .webhook_translate import (
     TRUSTED,
@@ -210,7 +210,7 @@ def webhook_secret(env: Mapping[str, str] | None = None) -> str:
     return secret
 
 
-class WebhookServer:
+class WebhookServer(Served):
     """The receiver on ``host:port`` (0: any free port), publishing to ``ns`` over ``nc``.
     Provisions nothing: the caller provisions the namespace first. Same lifecycle as
     :class:`infra.api_server.ApiServer`: ``start() -> port``, ``url``, ``stop()``,
@@ -227,22 +227,10 @@ class WebhookServer:
             is_connected=lambda: bool(nc.is_connected),
         )
 
-    host = property(lambda self: self.http.host)
-    port = property(lambda self: self.http.port)
-    url = property(lambda self: self.http.url)
 
     async def start(self) -> int:
         """Bind (a port in use is an ``OSError`` here), start serving; returns the port."""
         return await self.http.start(self.app)
-
-    async def serve_forever(self) -> None:
-        """Serve until cancelled (or stopped), then shut down."""
-        if not self.http.running:
-            await self.start()
-        try:
-            await self.http.wait()
-        finally:
-            await self.stop()
 
     async def stop(self) -> None:
         """Stop serving; in-flight deliveries get the grace period. Idempotent."""
