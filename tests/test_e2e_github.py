@@ -117,7 +117,13 @@ async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_gith
         assert t.input_tokens > 0 and t.dollars > 0
         # labels and one tracking comment follow the task
         await eventually(lambda: "ccc:review" in fake_github.issue_labels(REPO, number))
-        comments = [c for c in fake_github.comments_on(REPO, number) if f"ccc:task:{task_id}" in c["body"]]
+
+        def tracking() -> list[dict]:
+            return [c for c in fake_github.comments_on(REPO, number) if f"ccc:task:{task_id}" in c["body"]]
+
+        # label and comment are separate API calls: wait for the comment to catch up
+        await eventually(lambda: any(pull["html_url"] in c["body"] for c in tracking()))
+        comments = tracking()
         assert len(comments) == 1 and pull["html_url"] in comments[0]["body"]
         # the token never appears in an event, task or agent
         everything = [x async for x in store.read()]
