@@ -154,9 +154,24 @@ class Agent:
             asyncio.create_task(self._cleanup_loop(), name=f"cleanup-{self.id}"),
         ]
 
+    async def drain(self) -> None:
+        """Say we take no new work (``agent.maintenance_started``, reason ``shutdown``)
+        before anything is handed back: the scheduler then never assigns a handed-back
+        task, or a new one, to an agent that is on its way out. Idempotent; a failure
+        only costs the guard (the stop still hands back and goes offline)."""
+        if self.state is None or self.state.status not in ag.ONLINE:
+            return
+        try:
+            await self._append(ag.EnterMaintenance(at=utcnow(), actor=self.id, reason="shutdown"))
+        except Exception as e:  # noqa: BLE001 - declared offline, illegal now, server gone
+            log.warning("agent.drain_failed", agent_id=self.id, error=f"{type(e).__name__}: {e}")
+        else:
+            log.info("agent.draining", agent_id=self.id, running=len(self.running))
+
     async def stop(self) -> None:
-        """Graceful: stop taking work, give running tasks ``shutdown_grace`` to finish,
-        hand back the rest, then say we are offline."""
+        """Graceful: stop taking work (:meth:`drain`), give running tasks
+        ``shutdown_grace`` to finish, hand back the rest, then say we are offline."""
+        await self.drain()
         for task_id in self.running:
             self._stop_reason.setdefault(task_id, "handed_back")
         if self._loop is not None:
@@ -166,12 +181,16 @@ class Agent:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        # each step is bounded: a stop must end even if the server stops answering
         if self._cancel_sub is not None:
             with contextlib.suppress(Exception):
-                await self._cancel_sub.unsubscribe()
+                await asyncio.wait_for(self._cancel_sub.unsubscribe(), 5.0)
         if self.state is not None and self.state.status != "offline":
-            with contextlib.suppress(Exception):
-                await self._append(ag.GoOffline(at=utcnow(), actor=self.id, reason="shutdown"))
+            try:
+                await asyncio.wait_for(
+                    self._append(ag.GoOffline(at=utcnow(), actor=self.id, reason="shutdown")), 10.0)
+            except Exception as e:  # noqa: BLE001 - the health monitor will declare us offline
+                log.warning("agent.offline_not_recorded", agent_id=self.id, error=f"{type(e).__name__}: {e}")
         log.info("agent.stopped", agent_id=self.id)
 
     # -- heartbeats and housekeeping ------------------------------------------------------
@@ -268,8 +287,10 @@ class Agent:
                                               attempt=task.attempt, reason="cancel requested"))
             return
         if self.state is None or self.state.status not in ag.ONLINE or len(self.running) >= self.config.capacity:
+            why = "no free slot" if self.state is not None and self.state.status in ag.ONLINE else \
+                f"agent is {self.state.status if self.state else 'unregistered'}"
             await self._append(ag.DeclineTask(at=utcnow(), actor=self.id, task_id=tid,
-                                              attempt=task.attempt, reason="no free slot"))
+                                              attempt=task.attempt, reason=why))
             return
         await self._append(ag.StartAgentTask(at=utcnow(), actor=self.id, task_id=tid, attempt=task.attempt))
         work = asyncio.create_task(self._work(task), name=f"work-{tid}")

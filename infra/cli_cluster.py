@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from .cluster import (
     parse_specialties,
 )
 from .settings import load_settings
+from .signals import StopSignals, settle
 
 log = structlog.get_logger("ccc.cli")
 
@@ -61,71 +59,6 @@ def _require_running_nats(obj) -> None:
     if not url or not run_async(reachable(url, settings)):
         raise ConfigError(f"no cluster is running for data dir {settings.data_dir}: start `ccc up` "
                           "(or `ccc server`) with that data dir first, or pass --nats-url")
-
-
-class StopSignals:
-    """SIGINT/SIGTERM for the whole life of a long-running command (``up``, ``agent``).
-
-    The first signal ends :meth:`wait`, or cancels the start-up if it comes earlier.
-    Later ones, and any during :meth:`cleanup`, call ``hurry`` (running tasks are
-    handed back now instead of after the grace period) and never interrupt the
-    cleanup: a second Ctrl-C must not abandon the shutdown half way, leaving the
-    nats-server (in its own session) and workspace commands running, and nats.url
-    pointing at them."""
-
-    def __init__(self, hurry: Callable[[], None] | None = None) -> None:
-        self.hurry = hurry
-        self.received = 0
-        self._phase = "starting"  # -> "running" (in wait) -> "stopping" (in cleanup)
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._installed: list[int] = []
-
-    def __enter__(self) -> StopSignals:
-        self._task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self._on_signal)
-                self._installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in self._installed:
-            loop.remove_signal_handler(sig)
-
-    def _on_signal(self) -> None:
-        self.received += 1
-        if self.received == 1 and self._phase != "stopping":
-            self._stop.set()
-            if self._phase == "starting" and self._task is not None:
-                self._task.cancel()
-            return
-        if self.hurry is not None:
-            click.echo("stopping now: running tasks are handed back", err=True)
-            self.hurry()
-
-    async def wait(self) -> None:
-        self._phase = "running"
-        await self._stop.wait()
-
-    async def cleanup(self, coro: Awaitable) -> None:
-        self._phase = "stopping"
-        task = asyncio.current_task()
-        if self.received and task is not None and task.cancelling():
-            task.uncancel()  # our own cancel of the start-up: the cleanup runs in full
-        await coro
-
-
-async def _settle(task: asyncio.Future | None, then: Awaitable) -> None:
-    """Let a cancelled task finish its own cleanup, then run ``then``."""
-    if task is not None:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-    await then
 
 
 shutdown_grace_option = click.option(
@@ -420,7 +353,7 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
                 for t in (serving, stopped):
                     if t is not None:
                         t.cancel()
-                await signals.cleanup(_settle(serving, server.stop()))
+                await signals.cleanup(settle(serving, server.stop()))
 
     obj.run(serve)
 

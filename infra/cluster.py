@@ -256,9 +256,11 @@ class LocalCluster:
         log.warning("cluster.reports_not_drained", timeout=timeout)
 
     async def stop(self) -> None:
-        for agent in self.agents:
-            with contextlib.suppress(Exception):
-                await agent.stop()
+        # every agent stops taking work before any hands a task back (else the handed-back
+        # task goes to the next agent in line, which is stopping too); then all of them
+        # share one grace period instead of waiting for each other's
+        await asyncio.gather(*(agent.drain() for agent in self.agents), return_exceptions=True)
+        await asyncio.gather(*(agent.stop() for agent in self.agents), return_exceptions=True)
         if self.agents and self.coordinator is not None:
             with contextlib.suppress(Exception):
                 await self._drain_reports()

@@ -134,3 +134,41 @@ async def test_cancel_mid_run(nc, ns, cluster):
                                                      occurred_at=datetime.now(timezone.utc)))
     await eventually(lambda: state(coordinator, "acme_calc-4") == "cancelled", timeout=20)
     assert not any("acme_calc-4" in a.running for a in agents)
+
+
+async def test_a_stopping_agent_drains_before_it_hands_back(nc, ns, store, cluster):
+    """Stopping: ``maintenance_started`` (no new work) comes before the hand-back, so the
+    coordinator gives the task to the other agent, never back to the one leaving."""
+    from events.agent import AgentMaintenanceStarted, AgentTaskReleased, AgentWentOffline
+    coordinator, agents = cluster
+    await publish_issue(nc, ns, opened(4, "Slow fix", labels=["backend"], repo="acme/calc"))
+    await eventually(lambda: state(coordinator, "acme_calc-4") == "in_progress", timeout=30)
+    leaving = next(a for a in agents if "acme_calc-4" in a.running)
+    other = next(a for a in agents if a is not leaving)
+    await leaving.stop()
+    await eventually(lambda: coordinator.model.tasks["acme_calc-4"].agent_id == other.id, timeout=20)
+    assert coordinator.model.tasks["acme_calc-4"].attempt == 2
+    history = [e.event for e in (await store.load(ns.agent_filter(leaving.id))).events]
+    kinds = [type(e) for e in history]
+    drained = kinds.index(AgentMaintenanceStarted)
+    released = kinds.index(AgentTaskReleased)
+    assert drained < released and kinds[-1] is AgentWentOffline
+    assert history[drained].reason == "shutdown" and history[released].outcome == "handed_back"
+    assert coordinator.model.agents[leaving.id].status == "offline"
+
+
+async def test_when_every_agent_stops_the_handed_back_task_waits_in_the_queue(nc, ns, cluster):
+    """``ccc up`` stopping: all agents drain first, so the hand-back is not assigned to
+    an agent that is stopping too (which would burn an attempt per agent)."""
+    import asyncio
+    coordinator, agents = cluster
+    await publish_issue(nc, ns, opened(4, "Slow fix", labels=["backend"], repo="acme/calc"))
+    await eventually(lambda: state(coordinator, "acme_calc-4") == "in_progress", timeout=30)
+    await asyncio.gather(*(a.drain() for a in agents))
+    await eventually(lambda: all(coordinator.model.agents[a.id].status == "maintenance" for a in agents))
+    await asyncio.gather(*(a.stop() for a in agents))
+    await eventually(lambda: state(coordinator, "acme_calc-4") == "queued", timeout=20)
+    task = coordinator.model.tasks["acme_calc-4"]
+    assert task.agent_id is None and task.attempt == 2
+    await eventually(lambda: all(coordinator.model.agents[a.id].status == "offline" for a in agents))
+    assert state(coordinator, "acme_calc-4") == "queued"  # nobody took it while stopping

@@ -111,3 +111,28 @@ def test_settings_precedence(tmp_path):
     assert s.nats_url == "nats://b:2" and s.data_dir == tmp_path and not s.embedded
     s = load_settings({"CCC_DATA_DIR": str(tmp_path), "CCC_SYNC_INTERVAL": "2s"})
     assert s.embedded and s.sync_interval == "2s" and s.replicas == 1
+
+
+@pytest.mark.timeout(10)
+async def test_pending_tasks_report_says_where_each_task_waits():
+    """A stop that does not finish tells the operator what it waits on: the innermost
+    awaits of every pending task, not just the outermost frame."""
+    from infra.signals import pending_tasks_report
+
+    gate = asyncio.Event()
+
+    async def leaf() -> None:
+        await gate.wait()
+
+    async def middle() -> None:
+        await leaf()
+
+    task = asyncio.create_task(middle(), name="stuck-stop")
+    await asyncio.sleep(0)
+    report = pending_tasks_report(depth=4)
+    line = next(line for line in report.splitlines() if "stuck-stop" in line)
+    assert "leaf" in line and "middle" in line and "wait" in line
+    assert line.index("wait") < line.index("leaf") < line.index("middle")  # innermost first
+    gate.set()
+    await task
+    assert "stuck-stop" not in pending_tasks_report()
