@@ -33,6 +33,7 @@ from events.errors import BadEventError, ConcurrencyConflict, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 from events.task import TaskAssigned, TaskCancellationRequested
+from infra.aio import cancel_and_wait
 from infra.coders.base import Coder
 from infra.tracing import get_tracer
 from infra.workspace import Workspace, cleanup_expired
@@ -176,11 +177,7 @@ class Agent:
             self._stop_reason.setdefault(task_id, "handed_back")
         if self._loop is not None:
             await self._loop.stop(grace=self.config.shutdown_grace)
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         # each step is bounded: a stop must end even if the server stops answering
         if self._cancel_sub is not None:
             with contextlib.suppress(Exception):

@@ -37,6 +37,7 @@ from events.codec import decode_event
 from events.errors import ConcurrencyConflict, DomainError, InfrastructureError
 from events.store import EventStore
 from events.subjects import Namespace
+from infra.aio import cancel_and_wait, wait_event
 from projections.live import LiveReadModel
 
 from .analysis import Analyser, RuleAnalyser
@@ -119,11 +120,7 @@ class Coordinator(Intake):
     async def stop(self) -> None:
         for loop in self._loops:
             await loop.stop(grace=5.0)
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         await self.health.stop()
         await self.live.stop()
 
@@ -289,8 +286,7 @@ class Coordinator(Intake):
     async def _schedule_loop(self) -> None:
         while True:
             timeout = self._next_wake()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout)
+            await wait_event(self._kick, timeout)
             self._kick.clear()
             try:
                 await self.schedule_once()

@@ -28,6 +28,7 @@ from events import agent_state as ag
 from events.errors import ConcurrencyConflict
 from events.store import EventStore
 from events.subjects import Namespace
+from infra.aio import cancel_and_wait, within
 from projections.read_model import ReadModel
 
 log = structlog.get_logger("ccc.health")
@@ -63,13 +64,10 @@ class HealthMonitor:
         self._task = asyncio.create_task(self._loop(), name="health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await within(self._sub.unsubscribe(), 5.0)
 
     async def _loop(self) -> None:
         interval = max(0.05, self.timeout / 4)

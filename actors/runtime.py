@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from events.codec import encode
+from infra.aio import cancel_and_wait
 from infra.tracing import span_from_msg
 from events.dead_letter import DeadLetter
 from events.errors import BadEventError, CccError, DomainError
@@ -224,14 +225,11 @@ class ConsumerLoop:
         if self._sub is not None:  # stop taking work: no more deliveries to us
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._inflight:
-            done, pending = await asyncio.wait(set(self._inflight), timeout=grace)
-            for t in pending:
-                t.cancel()
-            for t in pending:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+            # cancelled once: a cancelled handler may still report (an agent hands its
+            # task back), which a second cancel would cut short
+            await cancel_and_wait(pending, timeout=self.STOP_TIMEOUT, recancel=None)
+
+    STOP_TIMEOUT = 30.0  # after the grace: how long cancelled handlers get to wind up

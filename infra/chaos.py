@@ -45,6 +45,7 @@ from events.store import EventStore
 from events.subjects import Namespace, task_id_for
 from projections.read_model import ReadModel
 
+from .aio import cancel_and_wait, within
 from .chaos_checks import percentile
 from .forge_local import LocalForge
 from .issues import new_issue
@@ -428,7 +429,7 @@ class Tracker:
 
     async def poll(self) -> None:
         try:
-            await asyncio.wait_for(self.store.replay(self._apply, from_seq=self.model.last_seq + 1), 5.0)
+            await within(self.store.replay(self._apply, from_seq=self.model.last_seq + 1), 5.0)
         except (TimeoutError, StoreUnavailable, Exception):  # noqa: BLE001 - try again later
             self.errors += 1
 
@@ -441,10 +442,7 @@ class Tracker:
         self._task = asyncio.create_task(self._loop(), name="chaos-tracker")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait([self._task])
 
     def statuses(self, task_ids) -> dict[str, str]:
         return {t: (s.status if (s := self.model.tasks.get(t)) else "absent") for t in task_ids}

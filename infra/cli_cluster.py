@@ -141,7 +141,7 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, model, f
             finally:
                 if started:
                     click.echo("stopping: agents hand back their work (again: right now)...", err=True)
-                await signals.cleanup(cluster.stop())
+                await signals.cleanup(cluster.stop(), report_after=shutdown_grace + 15)
 
     from .cli import run_async  # local: infra.cli imports this module
 
@@ -233,7 +233,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
                 if not signals.received:
                     raise  # not a signal of ours
             finally:
-                await signals.cleanup(agent.stop())
+                await signals.cleanup(agent.stop(), report_after=shutdown_grace + 15)
                 if metrics_server is not None:
                     await metrics_server.close()
 

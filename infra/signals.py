@@ -67,12 +67,26 @@ class StopSignals:
         self._phase = "running"
         await self._stop.wait()
 
-    async def cleanup(self, coro: Awaitable) -> None:
+    async def cleanup(self, coro: Awaitable, report_after: float = 15.0) -> None:
+        """Run the shutdown in full. If it is still running after ``report_after``
+        seconds (and every so often after that), say what it is waiting on."""
         self._phase = "stopping"
         task = asyncio.current_task()
         if self.received and task is not None and task.cancelling():
             task.uncancel()  # our own cancel of the start-up: the cleanup runs in full
-        await coro
+        watchdog = asyncio.create_task(_report_stall(report_after), name="shutdown-watchdog")
+        try:
+            await coro
+        finally:
+            watchdog.cancel()
+
+
+async def _report_stall(after: float) -> None:
+    started = asyncio.get_running_loop().time()
+    while True:
+        await asyncio.sleep(after)
+        waited = asyncio.get_running_loop().time() - started
+        click.echo(f"still stopping after {waited:.0f}s; waiting on:\n{pending_tasks_report()}", err=True)
 
 
 async def settle(task: asyncio.Future | None, then: Awaitable) -> None:

@@ -13,6 +13,7 @@ import structlog
 
 from events.errors import StoreUnavailable
 from events.store import EventStore
+from infra.aio import cancel_and_wait
 
 from .kv_writer import KvMaterializer
 from .read_model import ReadModel
@@ -105,11 +106,7 @@ class LiveReadModel:
         return end
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.kv is not None:
             with contextlib.suppress(StoreUnavailable):
