@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from nats.js import api
@@ -17,7 +18,7 @@ from events import agent_state as ag
 from events.agent import Heartbeat
 from events.codec import encode
 from events.errors import StoreUnavailable
-from events.store import EventStore
+from events.store import BATCH_COMMIT, BATCH_ID, BATCH_SEQ, EventStore
 from events.subjects import Namespace
 
 from .bench_probes import (
@@ -37,7 +38,7 @@ from .nats_conn import connect
 async def _raw_baselines(nc, js, rtt_samples: int, publish_msgs: int) -> dict:
     await js.add_stream(api.StreamConfig(
         name="RAWBENCH", subjects=["rawbench.>"], storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.LIMITS, num_replicas=1))
+        retention=api.RetentionPolicy.LIMITS, num_replicas=1, allow_atomic=True))
     payload = encode(opened(1, "raw"))
     # round trip: one publish at a time, waiting for the ack
     for i in range(min(50, rtt_samples)):
@@ -67,6 +68,16 @@ async def _raw_baselines(nc, js, rtt_samples: int, publish_msgs: int) -> dict:
         if i >= 10:
             hop.append(done - t)
     await sub.unsubscribe()
+    # the intake's write: four events as one atomic batch, and as four awaited publishes
+    batch4, seq4 = [], []
+    for i in range(rtt_samples // 2):
+        t = time.perf_counter_ns()
+        await _atomic_batch(nc, [f"rawbench.batch.{i % 100}.{k}" for k in range(4)], payload)
+        batch4.append(time.perf_counter_ns() - t)
+        t = time.perf_counter_ns()
+        for k in range(4):
+            await js.publish(f"rawbench.seq.{i % 100}.{k}", payload)
+        seq4.append(time.perf_counter_ns() - t)
     # pipelined publishes
     t = time.perf_counter()
     futures = [await js.publish_async(f"rawbench.pub.{i % 100}", payload) for i in range(publish_msgs)]
@@ -74,7 +85,22 @@ async def _raw_baselines(nc, js, rtt_samples: int, publish_msgs: int) -> dict:
     rate = publish_msgs / (time.perf_counter() - t)
     await js.delete_stream("RAWBENCH")
     return {"rtt_p50": pct(rtt, 50), "rtt_p99": pct(rtt, 99), "hop_p50": pct(hop, 50),
-            "hop_p99": pct(hop, 99), "publish_per_s": rate}
+            "hop_p99": pct(hop, 99), "publish_per_s": rate, "batch4_p50": pct(batch4, 50),
+            "seq4_p50": pct(seq4, 50)}
+
+
+async def _atomic_batch(nc, subjects: list[str], payload: bytes) -> None:
+    """One JetStream atomic batch, as the event store writes a multi-event decision."""
+    batch = uuid.uuid4().hex[:16]
+    for i, subject in enumerate(subjects, 1):
+        headers = {BATCH_ID: batch, BATCH_SEQ: str(i)}
+        if i < len(subjects):
+            await nc.publish(subject, payload, headers=headers)
+        else:
+            headers[BATCH_COMMIT] = "1"
+            reply = await nc.request(subject, payload, headers=headers, timeout=10)
+            if b'"error"' in reply.data:
+                raise RuntimeError(f"atomic batch refused: {reply.data[:200]!r}")
 
 
 # -- agents ----------------------------------------------------------------------------

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(120)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TOP_FIELDS = {"sync_interval", "coordinator_process", "cpus", "loadavg", "raw_rtt_p50_ms", "raw_rtt_p99_ms",
-              "raw_hop_p50_ms", "raw_hop_p99_ms", "raw_publish_per_s", "latency", "throughput", "targets",
+              "raw_hop_p50_ms", "raw_hop_p99_ms", "raw_publish_per_s", "raw_batch4_p50_ms", "raw_seq4_p50_ms",
+              "latency", "throughput", "targets",
               "targets_met", "profiles"}
 LATENCY_FIELDS = set(LatencyRun.__struct_fields__)
 THROUGHPUT_FIELDS = set(ThroughputRun.__struct_fields__)
@@ -76,6 +77,10 @@ async def test_small_run_assigns_and_completes_every_task():
     assert [r[0] for r in table][:2] == ["dispatch p50, 3 agents", "dispatch p99, 3 agents"]
     assert all(len(r) == 6 for r in table)
     assert any("sync_interval always" in line for line in footer(result))
+    # the floors of the intake's write, measured in the same run
+    assert result.raw_batch4_p50_ms > 0 and result.raw_seq4_p50_ms > 0
+    assert any("one atomic batch" in line for line in footer(result))
+    assert any("ceiling at the raw pipelined publish rate" in line for line in footer(result))
 
 
 def test_cli_prints_one_json_object():
