@@ -2,8 +2,8 @@
 
 A mixin of :class:`actors.coordinator.Coordinator` (it uses the coordinator's model,
 store and ``_run``), kept in its own module so each part stays readable: an opened
-issue becomes a task, is analysed and, if an agent is free, assigned in the same atomic
-batch; the other facts (closed, cancel, retry, merged, rejected, changes requested,
+issue becomes a task, is analysed and, if an agent is free, assigned in one go (no hop
+through the log in between); the other facts (closed, cancel, retry, merged, rejected, changes requested,
 free-text requests) become the matching task commands.
 """
 
@@ -106,8 +106,8 @@ class Intake:
         create = ts.CreateTask(at=at, actor=self.config.name, task_id=task_id, issue=issue,
                                max_attempts=self.config.max_attempts, causation_id=event.event_id)
         if state is None and getattr(self.analyser, "instant", False):
-            # the rules answer at once: creation and analysis land as one atomic batch,
-            # one round trip instead of three before the task can be scheduled
+            # the rules answer at once: creation, analysis and (if an agent is free) the
+            # assignment are written back to back, with no hop through the log between
             try:
                 await self._analyse(task_id, None, 0, event.event_id, create=create, issue=issue)
                 return
@@ -142,7 +142,7 @@ class Intake:
         chain = [*first, *begin, record]
         assign = self._direct_assignment(task_id, state, chain)
         try:
-            _, seq = await self._run(task_id, *chain, *assign, start=(state, last))
+            _, seq = await self._run(task_id, *chain, *assign, start=(state, last), atomic=False)
         except BaseException:
             self._reserved.pop(task_id, None)
             raise
@@ -155,8 +155,8 @@ class Intake:
 
     def _direct_assignment(self, task_id: str, state: ts.TaskState | None,
                            chain: list[ts.Command]) -> list[ts.Command]:
-        """If an agent is free right now, assign in the same batch as the analysis (one
-        round trip from issue to assignment instead of two hops through the log). The
+        """If an agent is free right now, assign right after the analysis (no hop through
+        the log and the scheduler between issue and assignment). The
         agent is reserved until the model shows the assignment, so a scheduling pass in
         between cannot give the same slot away."""
         for command in chain:

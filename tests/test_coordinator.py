@@ -284,3 +284,55 @@ async def test_changes_requested_retries_with_the_review_as_guidance(nc, ns, sto
     task = coordinator.model.tasks["acme_app-60"]
     assert "Please add a test for the empty case." in task.guidance
     assert task.agent_id in (None, "agent-1")
+
+
+@pytest.mark.parametrize("redelivered", [True, False], ids=["issue-redelivered", "reconciled-on-start"])
+async def test_an_intake_cut_short_by_a_crash_is_finished(nc, ns, store, redelivered):
+    """The intake writes created -> analysis started -> analysed -> assigned one event at a
+    time (an atomic batch would serialise intake at ~300/s in the server). A coordinator
+    that died after the first two leaves a legal prefix; its successor finishes it, from
+    the redelivered issue message or, if that is gone, from the log alone."""
+    from events import task_state as ts
+    from events.task import IssueRef
+
+    issue = opened(7, "Fix the API endpoint", labels=["backend"])
+    ref = IssueRef(source=issue.source, repo=issue.repo, number=issue.number, title=issue.title,
+                   labels=issue.labels)
+    state, events = None, []
+    for command in (ts.CreateTask(at=now(), actor="coordinator", task_id="acme_app-7", issue=ref),
+                    ts.StartAnalysis(at=now(), actor="coordinator")):
+        for e in ts.decide(state, command):
+            state = ts.evolve(state, e)
+            events.append(e)
+    for e in events:  # one at a time, as the intake writes them
+        await store.append([e], expected_last_seq=(await store.load_task("acme_app-7"))[1])
+    if redelivered:
+        await publish_issue(nc, ns, issue)  # not acked: the dead coordinator never finished it
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    c = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=60, retry_base=0.05, retry_max=0.2))
+    await c.start()
+    try:
+        await eventually(lambda: status(c, "acme_app-7") == "assigned")
+        await c.live.catch_up()
+        loaded = await store.load(ns.task_filter("acme_app-7"))
+        assert [type(e.event).__name__ for e in loaded.events] == [
+            "TaskCreated", "TaskAnalysisStarted", "TaskAnalyzed", "TaskAssigned"]
+        assert c.model.tasks["acme_app-7"].specialty == "backend" and not c.model.bad
+    finally:
+        await c.stop()
+
+
+async def test_the_intake_writes_its_chain_as_single_events(nc, ns, store, coordinator):
+    """No atomic batch on the hot path: each intake event is its own JetStream message."""
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    await publish_issue(nc, ns, opened(8, "Fix the API endpoint", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-8") == "assigned")
+    sub = await nc.jetstream().subscribe(f"{ns.prefix}.task.acme_app-8.>", stream=ns.events_stream,
+                                         ordered_consumer=True)
+    try:
+        headers = [(await sub.next_msg(timeout=5)).headers or {} for _ in range(4)]
+    finally:
+        await sub.unsubscribe()
+    assert all("Nats-Batch-Id" not in h for h in headers)
