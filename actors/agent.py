@@ -33,7 +33,7 @@ from events.errors import BadEventError, ConcurrencyConflict, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 from events.task import TaskAssigned, TaskCancellationRequested
-from infra.aio import cancel_and_wait
+from infra.aio import cancel_and_wait, within
 from infra.coders.base import Coder
 from infra.tracing import get_tracer
 from infra.workspace import Workspace, cleanup_expired
@@ -181,11 +181,10 @@ class Agent:
         # each step is bounded: a stop must end even if the server stops answering
         if self._cancel_sub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._cancel_sub.unsubscribe(), 5.0)
+                await within(self._cancel_sub.unsubscribe(), 5.0)
         if self.state is not None and self.state.status != "offline":
             try:
-                await asyncio.wait_for(
-                    self._append(ag.GoOffline(at=utcnow(), actor=self.id, reason="shutdown")), 10.0)
+                await within(self._append(ag.GoOffline(at=utcnow(), actor=self.id, reason="shutdown")), 10.0)
             except Exception as e:  # noqa: BLE001 - the health monitor will declare us offline
                 log.warning("agent.offline_not_recorded", agent_id=self.id, error=f"{type(e).__name__}: {e}")
         log.info("agent.stopped", agent_id=self.id)

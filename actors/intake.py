@@ -3,8 +3,8 @@
 A mixin of :class:`actors.coordinator.Coordinator` (it uses the coordinator's model,
 store and ``_run``), kept in its own module so each part stays readable: an opened
 issue becomes a task, is analysed and, if an agent is free, assigned in one go (no hop
-through the log in between); the other facts (closed, cancel, retry, merged, rejected, changes requested,
-free-text requests) become the matching task commands.
+through the log in between); the other facts (closed, cancel, retry, merged, rejected,
+changes requested, free-text requests) become the matching task commands.
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ class ConsumerLoop:
     # PULL_EXPIRES; the server then says how many it did not deliver (408), and we ask
     # again. A watchdog re-asks if a request was lost (e.g. across a reconnect).
     PULL_EXPIRES = 2.0
+    STOP_TIMEOUT = 30.0  # after a stop's grace: how long cancelled handlers get to wind up
 
     async def _pull(self) -> None:
         if self._stopping.is_set():
@@ -231,5 +232,3 @@ class ConsumerLoop:
             # cancelled once: a cancelled handler may still report (an agent hands its
             # task back), which a second cancel would cut short
             await cancel_and_wait(pending, timeout=self.STOP_TIMEOUT, recancel=None)
-
-    STOP_TIMEOUT = 30.0  # after the grace: how long cancelled handlers get to wind up
