@@ -25,54 +25,45 @@ Errors: network trouble, 5xx and rate limits -> :class:`ForgeUnavailable` (retry
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import shutil
 import stat
 import tempfile
-import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import msgspec
-import requests
-import urllib3
-from github import (
-    Auth,
-    Github,
-    GithubException,
-    GithubRetry,
-    RateLimitExceededException,
-    UnknownObjectException,
-)
+from github import Auth, Github, GithubException, GithubRetry
 
-from events.errors import CccError, ConfigError, InfrastructureError
-from events.task import IssueRef
+from events.errors import ConfigError
 
 from . import gitops
-from .coders.base import mask_secrets
+from .github_api import ForgeAuthError, ForgeError, ForgeNotFound, ForgeUnavailable, _check_repo, _message
+from .github_issues import LABEL_PREFIX, STATE_LABELS, CommentRef, IssueSync, PullRequestInfo
 
-T = TypeVar("T")
+__all__ = [  # what the forge's users import from here; some of it lives in github_api/github_issues
+    "DEFAULT_API_URL",
+    "GIT_USERNAME",
+    "LABEL_PREFIX",
+    "STATE_LABELS",
+    "CommentRef",
+    "ForgeAuthError",
+    "ForgeError",
+    "ForgeNotFound",
+    "ForgeUnavailable",
+    "GitHubForge",
+    "PullRequestInfo",
+    "ensure_closes",
+    "web_url_for",
+]
+
 DEFAULT_API_URL = "https://api.github.com"
 GIT_USERNAME = "x-access-token"  # what GitHub expects with an installation token (and accepts with a PAT)
-_REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 _CLOSES = r"\b(?:close[sd]?|fix(?:e[sd])?|resolve[sd]?)\s*:?\s+(?:[\w.-]+/[\w.-]+)?#{n}\b"
-STATE_LABELS: dict[str, tuple[str, str]] = {  # name -> (colour, description)
-    "ccc:queued": ("fbca04", "claude-code-cluster: waiting for an agent"),
-    "ccc:in-progress": ("1d76db", "claude-code-cluster: an agent is working on it"),
-    "ccc:review": ("5319e7", "claude-code-cluster: pull request open"),
-    "ccc:done": ("0e8a16", "claude-code-cluster: done"),
-    "ccc:failed": ("d73a4a", "claude-code-cluster: failed"),
-    "ccc:cancelled": ("cfd3d7", "claude-code-cluster: cancelled"),
-}
-LABEL_PREFIX = "ccc:"
 _ASKPASS = """#!/bin/sh
 # git's credential prompt, answered from the environment git was started with; only
 # for the host the forge expects (a rewritten remote must not collect the token)
@@ -86,43 +77,6 @@ case "$1" in
   *) printf '%s\\n' "$CCC_GIT_PASSWORD" ;;
 esac
 """
-
-
-class ForgeError(CccError):
-    """GitHub refused a request in a way retrying will not fix."""
-
-
-class ForgeAuthError(ForgeError):
-    """Bad or insufficient credentials (401/403)."""
-
-
-class ForgeNotFound(ForgeError):
-    """The repository, issue or pull request does not exist or is not visible (404)."""
-
-
-class ForgeUnavailable(InfrastructureError):
-    """GitHub could not be reached, failed (5xx) or rate-limited us: retry later,
-    not before ``retry_after`` seconds when GitHub said so."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PullRequestInfo(msgspec.Struct, frozen=True, kw_only=True):
-    number: int
-    state: str  # "open" | "closed"
-    merged: bool
-    draft: bool
-    html_url: str
-    head: str
-    base: str
-
-
-class CommentRef(msgspec.Struct, frozen=True, kw_only=True):
-    id: int
-    html_url: str
-    action: str  # "created" | "updated" | "unchanged"
 
 
 def web_url_for(api_url: str) -> str:
@@ -145,13 +99,6 @@ def ensure_closes(body: str, issue_number: int) -> str:
     return f"{body.rstrip()}\n\nCloses #{int(issue_number)}\n"
 
 
-def _check_repo(repo: str) -> tuple[str, str]:
-    if not _REPO.match(repo or "") or ".." in repo:
-        raise ForgeError(f"not a GitHub repository name: {repo!r} (expected owner/name)")
-    owner, _, name = repo.partition("/")
-    return owner, name
-
-
 def _read_key(value: str) -> str:
     if value.lstrip().startswith("-----BEGIN"):
         return value
@@ -161,7 +108,7 @@ def _read_key(value: str) -> str:
     return path.read_text()
 
 
-class GitHubForge:
+class GitHubForge(IssueSync):
     name = "github"
 
     def __init__(
@@ -294,152 +241,7 @@ class GitHubForge:
 
         return await self._run(f"open a pull request for {repo}:{branch}", run)
 
-    # -- what the forge sync uses ---------------------------------------------------
-    async def read_issue(self, repo: str, number: int) -> IssueRef:
-        _check_repo(repo)
-
-        def run() -> IssueRef:
-            issue = self._gh.get_repo(repo).get_issue(int(number)).complete()
-            if issue.pull_request is not None:
-                raise ForgeError(f"{repo}#{number} is a pull request, not an issue")
-            return IssueRef(source="github", repo=repo, number=issue.number, title=issue.title,
-                            body=issue.body or "", labels=tuple(lab.name for lab in issue.labels),
-                            url=issue.html_url, author=issue.user.login if issue.user else "")
-
-        return await self._run(f"read issue {repo}#{number}", run)
-
-    async def set_state_label(self, repo: str, number: int, label: str) -> bool:
-        """Make ``label`` the issue's only ``ccc:*`` label (creating it in the repository,
-        with its colour, if missing). Returns whether anything changed."""
-        _check_repo(repo)
-
-        def run() -> bool:
-            r = self._gh.get_repo(repo)
-            issue = r.get_issue(int(number))
-            current = [lab.name for lab in issue.labels]
-            stale = [n for n in current if n.startswith(LABEL_PREFIX) and n != label]
-            if label not in current:
-                self._ensure_label(r, repo, label)
-                issue.add_to_labels(label)  # added before the old one goes: never unlabelled
-            for name in stale:
-                try:
-                    issue.remove_from_labels(name)
-                except UnknownObjectException:
-                    pass  # removed meanwhile: that is what we wanted
-            return label not in current or bool(stale)
-
-        return await self._run(f"label {repo}#{number} {label}", run)
-
-    def _ensure_label(self, r, repo: str, label: str) -> None:
-        if (repo, label) in self._known_labels:
-            return
-        try:
-            r.get_label(label).complete()
-        except UnknownObjectException:
-            colour, description = STATE_LABELS.get(label, ("ededed", ""))
-            try:
-                r.create_label(label, colour, description)
-            except GithubException as e:
-                if e.status != 422:  # 422: created concurrently, fine
-                    raise
-        self._known_labels.add((repo, label))
-
-    async def upsert_tracking_comment(self, repo: str, number: int, marker: str, body: str) -> CommentRef:
-        """Keep exactly one comment carrying ``marker`` on the issue, with ``body``:
-        created once, then edited in place (and duplicates from a race removed).
-
-        Only the comment's id is cached, never its text: another process may have
-        edited it since, so a known comment is edited blindly (one request), and an
-        unknown one is found by listing and compared with what GitHub holds."""
-        _check_repo(repo)
-        text = body if marker in body else f"{marker}\n{body}"
-        key = (repo, int(number), marker)
-
-        def run() -> CommentRef:
-            issue = self._gh.get_repo(repo).get_issue(int(number))
-            known = self._comments.get(key)
-            if known is not None:
-                try:
-                    issue.get_comment(known[0]).edit(text)
-                    return self._remember(key, known[0], known[1], "updated")
-                except UnknownObjectException:
-                    self._comments.pop(key, None)  # deleted by someone: find or create again
-            ours = self._marked(issue, marker)
-            action = "updated"
-            if not ours:
-                issue.create_comment(text)
-                ours, action = self._marked(issue, marker), "created"
-            keep = ours[0]
-            for extra in ours[1:]:  # two writers created one each: keep the oldest
-                try:
-                    extra.delete()
-                except UnknownObjectException:
-                    pass
-            if keep.body != text:
-                keep.edit(text)
-            elif action == "updated":
-                action = "unchanged"
-            return self._remember(key, keep.id, keep.html_url, action)
-
-        return await self._run(f"comment on {repo}#{number}", run)
-
-    @staticmethod
-    def _marked(issue, marker: str) -> list:
-        return sorted((c for c in issue.get_comments() if marker in (c.body or "")), key=lambda c: c.id)
-
-    def _remember(self, key, cid: int, url: str, action: str) -> CommentRef:
-        self._comments[key] = (cid, url)
-        self._comments.move_to_end(key)
-        while len(self._comments) > 10_000:
-            self._comments.popitem(last=False)
-        return CommentRef(id=cid, html_url=url, action=action)
-
-    async def pull_request_state(self, repo: str, number: int) -> PullRequestInfo:
-        _check_repo(repo)
-
-        def run() -> PullRequestInfo:
-            pr = self._gh.get_repo(repo).get_pull(int(number)).complete()
-            return PullRequestInfo(number=pr.number, state=pr.state, merged=bool(pr.merged),
-                                   draft=bool(pr.draft), html_url=pr.html_url, head=pr.head.ref,
-                                   base=pr.base.ref)
-
-        return await self._run(f"read pull request {repo}#{number}", run)
-
     # -- plumbing -------------------------------------------------------------------
-    async def _run(self, what: str, fn: Callable[[], T]) -> T:
-        with self._translating(what):
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
-    @contextlib.contextmanager
-    def _translating(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except GithubException as e:
-            raise self._translate(what, e) from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-            raise ForgeUnavailable(self._mask(f"{what}: GitHub unreachable: {type(e).__name__}: {e}")) from None
-
-    def _translate(self, what: str, e: GithubException) -> CccError:
-        status, msg = e.status, _message(e)
-        if isinstance(e, RateLimitExceededException) or status == 429 or "rate limit" in msg.lower():
-            return ForgeUnavailable(self._mask(f"{what}: GitHub rate limit ({status} {msg})"),
-                                    retry_after=getattr(e, "wait", None) or _retry_after(e.headers))
-        if status == 401:
-            return ForgeAuthError(self._mask(
-                f"{what}: GitHub rejected the credentials (401 {msg}); check GITHUB_TOKEN or the App settings"))
-        if status == 403:
-            return ForgeAuthError(self._mask(
-                f"{what}: permission denied (403 {msg}); the token needs issues, pull requests and contents write"))
-        if status == 404:
-            return ForgeNotFound(self._mask(
-                f"{what}: not found (404); it does not exist or these credentials cannot see it"))
-        if status >= 500 or status == 408:
-            return ForgeUnavailable(self._mask(f"{what}: GitHub failed ({status} {msg})"))
-        return ForgeError(self._mask(f"{what}: GitHub refused the request ({status} {msg})"))
-
-    def _mask(self, text: str) -> str:
-        return mask_secrets(text, [self._token] if self._token else [])
-
     def _askpass(self) -> str:
         """The helper script, (re)written if missing or altered since we wrote it."""
         if self._askpass_dir is None or not os.path.isdir(self._askpass_dir):
@@ -462,22 +264,3 @@ class GitHubForge:
         self._gh.close()
         if self._finalizer is not None:
             self._finalizer()
-
-
-def _retry_after(headers: Mapping[str, Any] | None) -> float | None:
-    h = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
-    if h.get("retry-after", "").isdigit():
-        return float(h["retry-after"])
-    if h.get("x-ratelimit-reset", "").isdigit():
-        return max(0.0, int(h["x-ratelimit-reset"]) - time.time()) + 1.0
-    return None
-
-
-def _message(e: GithubException) -> str:
-    data: Any = e.data
-    if isinstance(data, dict):
-        parts = [str(data.get("message") or "")]
-        parts += [str(x.get("message") or x.get("code") or "") if isinstance(x, dict) else str(x)
-                  for x in data.get("errors") or ()]
-        return "; ".join(p for p in parts if p)
-    return e.message or str(data or "")

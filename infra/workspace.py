@@ -27,9 +27,7 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
-import stat
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -37,14 +35,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import msgspec
-import structlog
-
 from events.errors import CccError, ConfigError
 
 from .procutil import die_with_parent
+from .workspace_cleanup import _rmtree, cleanup_expired
+from .workspace_run import CommandResult, _Collector, _kill_group  # claude_cli imports _kill_group here
 
-log = structlog.get_logger("ccc.workspace")
+__all__ = [  # cleanup_expired and CommandResult live in workspace_cleanup/workspace_run
+    "CommandResult",
+    "Workspace",
+    "WorkspaceEscape",
+    "cleanup_expired",
+    "scrubbed_env_name",
+    "secret_env_name",
+]
 
 _ID = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
 _SCRUB_PREFIXES = ("NATS_", "ANTHROPIC_", "GITHUB_", "CCC_", "AWS_", "GH_")
@@ -72,104 +76,6 @@ def scrubbed_env_name(name: str) -> bool:
     """Names that never reach a workspace command from the parent environment: secrets,
     plus everything that configures the cluster itself (NATS_URL may embed credentials)."""
     return secret_env_name(name) or name.upper().startswith(_SCRUB_PREFIXES)
-
-
-class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
-    """What a command did. ``output`` is stdout+stderr interleaved, truncated in the
-    middle (the head shows what started, the tail holds the summary a test runner
-    prints last); the full output is in ``log_path``."""
-
-    command: str
-    exit_code: int
-    output: str
-    duration: float
-    timed_out: bool = False
-    log_path: str | None = None
-    output_bytes: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
-
-
-class _Collector(asyncio.SubprocessProtocol):
-    """Receives the child's output: keeps a bounded head and tail in memory and writes
-    up to ``log_limit`` bytes to the log file. A protocol (rather than ``Process``) lets
-    us see the child's exit separately from its pipe closing: in Python 3.11
-    ``Process.wait()`` also waits for every holder of the pipe, e.g. a background
-    grandchild, which is exactly the process we want to kill, not wait for."""
-
-    def __init__(self, head_limit: int, tail_limit: int, log_file: Any, log_limit: int) -> None:
-        loop = asyncio.get_running_loop()
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-        self._head_limit, self._tail_limit = head_limit, tail_limit
-        self._log, self._log_limit, self._logged = log_file, log_limit, 0
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.total += len(data)
-        if self._log is not None and self._logged < self._log_limit:
-            chunk = data[: self._log_limit - self._logged]
-            self._log.write(chunk)
-            self._logged += len(chunk)
-        room = self._head_limit - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if data and self._tail_limit > 0:
-            self.tail += data
-            if len(self.tail) > self._tail_limit:
-                del self.tail[: len(self.tail) - self._tail_limit]
-
-    def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def text(self) -> str:
-        cut = self.total - len(self.head) - len(self.tail)
-        if cut <= 0:
-            return bytes(self.head + self.tail).decode("utf-8", "replace")
-        marker = f"\n[... {cut} bytes of output truncated ({self.total} total) ...]\n"
-        return self.head.decode("utf-8", "replace") + marker + self.tail.decode("utf-8", "replace")
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already gone
-
-
-def _rmtree(path: Path) -> None:
-    """rmtree that also removes read-only trees (Go's module cache is chmod -w)."""
-
-    def onerror(func: Any, p: str, _exc: Any) -> None:
-        os.chmod(os.path.dirname(p), stat.S_IRWXU)
-        if os.path.isdir(p) and not os.path.islink(p):
-            os.chmod(p, stat.S_IRWXU)
-        func(p)
-
-    if path.exists() or path.is_symlink():
-        shutil.rmtree(path, onerror=onerror)
-
-
-def _timestamp(value: Any) -> float | None:
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
-    return None
 
 
 class Workspace:
@@ -405,42 +311,3 @@ class Workspace:
             name += ".log"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         return self.logs_dir / name
-
-
-def cleanup_expired(
-    root: Path | str,
-    agent_id: str,
-    retention_seconds: float,
-    now: datetime | float | None = None,
-) -> list[Path]:
-    """Remove this agent's finished task workspaces whose ``finished_at`` is older than
-    the retention; returns the removed paths. Unfinished workspaces (no ``finished_at``,
-    or unreadable metadata) are kept: an attempt may still be running, or a crashed one
-    may be worth inspecting; deleting on a guess would be worse than using disk."""
-    if isinstance(now, datetime):
-        now_ts = (now if now.tzinfo else now.replace(tzinfo=UTC)).timestamp()
-    else:
-        now_ts = time.time() if now is None else float(now)
-    tasks = Path(root) / agent_id / "tasks"
-    removed: list[Path] = []
-    if not tasks.is_dir():
-        return removed
-    for entry in sorted(tasks.iterdir()):
-        if not entry.name.startswith("task-") or not entry.is_dir() or entry.is_symlink():
-            continue
-        try:
-            meta = json.loads((entry / "metadata.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        finished = _timestamp(meta.get("finished_at")) if isinstance(meta, dict) else None
-        if finished is None or now_ts - finished < retention_seconds:
-            continue
-        try:
-            _rmtree(entry)
-        except OSError as exc:
-            log.warning("workspace_cleanup_failed", path=str(entry), error=str(exc))
-            continue
-        removed.append(entry)
-    if removed:
-        log.info("workspaces_cleaned", agent_id=agent_id, count=len(removed))
-    return removed
