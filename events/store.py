@@ -18,27 +18,36 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Sequence
 
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js import api
 from opentelemetry import propagate
 
-from .agent import AgentEvent
-from .agent_state import AgentState
-from .agent_state import fold as fold_agent
-from .codec import MAX_EVENT_BYTES, Event, decode_event, encode, event_decoder
-from .errors import BadEventError, CccError, ConcurrencyConflict, StoreUnavailable
+from .codec import Event, encode
+from .errors import CccError, ConcurrencyConflict, StoreUnavailable
+from .store_pipeline import WRONG_LAST_SEQUENCE, _AckPipeline
+from .store_read import BadMessage, EventReader, Loaded, StoredEvent, _unavailable, decode_or_bad, stream_seq
 from .subjects import DEFAULT_NS, Namespace
-from .task import TaskEvent
-from .task_state import TaskState
-from .task_state import fold as fold_task
 
-WRONG_LAST_SEQUENCE = 10071
+__all__ = [
+    "BATCH_COMMIT",
+    "BATCH_ID",
+    "BATCH_SEQ",
+    "EXPECTED_SEQ",
+    "EXPECTED_SEQ_SUBJECT",
+    "MSG_ID",
+    "WRONG_LAST_SEQUENCE",
+    "BadMessage",
+    "EventStore",
+    "Loaded",
+    "StoredEvent",
+    "decode_or_bad",
+    "stream_seq",
+]
+
 EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 MSG_ID = "Nats-Msg-Id"
@@ -47,31 +56,7 @@ BATCH_SEQ = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
 
 
-class StoredEvent(NamedTuple):
-    seq: int
-    event: Event
-
-
-class BadMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """A message on an event subject that could not be applied; kept for operators."""
-
-    seq: int
-    subject: str
-    error: str
-    preview: str = ""
-
-
-class Loaded(NamedTuple):
-    events: list[StoredEvent]
-    last_seq: int  # 0 when the aggregate has no events: expect "none" on append
-    bad: list[BadMessage]
-
-
-def _unavailable(e: Exception) -> StoreUnavailable:
-    return StoreUnavailable(f"NATS unavailable: {type(e).__name__}: {e}")
-
-
-class EventStore:
+class EventStore(EventReader):
     def __init__(self, nc: Client, ns: Namespace = DEFAULT_NS, *, timeout: float = 5.0,
                  retry_for: float = 15.0) -> None:
         self.nc = nc
@@ -199,255 +184,3 @@ class EventStore:
             *(asyncio.wait_for(f, self.timeout) for f in futures), return_exceptions=True
         )
         return [r if isinstance(r, (int, CccError)) else _unavailable(r) for r in done]
-
-    # -- reading -------------------------------------------------------------------
-    async def last_seq(self, filter_subject: str | None = None) -> int:
-        """Stream sequence of the last message matching ``filter_subject`` (wildcards
-        allowed), or of the stream; 0 if none."""
-        try:
-            if filter_subject is None:
-                info = await self.js.stream_info(self.stream)
-                return info.state.last_seq
-            msg = await self.js.get_last_msg(self.stream, filter_subject, direct=True)
-            return msg.seq or 0
-        except nats.js.errors.NotFoundError:
-            return 0
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
-            raise _unavailable(e) from None
-
-    async def _consume(
-        self,
-        on_msg: Callable[[int, str, bytes], None],
-        *,
-        filter_subject: str | None,
-        from_seq: int,
-        until_seq: int | None,
-        follow: bool,
-        stop: asyncio.Event | None = None,
-    ) -> int:
-        """Drive an ordered push consumer, calling ``on_msg(seq, subject, data)``
-        synchronously for each message. Returns the last sequence seen."""
-        end = None
-        if not follow:
-            end = await self.last_seq(filter_subject)
-            if until_seq is not None:
-                end = min(end, until_seq)
-            if end < from_seq:
-                return from_seq - 1
-        done = asyncio.Event() if stop is None else stop
-        last = from_seq - 1
-        failure: list[BaseException] = []
-
-        async def cb(msg) -> None:
-            nonlocal last
-            seq = stream_seq(msg.reply)
-            if end is not None and seq > end:
-                done.set()
-                return
-            last = seq
-            try:
-                on_msg(seq, msg.subject, msg.data)
-            except BaseException as e:  # noqa: BLE001 - surfaced to the caller below
-                failure.append(e)
-                done.set()
-                return
-            if end is not None and seq >= end:
-                done.set()
-
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(1, from_seq),
-        )
-        if filter_subject is None:
-            config.filter_subjects = [self.ns.task_filter(), self.ns.agent_filter()]
-        try:
-            sub = await self.js.subscribe(
-                filter_subject or "", stream=self.stream, cb=cb, ordered_consumer=True,
-                # a missed heartbeat resets the ordered consumer: 1 s notices a restarted
-                # server quickly (the client default of 5 s left followers stalled ~20 s)
-                idle_heartbeat=1.0,
-                config=config, pending_msgs_limit=512 * 1024,
-                pending_bytes_limit=256 * 1024 * 1024,
-            )
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
-            raise _unavailable(e) from None
-        try:
-            await done.wait()
-        finally:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
-        if failure:
-            raise failure[0]
-        return last
-
-    async def replay(
-        self,
-        apply: Callable[[int, Event | BadMessage], object],
-        *,
-        filter_subject: str | None = None,
-        from_seq: int = 1,
-        until_seq: int | None = None,
-    ) -> int:
-        """Fold the log (or the part matching ``filter_subject``) as it is now, from
-        ``from_seq``, into ``apply``. Returns the last sequence applied.
-
-        This is the rebuild hot path: decode and subject check are inlined."""
-        cut = len(self.ns.prefix) + 1
-        decode = event_decoder.decode
-
-        def on_msg(seq: int, subject: str, data: bytes) -> None:
-            try:
-                event = decode(data)
-            except msgspec.DecodeError as e:
-                apply(seq, BadMessage(seq=seq, subject=subject, error=str(e),
-                                      preview=data[:200].decode("utf-8", errors="replace")))
-                return
-            if event.rel_subject != subject[cut:] or len(data) > MAX_EVENT_BYTES:
-                apply(seq, decode_or_bad(seq, subject, subject[cut:], data))
-                return
-            apply(seq, event)
-
-        return await self._consume(
-            on_msg, filter_subject=filter_subject, from_seq=from_seq, until_seq=until_seq,
-            follow=False,
-        )
-
-    async def read(
-        self,
-        *,
-        filter_subject: str | None = None,
-        from_seq: int = 1,
-        until_seq: int | None = None,
-        follow: bool = False,
-    ) -> AsyncIterator[tuple[int, Event | BadMessage]]:
-        """The log as an async iterator; with ``follow`` it waits for new events."""
-        queue: asyncio.Queue = asyncio.Queue()
-        rel = self.ns.rel
-        end_marker = object()
-
-        def on_msg(seq: int, subject: str, data: bytes) -> None:
-            queue.put_nowait((seq, decode_or_bad(seq, subject, rel(subject), data)))
-
-        stop = asyncio.Event()  # ends the consumer even if a cancel is swallowed mid-subscribe
-
-        async def run() -> None:
-            try:
-                await self._consume(
-                    on_msg, filter_subject=filter_subject, from_seq=from_seq,
-                    until_seq=until_seq, follow=follow, stop=stop,
-                )
-            except BaseException as e:  # noqa: BLE001
-                queue.put_nowait(e)
-            queue.put_nowait(end_marker)
-
-        task = asyncio.ensure_future(run())
-        try:
-            while True:
-                item = await queue.get()
-                if item is end_marker:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-
-    async def load(self, scope: str) -> Loaded:
-        """One aggregate's history (``scope`` is its wildcard, e.g. ``ns.task_filter(id)``)."""
-        events: list[StoredEvent] = []
-        bad: list[BadMessage] = []
-
-        def apply(seq: int, item: Event | BadMessage) -> None:
-            (bad if isinstance(item, BadMessage) else events).append(
-                item if isinstance(item, BadMessage) else StoredEvent(seq, item)
-            )
-
-        last = await self.replay(apply, filter_subject=scope)
-        return Loaded(events, max(last, 0), bad)
-
-    async def load_task(self, task_id: str) -> tuple[TaskState | None, int]:
-        loaded = await self.load(self.ns.task_filter(task_id))
-        state = fold_task(e.event for e in loaded.events if isinstance(e.event, TaskEvent))
-        return state, loaded.last_seq
-
-    async def load_agent(self, agent_id: str) -> tuple[AgentState | None, int]:
-        loaded = await self.load(self.ns.agent_filter(agent_id))
-        state = fold_agent(e.event for e in loaded.events if isinstance(e.event, AgentEvent))
-        return state, loaded.last_seq
-
-
-class _AckPipeline:
-    """Pipelined JetStream publishes with our own ack inbox.
-
-    (nats-py's ``publish_async`` raises inside its reply callback when the server
-    answers with an error, so a conflict would surface only as a timeout; here every
-    ack, good or bad, resolves its future.)"""
-
-    MAX_IN_FLIGHT = 4096
-
-    def __init__(self, nc: Client) -> None:
-        self.nc = nc
-        self.prefix = f"{bytes(nc._inbox_prefix).decode()}.{secrets.token_hex(8)}."
-        self.futures: dict[str, asyncio.Future] = {}
-        self.slots = asyncio.Semaphore(self.MAX_IN_FLIGHT)
-        self.sub = None
-        self.counter = 0
-
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> asyncio.Future:
-        if self.sub is None:
-            self.sub = await self.nc.subscribe(self.prefix + "*", cb=self._on_ack)
-        await self.slots.acquire()
-        self.counter += 1
-        token = str(self.counter)
-        future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda _f, t=token: self._done(t))
-        self.futures[token] = future
-        await self.nc.publish(subject, data, reply=self.prefix + token, headers=headers)
-        return future
-
-    def _done(self, token: str) -> None:
-        self.futures.pop(token, None)
-        self.slots.release()
-
-    async def _on_ack(self, msg) -> None:
-        future = self.futures.get(msg.subject[len(self.prefix):])
-        if future is None or future.done():
-            return
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            future.set_exception(StoreUnavailable("no stream responded (is it provisioned?)"))
-            return
-        try:
-            resp = msgspec.json.decode(msg.data)
-        except msgspec.DecodeError:
-            future.set_exception(StoreUnavailable(f"unreadable ack: {msg.data[:100]!r}"))
-            return
-        error = resp.get("error")
-        if error is None:
-            future.set_result(int(resp["seq"]))
-        elif error.get("err_code") == WRONG_LAST_SEQUENCE:
-            future.set_exception(ConcurrencyConflict(f"{error.get('description')}"))
-        else:
-            future.set_exception(StoreUnavailable(f"append refused: {error.get('description')}"))
-
-
-def stream_seq(reply: str) -> int:
-    """The stream sequence from a JetStream ack subject, without building metadata:
-    ``$JS.ACK.<stream>.<consumer>.<n>.<sseq>...`` or, with domain and account hash,
-    ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<n>.<sseq>...``."""
-    tokens = reply.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-def decode_or_bad(seq: int, subject: str, rel_subject: str, data: bytes) -> Event | BadMessage:
-    try:
-        return decode_event(rel_subject, data)
-    except BadEventError as e:
-        return BadMessage(seq=seq, subject=subject, error=str(e),
-                          preview=data[:200].decode("utf-8", errors="replace"))
