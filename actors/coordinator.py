@@ -32,11 +32,20 @@ from events.agent import (
     AgentTaskStarted,
     AgentWentOffline,
     AgentWorkFailed,
+    WorkReport,
 )
 from events.codec import decode_event
 from events.errors import ConcurrencyConflict, DomainError, InfrastructureError
 from events.store import EventStore
 from events.subjects import Namespace
+from events.task import (
+    TaskAnalysisStarted,
+    TaskCancellationRequested,
+    TaskCreated,
+    TaskPullRequestOpened,
+    TaskStarted,
+    TaskTestsStarted,
+)
 from infra.aio import cancel_and_wait, wait_event
 from projections.live import LiveReadModel
 
@@ -47,6 +56,12 @@ from .runtime import ConsumerLoop
 from .scheduling import plan_assignments
 
 log = structlog.get_logger("ccc.coordinator")
+
+# events after which a scheduling pass cannot find anything new to do: nothing became
+# queued, no agent got a free slot, no dependency completed, no holder went offline
+# (every other event, and anything undecodable, wakes the scheduler)
+NOTHING_TO_SCHEDULE = (TaskCreated, TaskAnalysisStarted, TaskStarted, TaskTestsStarted, TaskPullRequestOpened,
+                       TaskCancellationRequested, AgentTaskStarted, WorkReport)
 
 
 class CoordinatorConfig:
@@ -82,7 +97,8 @@ class Coordinator(Intake):
         self.config = config or CoordinatorConfig()
         self.analyser = analyser or RuleAnalyser()
         self.store = EventStore(nc, ns)
-        self.live = LiveReadModel(self.store, on_change=self.kick)
+        self.live = LiveReadModel(self.store)
+        self.live.observers.append(self._wake_scheduler)
         self.model = self.live.model
         self._kick = asyncio.Event()
         self._loops: list[ConsumerLoop] = []
@@ -126,6 +142,10 @@ class Coordinator(Intake):
 
     def kick(self) -> None:
         self._kick.set()
+
+    def _wake_scheduler(self, seq: int, item: object) -> None:
+        if not isinstance(item, NOTHING_TO_SCHEDULE):
+            self._kick.set()
 
     # -- task commands ---------------------------------------------------------------
     async def _run(
@@ -324,11 +344,12 @@ class Coordinator(Intake):
                 with contextlib.suppress(DomainError, ConcurrencyConflict):
                     await self._run(task_id, ts.RequeueTask(at=utcnow(), actor=self.config.name,
                                                             reason="agent_lost", agent_id=holder))
-        if not model.queued:
-            return 0
+        self._prune_reserved()
+        queued = [t for t in model.queued if t not in self._reserved]
+        if not queued:
+            return 0  # (a task assigned at intake is reserved until the model shows it)
         now = utcnow()
-        plan = plan_assignments(model.tasks, model.agents, now, held=self._held(),
-                                queued=[t for t in model.queued if t not in self._reserved])
+        plan = plan_assignments(model.tasks, model.agents, now, held=self._held(), queued=queued)
         if not plan:
             return 0
         items = []

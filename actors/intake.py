@@ -171,13 +171,17 @@ class Intake:
         self._reserved[task_id] = [plan[0][1], None]
         return [ts.AssignTask(at=utcnow(), actor=self.config.name, agent_id=plan[0][1])]
 
+    def _prune_reserved(self) -> None:
+        """Drop the reservations the model shows as assignments now."""
+        for task_id, (_, seq) in list(self._reserved.items()):
+            if seq is not None and self.model.task_seq.get(task_id, 0) >= seq:
+                del self._reserved[task_id]
+
     def _held(self) -> dict[str, int]:
         """Tasks per agent by the model, plus our reservations it does not show yet."""
+        self._prune_reserved()
         held = self.model.held()
-        for task_id, (agent_id, seq) in list(self._reserved.items()):
-            if seq is not None and self.model.task_seq.get(task_id, 0) >= seq:
-                del self._reserved[task_id]  # the model shows the assignment now
-                continue
+        for agent_id, _ in self._reserved.values():
             held[agent_id] = held.get(agent_id, 0) + 1
         return held
 

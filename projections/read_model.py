@@ -57,6 +57,7 @@ class ReadModel:
         self.task_status_counts: dict[str, int] = {}
         self.queued: set[str] = set()  # tasks in Queued: the scheduler's work list
         self.holder: dict[str, str] = {}  # task -> agent, for tasks an agent is working on
+        self._held: dict[str, int] = {}  # agent -> how many of those (kept with ``holder``)
         self.bad: list[BadMessage] = []
         self.bad_count = 0
         self.applied_count = 0
@@ -85,10 +86,7 @@ class ReadModel:
                         self.queued.add(tid)
                     else:
                         self.queued.discard(tid)
-                    if new.status in WITH_AGENT and new.agent_id:
-                        self.holder[tid] = new.agent_id
-                    else:
-                        self.holder.pop(tid, None)
+                    self._hold(tid, new.agent_id if new.status in WITH_AGENT else None)
                 if type(item) is TaskAssigned:
                     self.agent_tasks.setdefault(item.agent_id, set()).add(tid)
                 self.dirty_tasks.add(tid)
@@ -179,12 +177,23 @@ class ReadModel:
             "holder": dict(sorted(self.holder.items())),
         }
 
+    def _hold(self, tid: str, agent_id: str | None) -> None:
+        held = self._held
+        before = self.holder.pop(tid, None)
+        if before is not None:
+            if held[before] == 1:
+                del held[before]
+            else:
+                held[before] -= 1
+        if agent_id:
+            self.holder[tid] = agent_id
+            held[agent_id] = held.get(agent_id, 0) + 1
+
     def held(self) -> dict[str, int]:
-        """How many tasks each agent is working on, by the task view."""
-        out: dict[str, int] = {}
-        for agent_id in self.holder.values():
-            out[agent_id] = out.get(agent_id, 0) + 1
-        return out
+        """How many tasks each agent is working on, by the task view (a copy; kept
+        up to date as tasks change hands, so the scheduler's every pass is O(agents
+        holding work), not O(tasks held))."""
+        return dict(self._held)
 
 
 __all__ = ["ClusterView", "ReadModel", "AgentEvent"]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from events.codec import encode
 from events.store import BadMessage, decode_or_bad
+from events.task_state import WITH_AGENT
 from projections.read_model import ReadModel
 from tests.histories import random_history
 
@@ -45,6 +46,13 @@ def test_incremental_in_random_batches_with_redelivery_equals_rebuild(seed, batc
         pos += size
     assert inc.snapshot() == full.snapshot()
     assert inc.last_seq == len(items)
+    # the per-agent counts the scheduler reads are kept incrementally: they must match
+    # a count over the task view
+    expected: dict[str, int] = {}
+    for t in full.tasks.values():
+        if t.status in WITH_AGENT and t.agent_id:
+            expected[t.agent_id] = expected.get(t.agent_id, 0) + 1
+    assert inc.held() == full.held() == expected
 
 
 def test_histories_are_nontrivial():
