@@ -18,6 +18,21 @@ from msgspec.structs import replace
 
 from .errors import ConfigError, DomainError, IllegalTransition, VersionMismatch
 from .subjects import check_id as _check_id
+from .task_commands import (  # callers use them as task_state.X
+    AssignTask,
+    CancelTask,
+    Command,
+    CompleteTask,
+    CreateTask,
+    FailTask,
+    OpenPullRequest,
+    RecordAnalysis,
+    RequeueTask,
+    RetryTask,
+    StartAnalysis,
+    StartTask,
+    StartTests,
+)
 
 
 def check_id(value: str, what: str) -> None:
@@ -228,90 +243,6 @@ def fold(events, state: TaskState | None = None) -> TaskState | None:
     for event in events:
         state = evolve(state, event)
     return state
-
-
-# -- commands -----------------------------------------------------------------------
-class Command(msgspec.Struct, frozen=True, kw_only=True):
-    at: datetime
-    actor: str
-    causation_id: str | None = None
-
-
-class CreateTask(Command, frozen=True, kw_only=True):
-    task_id: str
-    issue: IssueRef
-    max_attempts: int = 3
-
-
-class StartAnalysis(Command, frozen=True, kw_only=True):
-    analyser: str = "rules"
-
-
-class RecordAnalysis(Command, frozen=True, kw_only=True):
-    specialty: str = "general"
-    requirements: tuple[str, ...] = ()
-    complexity: str = "small"
-    priority: str = "normal"
-    security_level: str = "public"
-    dependencies: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
-    plan: str = ""
-    usage: Usage | None = None
-
-
-class AssignTask(Command, frozen=True, kw_only=True):
-    agent_id: str
-
-
-class StartTask(Command, frozen=True, kw_only=True):
-    agent_id: str
-    workspace: str = ""
-
-
-class StartTests(Command, frozen=True, kw_only=True):
-    agent_id: str
-    files_changed: tuple[str, ...] = ()
-    diff_stat: str = ""
-    diff_ref: str = ""
-    usage: Usage | None = None
-
-
-class OpenPullRequest(Command, frozen=True, kw_only=True):
-    agent_id: str
-    branch: str
-    pr_url: str = ""
-    pr_number: int | None = None
-    draft: bool = False
-    tests_passed: int = 0
-    tests_failed: int = 0
-
-
-class CompleteTask(Command, frozen=True, kw_only=True):
-    reason: str = "pull request merged"
-
-
-class FailTask(Command, frozen=True, kw_only=True):
-    reason: str
-    phase: str = ""
-    retryable: bool = True
-    log_ref: str = ""
-    agent_id: str | None = None  # when an agent reports, it must be the assignee
-
-
-class RetryTask(Command, frozen=True, kw_only=True):
-    backoff_base: float = 5.0  # seconds; doubles each attempt
-    backoff_max: float = 300.0
-    guidance: str = ""
-
-
-class RequeueTask(Command, frozen=True, kw_only=True):
-    reason: Literal["agent_lost", "handed_back"]
-    agent_id: str  # the agent the task is taken from: a stale report is refused
-
-
-class CancelTask(Command, frozen=True, kw_only=True):
-    reason: str = ""
-    force: bool = False  # skip asking the agent (it acknowledged, or it is gone)
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
