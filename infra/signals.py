@@ -2,8 +2,9 @@
 
 The first SIGINT/SIGTERM starts a graceful stop; the second says "now" (running
 tasks are handed back at once); any later one also prints what the stop is still
-waiting on (every pending asyncio task with where it is suspended), so a shutdown
-that does not finish tells the operator, and a failed CI run, why."""
+waiting on (every pending asyncio task with where it is suspended), as does a stop
+still running after its deadline, so a shutdown that does not finish tells the
+operator, and a failed CI run, why."""
 
 from __future__ import annotations
 
