@@ -42,7 +42,6 @@ from events.task import (
     TaskAnalysisStarted,
     TaskCancellationRequested,
     TaskCreated,
-    TaskPullRequestOpened,
     TaskStarted,
     TaskTestsStarted,
 )
@@ -58,9 +57,12 @@ from .scheduling import plan_assignments
 log = structlog.get_logger("ccc.coordinator")
 
 # events after which a scheduling pass cannot find anything new to do: nothing became
-# queued, no agent got a free slot, no dependency completed, no holder went offline
-# (every other event, and anything undecodable, wakes the scheduler)
-NOTHING_TO_SCHEDULE = (TaskCreated, TaskAnalysisStarted, TaskStarted, TaskTestsStarted, TaskPullRequestOpened,
+# queued, no dependency completed, no holder went offline, and no slot was freed — by
+# the agent's view *or the task view* (a slot counts as held while its task is
+# assigned/in progress/testing, so ``task.pr_opened`` frees one and must wake the
+# scheduler even though the agent released the task earlier). Every other event, and
+# anything undecodable, wakes it.
+NOTHING_TO_SCHEDULE = (TaskCreated, TaskAnalysisStarted, TaskStarted, TaskTestsStarted,
                        TaskCancellationRequested, AgentTaskStarted, WorkReport)
 
 

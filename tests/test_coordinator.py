@@ -336,3 +336,45 @@ async def test_the_intake_writes_its_chain_as_single_events(nc, ns, store, coord
     finally:
         await sub.unsubscribe()
     assert all("Nats-Batch-Id" not in h for h in headers)
+
+
+async def test_a_slot_freed_in_the_task_view_wakes_the_scheduler(nc, ns, store, coordinator):
+    """An agent releases its task right after reporting the PR: the release reaches the
+    scheduler while the task still counts as held (testing), and only the coordinator's
+    own ``task.pr_opened`` frees the slot. That event must wake the scheduler, or the
+    next queued task waits for ever (found by `ccc chaos`, nats-restart scenario)."""
+    agent = FakeAgent(store, "agent-1", capacity=1)
+    await agent.register()
+    await publish_issue(nc, ns, opened(9, "Fix the API endpoint", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-9") == "assigned")
+    await publish_issue(nc, ns, opened(10, "Fix the other endpoint", labels=["backend"]))
+    await eventually(lambda: status(coordinator, "acme_app-10") == "queued")
+    await agent.start("acme_app-9")
+    await agent.report("acme_app-9", "agent.implementation_produced", files_changed=["app.py"], diff_stat="1 file")
+    await agent.report("acme_app-9", "agent.pr_opened", branch="ccc/task-acme_app-9-fix", tests_passed=1)
+    await agent.release("acme_app-9")  # back to back, as a real agent does
+    await eventually(lambda: status(coordinator, "acme_app-9") == "review")
+    await eventually(lambda: status(coordinator, "acme_app-10") == "assigned", timeout=10)
+
+
+def test_the_scheduler_sleeps_through_no_event_that_can_free_work_or_slots():
+    """The events the scheduler is not woken by must not be able to queue a task, free a
+    slot (a task leaving assigned/in progress/testing), complete a dependency or make an
+    agent accept work: derived from the transition tables, so a new event or transition
+    cannot silently strand queued tasks."""
+    from actors.coordinator import NOTHING_TO_SCHEDULE
+    from events import agent_state, task_state
+    from events.agent import AgentTaskStarted, WorkReport
+
+    for event_type, (sources, target) in task_state.TRANSITIONS.items():
+        if target is None:
+            continue  # no status change
+        frees_or_queues = any((s in task_state.WITH_AGENT) != (target in task_state.WITH_AGENT)
+                              or (s == "queued") != (target == "queued") for s in sources) \
+            or target == "completed"
+        if frees_or_queues:
+            assert not issubclass(event_type, NOTHING_TO_SCHEDULE), event_type.__name__
+    for event_type in agent_state.TRANSITIONS:
+        if issubclass(event_type, NOTHING_TO_SCHEDULE):
+            # only starting work and progress reports: they never make an agent accept more
+            assert issubclass(event_type, (AgentTaskStarted, WorkReport)), event_type.__name__
