@@ -346,12 +346,12 @@ class Coordinator(Intake):
                 with contextlib.suppress(DomainError, ConcurrencyConflict):
                     await self._run(task_id, ts.RequeueTask(at=utcnow(), actor=self.config.name,
                                                             reason="agent_lost", agent_id=holder))
-        self._prune_reserved()
+        held = self._held()  # (also drops the reservations the model shows as assignments now)
         queued = [t for t in model.queued if t not in self._reserved]
         if not queued:
             return 0  # (a task assigned at intake is reserved until the model shows it)
         now = utcnow()
-        plan = plan_assignments(model.tasks, model.agents, now, held=self._held(), queued=queued)
+        plan = plan_assignments(model.tasks, model.agents, now, held=held, queued=queued)
         if not plan:
             return 0
         items = []

@@ -28,10 +28,8 @@ class LiveReadModel:
         *,
         materialize: bool = False,
         flush_interval: float = 0.05,
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
-        self.on_change = on_change
         self.model = ReadModel(store.ns.prefix)
         self.kv = KvMaterializer(store.nc, store.ns, self.model) if materialize else None
         self.flush_interval = flush_interval
@@ -69,8 +67,6 @@ class LiveReadModel:
                     from_seq=self.model.last_seq + 1, follow=True
                 ):
                     self._log_bad_apply(seq, item)
-                    if self.on_change is not None:
-                        self.on_change()
                     async with self._changed:
                         self._changed.notify_all()
             except StoreUnavailable as e:
