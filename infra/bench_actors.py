@@ -68,7 +68,8 @@ async def _raw_baselines(nc, js, rtt_samples: int, publish_msgs: int) -> dict:
         if i >= 10:
             hop.append(done - t)
     await sub.unsubscribe()
-    # the intake's write: four events as one atomic batch, and as four awaited publishes
+    # four events as one atomic batch (a multi-event decision) and as four awaited
+    # publishes (the intake's write): raw, to show the floor of each
     batch4, seq4 = [], []
     for i in range(rtt_samples // 2):
         t = time.perf_counter_ns()

@@ -93,8 +93,8 @@ class DispatchBench(msgspec.Struct, kw_only=True):
     raw_hop_p50_ms: float
     raw_hop_p99_ms: float
     raw_publish_per_s: float
-    raw_batch4_p50_ms: float = 0.0  # four events as one atomic batch (the intake's write)
-    raw_seq4_p50_ms: float = 0.0  # the same four as awaited single publishes
+    raw_batch4_p50_ms: float = 0.0  # four events as one atomic batch (a multi-event decision)
+    raw_seq4_p50_ms: float = 0.0  # the same four as awaited single publishes (the intake's write)
     latency: list[LatencyRun]
     throughput: ThroughputRun | None
     targets: dict
