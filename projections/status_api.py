@@ -26,194 +26,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from http import HTTPStatus
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response, get
-from prometheus_client import CollectorRegistry
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, QueryParameter
+from prometheus_client import CollectorRegistry
 
-from events.agent_state import AGENT_STATUSES, AgentState
+from events.agent_state import AGENT_STATUSES
 from events.errors import ConfigError, StoreUnavailable
-from events.store import BadMessage
 from events.subjects import check_id
 from events.task import SPECIALTIES
-from events.task_state import TASK_STATUSES, TaskState
+from events.task_state import TASK_STATUSES
 
 from .live import LiveReadModel
 from .metrics import ApiMetrics, ClusterMetrics, LogCounters, metrics_route
-from .read_model import ClusterView, ReadModel
+from .read_model import ClusterView
+from .status_views import (
+    MIN_SEQ_TIMEOUT,
+    AgentOut,
+    AgentPage,
+    ApiError,
+    BadEvents,
+    ErrorBody,
+    Health,
+    StatusReader,
+    TaskEvents,
+    TaskOut,
+    TaskPage,
+    _choices,
+)
 
 log = structlog.get_logger("ccc.api")
 
 API_VERSION = "1.0.0"
 PREFIX = "/api/v1"
 OPENAPI_PATH = "/schema"  # the document is at /schema/openapi.json
-MIN_SEQ_TIMEOUT = 5.0
 HEALTH_NATS_TIMEOUT = 2.0
-
-
-# -- response bodies ------------------------------------------------------------------
-class ErrorBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    error: str
-    detail: str
-    parameter: str | None = None
-
-
-class TaskOut(TaskState, frozen=True, kw_only=True):
-    """A task as the projection sees it, at stream sequence ``applied_seq``."""
-
-    applied_seq: int
-
-
-class AgentOut(AgentState, frozen=True, kw_only=True):
-    """An agent as the projection sees it, at stream sequence ``applied_seq``."""
-
-    applied_seq: int
-
-
-class TaskPage(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[TaskOut]
-    total: int  # matching the filters, before paging
-    limit: int
-    offset: int
-    next_offset: int | None
-    last_seq: int  # the log position this page reflects
-
-
-class AgentPage(msgspec.Struct, frozen=True, kw_only=True):
-    items: list[AgentOut]
-    total: int
-    limit: int
-    offset: int
-    next_offset: int | None
-    last_seq: int
-
-
-class TaskEvents(msgspec.Struct, frozen=True, kw_only=True):
-    task_id: str
-    # each item: {"seq": <stream seq>, "type": <event tag>, ...the event's fields}
-    items: list[dict[str, Any]]
-    bad: list[BadMessage]  # messages on this task's subjects that do not decode
-    last_seq: int
-
-
-class BadEvents(msgspec.Struct, frozen=True, kw_only=True):
-    count: int  # exact, since the projection started
-    items: list[BadMessage]  # the newest ones (the model keeps a bounded number), by seq
-
-
-class Health(msgspec.Struct, frozen=True, kw_only=True):
-    status: Literal["ok", "degraded"]
-    nats_connected: bool
-    last_seq: int  # applied by the projection
-    stream_last_seq: int  # the log's end (as last observed if NATS is unreachable)
-    lag: int
-    bad_events: int
-    projection_following: bool = True  # False if the projection's follower died
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, detail: str, parameter: str | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.parameter = parameter
-
-
-# -- the queries ----------------------------------------------------------------------
-class StatusReader:
-    """Filtering, ordering and paging over the live model. Handlers run on the event
-    loop that also applies events, and never await while iterating, so every answer
-    is a consistent snapshot at one log position."""
-
-    def __init__(self, live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT) -> None:
-        self.live = live
-        self.min_seq_timeout = min_seq_timeout
-        self._order: list[str] = []  # task ids by (created_at, task_id)
-
-    @property
-    def model(self) -> ReadModel:
-        return self.live.model
-
-    async def wait_for(self, seq: int) -> None:
-        if self.model.last_seq >= seq:
-            return
-        try:
-            await self.live.wait_for_seq(seq, timeout=self.min_seq_timeout)
-        except TimeoutError:
-            raise ApiError(
-                504, f"the projection has applied up to {self.model.last_seq}, not {seq}, "
-                f"after {self.min_seq_timeout:g} s", "min_seq",
-            ) from None
-
-    def task_ids_in_order(self) -> list[str]:
-        # tasks are never removed and created_at never changes, so the order only
-        # needs rebuilding when tasks were added
-        tasks = self.model.tasks
-        if len(self._order) != len(tasks):
-            self._order = sorted(tasks, key=lambda t: (tasks[t].created_at, t))
-        return self._order
-
-    def task_out(self, task_id: str) -> TaskOut:
-        state = self.model.tasks.get(task_id)
-        if state is None:
-            raise ApiError(404, f"no task {task_id!r}", "task_id")
-        return _out(TaskOut, state, self.model.task_seq[task_id])
-
-    def agent_out(self, agent_id: str) -> AgentOut:
-        state = self.model.agents.get(agent_id)
-        if state is None:
-            raise ApiError(404, f"no agent {agent_id!r}", "agent_id")
-        return _out(AgentOut, state, self.model.agent_seq[agent_id])
-
-    def task_page(self, ids: list[str], *, states: frozenset[str] | None,
-                  specialties: frozenset[str] | None, agent: str | None,
-                  limit: int, offset: int) -> TaskPage:
-        tasks = self.model.tasks
-        chosen = [
-            t for t in ids
-            if (states is None or tasks[t].status in states)
-            and (specialties is None or tasks[t].specialty in specialties)
-            and (agent is None or tasks[t].agent_id == agent)
-        ]
-        items = [_out(TaskOut, tasks[t], self.model.task_seq[t]) for t in chosen[offset:offset + limit]]
-        return TaskPage(items=items, total=len(chosen), limit=limit, offset=offset,
-                        next_offset=_next(offset, limit, len(chosen)), last_seq=self.model.last_seq)
-
-    def agent_page(self, *, states: frozenset[str] | None, specialties: frozenset[str] | None,
-                   limit: int, offset: int) -> AgentPage:
-        agents = self.model.agents
-        chosen = [
-            a for a in sorted(agents)
-            if (states is None or agents[a].status in states)
-            and (specialties is None or not specialties.isdisjoint(agents[a].specialties))
-        ]
-        items = [_out(AgentOut, agents[a], self.model.agent_seq[a]) for a in chosen[offset:offset + limit]]
-        return AgentPage(items=items, total=len(chosen), limit=limit, offset=offset,
-                         next_offset=_next(offset, limit, len(chosen)), last_seq=self.model.last_seq)
-
-
-def _out(cls: type, state: msgspec.Struct, seq: int) -> Any:
-    return cls(**msgspec.structs.asdict(state), applied_seq=seq)
-
-
-def _next(offset: int, limit: int, total: int) -> int | None:
-    return offset + limit if offset + limit < total else None
-
-
-def _choices(values: list[str] | None, allowed: tuple[str, ...], param: str) -> frozenset[str] | None:
-    """``?state=a&state=b`` and ``?state=a,b`` both mean a or b; none means any."""
-    chosen = {v.strip() for raw in values or () for v in raw.split(",") if v.strip()}
-    unknown = sorted(chosen.difference(allowed))
-    if unknown:
-        raise ApiError(400, f"unknown {param} {', '.join(map(repr, unknown))}; "
-                            f"expected one of: {', '.join(allowed)}", param)
-    return frozenset(chosen) or None
 
 
 # -- parameters -----------------------------------------------------------------------
@@ -427,3 +280,8 @@ def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT)
             path=OPENAPI_PATH,
         ),
     )
+
+
+__all__ = ["API_VERSION", "HANDLERS", "HEALTH_NATS_TIMEOUT", "MIN_SEQ_TIMEOUT", "OPENAPI_PATH", "PREFIX",
+           "AgentOut", "AgentPage", "ApiError", "BadEvents", "ErrorBody", "Health", "StatusReader",
+           "TaskEvents", "TaskOut", "TaskPage", "create_app"]
