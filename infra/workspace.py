@@ -39,7 +39,7 @@ from events.errors import CccError, ConfigError
 
 from .procutil import die_with_parent
 from .workspace_cleanup import _rmtree, cleanup_expired
-from .workspace_run import CommandResult, _Collector, _kill_group  # claude_cli imports _kill_group here
+from .workspace_run import CommandResult, _Collector, _kill_group
 
 __all__ = [  # cleanup_expired and CommandResult live in workspace_cleanup/workspace_run
     "CommandResult",

@@ -31,17 +31,32 @@ class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
         return self.exit_code == 0 and not self.timed_out
 
 
-class _Collector(asyncio.SubprocessProtocol):
-    """Receives the child's output: keeps a bounded head and tail in memory and writes
-    up to ``log_limit`` bytes to the log file. A protocol (rather than ``Process``) lets
-    us see the child's exit separately from its pipe closing: in Python 3.11
+class ExitWatch(asyncio.SubprocessProtocol):
+    """A subprocess protocol that tells the child's exit (``exited``) apart from its
+    pipes closing (``closed``). A protocol rather than ``Process``: in Python 3.11
     ``Process.wait()`` also waits for every holder of the pipe, e.g. a background
     grandchild, which is exactly the process we want to kill, not wait for."""
 
-    def __init__(self, head_limit: int, tail_limit: int, log_file: Any, log_limit: int) -> None:
+    def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Collector(ExitWatch):
+    """Receives the child's output: keeps a bounded head and tail in memory and writes
+    up to ``log_limit`` bytes to the log file."""
+
+    def __init__(self, head_limit: int, tail_limit: int, log_file: Any, log_limit: int) -> None:
+        super().__init__()
         self.head = bytearray()
         self.tail = bytearray()
         self.total = 0
@@ -62,14 +77,6 @@ class _Collector(asyncio.SubprocessProtocol):
             self.tail += data
             if len(self.tail) > self._tail_limit:
                 del self.tail[: len(self.tail) - self._tail_limit]
-
-    def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def text(self) -> str:
         cut = self.total - len(self.head) - len(self.tail)

@@ -31,7 +31,8 @@ import structlog
 
 from events.task import Usage
 
-from ..workspace import Workspace, _kill_group
+from ..workspace import Workspace
+from ..workspace_run import ExitWatch, _kill_group
 from .base import CodeOutcome, CodeRequest, CodeStatus, mask_secrets
 
 log = structlog.get_logger("ccc.coder.claude")
@@ -72,15 +73,12 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-class _Stream(asyncio.SubprocessProtocol):
+class _Stream(ExitWatch):
     """Splits the child's stdout into lines (queued for the consumer) and keeps the tail
-    of stderr. A protocol rather than ``Process``: in Python 3.11 ``Process.wait()`` also
-    waits for every holder of the pipes (a background grandchild), see workspace.py."""
+    of stderr."""
 
     def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
+        super().__init__()
         self.lines: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.stderr = bytearray()
         self._partial = bytearray()
@@ -99,14 +97,6 @@ class _Stream(asyncio.SubprocessProtocol):
         if len(self._partial) > _MAX_LINE:
             self.lines.put_nowait(bytes(self._partial))
             self._partial.clear()
-
-    def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def finish(self) -> None:
         if self._partial:
