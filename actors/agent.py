@@ -33,14 +33,14 @@ from events.errors import BadEventError, ConcurrencyConflict, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 from events.task import TaskAssigned, TaskCancellationRequested
-from infra.aio import cancel_and_wait, within
-from infra.coders.base import Coder
-from infra.tracing import get_tracer
-from infra.workspace import Workspace, cleanup_expired
+from events.aio import cancel_and_wait, within
+from infra.adapters.coders.base import Coder
+from infra.adapters.obs.tracing import get_tracer
+from infra.adapters.git.workspace import Workspace, cleanup_expired
 from projections.metrics import AgentMetrics
 
-from .pipeline import ForgeClient, PhaseFailed, PipelineSettings, Superseded, run_pipeline
-from .runtime import ConsumerLoop
+from actors.pipeline import ForgeClient, PhaseFailed, PipelineSettings, Superseded, run_pipeline
+from actors.runtime import ConsumerLoop
 
 log = structlog.get_logger("ccc.agent")
 

@@ -22,11 +22,11 @@ import structlog
 
 from events.subjects import task_id_for
 from events.task import SECURITY_LEVELS, IssueRef, Usage
-from infra.coders.anthropic_coder import api_error_reason
-from infra.coders.base import mask_secrets
-from infra.coders.prices import usage_of
+from infra.adapters.coders.anthropic_coder import api_error_reason
+from infra.adapters.coders.base import mask_secrets
+from infra.adapters.coders.prices import usage_of
 
-from .analysis import SECURITY_RANK, Analyser, Analysis, RuleAnalyser
+from actors.analysis import SECURITY_RANK, Analyser, Analysis, RuleAnalyser
 
 log = structlog.get_logger("ccc.analysis.claude")
 

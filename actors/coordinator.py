@@ -45,14 +45,14 @@ from events.task import (
     TaskStarted,
     TaskTestsStarted,
 )
-from infra.aio import cancel_and_wait, wait_event
+from events.aio import cancel_and_wait, wait_event
 from projections.live import LiveReadModel
 
-from .analysis import Analyser, RuleAnalyser
-from .health import HealthMonitor
-from .intake import Intake, utcnow
-from .runtime import ConsumerLoop
-from .scheduling import plan_assignments
+from actors.analysis import Analyser, RuleAnalyser
+from actors.health import HealthMonitor
+from actors.intake import Intake, utcnow
+from actors.runtime import ConsumerLoop
+from actors.scheduling import plan_assignments
 
 log = structlog.get_logger("ccc.coordinator")
 

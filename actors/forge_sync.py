@@ -37,10 +37,10 @@ from events.errors import CccError, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 from events.task_state import WITH_AGENT, TaskState
-from infra.coders.base import mask_secrets
+from infra.adapters.coders.base import mask_secrets
 from projections.live import LiveReadModel
 
-from .runtime import ConsumerLoop
+from actors.runtime import ConsumerLoop
 
 log = structlog.get_logger("ccc.forge_sync")
 

@@ -28,7 +28,7 @@ from events import agent_state as ag
 from events.errors import ConcurrencyConflict
 from events.store import EventStore
 from events.subjects import Namespace
-from infra.aio import cancel_and_wait, within
+from events.aio import cancel_and_wait, within
 from projections.read_model import ReadModel
 
 log = structlog.get_logger("ccc.health")

@@ -32,7 +32,7 @@ from events.issue import (
 from events.subjects import task_id_for
 from events.task import IssueRef
 
-from .scheduling import plan_assignments
+from actors.scheduling import plan_assignments
 
 log = structlog.get_logger("ccc.coordinator")
 

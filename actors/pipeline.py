@@ -22,10 +22,10 @@ import structlog
 
 from events.errors import CccError
 from events.task_state import TaskState
-from infra import gitops
-from infra.coders.base import Budget, CodeRequest, Coder, mask_secrets
-from infra.testrun import parse_test_counts
-from infra.workspace import Workspace
+from infra.adapters.git import gitops
+from infra.adapters.coders.base import Budget, CodeRequest, Coder, mask_secrets
+from infra.adapters.git.test_output import parse_test_counts
+from infra.adapters.git.workspace import Workspace
 
 log = structlog.get_logger("ccc.pipeline")
 

@@ -34,8 +34,8 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from events.codec import encode
-from infra.aio import cancel_and_wait
-from infra.tracing import span_from_msg
+from events.aio import cancel_and_wait
+from infra.adapters.obs.tracing import span_from_msg
 from events.dead_letter import DeadLetter
 from events.errors import BadEventError, CccError, DomainError
 

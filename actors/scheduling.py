@@ -19,7 +19,7 @@ from events.agent_state import ACCEPTING, AgentState
 from events.task import PRIORITIES
 from events.task_state import WITH_AGENT, TaskState
 
-from .analysis import SECURITY_RANK
+from actors.analysis import SECURITY_RANK
 
 
 def held_by_agent(tasks: Mapping[str, TaskState]) -> dict[str, int]:

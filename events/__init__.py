@@ -1,7 +1,7 @@
 """Events: the msgspec event types, the subject scheme, the pure state machines and
 the event store. Everything else in the project is built from these."""
 
-from .agent import (
+from events.agent import (
     AgentErrored,
     AgentEvent,
     AgentMaintenanceEnded,
@@ -13,8 +13,8 @@ from .agent import (
     AgentWentOffline,
     Heartbeat,
 )
-from .codec import Event, decode_event, decode_issue, encode
-from .errors import (
+from events.codec import Event, decode_event, decode_issue, encode
+from events.errors import (
     BadEventError,
     CccError,
     ConcurrencyConflict,
@@ -25,7 +25,7 @@ from .errors import (
     StoreUnavailable,
     VersionMismatch,
 )
-from .issue import (
+from events.issue import (
     IssueCancelRequested,
     IssueChangesRequested,
     IssueCommented,
@@ -39,8 +39,8 @@ from .issue import (
     IssueReopened,
     IssueRetryRequested,
 )
-from .subjects import DEFAULT_NS, Namespace, task_id_for
-from .task import (
+from events.subjects import DEFAULT_NS, Namespace, task_id_for
+from events.task import (
     IssueRef,
     TaskAnalysisStarted,
     TaskAnalyzed,

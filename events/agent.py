@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from .task import SecurityLevel, Usage
+from events.task import SecurityLevel, Usage
 
 
 class AgentEventBase(

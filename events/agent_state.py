@@ -16,7 +16,7 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
-from .agent import (
+from events.agent import (
     AgentChangesPushed,
     AgentCodebaseAnalysed,
     AgentErrored,
@@ -36,8 +36,8 @@ from .agent import (
     AgentWorkspacePrepared,
     WorkReport,
 )
-from .errors import DomainError, IllegalTransition, VersionMismatch
-from .task_state import check_id
+from events.errors import DomainError, IllegalTransition, VersionMismatch
+from events.task_state import check_id
 
 AgentStatus = Literal["offline", "idle", "busy", "overloaded", "maintenance", "error"]
 AGENT_STATUSES: tuple[str, ...] = ("offline", "idle", "busy", "overloaded", "maintenance", "error")

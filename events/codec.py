@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import msgspec
 
-from .agent import AgentEvent
-from .errors import BadEventError
-from .issue import IssueEvent, issue_decoder
-from .task import TaskEvent
+from events.agent import AgentEvent
+from events.errors import BadEventError
+from events.issue import IssueEvent, issue_decoder
+from events.task import TaskEvent
 
 Event = TaskEvent | AgentEvent
 

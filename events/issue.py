@@ -10,7 +10,7 @@ from datetime import datetime
 
 import msgspec
 
-from .subjects import issue_subject
+from events.subjects import issue_subject
 
 
 class IssueEventBase(

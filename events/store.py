@@ -26,11 +26,11 @@ import nats.js.errors
 from nats.aio.client import Client
 from opentelemetry import propagate
 
-from .codec import Event, encode
-from .errors import CccError, ConcurrencyConflict, StoreUnavailable
-from .store_pipeline import WRONG_LAST_SEQUENCE, _AckPipeline
-from .store_read import BadMessage, EventReader, Loaded, StoredEvent, _unavailable, decode_or_bad, stream_seq
-from .subjects import DEFAULT_NS, Namespace
+from events.codec import Event, encode
+from events.errors import CccError, ConcurrencyConflict, StoreUnavailable
+from events.store_pipeline import WRONG_LAST_SEQUENCE, _AckPipeline
+from events.store_read import BadMessage, EventReader, Loaded, StoredEvent, _unavailable, decode_or_bad, stream_seq
+from events.subjects import DEFAULT_NS, Namespace
 
 __all__ = [
     "BATCH_COMMIT",

@@ -8,7 +8,7 @@ import secrets
 import msgspec
 from nats.aio.client import Client
 
-from .errors import ConcurrencyConflict, StoreUnavailable
+from events.errors import ConcurrencyConflict, StoreUnavailable
 
 WRONG_LAST_SEQUENCE = 10071
 

@@ -17,19 +17,19 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from .agent import AgentEvent
-from .agent_state import AgentState
-from .agent_state import fold as fold_agent
-from .codec import MAX_EVENT_BYTES, Event, decode_event, event_decoder
-from .errors import BadEventError, StoreUnavailable
-from .task import TaskEvent
-from .task_state import TaskState
-from .task_state import fold as fold_task
+from events.agent import AgentEvent
+from events.agent_state import AgentState
+from events.agent_state import fold as fold_agent
+from events.codec import MAX_EVENT_BYTES, Event, decode_event, event_decoder
+from events.errors import BadEventError, StoreUnavailable
+from events.task import TaskEvent
+from events.task_state import TaskState
+from events.task_state import fold as fold_task
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-    from .subjects import Namespace
+    from events.subjects import Namespace
 
 
 class StoredEvent(NamedTuple):

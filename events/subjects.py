@@ -20,7 +20,7 @@ import re
 
 import msgspec
 
-from .errors import ConfigError
+from events.errors import ConfigError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _ID = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")

@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-from .subjects import task_subject
+from events.subjects import task_subject
 
 Specialty = Literal[
     "backend", "frontend", "testing", "devops", "database", "security", "documentation", "general"

@@ -8,7 +8,7 @@ from typing import Literal
 
 import msgspec
 
-from .task import IssueRef, Usage
+from events.task import IssueRef, Usage
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,9 +16,9 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
-from .errors import ConfigError, DomainError, IllegalTransition, VersionMismatch
-from .subjects import check_id as _check_id
-from .task_commands import (  # callers use them as task_state.X
+from events.errors import ConfigError, DomainError, IllegalTransition, VersionMismatch
+from events.subjects import check_id as _check_id
+from events.task_commands import (  # callers use them as task_state.X
     AssignTask,
     CancelTask,
     Command,
@@ -40,7 +40,7 @@ def check_id(value: str, what: str) -> None:
         _check_id(value, what)
     except ConfigError as e:
         raise DomainError(str(e)) from None
-from .task import (
+from events.task import (
     IssueRef,
     TaskAnalysisStarted,
     TaskAnalyzed,

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from events.errors import StoreUnavailable
 from events.subjects import Namespace
 
-from .read_model import ReadModel
+from projections.read_model import ReadModel
 
 log = structlog.get_logger("ccc.kv")
 CHECKPOINT_KEY = "_checkpoint"

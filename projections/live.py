@@ -13,10 +13,10 @@ import structlog
 
 from events.errors import StoreUnavailable
 from events.store import EventStore
-from infra.aio import cancel_and_wait
+from events.aio import cancel_and_wait
 
-from .kv_writer import KvMaterializer
-from .read_model import ReadModel
+from projections.kv_writer import KvMaterializer
+from projections.read_model import ReadModel
 
 log = structlog.get_logger("ccc.projection")
 

@@ -38,7 +38,7 @@ from events.store import BadMessage
 from events.task import TaskAnalyzed, TaskTestsStarted, Usage
 from events.task_state import ACTIVE, TaskState
 
-from .metrics_http import (
+from projections.metrics_http import (
     API_DURATION_BUCKETS,
     ApiMetrics,
     MetricsMiddleware,
@@ -49,7 +49,7 @@ from .metrics_http import (
 )
 
 if TYPE_CHECKING:
-    from .read_model import ReadModel
+    from projections.read_model import ReadModel
 
 TASK_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 PHASE_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)

@@ -43,10 +43,10 @@ from events.subjects import check_id
 from events.task import SPECIALTIES
 from events.task_state import TASK_STATUSES
 
-from .live import LiveReadModel
-from .metrics import ApiMetrics, ClusterMetrics, LogCounters, metrics_route
-from .read_model import ClusterView
-from .status_views import (
+from projections.live import LiveReadModel
+from projections.metrics import ApiMetrics, ClusterMetrics, LogCounters, metrics_route
+from projections.read_model import ClusterView
+from projections.status_views import (
     MIN_SEQ_TIMEOUT,
     AgentOut,
     AgentPage,

@@ -15,8 +15,8 @@ from events.agent_state import AgentState
 from events.store import BadMessage
 from events.task_state import TaskState
 
-from .live import LiveReadModel
-from .read_model import ReadModel
+from projections.live import LiveReadModel
+from projections.read_model import ReadModel
 
 MIN_SEQ_TIMEOUT = 5.0
 

@@ -14,9 +14,9 @@ import pytest_asyncio
 
 from events.store import EventStore
 from events.subjects import Namespace
-from infra.nats_conn import connect
-from infra.nats_server import EmbeddedServer
-from infra.provision import provision
+from infra.adapters.nats.connection import connect
+from infra.adapters.nats.server import EmbeddedServer
+from infra.adapters.nats.provisioning import provision
 
 
 @pytest.fixture(scope="session")

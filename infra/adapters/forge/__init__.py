@@ -1,0 +1,2 @@
+"""Forges: the local forge (bare repositories on disk, the embedded default) and GitHub
+(PyGithub: clone URLs, git credentials, pull requests, issue labels and comments)."""

@@ -1,0 +1,117 @@
+"""The GitHub forge's errors and request plumbing: the error classes, the check of
+an ``owner/name`` repository argument, and :class:`GitHubCalls`, which runs blocking
+PyGithub calls on a dedicated thread pool and translates PyGithub's and requests'
+exceptions into those errors (network trouble, 5xx and rate limits ->
+:class:`ForgeUnavailable`, retryable; 401/403 -> :class:`ForgeAuthError`, 404 ->
+:class:`ForgeNotFound`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import requests
+import urllib3
+from github import GithubException, RateLimitExceededException
+
+from events.errors import CccError, InfrastructureError
+
+from infra.adapters.coders.base import mask_secrets
+
+T = TypeVar("T")
+_REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+
+
+class ForgeError(CccError):
+    """GitHub refused a request in a way retrying will not fix."""
+
+
+class ForgeAuthError(ForgeError):
+    """Bad or insufficient credentials (401/403)."""
+
+
+class ForgeNotFound(ForgeError):
+    """The repository, issue or pull request does not exist or is not visible (404)."""
+
+
+class ForgeUnavailable(InfrastructureError):
+    """GitHub could not be reached, failed (5xx) or rate-limited us: retry later,
+    not before ``retry_after`` seconds when GitHub said so."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _check_repo(repo: str) -> tuple[str, str]:
+    if not _REPO.match(repo or "") or ".." in repo:
+        raise ForgeError(f"not a GitHub repository name: {repo!r} (expected owner/name)")
+    owner, _, name = repo.partition("/")
+    return owner, name
+
+
+class GitHubCalls:
+    """Runs PyGithub calls off the event loop and turns their failures into forge
+    errors. :class:`~infra.forge_github.GitHubForge` sets ``_executor`` and ``_token``."""
+
+    _executor: ThreadPoolExecutor
+    _token: str | None
+
+    # -- plumbing -------------------------------------------------------------------
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        with self._translating(what):
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    @contextlib.contextmanager
+    def _translating(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except GithubException as e:
+            raise self._translate(what, e) from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise ForgeUnavailable(self._mask(f"{what}: GitHub unreachable: {type(e).__name__}: {e}")) from None
+
+    def _translate(self, what: str, e: GithubException) -> CccError:
+        status, msg = e.status, _message(e)
+        if isinstance(e, RateLimitExceededException) or status == 429 or "rate limit" in msg.lower():
+            return ForgeUnavailable(self._mask(f"{what}: GitHub rate limit ({status} {msg})"),
+                                    retry_after=getattr(e, "wait", None) or _retry_after(e.headers))
+        if status == 401:
+            return ForgeAuthError(self._mask(
+                f"{what}: GitHub rejected the credentials (401 {msg}); check GITHUB_TOKEN or the App settings"))
+        if status == 403:
+            return ForgeAuthError(self._mask(
+                f"{what}: permission denied (403 {msg}); the token needs issues, pull requests and contents write"))
+        if status == 404:
+            return ForgeNotFound(self._mask(
+                f"{what}: not found (404); it does not exist or these credentials cannot see it"))
+        if status >= 500 or status == 408:
+            return ForgeUnavailable(self._mask(f"{what}: GitHub failed ({status} {msg})"))
+        return ForgeError(self._mask(f"{what}: GitHub refused the request ({status} {msg})"))
+
+    def _mask(self, text: str) -> str:
+        return mask_secrets(text, [self._token] if self._token else [])
+
+
+def _retry_after(headers: Mapping[str, Any] | None) -> float | None:
+    h = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+    if h.get("retry-after", "").isdigit():
+        return float(h["retry-after"])
+    if h.get("x-ratelimit-reset", "").isdigit():
+        return max(0.0, int(h["x-ratelimit-reset"]) - time.time()) + 1.0
+    return None
+
+
+def _message(e: GithubException) -> str:
+    data: Any = e.data
+    if isinstance(data, dict):
+        parts = [str(data.get("message") or "")]
+        parts += [str(x.get("message") or x.get("code") or "") if isinstance(x, dict) else str(x)
+                  for x in data.get("errors") or ()]
+        return "; ".join(p for p in parts if p)
+    return e.message or str(data or "")

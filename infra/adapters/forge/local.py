@@ -1,0 +1,182 @@
+"""The local forge: bare git repositories on disk play the part of GitHub.
+
+It is the embedded default (``ccc demo`` needs no network and no token) and what the
+tests use: agents clone from ``clone_url``, push their ``ccc/`` branches to it, and a
+"merged pull request" is :meth:`LocalForge.merge` into the default branch.
+
+Layout: ``<root>/<owner>/<name>.git``. Merges happen in a temporary clone and are
+pushed back, so the bare repository only ever changes through ordinary pushes (a
+concurrent merge makes our push non-fast-forward; we then redo the merge on top).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from events.errors import CccError
+
+from infra.adapters.git import gitops
+
+FORGE_NAME = "ccc forge"
+FORGE_EMAIL = "forge@ccc.local"
+_PART = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+class ForgeError(CccError):
+    """The forge cannot do what was asked (unknown repository or branch, bad input)."""
+
+
+class MergeConflict(ForgeError):
+    """The branch does not merge cleanly into the default branch: a human, or another
+    attempt on an updated base, has to resolve it."""
+
+    def __init__(self, message: str, files: list[str]) -> None:
+        super().__init__(message)
+        self.files = files
+
+
+class LocalForge:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+
+    # -- repositories -----------------------------------------------------------------
+    def repo_path(self, repo: str) -> Path:
+        """``owner/name`` -> ``<root>/<owner>/<name>.git`` (a bare ``name`` is owned by
+        ``local``, as in :func:`events.subjects.repo_token`)."""
+        owner, _, name = repo.strip().partition("/")
+        if not name:
+            owner, name = "local", owner
+        name = name.removesuffix(".git")
+        for part in (owner, name):
+            if not _PART.match(part) or part.strip(".") == "":
+                raise ForgeError(f"invalid repository name {repo!r}: expected owner/name")
+        return self.root / owner / f"{name}.git"
+
+    def _existing(self, repo: str) -> Path:
+        path = self.repo_path(repo)
+        if not (path / "HEAD").is_file():
+            raise ForgeError(f"unknown repository {repo!r} (no bare repository at {path})")
+        return path
+
+    def exists(self, repo: str) -> bool:
+        return (self.repo_path(repo) / "HEAD").is_file()
+
+    def create_repo(
+        self,
+        repo: str,
+        files: Mapping[str, str],
+        *,
+        default_branch: str = "main",
+        message: str = "initial commit",
+    ) -> Path:
+        """A bare repository whose default branch holds one commit with ``files``."""
+        path = self._init_bare(repo, default_branch)
+        with tempfile.TemporaryDirectory(prefix="ccc-forge-") as tmp:
+            work = Path(tmp)
+            gitops.run_git(work, "init", "-q", "-b", default_branch)
+            for rel, content in files.items():
+                target = (work / rel).resolve()
+                escapes = Path(rel).is_absolute() or ".." in Path(rel).parts
+                if escapes or not target.is_relative_to(work.resolve()):
+                    raise ForgeError(f"file path {rel!r} must be relative to the repository")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content.encode("utf-8"))
+            gitops.run_git(work, "add", "-A")
+            gitops.run_git(work, "commit", "-q", "--no-verify", "--allow-empty", "-m", message,
+                           env=gitops.identity_env(FORGE_NAME, FORGE_EMAIL))
+            gitops.run_git(work, "push", "-q", "--no-verify", str(path),
+                           f"HEAD:refs/heads/{default_branch}")
+        return path
+
+    def import_repo(self, repo: str, source_dir: Path | str) -> Path:
+        """Make a bare origin from an existing local repository's default branch (its
+        committed history; uncommitted changes are not part of it). The bare side
+        fetches, so nothing runs in, or is changed in, the source repository."""
+        source = Path(source_dir).resolve()
+        if gitops.head_sha(source) is None:
+            raise ForgeError(f"{source} is not a git repository with at least one commit")
+        branch = gitops.default_branch(source)
+        path = self._init_bare(repo, branch)
+        gitops.run_git(path, "fetch", "-q", "--no-tags", str(source),
+                       f"refs/heads/{branch}:refs/heads/{branch}")
+        return path
+
+    def _init_bare(self, repo: str, default_branch: str) -> Path:
+        path = self.repo_path(repo)
+        if path.exists():
+            raise ForgeError(f"repository {repo!r} already exists at {path}")
+        path.mkdir(parents=True)
+        gitops.run_git(path, "init", "-q", "--bare", "-b", default_branch)
+        return path
+
+    def clone_url(self, repo: str) -> str:
+        return self._existing(repo).as_uri()
+
+    # -- reading ----------------------------------------------------------------------
+    def default_branch(self, repo: str) -> str:
+        return gitops.default_branch(self._existing(repo))
+
+    def branches(self, repo: str) -> list[str]:
+        out = gitops.run_git(self._existing(repo), "for-each-ref", "--format=%(refname:short)",
+                             "refs/heads")[1]
+        return sorted(line for line in out.decode().splitlines() if line)
+
+    def branch_sha(self, repo: str, branch: str) -> str:
+        status, out, _ = gitops.run_git(self._existing(repo), "rev-parse", "-q", "--verify",
+                                        f"refs/heads/{branch}", check=False)
+        if status != 0:
+            raise ForgeError(f"{repo}: unknown branch {branch!r}")
+        return out.decode().strip()
+
+    def read_file(self, repo: str, branch: str, path: str) -> str:
+        self.branch_sha(repo, branch)
+        status, out, _ = gitops.run_git(self._existing(repo), "show", f"refs/heads/{branch}:{path}",
+                                        check=False)
+        if status != 0:
+            raise ForgeError(f"{repo}: no file {path!r} on branch {branch!r}")
+        return out.decode("utf-8", "replace")
+
+    # -- changing ---------------------------------------------------------------------
+    def merge(self, repo: str, branch: str, *, message: str, attempts: int = 3) -> str:
+        """Merge ``branch`` into the default branch; returns the new head sha.
+        Fast-forward when possible, else a merge commit; already merged is a no-op."""
+        bare = self._existing(repo)
+        target = self.default_branch(repo)
+        if branch == target:
+            raise ForgeError(f"{repo}: cannot merge {branch!r} into itself")
+        self.branch_sha(repo, branch)
+        identity = gitops.identity_env(FORGE_NAME, FORGE_EMAIL)
+        for _ in range(attempts):
+            with tempfile.TemporaryDirectory(prefix="ccc-merge-") as tmp:
+                work = Path(tmp, "work")
+                gitops.run_git(tmp, "clone", "-q", "--no-tags", "--branch", target, str(bare), str(work))
+                status, out, err = gitops.run_git(
+                    work, "merge", "--ff", "--no-edit", "-m", message, f"origin/{branch}",
+                    env=identity, check=False)
+                if status != 0:
+                    conflicted = gitops.run_git(work, "diff", "--name-only", "--diff-filter=U")[1]
+                    files = sorted(f for f in conflicted.decode().splitlines() if f)
+                    if files:
+                        raise MergeConflict(f"{repo}: {branch} conflicts with {target} in "
+                                            f"{', '.join(files)}", files)
+                    raise ForgeError(f"{repo}: cannot merge {branch}: {(out.decode() + err).strip()}")
+                status, _, err = gitops.run_git(work, "push", "-q", "--no-verify", "origin",
+                                                f"HEAD:refs/heads/{target}", check=False)
+                if status == 0:
+                    return gitops.head_sha(work) or ""
+        raise ForgeError(f"{repo}: {target} kept moving while merging {branch}: {err.strip()}",
+                         retryable=True)
+
+    def delete_branch(self, repo: str, branch: str) -> bool:
+        """Delete a branch (after its merge, or when a PR is closed). Idempotent:
+        returns False when it was already gone. The default branch is refused."""
+        bare = self._existing(repo)
+        if branch == self.default_branch(repo):
+            raise ForgeError(f"{repo}: refusing to delete the default branch {branch!r}")
+        if branch not in self.branches(repo):
+            return False
+        gitops.run_git(bare, "update-ref", "-d", f"refs/heads/{branch}")
+        return True

@@ -1,0 +1,3 @@
+"""Git and the file system: git operations (GitPython), the per-task workspace with its
+confined command runner and retention cleanup, test-runner output parsing, and the
+helpers that keep child processes from outliving us."""

@@ -1,0 +1,346 @@
+"""Git operations the agent pipeline needs, on GitPython.
+
+Every git process started here:
+* never prompts (``GIT_TERMINAL_PROMPT=0``, ssh in batch mode): an agent has no terminal,
+  a prompt would hang the task until its timeout;
+* gets identity explicitly (author *and* committer), never from the user's config;
+* runs with repository hooks, fsmonitor and signing disabled through ``GIT_CONFIG_*``
+  overrides, and with secret-looking environment variables blanked. The repository was
+  just modified by a coder and by the repository's own tests, both untrusted: a
+  ``.git/hooks/pre-commit`` they wrote must not run with the agent's credentials.
+
+The functions block (git is a subprocess); async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import git
+
+from events.errors import CccError, InfrastructureError
+
+from infra.adapters.git.workspace import scrubbed_env_name
+
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+OWN_BRANCH_PREFIX = "ccc/"
+_CONFIG_OVERRIDES = (
+    ("core.hooksPath", "/dev/null"),
+    ("core.fsmonitor", "false"),
+    ("commit.gpgSign", "false"),
+    ("tag.gpgSign", "false"),
+    ("core.quotePath", "false"),
+    ("advice.detachedHead", "false"),
+)
+_URL_CREDS = re.compile(r"(://)[^/\s:@]+(:[^/\s@]*)?@")
+
+
+class GitOperationError(InfrastructureError):
+    """A git command failed (network, remote, corrupt clone). Retryable by default:
+    most causes are transient, and retries are bounded by the caller."""
+
+
+class PushRejected(GitOperationError):
+    """The remote refused the push (the lease failed: someone else moved the branch)."""
+
+
+class NothingToCommit(CccError):
+    """The coder finished but the working tree equals HEAD: there is no change to
+    propose. A decision about the outcome, not a failure of the world."""
+
+    retryable = False
+
+
+def redact(text: str) -> str:
+    """Remove credentials embedded in URLs (``https://x-access-token:...@host``)."""
+    return _URL_CREDS.sub(r"\1***@", text)
+
+
+def git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment *overrides* for git processes (GitPython starts from os.environ)."""
+    env = {name: "" for name in os.environ if scrubbed_env_name(name)}
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("GIT_SSH_COMMAND", os.environ.get("GIT_SSH_COMMAND") or "ssh -o BatchMode=yes")
+    env["GIT_CONFIG_COUNT"] = str(len(_CONFIG_OVERRIDES))
+    for i, (key, value) in enumerate(_CONFIG_OVERRIDES):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    env.update(extra or {})
+    return env
+
+
+def identity_env(name: str, email: str) -> dict[str, str]:
+    return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+
+
+def run_git(
+    cwd: Path | str, *args: str, env: Mapping[str, str] | None = None, check: bool = True
+) -> tuple[int, bytes, str]:
+    """Run ``git <args>`` in ``cwd``; returns (status, stdout bytes, stderr text)."""
+    g = git.Git(str(cwd))
+    status, out, err = g.execute(
+        [git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git", *args],
+        with_extended_output=True,
+        with_exceptions=False,
+        stdout_as_string=False,
+        strip_newline_in_stdout=False,
+        env=git_env(env),
+    )
+    if check and status != 0:
+        raise GitOperationError(f"git {args[0]} failed ({status}): {redact(str(err).strip())}")
+    return status, out, str(err)
+
+
+def _out(cwd: Path | str, *args: str, env: Mapping[str, str] | None = None) -> str:
+    return run_git(cwd, *args, env=env)[1].decode("utf-8", "replace").strip()
+
+
+# -- clone and branches -------------------------------------------------------------
+def clone(
+    url: str, dest: Path | str, *, branch: str | None = None, env: Mapping[str, str] | None = None
+) -> git.Repo:
+    """Clone ``url`` into ``dest`` (absent or empty). ``env`` carries credentials for
+    this call only (e.g. ``GIT_ASKPASS``), since the ambient secrets are blanked."""
+    kwargs = {"branch": branch} if branch else {}
+    try:
+        return git.Repo.clone_from(url, str(dest), env=git_env(env), **kwargs)
+    except git.GitCommandError as exc:
+        raise GitOperationError(f"git clone {redact(url)} failed: {redact(str(exc.stderr).strip())}") from exc
+
+
+def default_branch(repo: git.Repo | Path | str) -> str:
+    """The branch a change is proposed against: the remote's HEAD in a clone, else the
+    branch HEAD points at (also for bare repositories and unborn branches)."""
+    cwd = repo.git_dir if isinstance(repo, git.Repo) else str(repo)
+    status, out, _ = run_git(cwd, "symbolic-ref", "-q", "--short", "refs/remotes/origin/HEAD", check=False)
+    if status == 0 and out.strip():
+        return out.decode().strip().removeprefix("origin/")
+    return _out(cwd, "symbolic-ref", "--short", "HEAD")
+
+
+def head_sha(repo_dir: Path | str) -> str | None:
+    status, out, _ = run_git(repo_dir, "rev-parse", "-q", "--verify", "HEAD^{commit}", check=False)
+    return out.decode().strip() if status == 0 else None
+
+
+def create_branch(repo_dir: Path | str, name: str) -> None:
+    """Check out ``name`` at the current commit, resetting it if it exists (a retry on
+    a reused clone starts the branch again rather than failing)."""
+    status, _, _ = run_git(repo_dir, "check-ref-format", "--branch", name, check=False)
+    if status != 0:
+        raise GitOperationError(f"invalid branch name {name!r}", retryable=False)
+    run_git(repo_dir, "checkout", "-q", "--no-track", "-B", name)
+
+
+def branch_name(task_id: str, title: str, max_slug: int = 40) -> str:
+    """``ccc/task-<task_id>-<slug>``: stable per task, so every attempt pushes the same
+    branch, and readable in a PR list."""
+    ascii_title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().lower()
+    slug = ""
+    for word in re.findall(r"[a-z0-9]+", ascii_title):
+        candidate = f"{slug}-{word}" if slug else word
+        if len(candidate) > max_slug:
+            if not slug:
+                slug = word[:max_slug]
+            break
+        slug = candidate
+    safe_id = re.sub(r"[^A-Za-z0-9_=-]", "-", task_id).strip("-") or "unknown"
+    return f"{OWN_BRANCH_PREFIX}task-{safe_id}-{slug or 'change'}"
+
+
+# -- the working tree's change -------------------------------------------------------
+@contextmanager
+def _worktree_index(repo_dir: Path | str) -> Iterator[dict[str, str]]:
+    """A throw-away index holding the whole working tree (untracked files included,
+    ignored ones not), so the change can be diffed against HEAD without touching the
+    real index. Starting from a copy of the real index keeps git's stat cache: only
+    files that changed are re-hashed. The copy keeps the index's mtime (``copy2``): git
+    trusts a cached stat only for files older than the index file, so a fresh mtime
+    would hide a same-size edit made within the second of the checkout."""
+    real = Path(repo_dir, _out(repo_dir, "rev-parse", "--git-path", "index"))
+    with tempfile.TemporaryDirectory(prefix="ccc-index-") as tmp:
+        index = Path(tmp, "index")
+        if real.is_file():
+            shutil.copy2(real, index)
+        env = {"GIT_INDEX_FILE": str(index)}
+        run_git(repo_dir, "add", "-A", env=env)
+        yield env
+
+
+def _base(repo_dir: Path | str) -> str:
+    return head_sha(repo_dir) or EMPTY_TREE
+
+
+def changed_files(repo_dir: Path | str) -> list[str]:
+    """Paths added, modified or deleted relative to HEAD (a rename is both)."""
+    with _worktree_index(repo_dir) as env:
+        out = run_git(repo_dir, "diff", "--cached", "--name-only", "-z", "--no-renames",
+                      _base(repo_dir), env=env)[1]
+    return sorted(p for p in out.decode("utf-8", "surrogateescape").split("\0") if p)
+
+
+def diff(repo_dir: Path | str, *, binary: bool = False) -> str:
+    """The full change as a unified diff against HEAD, new files included. Binary files
+    show as "Binary files differ" unless ``binary`` asks for an applicable git binary
+    patch; bytes that are not UTF-8 are replaced, so the result is always text."""
+    args = ["diff", "--cached", "--no-renames", "--no-ext-diff", "--no-textconv", "--no-color",
+            "--src-prefix=a/", "--dst-prefix=b/"]
+    if binary:
+        args.append("--binary")
+    with _worktree_index(repo_dir) as env:
+        out = run_git(repo_dir, *args, _base(repo_dir), env=env)[1]
+    return out.decode("utf-8", "replace")
+
+
+def diff_stat(repo_dir: Path | str) -> str:
+    """E.g. ``2 files changed, 10 insertions(+), 1 deletion(-)``."""
+    with _worktree_index(repo_dir) as env:
+        out = _out(repo_dir, "diff", "--cached", "--no-renames", "--shortstat", _base(repo_dir), env=env)
+    return out or "0 files changed, 0 insertions(+), 0 deletions(-)"
+
+
+def commit_all(repo_dir: Path | str, message: str, author_name: str, author_email: str) -> str:
+    """Stage everything (respecting .gitignore) and commit; returns the new sha."""
+    if not message.strip():
+        raise GitOperationError("empty commit message", retryable=False)
+    run_git(repo_dir, "add", "-A")
+    status, _, _ = run_git(repo_dir, "diff", "--cached", "--quiet", _base(repo_dir), check=False)
+    if status == 0:
+        raise NothingToCommit(f"no change to commit in {repo_dir}")
+    run_git(repo_dir, "commit", "-q", "--no-verify", "-m", message,
+            env=identity_env(author_name, author_email))
+    return _out(repo_dir, "rev-parse", "HEAD")
+
+
+def push(
+    repo_dir: Path | str, branch: str, remote: str = "origin", *, env: Mapping[str, str] | None = None
+) -> str:
+    """Push ``branch``; returns the pushed sha.
+
+    Our own ``ccc/`` branches are force-pushed *with a lease*: a retry attempt starts
+    from a fresh clone and pushes the same branch name again, replacing the previous
+    attempt, but only if the remote branch is still what we saw just before pushing.
+    Other branches are never forced."""
+    sha = _out(repo_dir, "rev-parse", f"refs/heads/{branch}")
+    args = ["push", "--porcelain", "--no-verify", remote]
+    if branch.startswith(OWN_BRANCH_PREFIX):
+        out = _out(repo_dir, "ls-remote", remote, f"refs/heads/{branch}", env=env)
+        seen = out.split()[0] if out else ""  # "" = the branch must not exist yet
+        args.append(f"--force-with-lease=refs/heads/{branch}:{seen}")
+    args.append(f"refs/heads/{branch}:refs/heads/{branch}")
+    status, out_b, err = run_git(repo_dir, *args, env=env, check=False)
+    if status != 0:
+        text = redact((out_b.decode("utf-8", "replace") + err).strip())
+        if "[rejected]" in text or "stale info" in text or "non-fast-forward" in text:
+            raise PushRejected(f"push of {branch} rejected: {text}")
+        raise GitOperationError(f"push of {branch} failed: {text}")
+    return sha
+
+
+# -- what kind of repository is this -------------------------------------------------
+_LANGUAGES = {
+    ".py": "Python", ".pyi": "Python", ".js": "JavaScript", ".mjs": "JavaScript",
+    ".cjs": "JavaScript", ".jsx": "JavaScript", ".ts": "TypeScript", ".tsx": "TypeScript",
+    ".go": "Go", ".rs": "Rust", ".java": "Java", ".kt": "Kotlin", ".kts": "Kotlin",
+    ".scala": "Scala", ".rb": "Ruby", ".php": "PHP", ".c": "C", ".h": "C", ".cc": "C++",
+    ".cpp": "C++", ".cxx": "C++", ".hpp": "C++", ".hh": "C++", ".cs": "C#", ".swift": "Swift",
+    ".m": "Objective-C", ".sh": "Shell", ".bash": "Shell", ".ps1": "PowerShell", ".sql": "SQL",
+    ".html": "HTML", ".htm": "HTML", ".css": "CSS", ".scss": "SCSS", ".vue": "Vue",
+    ".svelte": "Svelte", ".dart": "Dart", ".ex": "Elixir", ".exs": "Elixir", ".erl": "Erlang",
+    ".hs": "Haskell", ".ml": "OCaml", ".clj": "Clojure", ".lua": "Lua", ".r": "R", ".jl": "Julia",
+    ".pl": "Perl", ".tf": "HCL", ".md": "Markdown", ".rst": "reStructuredText",
+}
+_SKIP_DIRS = {".git", "node_modules", "__pycache__", "venv", ".venv", "env", ".tox", ".nox",
+              "site-packages", ".mypy_cache", ".pytest_cache", "dist", "build", "target", "vendor"}
+
+
+def _walk_files(repo_dir: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(repo_dir):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
+                       and not Path(dirpath, d, "pyvenv.cfg").exists()]
+        for f in filenames:
+            yield Path(dirpath, f).relative_to(repo_dir)
+
+
+def _repo_files(repo_dir: Path) -> list[Path]:
+    """Tracked and untracked-but-not-ignored files when it is a git repository (so
+    build outputs and venvs listed in .gitignore do not count), else a directory walk."""
+    if (repo_dir / ".git").exists():
+        status, out, _ = run_git(repo_dir, "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard", check=False)
+        if status == 0:
+            paths = [Path(p) for p in out.decode("utf-8", "surrogateescape").split("\0") if p]
+            venvs = {p.parent for p in paths if p.name == "pyvenv.cfg"}
+            return [p for p in paths if not _SKIP_DIRS.intersection(p.parts[:-1])
+                    and not venvs.intersection(p.parents)]
+    return list(_walk_files(repo_dir))
+
+
+def languages(repo_dir: Path | str) -> dict[str, int]:
+    """Language -> number of files, most common first (by extension only: cheap, and
+    enough to match an agent's specialty)."""
+    counts: dict[str, int] = {}
+    for p in _repo_files(Path(repo_dir)):
+        lang = _LANGUAGES.get(p.suffix.lower())
+        if lang:
+            counts[lang] = counts.get(lang, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+_NPM_PLACEHOLDER = "no test specified"
+
+
+def _has_python_tests(repo: Path) -> bool:
+    if (repo / "pytest.ini").is_file() or (repo / "conftest.py").is_file():
+        return True
+    for name, marker in (("pyproject.toml", "[tool.pytest"), ("setup.cfg", "[tool:pytest]"),
+                         ("tox.ini", "[pytest]")):
+        f = repo / name
+        if f.is_file() and marker in f.read_text(encoding="utf-8", errors="replace"):
+            return True
+    return any(p.suffix == ".py" and (p.name.startswith("test_") or p.name.endswith("_test.py"))
+               for p in _walk_files(repo))
+
+
+def detect_test_command(repo_dir: Path | str) -> list[str] | None:
+    """How this repository runs its tests, or None when we cannot tell.
+
+    An explicit ``.ccc/test-command`` (one line, shell words) wins; then conventions:
+    pytest, ``npm test`` (unless it is npm's "no test specified" placeholder),
+    ``make test``, ``go test ./...``, ``cargo test``."""
+    repo = Path(repo_dir)
+    explicit = repo / ".ccc" / "test-command"
+    if explicit.is_file():
+        for line in explicit.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                return shlex.split(line)
+    if _has_python_tests(repo):
+        return ["python", "-m", "pytest", "-q"]
+    pkg = repo / "package.json"
+    if pkg.is_file():
+        try:
+            script = json.loads(pkg.read_text(encoding="utf-8")).get("scripts", {}).get("test")
+        except (ValueError, AttributeError):
+            script = None
+        if isinstance(script, str) and script.strip() and _NPM_PLACEHOLDER not in script:
+            return ["npm", "test", "--silent"]
+    for name in ("GNUmakefile", "makefile", "Makefile"):
+        mk = repo / name
+        if mk.is_file() and re.search(r"^test\s*:(?!=)", mk.read_text(encoding="utf-8", errors="replace"),
+                                      re.MULTILINE):
+            return ["make", "test"]
+    if (repo / "go.mod").is_file():
+        return ["go", "test", "./..."]
+    if (repo / "Cargo.toml").is_file():
+        return ["cargo", "test"]
+    return None

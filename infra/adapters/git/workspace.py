@@ -1,0 +1,313 @@
+"""The agent's workspace: one directory per task attempt, commands confined to it.
+
+Layout: ``<root>/<agent_id>/tasks/task-<task_id>/``
+    ``repo/``           the clone the coder edits and the tests run in
+    ``logs/``           full command output (events carry only a reference to it)
+    ``home/``, ``tmp/`` HOME and TMPDIR of every command, so tools cannot read or
+                        write the agent's real home (credentials, caches of other tasks)
+    ``metadata.json``   who/what/when; ``finished_at`` marks it eligible for cleanup
+
+Why a scrubbed environment: the commands run code from the repository under change
+(its tests, its build scripts). That code must not see the cluster's credentials, so a
+child gets only PATH, HOME, LANG/LC_ALL, TMPDIR plus what the caller names explicitly.
+
+Why process groups: a test runner forks (``make`` → ``sh`` → ``pytest`` → workers).
+Killing only the direct child leaves the grandchildren running and holding the output
+pipe open; each command therefore starts a new session and the whole group is killed on
+timeout, on cancellation, and once the command itself has exited (nothing outlives it).
+
+The filesystem calls here are blocking but short; ``create``/``cleanup_expired`` may be
+wrapped in ``asyncio.to_thread`` by a caller that deletes large trees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from events.errors import CccError, ConfigError
+
+from infra.adapters.git.processes import die_with_parent
+from infra.adapters.git.cleanup import _rmtree, cleanup_expired
+from infra.adapters.git.runner import CommandResult, _Collector, _kill_group
+
+__all__ = [  # cleanup_expired and CommandResult live in workspace_cleanup/workspace_run
+    "CommandResult",
+    "Workspace",
+    "WorkspaceEscape",
+    "cleanup_expired",
+    "scrubbed_env_name",
+    "secret_env_name",
+]
+
+_ID = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
+_SCRUB_PREFIXES = ("NATS_", "ANTHROPIC_", "GITHUB_", "CCC_", "AWS_", "GH_")
+_SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD", "_CREDENTIALS")
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Where toolchains live, not credentials: passed through when set, because HOME moves
+# and tools that default to ~/.rustup (rustup's cargo proxy) would otherwise not start.
+_TOOLCHAIN_VARS = ("RUSTUP_HOME", "RUSTUP_TOOLCHAIN", "GOROOT", "JAVA_HOME", "PYENV_ROOT",
+                   "PYENV_VERSION", "VIRTUAL_ENV", "NVM_DIR")
+
+
+class WorkspaceEscape(CccError):
+    """A path or command tried to leave the workspace. Retrying cannot help."""
+
+    retryable = False
+
+
+def secret_env_name(name: str) -> bool:
+    """Names whose *values* are secrets (masked in transcripts and logs)."""
+    upper = name.upper()
+    return upper.endswith(_SECRET_SUFFIXES)
+
+
+def scrubbed_env_name(name: str) -> bool:
+    """Names that never reach a workspace command from the parent environment: secrets,
+    plus everything that configures the cluster itself (NATS_URL may embed credentials)."""
+    return secret_env_name(name) or name.upper().startswith(_SCRUB_PREFIXES)
+
+
+class Workspace:
+    """One task attempt's directory. Construct with :meth:`create` (fresh) or
+    :meth:`open` (existing)."""
+
+    def __init__(self, root: Path | str, agent_id: str, task_id: str) -> None:
+        for what, value in (("agent id", agent_id), ("task id", task_id)):
+            if not _ID.match(value or ""):
+                raise ConfigError(f"invalid {what} {value!r} for a workspace path")
+        self.root = Path(root).resolve()
+        self.agent_id = agent_id
+        self.task_id = task_id
+        self.path = self.root / agent_id / "tasks" / f"task-{task_id}"
+
+    # -- lifecycle ------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, root: Path | str, agent_id: str, task_id: str, metadata: Mapping[str, Any] | None = None
+    ) -> Workspace:
+        """A fresh workspace. A directory left by an earlier attempt is removed first:
+        a retry must not inherit half-applied edits or a dirty clone."""
+        ws = cls(root, agent_id, task_id)
+        _rmtree(ws.path)
+        for d in (ws.repo_dir, ws.logs_dir, ws.home_dir, ws.tmp_dir):
+            d.mkdir(parents=True)
+        meta = {"agent_id": agent_id, "task_id": task_id,
+                "created_at": datetime.now(UTC).isoformat(), **(metadata or {})}
+        ws.write_metadata(meta)
+        return ws
+
+    @classmethod
+    def open(cls, root: Path | str, agent_id: str, task_id: str) -> Workspace:
+        ws = cls(root, agent_id, task_id)
+        if not ws.metadata_path.is_file():
+            raise ConfigError(f"no workspace at {ws.path}")
+        return ws
+
+    def remove(self) -> None:
+        _rmtree(self.path)
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.path / "repo"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.path / "home"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.path / "tmp"
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / "metadata.json"
+
+    # -- metadata -------------------------------------------------------------------
+    def read_metadata(self) -> dict[str, Any]:
+        return json.loads(self.metadata_path.read_text(encoding="utf-8"))
+
+    def write_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Replace metadata.json atomically (a crash never leaves half a file, which
+        cleanup would have to treat as unfinished forever)."""
+        tmp = self.metadata_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dict(metadata), indent=2, sort_keys=True, default=str), encoding="utf-8")
+        os.replace(tmp, self.metadata_path)
+
+    def update_metadata(self, **fields: Any) -> dict[str, Any]:
+        meta = self.read_metadata()
+        meta.update(fields)
+        self.write_metadata(meta)
+        return meta
+
+    def mark_finished(self, when: datetime | None = None, **fields: Any) -> None:
+        """Make the workspace eligible for :func:`cleanup_expired` after the retention."""
+        self.update_metadata(finished_at=(when or datetime.now(UTC)).isoformat(), **fields)
+
+    # -- confinement ----------------------------------------------------------------
+    def confine(self, path: str | os.PathLike[str]) -> Path:
+        """Resolve a path given relative to ``repo_dir``; refuse anything that would
+        land outside it: absolute paths, ``..`` components, symlinks pointing out.
+        ``.git`` is refused too: writing hooks or config there would run code in the
+        agent's own (unscrubbed) git calls."""
+        raw = os.fspath(path)
+        p = Path(raw)
+        if not raw or p.is_absolute() or raw.startswith("~"):
+            raise WorkspaceEscape(f"path {raw!r} must be relative to the repository")
+        if ".." in p.parts:
+            raise WorkspaceEscape(f"path {raw!r} contains '..'")
+        if p.parts and p.parts[0] == ".git":
+            raise WorkspaceEscape(f"path {raw!r} is inside .git")
+        base = self.repo_dir.resolve()
+        resolved = (base / p).resolve()
+        if resolved != base and not resolved.is_relative_to(base):
+            raise WorkspaceEscape(f"path {raw!r} resolves outside the workspace ({resolved})")
+        if resolved.is_relative_to(base / ".git"):
+            raise WorkspaceEscape(f"path {raw!r} resolves inside .git")
+        return resolved
+
+    def _cwd(self, cwd: str | os.PathLike[str] | None) -> Path:
+        if cwd is None:
+            return self.repo_dir.resolve()
+        p = Path(cwd)
+        if p.is_absolute():
+            base = self.repo_dir.resolve()
+            resolved = p.resolve()
+            if resolved != base and not resolved.is_relative_to(base):
+                raise WorkspaceEscape(f"cwd {str(p)!r} is outside the workspace repository")
+            return resolved
+        return self.confine(p)
+
+    # -- commands -------------------------------------------------------------------
+    def environment(
+        self, allow: Iterable[str] = (), extra: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The scrubbed environment of a workspace command: PATH, HOME and TMPDIR
+        (inside the workspace), the locale, toolchain locations (``RUSTUP_HOME``,
+        ``JAVA_HOME``, ...). ``allow`` names variables copied from the parent; naming a
+        secret/cluster variable there is a configuration error, not silently honoured.
+        ``extra`` sets explicit values (e.g. a coder backend handing its own API key to
+        its CLI): the caller chose those deliberately, so they are not filtered."""
+        parent = os.environ
+        env = {
+            "PATH": parent.get("PATH") or _DEFAULT_PATH,
+            "HOME": str(self.home_dir),
+            "TMPDIR": str(self.tmp_dir),
+            "LANG": parent.get("LANG") or "C.UTF-8",
+            "LC_ALL": parent.get("LC_ALL") or parent.get("LANG") or "C.UTF-8",
+            "GIT_TERMINAL_PROMPT": "0",
+            # no __pycache__ dirs in the repo: they would show up as changes to commit
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        for name in _TOOLCHAIN_VARS:
+            if parent.get(name):
+                env[name] = parent[name]
+        rustup = Path.home() / ".rustup"
+        if "RUSTUP_HOME" not in env and rustup.is_dir():
+            env["RUSTUP_HOME"] = str(rustup)
+        for name in allow:
+            if scrubbed_env_name(name):
+                raise ConfigError(f"environment variable {name} may not be passed to workspace commands")
+            if name in parent:
+                env[name] = parent[name]
+        env.update(extra or {})
+        return env
+
+    async def run(
+        self,
+        cmd: list[str] | str,
+        *,
+        timeout: float,
+        cwd: str | os.PathLike[str] | None = None,
+        log_name: str | None = None,
+        max_output: int = 200_000,
+        env_allow: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_limit: int = 50_000_000,
+    ) -> CommandResult:
+        """Run a command (a list is exec'd, a string goes through ``/bin/sh -c``) in
+        its own process group with a scrubbed environment. On timeout the whole group
+        is killed and ``timed_out`` is set; on cancellation the group is killed and
+        ``CancelledError`` propagates. Never raises for a failing command."""
+        workdir = self._cwd(cwd)
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+        if not argv:
+            raise ConfigError("empty command")
+        shown = cmd if isinstance(cmd, str) else shlex.join(argv)
+        log_path = self._log_path(log_name) if log_name else None
+        head = max_output // 2
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        log_file = open(log_path, "wb") if log_path else None  # noqa: SIM115 (closed below)
+        try:
+            try:
+                transport, proto = await loop.subprocess_exec(
+                    lambda: _Collector(head, max_output - head, log_file, log_limit),
+                    *argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd=workdir,
+                    env=self.environment(env_allow, env),
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,  # a SIGKILLed agent must not leave commands running
+                )
+            except OSError as exc:  # not found, not executable: a result, not a crash
+                message = f"cannot start {argv[0]!r}: {exc}"
+                if log_file:
+                    log_file.write(message.encode())
+                return CommandResult(command=shown, exit_code=127, output=message,
+                                     duration=time.monotonic() - started,
+                                     log_path=str(log_path) if log_path else None)
+            pgid = transport.get_pid()  # session leader: pid == pgid
+            try:
+                done, _ = await asyncio.wait([proto.exited], timeout=timeout)
+                timed_out = not done
+                # On timeout: everything. After a normal exit: leftovers (background
+                # jobs) that would otherwise outlive the command and hold the pipe.
+                _kill_group(pgid)
+                await asyncio.wait([proto.exited], timeout=5.0)
+                # Drain what is still buffered; a grandchild that escaped the group with
+                # setsid() may keep the pipe open, so this wait is bounded.
+                await asyncio.wait([proto.closed], timeout=2.0)
+            except BaseException:
+                _kill_group(pgid)
+                transport.close()
+                raise
+            transport.close()
+            code = transport.get_returncode()
+            if log_file:
+                log_file.flush()
+            return CommandResult(
+                command=shown,
+                exit_code=code if code is not None else -signal.SIGKILL,
+                output=proto.text(),
+                duration=round(time.monotonic() - started, 3),
+                timed_out=timed_out,
+                log_path=str(log_path) if log_path else None,
+                output_bytes=proto.total,
+            )
+        finally:
+            if log_file:
+                log_file.close()
+
+    def _log_path(self, log_name: str) -> Path:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", log_name).lstrip(".") or "command"
+        if not name.endswith(".log"):
+            name += ".log"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        return self.logs_dir / name

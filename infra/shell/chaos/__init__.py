@@ -1,0 +1,1 @@
+"""``ccc chaos``: the fault suite that proves nothing is lost or duplicated, with figures."""

@@ -1,0 +1,185 @@
+"""One standard run of a ``ccc chaos`` scenario (:func:`standard_run`): the
+:class:`World` a fault injector acts on, the :class:`Fault` record it fills in,
+judging the run from the log (:func:`judge`) and the injectors' helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.aio.client import Client
+
+from events.task_state import WITH_AGENT
+
+from infra.shell.chaos.suite import RunResult
+from infra.shell.chaos.checks import Check, LogRecord, Mark, check_log, forge_holds_the_pr, read_log
+from infra.shell.chaos.sandbox import Sandbox, Tracker
+from infra.adapters.nats.cluster import NatsCluster, wait_for_jetstream
+from infra.adapters.nats.connection import connect
+from infra.adapters.nats.server import EmbeddedServer
+from infra.adapters.nats.provisioning import provision
+
+
+class Fault:
+    """What a fault injector reports back: how many faults, how to read each recovery
+    time from the log, and extra checks over the log."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.marks: list[Mark] = []
+        self.checks: list[Check] = []
+        self.notes: list[str] = []
+        self.violations: list[str] = []
+        self.injected: set[int] = set()  # poison written to the events stream on purpose
+        self.end: float | None = None  # when the harness began stopping the actors
+
+
+class World:
+    def __init__(self, sb: Sandbox, nc: Client, url: str, tracker: Tracker) -> None:
+        self.sb, self.nc, self.url, self.tracker = sb, nc, url, tracker
+        self.rng = sb.rng
+        self.fault = Fault()
+        self.server: EmbeddedServer | None = None
+        self.cluster: NatsCluster | None = None
+
+    @property
+    def quick(self) -> bool:
+        return self.sb.options.quick
+
+    def done(self) -> bool:
+        return self.tracker.all_in(self.sb.issues)
+
+
+async def standard_run(
+    sb: Sandbox, run: int, name: str, *, fault: Callable[[World], Awaitable[None]] | None = None,
+    cluster: bool = False, coordinators: int = 1, agents: int | None = None, capacity: int | None = None,
+    copies: int = 1, agent_grace: float = 0.5, heartbeat_timeout: float | None = None,
+) -> RunResult:
+    if heartbeat_timeout is not None:
+        sb.options = _with(sb.options, heartbeat_timeout=heartbeat_timeout)
+    server: EmbeddedServer | None = None
+    nodes: NatsCluster | None = None
+    nc: Client | None = None
+    try:
+        if cluster:
+            nodes = NatsCluster(sb.root / "nats", name="ccc-chaos")
+            url = await asyncio.to_thread(nodes.start)
+            sb.env["CCC_REPLICAS"] = "3"  # every process provisions: all must ask for R3
+        else:
+            server = EmbeddedServer(sb.root / "nats", sync_interval="always", name="chaos")
+            url = await asyncio.to_thread(server.start)
+        nc = await connect(url, name="ccc-chaos", quiet=True)
+        if cluster:
+            await wait_for_jetstream(nc)
+        await provision(nc, sb.ns, replicas=3 if cluster else 1)
+        names = [sb.coordinator(f"coordinator-{i + 1}", url).name for i in range(coordinators)]
+        names += [sb.agent(f"agent-{i + 1}", url, capacity=capacity, grace=agent_grace).name
+                  for i in range(agents or sb.options.agents)]
+        await sb.start(*names)
+        tracker = Tracker(nc, sb.ns)
+        tracker.start()
+        world = World(sb, nc, url, tracker)
+        world.server, world.cluster = server, nodes
+        await sb.publish_issues(nc, list(range(1, sb.options.n_tasks + 1)), copies=copies)
+        injector = asyncio.create_task(fault(world)) if fault is not None else None
+        injected = lambda: injector is None or injector.done()
+        stuck = lambda: injected() and tracker.quiet_for() > sb.options.stall
+        await tracker.wait(lambda: (world.done() and injected()) or stuck(), sb.options.timeout)
+        finished = world.done() and injected()
+        f = world.fault
+        if injector is not None:
+            if not injector.done():
+                injector.cancel()
+                f.violations.append("harness: the fault injector was still running at the timeout")
+            elif injector.exception() is not None:
+                e = injector.exception()
+                f.violations.append(f"harness: fault injection failed: {type(e).__name__}: {e}")
+        if not finished:
+            left = {t: s for t, s in tracker.statuses(sb.issues).items() if s not in ("review", "completed")}
+            why = f"no event for {sb.options.stall:.0f}s" if stuck() else f"timed out after {sb.options.timeout:.0f}s"
+            f.notes.append(f"{why}; not in review: {left}")
+        await tracker.stop()
+        f.end = time.time()  # events after this are the shutdown's, not a recovery
+        f.notes += await sb.close(keep_servers=True)
+        records = await read_log(nc, sb.ns)
+        f.checks.append(lambda recs: forge_holds_the_pr(sb.forge, recs, sb.ns.prefix))
+        return judge(sb, run, name, records, f, tracker.seen)
+    finally:
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        if server is not None:
+            server.stop()
+        if nodes is not None:
+            nodes.stop()
+
+
+def judge(sb: Sandbox, run: int, name: str, records: list[LogRecord], f: Fault, seen: dict[int, str | None],
+          expected_final=("review", "completed"), issues: dict[str, tuple[str, int]] | None = None) -> RunResult:
+    verdict = check_log(records, sb.issues if issues is None else issues, expected_final=expected_final,
+                        injected_bad=f.injected,
+                        prefix=sb.ns.prefix)
+    violations = list(verdict.violations) + f.violations
+    other = verdict.illegal + len(f.violations)
+    # nothing the tracker saw (acknowledged, committed) may be missing from the final log
+    final = {r.seq: getattr(r.item, "event_id", None) for r in records}
+    vanished = [s for s, eid in seen.items() if final.get(s, "missing") != eid]
+    if vanished:
+        violations.append(f"lost: {len(vanished)} events seen during the run are not in the final log "
+                          f"(first seqs {vanished[:5]})")
+    for check in f.checks:
+        found = check(records)
+        other += len(found)
+        violations += found
+    recoveries = []
+    during = [r for r in records if f.end is None or r.at < f.end]
+    for mark in f.marks:
+        r = mark(during)
+        if r is None:
+            f.notes.append("a fault had no measurable recovery (no event after it before the run ended)")
+        else:
+            recoveries.append(round(r, 3))
+    return RunResult(
+        scenario=name, run=run, tasks=verdict.tasks, lost=verdict.lost + len(vanished),
+        duplicated=verdict.duplicated, other=other, recoveries=recoveries, faults=f.count,
+        final_states=verdict.final_states, notes=f.notes, violations=violations[:100],
+    )
+
+
+# -- helpers for injectors ---------------------------------------------------------------
+async def busy_agent(w: World, exclude: tuple[str, ...] = (), status: str = "in_progress",
+                     timeout: float = 60.0) -> tuple[str, dict[str, int]]:
+    """An agent working on a task (in ``status``): its id and {task: attempt} it holds."""
+    found: list[str] = []
+
+    def pick() -> bool:
+        for _, agent, st in w.tracker.in_flight():
+            if st == status and agent not in exclude and agent in w.sb.procs:
+                found.append(agent)
+                return True
+        return False
+
+    if not await w.tracker.wait(pick, timeout):
+        raise TimeoutError(f"no agent had a task {status} within {timeout}s")
+    agent = found[0]
+    held = {t: s.attempt for t, s in w.tracker.model.tasks.items() if s.agent_id == agent and s.status in WITH_AGENT}
+    return agent, held
+
+
+def offline(w: World, agent: str) -> bool:
+    a = w.tracker.model.agents.get(agent)
+    return a is not None and a.status == "offline"
+
+
+def taken_by_other(w: World, held: dict[str, int], agent: str) -> bool:
+    """Every task ``agent`` held is done or, in a later attempt, with another agent."""
+    tasks = w.tracker.model.tasks
+    return all(tasks[t].status in ("review", "completed")
+               or (tasks[t].attempt > a and tasks[t].agent_id not in (None, agent)) for t, a in held.items())
+
+
+def _with(options, **changes):
+    return msgspec.structs.replace(options, **changes)

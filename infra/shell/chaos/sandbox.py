@@ -1,0 +1,213 @@
+"""The sandbox of one ``ccc chaos`` run: the sample repository, the recorded scripts,
+the actor processes and the issues it publishes (:class:`Sandbox`), and the
+:class:`Tracker` that follows the run's progress from the event log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+from nats.aio.client import Client
+
+from events.codec import encode
+from events.errors import StoreUnavailable
+from events.store import EventStore
+from events.subjects import Namespace, task_id_for
+from projections.read_model import ReadModel
+
+from events.aio import cancel_and_wait, within
+from infra.shell.chaos.processes import CCC, Proc, clean_env, processes_under
+from infra.adapters.forge.local import LocalForge
+from infra.adapters.nats.issue_publisher import new_issue
+
+if TYPE_CHECKING:
+    from infra.shell.chaos.suite import ChaosOptions
+
+REPO = "chaos/calc"
+CALC = "def add(a, b):\n    return a - b\n"
+TEST = ("import unittest\n\nfrom calc import add\n\n\n"
+        "class AddTest(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n")
+REPO_FILES = {"calc.py": CALC, "tests/__init__.py": "", "tests/test_calc.py": TEST,
+              ".ccc/test-command": "python3 -m unittest discover -s tests\n"}
+FIX = {"edit": {"path": "calc.py", "old": "return a - b", "new": "return a + b"}}
+
+
+# -- the sandbox -------------------------------------------------------------------------------
+class Sandbox:
+    """One run's world: a directory with the forge, the scripts, one data dir per
+    process and their logs. Closing it stops every process it started and kills, by
+    pid, anything still running under its directory."""
+
+    def __init__(self, root: Path, ns: Namespace, options: ChaosOptions, rng: random.Random) -> None:
+        self.root = root
+        self.ns = ns
+        self.options = options
+        self.rng = rng
+        self.procs: dict[str, Proc] = {}
+        self.forge_root = root / "forge"
+        self.scripts = root / "scripts"
+        self.workspaces = root / "workspaces"
+        self.logs = root / "logs"
+        for d in (self.scripts, self.workspaces, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.forge = LocalForge(self.forge_root)
+        self.forge.create_repo(REPO, REPO_FILES)
+        self.issues: dict[str, tuple[str, int]] = {}
+        self.published: dict[str, float] = {}  # issue event id -> when it was published
+        self.env: dict[str, str] = {}
+
+    def write_script(self, number: int, work_seconds: float | None = None) -> None:
+        seconds = self.options.work_seconds if work_seconds is None else work_seconds
+        steps = ([{"run": {"command": f"sleep {seconds:.2f}", "timeout": seconds + 60}}] if seconds > 0 else [])
+        body = {"attempts": [{"steps": [*steps, FIX], "summary": "fix add"}]}
+        token = task_id_for(REPO, number).rsplit("-", 1)[0]
+        (self.scripts / f"{token}-{number}.json").write_text(json.dumps(body))
+
+    # -- actor processes --
+    def _ccc(self, url: str, data_dir: Path, *args: str) -> list[str]:
+        return [*CCC, "--nats-url", url, "--namespace", self.ns.prefix, "--data-dir", str(data_dir),
+                "--log-level", "info", *args]
+
+    def add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, argv, self.logs, clean_env({**self.env, **(env or {})}))
+        self.procs[name] = proc
+        return proc
+
+    def coordinator(self, name: str, url: str) -> Proc:
+        data = self.root / name
+        data.mkdir(exist_ok=True)
+        return self.add(name, self._ccc(
+            url, data, "up", "--agents", "0", "--no-api", "--heartbeat-timeout", str(self.options.heartbeat_timeout),
+            "--retry-base", "0.2", "--max-attempts", "10", "--shutdown-grace", "1"))
+
+    def agent(self, agent_id: str, url: str, *, capacity: int | None = None, grace: float = 0.5) -> Proc:
+        data = self.root / agent_id
+        data.mkdir(exist_ok=True)
+        return self.add(agent_id, self._ccc(
+            url, data, "agent", "--specialty", "backend", "--agent-id", agent_id,
+            "--capacity", str(capacity or self.options.capacity), "--script-dir", str(self.scripts),
+            "--forge-root", str(self.forge_root), "--workspace-root", str(self.workspaces),
+            "--heartbeat-interval", "0.3", "--shutdown-grace", str(grace)))
+
+    async def start(self, *names: str, timeout: float = 60.0) -> dict[str, float]:
+        """Start processes (all at once) and wait until each says it is ready."""
+        for n in names:
+            self.procs[n].start()
+        ready = await asyncio.gather(*(self.procs[n].wait_for_output(_READY[self._kind(n)], timeout)
+                                       for n in names))
+        return dict(zip(names, ready))
+
+    def _kind(self, name: str) -> str:
+        return "agent" if "agent" in self.procs[name].argv[len(CCC):] else "up"
+
+    async def close(self, *, keep_servers: bool = False) -> list[str]:
+        """Stop every actor process (SIGTERM, then SIGKILL) and kill, by pid, whatever
+        else still runs under the sandbox (workspace commands of killed agents; with
+        ``keep_servers`` the nats-servers are left to the scenario, which still needs
+        them to read the log). Returns notes about unexpected exit codes."""
+        notes = []
+        codes = await asyncio.gather(*(p.stop() for p in self.procs.values()))
+        for p, code in zip(self.procs.values(), codes):
+            if code not in (None, 0, -signal.SIGKILL, -signal.SIGTERM):
+                notes.append(f"{p.name} exited with {code}: {p.stderr_tail(2)}")
+        for pid, _, args in processes_under(self.root):
+            if keep_servers and "nats-server" in args:
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return notes
+
+    # -- issues --
+    async def publish_issues(self, nc: Client, numbers: list[int], copies: int = 1) -> int:
+        """Publish ``IssueOpened`` for each number (all at once); with ``copies`` > 1
+        each issue is delivered that many times under distinct event and message ids,
+        as a webhook redelivered with new delivery ids would be."""
+        js = nc.jetstream(timeout=10.0)
+        futures = []
+        ids = []
+        for number in numbers:
+            self.write_script(number)
+            event = new_issue(repo=REPO, title=f"Fix add (chaos {number})", number=number,
+                              labels=("backend",), actor="chaos")
+            self.issues[task_id_for(REPO, number)] = (REPO, number)
+            for k in range(copies):
+                e = event if k == 0 else msgspec.structs.replace(event, event_id=f"{event.event_id}:redelivery-{k}")
+                ids.append(e.event_id)
+                futures.append(js.publish(self.ns.subject(e.rel_subject), encode(e),
+                                          headers={"Nats-Msg-Id": e.event_id}, stream=self.ns.issues_stream))
+        acks = await asyncio.gather(*futures)
+        now = time.time()
+        for e_id in ids:
+            self.published[e_id] = now
+        return sum(1 for a in acks if not a.duplicate)
+
+
+_READY = {"up": "claude-code-cluster is up", "agent": "registered; Ctrl-C"}
+
+
+# -- following progress ------------------------------------------------------------------------
+class Tracker:
+    """A read model of the run, kept current by short catch-up reads (a fresh ordered
+    consumer each time, so it rides out server restarts and leader elections)."""
+
+    def __init__(self, nc: Client, ns: Namespace) -> None:
+        self.store = EventStore(nc, ns, timeout=3.0)
+        self.model = ReadModel(ns.prefix)
+        self._task: asyncio.Task | None = None
+        self.errors = 0
+        self.seen: dict[int, str | None] = {}  # seq -> event id of everything read
+        self.last_change = time.monotonic()
+
+    def _apply(self, seq: int, item) -> None:
+        self.seen[seq] = getattr(item, "event_id", None)
+        self.model.apply(seq, item)
+        self.last_change = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the log last grew (as this tracker saw it)."""
+        return time.monotonic() - self.last_change
+
+    async def poll(self) -> None:
+        try:
+            await within(self.store.replay(self._apply, from_seq=self.model.last_seq + 1), 5.0)
+        except (TimeoutError, StoreUnavailable, Exception):  # noqa: BLE001 - try again later
+            self.errors += 1
+
+    async def _loop(self) -> None:
+        while True:
+            await self.poll()
+            await asyncio.sleep(0.1)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="chaos-tracker")
+
+    async def stop(self) -> None:
+        await cancel_and_wait([self._task])
+
+    def statuses(self, task_ids) -> dict[str, str]:
+        return {t: (s.status if (s := self.model.tasks.get(t)) else "absent") for t in task_ids}
+
+    def all_in(self, task_ids, states=("review", "completed")) -> bool:
+        return all((s := self.model.tasks.get(t)) is not None and s.status in states for t in task_ids)
+
+    async def wait(self, cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            await asyncio.sleep(interval)
+        return cond()
+
+    def in_flight(self) -> list[tuple[str, str, str]]:
+        """(task, agent, status) of tasks an agent is working on."""
+        return [(t, s.agent_id or "", s.status) for t, s in self.model.tasks.items()
+                if s.status in ("in_progress", "testing") and s.agent_id]

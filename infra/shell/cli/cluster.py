@@ -1,0 +1,389 @@
+"""The running side of ``ccc``: ``up``, ``agent``, ``demo``, ``api``, ``webhook``
+(the local forge's commands are in :mod:`infra.cli_forge`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import msgspec
+import structlog
+
+from events.errors import ConfigError
+from events.subjects import check_id
+
+from infra.shell.cli.read import emit_json, print_table, until_signal
+from infra.shell.app.cluster import (
+    ANALYSERS,
+    CODERS,
+    FORGES,
+    ClusterOptions,
+    LocalCluster,
+    hand_back_now,
+    make_coder,
+    make_forge,
+    parse_specialties,
+)
+from infra.adapters.nats.settings import load_settings
+from infra.shell.app.signals import StopSignals, settle
+
+log = structlog.get_logger("ccc.cli")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _require_running_nats(obj) -> None:
+    """``agent`` and ``api`` join a running cluster. Without ``--nats-url`` and without
+    a live server for the data dir, ``obj.run`` would start a private embedded server
+    for the life of the command: an agent nobody can assign work to (the server writes
+    no nats.url, so no other command finds it), on the same store dir that a later
+    ``ccc up`` would open with a second server."""
+    from infra.shell.cli.main import reachable, run_async  # local: main imports this module
+    from infra.adapters.nats.connection import embedded_url_file
+
+    settings = obj.settings()
+    if settings.nats_url:
+        return
+    url_file = embedded_url_file(settings.data_dir)
+    url = url_file.read_text().strip() if url_file.is_file() else ""
+    if not url or not run_async(reachable(url, settings)):
+        raise ConfigError(f"no cluster is running for data dir {settings.data_dir}: start `ccc up` "
+                          "(or `ccc server`) with that data dir first, or pass --nats-url")
+
+
+shutdown_grace_option = click.option(
+    "--shutdown-grace", type=click.FloatRange(0), default=10.0, show_default=True,
+    help="On Ctrl-C/SIGTERM, seconds running tasks get to finish before they are handed back.")
+
+
+def coder_options(fn):
+    """--coder/--model/--forge, shared by `up` and `agent`."""
+    fn = click.option("--forge", type=click.Choice(FORGES), default="local", show_default=True,
+                      help="Where repos live and PRs open: the local forge, or GitHub "
+                           "(GITHUB_TOKEN or GITHUB_APP_*; GITHUB_API_URL for Enterprise).")(fn)
+    fn = click.option("--model", default=None, help="Claude model for the coder [default: the coder's].")(fn)
+    fn = click.option("--coder", type=click.Choice(CODERS), default="scripted", show_default=True,
+                      help="scripted: replays recorded sessions (offline); anthropic: the Messages API "
+                           "tool loop (ANTHROPIC_API_KEY); claude-code: the `claude` CLI, headless.")(fn)
+    return fn
+
+
+# -- ccc up ------------------------------------------------------------------------------
+@click.command("up")
+@click.option("--agents", type=click.IntRange(0, 64), default=3, show_default=True)
+@click.option("--specialties", default="backend,frontend,general", show_default=True,
+              help="Comma-separated; agent i gets the i-th (cycling).")
+@click.option("--capacity", type=click.IntRange(1, 32), default=1, show_default=True,
+              help="Tasks each agent works on at once.")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=None,
+              help="Status API port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
+@click.option("--no-api", is_flag=True, help="Do not serve the status API.")
+@coder_options
+@click.option("--analyser", type=click.Choice(ANALYSERS), default="rules", show_default=True,
+              help="claude: ask Claude for specialty, complexity, dependencies and a plan (falls back "
+                   "to the rules when it fails or is not configured).")
+@click.option("--script-dir", type=click.Path(file_okay=False), help="Recorded sessions for the scripted coder.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
+              help="Seconds of silence after which an agent is declared lost and its tasks re-queued.")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=None,
+              help="How often the local agents heartbeat [default: a quarter of --heartbeat-timeout, "
+                   "at most 2s].")
+@click.option("--retry-base", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Seconds before the first retry of a failed task; doubles each attempt.")
+@click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Attempts per task (new tasks).")
+@shutdown_grace_option
+@click.pass_obj
+def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, model, forge, analyser, script_dir,
+           heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, shutdown_grace) -> None:
+    """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
+    --nats-url), one coordinator, N agents and the status API."""
+    settings = obj.settings()
+    if heartbeat_interval is None:
+        # several beats per timeout: one late beat must not get a healthy agent declared lost
+        heartbeat_interval = min(2.0, heartbeat_timeout / 4)
+    options = ClusterOptions(
+        agents=agents, specialties=parse_specialties(specialties), capacity=capacity,
+        api_port=None if no_api else (settings.api_port if api_port is None else api_port),
+        coder=coder, model=model, forge=forge, analyser=analyser, script_dir=script_dir,
+        heartbeat_timeout=heartbeat_timeout,
+        heartbeat_interval=heartbeat_interval, retry_base=retry_base, max_attempts=max_attempts,
+        shutdown_grace=shutdown_grace, agent_prefix=_agent_prefix(settings.nats_url),
+    )
+    options.validate()
+    make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
+    make_forge(forge, settings.data_dir / "forge")
+
+    async def main() -> None:
+        cluster = LocalCluster(settings, obj.ns, options)
+        started = False
+        with StopSignals(cluster.hurry) as signals:
+            try:
+                await cluster.start()
+                started = True
+                _print_up(cluster, obj.ns)
+                await signals.wait()
+            except OSError as e:
+                raise ConfigError(f"cannot start: {e.strerror or e}") from None
+            except asyncio.CancelledError:
+                if not signals.received:
+                    raise  # not a signal of ours
+            finally:
+                if started:
+                    click.echo("stopping: agents hand back their work (again: right now)...", err=True)
+                await signals.cleanup(cluster.stop(), report_after=shutdown_grace + 15)
+
+    from infra.shell.cli.main import run_async  # local: main imports this module
+
+    run_async(main())
+
+
+def _agent_prefix(nats_url: str | None) -> str:
+    """``agent`` on the embedded server. On a shared NATS the ids carry the host: two
+    machines running ``ccc up --nats-url`` must not both run ``agent-1-backend`` (one
+    aggregate and one durable consumer, fed to two processes)."""
+    if nats_url is None:
+        return "agent"
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", os.uname().nodename.split(".")[0]) or "host"
+    return f"{host}-agent"
+
+
+def _print_up(cluster: LocalCluster, ns) -> None:
+    click.echo(f"claude-code-cluster is up ({len(cluster.agents)} agents)")
+    click.echo(f"  NATS        {cluster.url}")
+    if cluster.api is not None:
+        click.echo(f"  status API  {cluster.api.url}/api/v1/tasks   (OpenAPI: {cluster.api.url}/schema)")
+    click.echo(f"  local forge {cluster.forge_root}   (add a repo: ccc repo import OWNER/NAME PATH)")
+    click.echo("  publish an issue:")
+    click.echo("    ccc issue publish --repo OWNER/NAME --title 'Fix the bug' --label backend")
+    click.echo(f"  watch:       ccc events --follow    |   nats --server {cluster.url} sub '{ns.prefix}.>'")
+    click.echo("Ctrl-C to stop.")
+
+
+# -- ccc agent ----------------------------------------------------------------------------
+@click.command("agent")
+@click.option("--specialty", "specialty_list", multiple=True, required=True,
+              help="A specialty (repeatable).")
+@click.option("--agent-id", default=None, help="Default: <host>-<first specialty>-<random>.")
+@click.option("--capacity", type=click.IntRange(1, 32), default=1, show_default=True)
+@click.option("--clearance", type=click.Choice(["public", "internal", "confidential", "restricted"]),
+              default="internal", show_default=True)
+@coder_options
+@click.option("--script-dir", type=click.Path(file_okay=False))
+@click.option("--forge-root", type=click.Path(file_okay=False),
+              help="Local forge [default: <data-dir>/forge].")
+@click.option("--workspace-root", type=click.Path(file_okay=False),
+              help="Where task workspaces go [default: <data-dir>/workspaces].")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
+@click.option("--metrics-port", envvar="CCC_METRICS_PORT", type=click.IntRange(0, 65535), default=None,
+              help="Serve this agent's Prometheus metrics on /metrics (0: a free port) [env CCC_METRICS_PORT].")
+@shutdown_grace_option
+@click.pass_obj
+def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, script_dir,
+              forge_root, workspace_root, heartbeat_interval, metrics_port, shutdown_grace) -> None:
+    """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
+    from actors.agent import Agent, AgentConfig
+    from actors.pipeline import PipelineSettings
+
+    specialties = parse_specialties(",".join(specialty_list))
+    settings = obj.settings()
+    host = os.uname().nodename.split(".")[0]
+    agent_id = check_id(agent_id or f"{host}-{specialties[0]}-{uuid.uuid4().hex[:6]}", "agent id")
+    forge_client = make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
+    config = AgentConfig(
+        agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
+        heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
+        pipeline=PipelineSettings(workspace_root=str(workspace_root or settings.data_dir / "workspaces")),
+    )
+
+    coder_impl = make_coder(coder, script_dir, model)  # a bad --coder fails before connecting
+    _require_running_nats(obj)
+
+    async def run(nc) -> None:
+        from prometheus_client import REGISTRY
+
+        from projections.metrics import AgentMetrics, serve_metrics
+
+        metrics = AgentMetrics(REGISTRY) if metrics_port is not None else None
+        agent = Agent(nc, obj.ns, config, coder=coder_impl, forge=forge_client, metrics=metrics)
+        metrics_server = None
+        if metrics_port is not None:
+            try:
+                metrics_server = await serve_metrics(metrics_port, registry=REGISTRY)
+            except OSError as e:
+                raise ConfigError(f"--metrics-port {metrics_port}: {e.strerror or e}") from None
+            click.echo(f"metrics at {metrics_server.url}")
+        with StopSignals(lambda: hand_back_now(agent)) as signals:
+            try:
+                await agent.start()
+                click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; "
+                           "Ctrl-C / SIGTERM to stop")
+                await signals.wait()
+            except asyncio.CancelledError:
+                if not signals.received:
+                    raise  # not a signal of ours
+            finally:
+                await signals.cleanup(agent.stop(), report_after=shutdown_grace + 15)
+                if metrics_server is not None:
+                    await metrics_server.close()
+
+    obj.run(run)
+
+
+# -- ccc demo -----------------------------------------------------------------------------
+@click.command("demo")
+@click.option("--keep", is_flag=True, help="Keep the demo's data dir (printed at the end).")
+@click.option("--timeout", type=click.FloatRange(10), default=180.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The summary as JSON lines.")
+@click.pass_obj
+def demo_cmd(obj, keep, timeout, as_json) -> None:
+    """Issues -> pull requests on a sample repository, offline, no API key."""
+    from infra.shell.app.demo import run_demo
+
+    data_dir = Path(tempfile.mkdtemp(prefix="ccc-demo-"))
+    # the demo always runs its own embedded server, whatever NATS_URL says
+    settings = msgspec.structs.replace(load_settings(data_dir=str(data_dir)), nats_url=None)
+    last: list = []
+    bar = None  # a rich progress bar on a terminal; plain lines otherwise
+    if not as_json and sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from infra.shell.cli.read import console
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=console(stderr=True), transient=True)
+        bar_id = bar.add_task("tasks completed", total=4)
+
+    def show(rows) -> None:
+        nonlocal last
+        if as_json:
+            return
+        states = [(r.task, r.state, r.attempt) for r in rows]
+        if states == last:
+            return
+        last = states
+        line = "  ".join(f"{r.task}:{r.state}" + (f"(try {r.attempt})" if r.attempt > 1 else "") for r in rows)
+        if bar is not None:
+            bar.update(bar_id, completed=sum(r.state == "completed" for r in rows))
+            bar.console.print(line, highlight=False)
+        else:
+            click.echo("  " + line, err=True)
+
+    if not as_json:
+        click.echo("ccc demo: 4 issues on demo/shop, 3 agents (backend, frontend, general), scripted coder",
+                   err=True)
+    if bar is not None:
+        bar.start()
+    try:
+        try:
+            ok, rows, cluster = asyncio.run(run_demo(settings, obj.ns, timeout=timeout, on_progress=show))
+        finally:
+            if bar is not None:
+                bar.stop()
+        if as_json:
+            for r in rows:
+                emit_json(r)
+        else:
+            print_table(("TASK", "ISSUE", "AGENT", "STATE", "ATTEMPT", "BRANCH", "TESTS"),
+                        [(r.task, r.issue, r.agent, r.state, r.attempt, r.branch, r.tests) for r in rows])
+            click.echo("")
+            click.echo("Every step above is an event. Inspect them with:")
+            click.echo(f"  ccc --data-dir {data_dir} events            # the log")
+            click.echo(f"  ccc --data-dir {data_dir} replay --task demo_shop-4   # state after each event")
+            click.echo(f"  ccc --data-dir {data_dir} tasks             # the board")
+            click.echo(f"  git -C {data_dir}/forge/demo/shop.git branch  # the pushed branches")
+            if not keep:
+                click.echo("(run with --keep to keep that directory)")
+    finally:
+        if not keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    if not ok:
+        click.echo("demo: not every task reached its expected state", err=True)
+        sys.exit(1)
+
+
+# -- ccc api ---------------------------------------------------------------------------
+@click.command("api")
+@click.option("--host", default=None, help="Bind address [default: settings api_host, 127.0.0.1].")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
+@click.pass_obj
+def api_cmd(obj, host: str | None, port: int | None) -> None:
+    """Serve the status API.
+
+    Task, agent and cluster views over a live projection of the event log."""
+    try:
+        from infra.adapters.http.status_server import ApiServer
+    except ModuleNotFoundError as e:
+        if e.name not in ("infra.adapters.http.status_server", "uvicorn", "litestar"):
+            raise
+        raise ConfigError(f"the status API is not available: {e}") from None
+    settings = obj.settings()
+    host = host or settings.api_host
+    port = settings.api_port if port is None else port
+    _require_running_nats(obj)
+
+    async def serve(nc) -> None:
+        server = ApiServer(obj.store(nc), host, port, materialize=True)
+        with StopSignals() as signals:  # a second Ctrl-C must not cut the shutdown short
+            serving = stopped = None
+            try:
+                try:
+                    await server.start()
+                except OSError as e:
+                    raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+                click.echo(f"status API at {server.url}  (Ctrl-C to stop)")
+                serving = asyncio.ensure_future(server.serve_forever())  # ends if uvicorn stops by itself
+                stopped = asyncio.ensure_future(signals.wait())
+                await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if not signals.received:
+                    raise  # not a signal of ours
+            finally:
+                for t in (serving, stopped):
+                    if t is not None:
+                        t.cancel()
+                await signals.cleanup(settle(serving, server.stop()))
+
+    obj.run(serve)
+
+
+# -- ccc webhook -------------------------------------------------------------------------
+@click.command("webhook")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True)
+@click.option("--trigger-label", default="ccc", show_default=True,
+              help="Issues with this label (or an @mention of the bot) start work.")
+@click.option("--bot-name", default="ccc", show_default=True)
+@click.pass_obj
+def webhook_cmd(obj, host, port, trigger_label, bot_name) -> None:
+    """Receive GitHub webhooks (HMAC-verified with CCC_WEBHOOK_SECRET) and publish
+    them as issue facts; a redelivered webhook is a no-op."""
+    from infra.adapters.http.webhook import WebhookServer, webhook_secret
+
+    secret = webhook_secret()  # a ConfigError before anything starts
+
+    async def serve(nc) -> None:
+        server = WebhookServer(nc, obj.ns, host, port, secret=secret, trigger_label=trigger_label,
+                               bot_name=bot_name)
+        try:
+            await server.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        click.echo(f"webhook receiver at {server.url}/webhook  (Ctrl-C to stop)")
+        await until_signal(server.serve_forever())
+
+    obj.run(serve)
+
+
+CLUSTER_COMMANDS = (up_cmd, agent_cmd, demo_cmd, api_cmd, webhook_cmd)

@@ -1,0 +1,1 @@
+"""Whole processes: the ``ccc`` command line, clusters, chaos, benches."""

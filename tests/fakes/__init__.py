@@ -1,0 +1,1 @@
+"""Wire-protocol stand-ins for services unreachable here (Anthropic, GitHub, the claude CLI)."""

@@ -1,0 +1,1 @@
+"""Against real things: a nats-server per session, git repositories, local HTTP servers."""

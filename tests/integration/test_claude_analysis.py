@@ -1,0 +1,108 @@
+"""The Claude analyser against a local Messages API server (real ``anthropic`` client):
+a good structured answer is used; anything else falls back to the rules, saying why."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import anthropic
+import pytest
+from tests.fakes.anthropic_api import ApiError, FakeAnthropic, fake_anthropic, reply, tool_call, usage  # noqa: F401
+
+from actors.analysis import Analyser, analyse_issue
+from actors.claude_analysis import TOOL_NAME, ClaudeAnalyser
+from events.subjects import task_id_for
+from events.task import IssueRef
+from infra.adapters.coders import prices
+
+pytestmark = pytest.mark.timeout(60)
+
+MODEL = "claude-haiku-4-5"
+ISSUE = IssueRef(source="github", repo="acme/shop", number=42, title="Checkout API returns 500 on empty cart",
+                 body="POST /api/checkout with an empty cart crashes. Depends on #40.", labels=("bug",))
+GOOD = {"specialty": "backend", "complexity": "small", "priority": "high", "security_level": "public",
+        "dependencies": [40, 41, 42], "requirements": ["Python", "fastapi"],
+        "plan": "1. Reproduce in a test\n2. Guard the empty cart\n3. Return 400", "rationale": "API handler bug"}
+
+
+@pytest.fixture
+def fake(fake_anthropic: tuple[FakeAnthropic, str]) -> FakeAnthropic:  # noqa: F811
+    return fake_anthropic[0]
+
+
+def analyser_for(fake: FakeAnthropic, **kw) -> ClaudeAnalyser:
+    client = anthropic.AsyncAnthropic(api_key="test-key", base_url=fake.base_url, max_retries=kw.pop("retries", 0))
+    return ClaudeAnalyser(client=client, model=MODEL, **kw)
+
+
+async def test_good_structured_result(fake: FakeAnthropic) -> None:
+    fake.add(tool_call(TOOL_NAME, GOOD, use=usage(800, 120)))
+    analyser: Analyser = analyser_for(fake)  # the protocol the coordinator takes
+    assert analyser.name == "claude" and inspect.iscoroutinefunction(analyser.analyse)
+    a = await analyser.analyse(ISSUE)
+    assert a.analyser == "claude"
+    assert (a.specialty, a.complexity, a.priority, a.security_level) == ("backend", "small", "high", "public")
+    assert a.dependencies == (task_id_for("acme/shop", 40), task_id_for("acme/shop", 41))  # not itself
+    assert a.requirements == ("fastapi", "python") and a.plan.startswith("1. Reproduce")
+    assert "API handler bug" in a.reasons
+    assert a.usage is not None and a.usage.model == MODEL and a.usage.input_tokens == 800
+    assert a.usage.dollars == pytest.approx(prices.cost(MODEL, input_tokens=800, output_tokens=120))
+
+    sent = fake.requests[0].body
+    assert sent["tool_choice"] == {"type": "tool", "name": TOOL_NAME}
+    assert sent["tools"][0]["name"] == TOOL_NAME and sent["model"] == MODEL
+    assert "empty cart crashes" in sent["messages"][0]["content"]
+
+
+async def test_rules_stay_authoritative_for_security_and_written_dependencies(fake: FakeAnthropic) -> None:
+    issue = IssueRef(source="github", repo="acme/shop", number=7, title="Token leak in logs",
+                     body="Blocked by #5.", labels=("restricted",))
+    fake.add(tool_call(TOOL_NAME, {**GOOD, "dependencies": [], "security_level": "internal"}))
+    a = await analyser_for(fake).analyse(issue)
+    assert a.security_level == "restricted" and a.dependencies == (task_id_for("acme/shop", 5),)
+    assert any("raised from internal to restricted" in r for r in a.reasons)
+
+
+@pytest.mark.parametrize("answer", [
+    reply("I think this is a backend issue."),  # no tool call at all
+    tool_call(TOOL_NAME, {**GOOD, "specialty": "wizardry"}),  # unknown specialty
+    tool_call(TOOL_NAME, {**GOOD, "dependencies": ["soon"]}),  # not issue numbers
+    tool_call(TOOL_NAME, {"specialty": "backend"}),  # fields missing
+])
+async def test_garbage_result_falls_back_to_rules(fake: FakeAnthropic, answer: dict) -> None:
+    fake.add(answer)
+    a = await analyser_for(fake).analyse(ISSUE)
+    rules = analyse_issue(ISSUE)
+    assert (a.analyser, a.specialty, a.dependencies) == ("rules", rules.specialty, rules.dependencies)
+    assert a.reasons[:-1] == rules.reasons
+    assert a.reasons[-1].startswith("Claude unavailable (") and a.reasons[-1].endswith("rule-based analysis used")
+    assert a.usage is not None and a.usage.dollars > 0  # the call was made and paid for
+
+
+async def test_api_error_falls_back_to_rules(fake: FakeAnthropic) -> None:
+    fake.add(*[ApiError(500, "api_error", "Internal server error", {"retry-after": "0"})] * 2)
+    a = await analyser_for(fake, retries=1).analyse(ISSUE)
+    assert a.analyser == "rules" and len(fake.requests) == 2
+    assert "Claude unavailable (Anthropic API error: 500 api_error: Internal server error)" in a.reasons[-1]
+    assert a.usage is None
+
+
+async def test_forced_tool_choice_rejected_retries_with_auto(fake: FakeAnthropic) -> None:
+    fake.add(ApiError(400, "invalid_request_error", "tool_choice: type \"tool\" is not supported for this model"),
+             tool_call(TOOL_NAME, GOOD))
+    a = await analyser_for(fake).analyse(ISSUE)
+    assert a.analyser == "claude" and a.specialty == "backend"
+    assert [r.body["tool_choice"]["type"] for r in fake.requests] == ["tool", "auto"]
+
+
+async def test_not_configured_falls_back_without_a_request(fake: FakeAnthropic, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "no-config"))
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a = await ClaudeAnalyser().analyse(ISSUE)
+    assert a.analyser == "rules" and "not configured" in a.reasons[-1]
+    assert fake.requests == []

@@ -1,0 +1,1 @@
+"""Pure tests: state machines, scheduling, analysis, parsers, projections. No NATS."""

@@ -1,0 +1,280 @@
+"""Metrics: what a scrape says equals what the event log says (counted here directly
+from the events, independently of the read model), parsed with prometheus_client's own
+text parser; the API middleware labels by route template; the standalone server
+answers over real HTTP."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+
+import httpx
+import pytest
+from litestar import Litestar, get
+from litestar.params import FromPath
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from events import agent_state as ag
+from events import task_state as ts
+from events.agent import AgentEventBase
+from events.store import BadMessage
+from events.task import IssueRef, TaskCompleted, TaskCreated, TaskEventBase, Usage
+from projections.metrics import (
+    AgentMetrics,
+    ApiMetrics,
+    ClusterMetrics,
+    LogCounters,
+    metrics_response,
+    metrics_route,
+    serve_metrics,
+)
+from projections.read_model import ReadModel
+from tests.support.histories import T0, random_history
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def by(parsed: dict, name: str, label: str | tuple[str, ...]) -> dict:
+    labels = (label,) if isinstance(label, str) else label
+    out = {}
+    for (n, lbls), v in parsed.items():
+        if n == name:
+            d = dict(lbls)
+            key = tuple(d[x] for x in labels)
+            out[key[0] if len(key) == 1 else key] = v
+    return out
+
+
+def fold(log: list) -> tuple[ReadModel, LogCounters]:
+    model, counters = ReadModel(), LogCounters()
+    for seq, event in enumerate(log, 1):
+        model.apply(seq, event)
+        counters.apply(seq, event, model.tasks)
+    return model, counters
+
+
+def scrape(model: ReadModel, counters: LogCounters | None, stream_end: int | None = None) -> str:
+    registry = CollectorRegistry()
+    ClusterMetrics(model, registry, counters=counters,
+                   stream_last_seq=(lambda: stream_end) if stream_end is not None else None)
+    return generate_latest(registry).decode()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_scrape_equals_counts_from_the_events(seed):
+    log = random_history(seed, n_tasks=8, steps=250)
+    model, counters = fold(log)
+    parsed = samples(scrape(model, counters, stream_end=len(log) + 7))
+
+    # the truth, straight from the events (the pure evolve functions, no read model)
+    tasks: dict = {}
+    agents: dict = {}
+    created_at: dict = {}
+    durations: list[float] = []
+    for e in log:
+        if isinstance(e, TaskEventBase):
+            tasks[e.task_id] = ts.evolve(tasks.get(e.task_id), e)
+            if isinstance(e, TaskCreated):
+                created_at[e.task_id] = e.occurred_at
+            if isinstance(e, TaskCompleted):
+                durations.append((e.occurred_at - created_at[e.task_id]).total_seconds())
+        else:
+            assert isinstance(e, AgentEventBase)
+            agents[e.agent_id] = ag.evolve(agents.get(e.agent_id), e)
+
+    want_tasks = Counter((t.status, t.specialty) for t in tasks.values())
+    assert by(parsed, "claude_tasks_total", ("status", "agent_type")) == dict(want_tasks)
+    assert parsed[("claude_active_tasks", frozenset())] == sum(
+        n for (status, _), n in want_tasks.items() if status in ("assigned", "in_progress", "testing"))
+    want_agents = Counter(a.status for a in agents.values())
+    got_agents = by(parsed, "claude_agents_total", "status")
+    assert {k: v for k, v in got_agents.items() if v} == dict(want_agents)
+    assert set(got_agents) == set(ag.AGENT_STATUSES)  # zeros too: alerts need no "absent()"
+    online = {a.agent_id: a for a in agents.values() if a.status != "offline"}
+    assert by(parsed, "claude_agent_load", "agent_id") == {
+        aid: len(a.active_tasks) / a.capacity for aid, a in online.items()}
+
+    count = sum(v for (n, _), v in parsed.items() if n == "claude_task_duration_seconds_count")
+    total = sum(v for (n, _), v in parsed.items() if n == "claude_task_duration_seconds_sum")
+    assert count == len(durations) == sum(1 for t in tasks.values() if t.status == "completed")
+    assert total == pytest.approx(sum(durations))
+    for (n, lbls), v in parsed.items():  # every bucket is a cumulative count of real durations
+        if n == "claude_task_duration_seconds_bucket":
+            d = dict(lbls)
+            le = float(d["le"])
+            specialty_durations = [
+                (t.updated_at - t.created_at).total_seconds() for t in tasks.values()
+                if t.status == "completed" and t.specialty == d["agent_type"]]
+            assert v == sum(1 for x in specialty_durations if x <= le)
+
+    assert by(parsed, "claude_events_total", "type") == dict(Counter(e.__struct_config__.tag for e in log))
+    assert parsed[("claude_event_log_lag", frozenset({("projection", "read_model")}))] == 7
+    assert parsed[("claude_bad_events_total", frozenset())] == 0
+
+
+def test_a_restart_rebuilding_from_the_log_reports_the_same_numbers():
+    log = random_history(7, steps=300)
+    first, c1 = fold(log)
+    again, c2 = fold(log)
+    # redelivery / overlapping catch-up is a no-op for the counters too
+    for seq, event in enumerate(log[:50], 1):
+        again.apply(seq, event)
+        c2.apply(seq, event, again.tasks)
+    assert scrape(first, c1) == scrape(again, c2)
+
+
+def test_bad_events_and_the_model_without_counters():
+    model = ReadModel()
+    model.apply(1, BadMessage(seq=1, subject="ccc.task.x.created", error="undecodable", preview="{"))
+    parsed = samples(scrape(model, None))
+    assert parsed[("claude_bad_events_total", frozenset())] == 1
+    assert not by(parsed, "claude_events_total", "type")  # no counters: families stay empty
+
+
+def _usage_history() -> list:
+    """A task analysed, implemented and tested twice, with model usage on the way."""
+    tid, aid = "acme_app-1", "agent-a"
+    at = [T0 + timedelta(minutes=i) for i in range(30)]
+    issue = IssueRef(source="local", repo="acme/app", number=1, title="Fix it")
+    task_cmds = [
+        ts.CreateTask(at=at[0], actor="coordinator", task_id=tid, issue=issue),
+        ts.StartAnalysis(at=at[1], actor="coordinator"),
+        ts.RecordAnalysis(at=at[2], actor="coordinator", specialty="backend",
+                          usage=Usage(model="claude-haiku", input_tokens=100, output_tokens=20,
+                                      dollars=0.01)),
+        ts.AssignTask(at=at[3], actor="coordinator", agent_id=aid),
+        ts.StartTask(at=at[4], actor=aid, agent_id=aid),
+        ts.StartTests(at=at[6], actor=aid, agent_id=aid, files_changed=("a.py",),
+                      usage=Usage(model="claude-sonnet", input_tokens=5000, output_tokens=800,
+                                  cache_read_tokens=4000, dollars=0.25)),
+    ]
+    log: list = []
+    task = None
+    for cmd in task_cmds:
+        for e in ts.decide(task, cmd):
+            task = ts.evolve(task, e)
+            log.append(e)
+    agent = None
+    agent_cmds = [
+        ag.RegisterAgent(at=at[3], actor=aid, agent_id=aid, specialties=("backend",)),
+        ag.StartAgentTask(at=at[4], actor=aid, task_id=tid, attempt=1),
+        ag.ReportWork(at=at[5], actor=aid, task_id=tid, attempt=1, kind="agent.implementation_produced",
+                      fields={"coder": "anthropic", "turns": 7}),
+        ag.ReportWork(at=at[6], actor=aid, task_id=tid, attempt=1, kind="agent.tests_run",
+                      fields={"exit_code": 1, "failed": 2}),
+        ag.ReportWork(at=at[7], actor=aid, task_id=tid, attempt=1, kind="agent.tests_run",
+                      fields={"exit_code": 0, "passed": 9}),
+        ag.ReportWork(at=at[8], actor=aid, task_id=tid, attempt=1, kind="agent.tests_run",
+                      fields={"timed_out": True}),
+    ]
+    for cmd in agent_cmds:
+        for e in ag.decide(agent, cmd):
+            agent = ag.evolve(agent, e)
+            log.append(e)
+    return log
+
+
+def test_tokens_dollars_turns_and_test_runs_come_from_the_events():
+    log = _usage_history()
+    model, counters = fold(log)
+    parsed = samples(scrape(model, counters))
+    assert by(parsed, "claude_model_tokens_total", ("model", "specialty", "direction")) == {
+        ("claude-haiku", "backend", "input"): 100, ("claude-haiku", "backend", "output"): 20,
+        ("claude-sonnet", "backend", "input"): 5000, ("claude-sonnet", "backend", "output"): 800,
+        ("claude-sonnet", "backend", "cache_read"): 4000,
+    }
+    dollars = by(parsed, "claude_model_dollars_total", ("model", "specialty"))
+    assert dollars == pytest.approx({("claude-haiku", "backend"): 0.01, ("claude-sonnet", "backend"): 0.25})
+    assert sum(dollars.values()) == pytest.approx(model.tasks["acme_app-1"].dollars)  # = the task's cost
+    assert by(parsed, "claude_coder_turns_total", "coder") == {"anthropic": 7}
+    assert by(parsed, "claude_test_runs_total", "outcome") == {"failed": 1, "passed": 1, "timed_out": 1}
+    assert parsed[("claude_active_tasks", frozenset())] == 1
+
+
+# -- the API middleware and /metrics --------------------------------------------------------
+@get("/api/v1/tasks/{task_id:str}", sync_to_thread=False)
+def one_task(task_id: FromPath[str]) -> dict:
+    if task_id == "missing":
+        from litestar.exceptions import NotFoundException
+        raise NotFoundException("no such task")
+    return {"task_id": task_id}
+
+
+@get("/boom", sync_to_thread=False)
+def boom() -> dict:
+    raise RuntimeError("bug")
+
+
+async def test_middleware_counts_requests_by_route_template():
+    metrics = ApiMetrics()
+    app = Litestar([one_task, boom, metrics_route(metrics.registry)], middleware=[metrics.middleware])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        for tid in ("acme_app-1", "acme_app-2", "acme_app-3"):
+            assert (await client.get(f"/api/v1/tasks/{tid}")).status_code == 200
+        assert (await client.get("/api/v1/tasks/missing")).status_code == 404
+        assert (await client.get("/boom")).status_code == 500
+        assert (await client.get("/nowhere")).status_code == 404  # no route: not wrapped, not counted
+        r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_LATEST
+    parsed = samples(r.text)
+    reqs = by(parsed, "claude_api_requests_total", ("endpoint", "method", "status"))
+    assert reqs == {("/api/v1/tasks/{task_id}", "GET", "200"): 3,
+                    ("/api/v1/tasks/{task_id}", "GET", "404"): 1,
+                    ("/boom", "GET", "500"): 1}
+    assert not any("acme_app" in str(k) for k in reqs)  # raw paths never become labels
+    counts = by(parsed, "claude_api_duration_seconds_count", ("endpoint", "method"))
+    assert counts[("/api/v1/tasks/{task_id}", "GET")] == 4
+
+
+async def test_middleware_wrapping_a_whole_app_also_sees_unmatched_paths():
+    metrics = ApiMetrics()
+    app = metrics.middleware(Litestar([one_task]))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        await client.get("/api/v1/tasks/a")
+        await client.get("/no/such/path/123")
+    reqs = by(samples(metrics_response(metrics.registry)[0].decode()), "claude_api_requests_total",
+              ("endpoint", "status"))
+    assert reqs == {("/api/v1/tasks/{task_id}", "200"): 1, ("<unmatched>", "404"): 1}
+
+
+async def test_serve_metrics_on_port_0_over_real_http():
+    registry = CollectorRegistry()
+    model, counters = fold(random_history(3))
+    ClusterMetrics(model, registry, counters=counters)
+    agent = AgentMetrics(registry)
+    with agent.phase("agent-a", "testing"):
+        pass
+    agent.tasks.labels("agent-a", "done").inc()
+    refreshed = []
+
+    async def before() -> None:
+        refreshed.append(True)
+
+    server = await serve_metrics(0, registry=registry, before=before)
+    try:
+        assert server.port > 0
+        async with httpx.AsyncClient() as client:
+            r = await client.get(server.url, headers={"Accept-Encoding": "gzip"})
+            missing = await client.get(server.url.replace("/metrics", "/nope"))
+            health = await client.get(server.url.replace("/metrics", "/healthz"))
+    finally:
+        await server.close()
+    assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_LATEST
+    assert r.headers.get("content-encoding") == "gzip" and refreshed
+    parsed = samples(r.text)
+    assert parsed[("claude_events_total", frozenset({("type", "task.created")}))] == sum(
+        1 for e in random_history(3) if isinstance(e, TaskCreated))
+    assert parsed[("claude_agent_phase_duration_seconds_count",
+                   frozenset({("agent_id", "agent-a"), ("phase", "testing"), ("outcome", "ok")}))] == 1
+    assert parsed[("claude_agent_tasks_processed_total",
+                   frozenset({("agent_id", "agent-a"), ("outcome", "done")}))] == 1
+    assert missing.status_code == 404 and health.status_code == 200
