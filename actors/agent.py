@@ -13,33 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import msgspec
-import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from events import agent_state as ag
-from events.agent import Heartbeat
+from events.agent import Heartbeat, report_name
+from events.aio import cancel_and_wait, within
 from events.codec import decode_event, encode
 from events.errors import BadEventError, ConcurrencyConflict, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 from events.task import TaskAssigned, TaskCancellationRequested
-from events.aio import cancel_and_wait, within
-from infra.adapters.coders.base import Coder
-from infra.adapters.obs.tracing import get_tracer
-from infra.adapters.git.workspace import Workspace, cleanup_expired
-from projections.metrics import AgentMetrics
+from events.work_reports import WorkFailed, WorkReportBody
 
-from actors.pipeline import ForgeClient, PhaseFailed, PipelineSettings, Superseded, run_pipeline
+from actors.pipeline import PhaseFailed, PipelineSettings, Superseded, run_pipeline
+from actors.ports import NO_TELEMETRY, Artifacts, Coder, ForgeClient, Telemetry, Workbench
 from actors.runtime import ConsumerLoop
 
 log = structlog.get_logger("ccc.agent")
@@ -62,43 +55,24 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     pipeline: PipelineSettings
 
 
-class ObjectStoreArtifacts:
-    """Diffs, test logs and transcripts in the JetStream object store. A put is retried
-    with short timeouts, so a leader election costs seconds, not a 30 s stall."""
-
-    def __init__(self, nc: Client, bucket: str, *, timeout: float = 5.0, tries: int = 4) -> None:
-        self.js = nc.jetstream(timeout=timeout)
-        self.bucket = bucket
-        self.tries = tries
-        self._obs = None
-
-    async def put(self, name: str, data: bytes) -> str:
-        for attempt in range(1, self.tries + 1):
-            try:
-                if self._obs is None:
-                    self._obs = await self.js.object_store(self.bucket)
-                await self._obs.put(name, data)
-                return f"{self.bucket}/{name}"
-            except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
-                self._obs = None
-                if attempt == self.tries:
-                    raise StoreUnavailable(f"object store {self.bucket}: {type(e).__name__}: {e}") from None
-                await asyncio.sleep(0.2 * 2 ** attempt)
-        raise AssertionError("unreachable")
-
-
 class Agent:
-    def __init__(self, nc: Client, ns: Namespace, config: AgentConfig, *, coder: Coder,
-                 forge: ForgeClient, metrics: AgentMetrics | None = None) -> None:
+    """One agent. Its collaborators outside the process come in through the Protocols
+    of :mod:`actors.ports`: the workbench (workspaces, git, the repository's tests), the
+    coder, the forge, the artifacts store and telemetry."""
+
+    def __init__(self, nc: Client, ns: Namespace, config: AgentConfig, *, workbench: Workbench,
+                 coder: Coder, forge: ForgeClient, artifacts: Artifacts,
+                 telemetry: Telemetry = NO_TELEMETRY) -> None:
         self.nc = nc
         self.ns = ns
         self.config = config
         self.id = config.agent_id
+        self.workbench = workbench
         self.coder = coder
         self.forge = forge
-        self.metrics = metrics
+        self.artifacts = artifacts
+        self.telemetry = telemetry
         self.store = EventStore(nc, ns)
-        self.artifacts = ObjectStoreArtifacts(nc, ns.artifacts_bucket)
         self.state: ag.AgentState | None = None
         self.last_seq = 0
         self._lock = asyncio.Lock()
@@ -137,7 +111,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        Path(self.config.pipeline.workspace_root).mkdir(parents=True, exist_ok=True)
+        self.workbench.prepare()
         await self.register()
         await self._heartbeat_once()
         await self._watch_cancellations()
@@ -148,6 +122,7 @@ class Agent:
             # outlast it, or an assignment would be parked and its task stranded
             concurrency=self.config.capacity, ack_wait=self.config.ack_wait, max_deliver=20,
             inactive_threshold=7 * 24 * 3600.0,  # an agent id never seen again does not pile up
+            telemetry=self.telemetry,
         )
         await self._loop.start()
         self._tasks = [
@@ -189,6 +164,12 @@ class Agent:
                 log.warning("agent.offline_not_recorded", agent_id=self.id, error=f"{type(e).__name__}: {e}")
         log.info("agent.stopped", agent_id=self.id)
 
+    def hand_back_all(self) -> None:
+        """Skip the shutdown grace: cancel the running work now, which is then reported as
+        handed back (the coordinator re-queues it), as when the grace runs out."""
+        for work in list(self.running.values()):
+            work.cancel()
+
     # -- heartbeats and housekeeping ------------------------------------------------------
     async def _heartbeat_once(self) -> None:
         self._hb_seq += 1
@@ -225,8 +206,7 @@ class Agent:
     async def _cleanup_loop(self) -> None:
         while True:
             await asyncio.sleep(max(1.0, min(3600.0, self.config.retention / 10)))
-            removed = await asyncio.to_thread(
-                cleanup_expired, self.config.pipeline.workspace_root, self.id, self.config.retention)
+            removed = await asyncio.to_thread(self.workbench.remove_expired, self.id, self.config.retention)
             if removed:
                 log.info("agent.workspaces_removed", agent_id=self.id, count=len(removed))
 
@@ -313,39 +293,26 @@ class Agent:
 
     async def _work(self, task) -> None:
         tid, attempt = task.task_id, task.attempt
+        # the attempt's span is the current one until it ends: the reports appended in it
+        # carry its trace context
+        telemetry = self.telemetry.attempt_started(self.id, tid, attempt)
 
-        phase_start = [time.perf_counter(), time.time_ns()]
-        tracer = get_tracer()
-
-        async def report(kind: str, **fields) -> None:
+        async def report(body: WorkReportBody) -> None:
             # each report ends a pipeline phase: time it and give it a span of its own
-            phase = kind.removeprefix("agent.")
-            now, now_ns = time.perf_counter(), time.time_ns()
-            if self.metrics is not None:
-                self.metrics.phase_seconds.labels(self.id, phase, "error" if phase == "work_failed" else "ok") \
-                    .observe(now - phase_start[0])
-            tracer.start_span(f"pipeline.{phase}", start_time=phase_start[1],
-                              attributes={"ccc.task_id": tid, "ccc.attempt": attempt}).end(end_time=now_ns)
-            phase_start[:] = [now, now_ns]
+            telemetry.phase_ended(report_name(body), failed=isinstance(body, WorkFailed))
             await self._append(ag.ReportWork(at=utcnow(), actor=self.id, task_id=tid, attempt=attempt,
-                                             kind=kind, fields=fields))
+                                             report=body))
 
         outcome = "done"
-        if self.metrics is not None:
-            self.metrics.running.labels(self.id).inc()
-        span = tracer.start_span("agent.task", attributes={"ccc.task_id": tid, "ccc.attempt": attempt,
-                                                          "ccc.agent_id": self.id})
-        token = otel_context.attach(trace.set_span_in_context(span))
         try:
             await run_pipeline(agent_id=self.id, task=task, settings=self.config.pipeline,
-                               coder=self.coder, forge=self.forge, artifacts=self.artifacts,
-                               report=report)
+                               workbench=self.workbench, coder=self.coder, forge=self.forge,
+                               artifacts=self.artifacts, report=report)
             self.completed += 1
         except PhaseFailed as e:
             outcome = "failed"
             log.info("agent.task_failed", agent_id=self.id, task_id=tid, phase=e.phase, reason=e.reason)
-            await report("agent.work_failed", phase=e.phase, reason=e.reason, retryable=e.retryable,
-                         log_ref=e.log_ref)
+            await report(WorkFailed(phase=e.phase, reason=e.reason, retryable=e.retryable, log_ref=e.log_ref))
         except asyncio.CancelledError:
             outcome = self._stop_reason.pop(tid, "handed_back")
             log.info("agent.task_stopped", agent_id=self.id, task_id=tid, outcome=outcome)
@@ -354,14 +321,9 @@ class Agent:
             await self._reregister()
             return
         finally:
-            otel_context.detach(token)
-            span.set_attribute("ccc.outcome", outcome)
-            span.end()
-            if self.metrics is not None:
-                self.metrics.running.labels(self.id).dec()
-                self.metrics.tasks.labels(self.id, outcome).inc()
+            telemetry.ended(outcome)
             with contextlib.suppress(Exception):
-                Workspace.open(self.config.pipeline.workspace_root, self.id, tid).mark_finished(outcome=outcome)
+                self.workbench.finish_workspace(self.id, tid, outcome)
         try:
             await self._append(ag.ReleaseAgentTask(at=utcnow(), actor=self.id, task_id=tid,
                                                    outcome=outcome, attempt=attempt))

@@ -2,18 +2,16 @@
 priority, security level and dependencies, each decision with its reason.
 
 The rule-based analyser is the default and the fallback; a Claude-backed analyser
-plugs in behind the same :class:`Analyser` protocol (it must return the same
-:class:`Analysis`)."""
+(:mod:`actors.claude_analysis`) plugs in behind the same :class:`Analyser` protocol and
+returns the same :class:`~events.task.Analysis`."""
 
 from __future__ import annotations
 
 import re
 from typing import Protocol
 
-import msgspec
-
 from events.subjects import task_id_for
-from events.task import PRIORITIES, IssueRef, Usage
+from events.task import PRIORITIES, SECURITY_LEVELS, Analysis, IssueRef
 
 LABEL_SPECIALTY = {
     "backend": "backend", "api": "backend", "server": "backend",
@@ -55,7 +53,7 @@ PRIORITY_LABELS = {
     "high": "high", "high-priority": "high", "priority: high": "high", "p1": "high",
     "low": "low", "low-priority": "low", "p3": "low",
 }
-SECURITY_RANK = {"public": 0, "internal": 1, "confidential": 2, "restricted": 3}
+SECURITY_RANK = {level: rank for rank, level in enumerate(SECURITY_LEVELS)}
 WEIGHT_LABEL, WEIGHT_PATH, WEIGHT_KEYWORD = 10, 3, 1
 
 _PATH = re.compile(
@@ -72,21 +70,12 @@ _KEYWORD_RES = {
 }
 
 
-class Analysis(msgspec.Struct, frozen=True, kw_only=True):
-    specialty: str = "general"
-    requirements: tuple[str, ...] = ()
-    complexity: str = "small"
-    priority: str = "normal"
-    security_level: str = "public"
-    dependencies: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
-    plan: str = ""
-    analyser: str = "rules"
-    usage: Usage | None = None
-
-
 class Analyser(Protocol):
-    name: str
+    """Decides specialty, requirements, complexity, priority, security level and
+    dependencies of an issue. Must not fail for want of a service: an analyser that asks
+    one falls back to the rules, saying why in the reasons."""
+
+    name: str  # recorded on ``task.analysis_started``
 
     async def analyse(self, issue: IssueRef) -> Analysis: ...
 
@@ -183,7 +172,7 @@ def analyse_issue(issue: IssueRef) -> Analysis:
     return Analysis(
         specialty=specialty, requirements=requirements, complexity=complexity,
         priority=priority, security_level=security, dependencies=tuple(deps),
-        reasons=tuple(reasons), analyser="rules",
+        reasons=tuple(reasons),
     )
 
 

@@ -1,37 +1,49 @@
-"""The Claude-backed analyser: the same :class:`~actors.analysis.Analysis` as the rules,
+"""The Claude-backed analyser: the same :class:`~events.task.Analysis` as the rules,
 decided by a model that reads the issue.
 
-One Messages API call with a forced tool call (``record_analysis``, a JSON schema), so
-the answer is structured rather than prose to parse. The answer is validated (known
-specialty, complexity, priority, security level; dependencies are issue numbers); on
-*any* failure (no credentials, an API error, a malformed answer) the rule-based
-analysis is returned with a reason saying Claude was unavailable and why: analysis must
-never block intake. Two guards keep the rules authoritative where they are explicit: the
-security level is never lowered below what the labels say, and dependencies written in
-the issue ("depends on #12") are kept even if the model missed them.
+One model call with a forced tool call (``record_analysis``, a JSON schema), so the
+answer is structured rather than prose to parse. This module is the policy, with no API
+in it: the prompt, the tool's schema, how the answer is validated and merged with the
+rules, and the fallback. The call itself goes through the :class:`ToolModel` protocol
+(``infra.adapters.coders.claude_analyser`` speaks the Anthropic Messages API).
+
+The answer is validated (known specialty, complexity, priority, security level;
+dependencies are issue numbers); on *any* failure (no credentials, an API error, a
+malformed answer) the rule-based analysis is returned with a reason saying Claude was
+unavailable and why: analysis must never block intake. Two guards keep the rules
+authoritative where they are explicit: the security level is never lowered below what
+the labels say, and dependencies written in the issue ("depends on #12") are kept even
+if the model missed them.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-import anthropic
 import msgspec
 import structlog
 
+from events.errors import InfrastructureError
 from events.subjects import task_id_for
-from events.task import SECURITY_LEVELS, IssueRef, Usage
-from infra.adapters.coders.anthropic_coder import api_error_reason
-from infra.adapters.coders.base import mask_secrets
-from infra.adapters.coders.prices import usage_of
+from events.task import (
+    COMPLEXITIES,
+    PRIORITIES,
+    SECURITY_LEVELS,
+    Analysis,
+    Complexity,
+    IssueRef,
+    Priority,
+    SecurityLevel,
+    Specialty,
+    Usage,
+)
 
-from actors.analysis import SECURITY_RANK, Analyser, Analysis, RuleAnalyser
+from actors.analysis import SECURITY_RANK, Analyser, RuleAnalyser
+from actors.ports import SecretMasker
 
 log = structlog.get_logger("ccc.analysis.claude")
 
-# Forced tool use (tool_choice "tool") is model-gated: Haiku 4.5 supports it, is fast and cheap.
-DEFAULT_ANALYSIS_MODEL = "claude-haiku-4-5"
 TOOL_NAME = "record_analysis"
 _BODY_MAX = 20_000
 
@@ -43,12 +55,40 @@ SPECIALTY_DESCRIPTIONS = {
 }
 
 
+class ToolAnswer(Protocol):
+    """What the model answered when made to call one tool."""
+
+    @property
+    def arguments(self) -> Any:
+        """What it called the tool with (JSON values); ``None`` if it did not call it."""
+        ...
+
+    @property
+    def stop_reason(self) -> str: ...
+
+    @property
+    def usage(self) -> Usage:
+        """What the call cost (it is paid for even when the answer is useless)."""
+        ...
+
+
+class ToolModel(Protocol):
+    """A language model asked to answer by calling one given tool. It raises an
+    :class:`~events.errors.InfrastructureError` saying why when it cannot be asked at
+    all (not configured, an API error, no answer in time)."""
+
+    model: str  # named in the reasons of the analyses it makes
+
+    async def call_tool(self, *, system: str, prompt: str, tool: Mapping[str, Any]) -> ToolAnswer: ...
+
+
 class _Answer(msgspec.Struct, kw_only=True):
-    specialty: Literal["backend", "frontend", "testing", "devops", "database", "security",
-                       "documentation", "general"]
-    complexity: Literal["trivial", "small", "medium", "large"]
-    priority: Literal["low", "normal", "high", "urgent"]
-    security_level: Literal["public", "internal", "confidential", "restricted"]
+    """The tool's arguments, as the schema below asks for them."""
+
+    specialty: Specialty
+    complexity: Complexity
+    priority: Priority
+    security_level: SecurityLevel
     dependencies: list[int] = []
     requirements: list[str] = []
     plan: str = ""
@@ -64,10 +104,10 @@ RECORD_ANALYSIS_TOOL: dict[str, Any] = {
         "properties": {
             "specialty": {"type": "string", "enum": list(SPECIALTY_DESCRIPTIONS),
                           "description": "; ".join(f"{k}: {v}" for k, v in SPECIALTY_DESCRIPTIONS.items())},
-            "complexity": {"type": "string", "enum": ["trivial", "small", "medium", "large"],
+            "complexity": {"type": "string", "enum": list(COMPLEXITIES),
                            "description": "trivial: one-line fix; small: one file; medium: a few files; "
                                           "large: a design change across the codebase"},
-            "priority": {"type": "string", "enum": ["low", "normal", "high", "urgent"]},
+            "priority": {"type": "string", "enum": list(PRIORITIES)},
             "security_level": {"type": "string", "enum": list(SECURITY_LEVELS),
                                "description": "who may see the work: public unless the issue involves "
                                               "vulnerabilities or private data"},
@@ -104,36 +144,22 @@ class ClaudeUnavailable(Exception):
 
 
 class ClaudeAnalyser:
+    """Asks ``model`` for the analysis, falls back to ``fallback`` (the rules). Reasons
+    go through ``mask`` before they are recorded: events are kept forever."""
+
     name = "claude"
 
-    def __init__(
-        self,
-        client: anthropic.AsyncAnthropic | None = None,
-        model: str = DEFAULT_ANALYSIS_MODEL,
-        fallback: Analyser | None = None,
-        *,
-        max_tokens: int = 1_024,
-        max_retries: int = 2,
-        timeout: float = 60.0,
-    ) -> None:
-        self._client = client
+    def __init__(self, model: ToolModel, *, mask: SecretMasker, fallback: Analyser | None = None) -> None:
         self.model = model
+        self.mask = mask
         self.fallback = fallback or RuleAnalyser()
-        self.max_tokens = max_tokens
-        self.max_retries = max_retries
-        self.timeout = timeout
-
-    def client(self) -> anthropic.AsyncAnthropic:
-        if self._client is None:
-            self._client = anthropic.AsyncAnthropic(max_retries=self.max_retries)
-        return self._client
 
     async def analyse(self, issue: IssueRef) -> Analysis:
         rules = await self.fallback.analyse(issue)
         try:
             answer, usage = await self._ask(issue)
         except ClaudeUnavailable as exc:
-            why = mask_secrets(str(exc))
+            why = self.mask(str(exc))
             log.warning("analysis.claude_unavailable", repo=issue.repo, number=issue.number, reason=why)
             return msgspec.structs.replace(
                 rules, reasons=(*rules.reasons, f"Claude unavailable ({why}); rule-based analysis used"),
@@ -142,41 +168,21 @@ class ClaudeAnalyser:
 
     async def _ask(self, issue: IssueRef) -> tuple[_Answer, Usage]:
         try:
-            client = self.client()
-        except Exception as exc:
-            raise ClaudeUnavailable(f"not configured: {exc}") from exc
-        forced = {"type": "tool", "name": TOOL_NAME}
+            reply = await self.model.call_tool(system=SYSTEM, prompt=issue_text(issue),
+                                               tool=RECORD_ANALYSIS_TOOL)
+        except InfrastructureError as exc:
+            raise ClaudeUnavailable(str(exc)) from exc
+        if reply.arguments is None:
+            raise ClaudeUnavailable(f"no {TOOL_NAME} call in the answer (stop_reason {reply.stop_reason})",
+                                    reply.usage)
         try:
-            try:
-                response = await self._create(client, issue, forced)
-            except anthropic.BadRequestError as exc:
-                if "tool_choice" not in str(exc):
-                    raise
-                # some models reject forced tool use: ask for the tool call instead
-                response = await self._create(client, issue, {"type": "auto"})
-        except TimeoutError as exc:
-            raise ClaudeUnavailable(f"no answer within {self.timeout:.0f}s") from exc
-        except (anthropic.AnthropicError, TypeError, ValueError) as exc:  # TypeError: no credentials
-            raise ClaudeUnavailable(api_error_reason(exc)) from exc
-        usage = usage_of(self.model, response.usage)
-        calls = [b for b in response.content if b.type == "tool_use" and b.name == TOOL_NAME]
-        if not calls:
-            raise ClaudeUnavailable(f"no {TOOL_NAME} call in the answer (stop_reason {response.stop_reason})",
-                                    usage)
-        try:
-            answer = msgspec.convert(calls[0].input, _Answer)
+            answer = msgspec.convert(reply.arguments, _Answer)
         except msgspec.ValidationError as exc:
-            raise ClaudeUnavailable(f"invalid analysis: {exc}", usage) from exc
-        return answer, usage
-
-    async def _create(self, client: anthropic.AsyncAnthropic, issue: IssueRef, choice: dict[str, Any]) -> Any:
-        return await asyncio.wait_for(client.messages.create(
-            model=self.model, max_tokens=self.max_tokens, system=SYSTEM, tools=[RECORD_ANALYSIS_TOOL],
-            tool_choice=choice, messages=[{"role": "user", "content": issue_text(issue)}],
-        ), timeout=self.timeout)
+            raise ClaudeUnavailable(f"invalid analysis: {exc}", reply.usage) from exc
+        return answer, reply.usage
 
     def _merge(self, issue: IssueRef, answer: _Answer, usage: Usage, rules: Analysis) -> Analysis:
-        reasons = [f"analysed by Claude ({self.model})"]
+        reasons = [f"analysed by Claude ({self.model.model})"]
         if answer.rationale.strip():
             reasons.append(answer.rationale.strip()[:500])
         security = answer.security_level
@@ -193,5 +199,5 @@ class ClaudeAnalyser:
         return Analysis(
             specialty=answer.specialty, requirements=requirements, complexity=answer.complexity,
             priority=answer.priority, security_level=security, dependencies=tuple(deps),
-            reasons=tuple(reasons), plan=answer.plan.strip()[:4000], analyser="claude", usage=usage,
+            reasons=tuple(reasons), plan=answer.plan.strip()[:4000], usage=usage,
         )

@@ -51,6 +51,7 @@ from projections.live import LiveReadModel
 from actors.analysis import Analyser, RuleAnalyser
 from actors.health import HealthMonitor
 from actors.intake import Intake, utcnow
+from actors.ports import NO_TELEMETRY, Telemetry
 from actors.runtime import ConsumerLoop
 from actors.scheduling import plan_assignments
 
@@ -93,11 +94,13 @@ class Coordinator(Intake):
         config: CoordinatorConfig | None = None,
         *,
         analyser: Analyser | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.nc = nc
         self.ns = ns
         self.config = config or CoordinatorConfig()
         self.analyser = analyser or RuleAnalyser()
+        self.telemetry = telemetry
         self.store = EventStore(nc, ns)
         self.live = LiveReadModel(self.store)
         self.live.observers.append(self._wake_scheduler)
@@ -123,10 +126,10 @@ class Coordinator(Intake):
         self._loops = [
             ConsumerLoop(self.nc, stream=self.ns.issues_stream, durable=f"{name}-intake",
                          filter_subjects=[f"{self.ns.prefix}.issue.>"], handler=self._on_issue,
-                         concurrency=self.config.concurrency),
+                         concurrency=self.config.concurrency, telemetry=self.telemetry),
             ConsumerLoop(self.nc, stream=self.ns.events_stream, durable=f"{name}-reports",
                          filter_subjects=[self.ns.agent_filter()], handler=self._on_agent_event,
-                         concurrency=self.config.concurrency),
+                         concurrency=self.config.concurrency, telemetry=self.telemetry),
         ]
         for loop in self._loops:
             await loop.start()
@@ -141,6 +144,11 @@ class Coordinator(Intake):
         await cancel_and_wait(self._tasks)
         await self.health.stop()
         await self.live.stop()
+
+    @property
+    def consumers(self) -> tuple[ConsumerLoop, ...]:
+        """The intake and the reports consumer loops, once started (for their counts)."""
+        return tuple(self._loops)
 
     def kick(self) -> None:
         self._kick.set()

@@ -27,7 +27,7 @@ import asyncio
 import re
 import weakref
 from collections import OrderedDict
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import structlog
 from nats.aio.client import Client
@@ -37,9 +37,9 @@ from events.errors import CccError, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 from events.task_state import WITH_AGENT, TaskState
-from infra.adapters.coders.base import mask_secrets
 from projections.live import LiveReadModel
 
+from actors.ports import NO_TELEMETRY, IssueForge, SecretMasker, Telemetry
 from actors.runtime import ConsumerLoop
 
 log = structlog.get_logger("ccc.forge_sync")
@@ -64,14 +64,6 @@ _PHASE: dict[str, str] = {
 MAX_REASON = 600
 
 
-class IssueForge(Protocol):
-    """What the sync needs from a forge (:class:`infra.forge_github.GitHubForge`)."""
-
-    async def set_state_label(self, repo: str, number: int, label: str) -> object: ...
-
-    async def upsert_tracking_comment(self, repo: str, number: int, marker: str, body: str) -> object: ...
-
-
 # -- pure rendering ----------------------------------------------------------------
 def state_label(state: TaskState) -> str:
     return LABEL_OF_STATUS[state.status]
@@ -81,25 +73,25 @@ def tracking_marker(task_id: str) -> str:
     return f"<!-- ccc:task:{task_id} -->"
 
 
-def _text(value: str, limit: int = MAX_REASON) -> str:
+def _text(value: str, mask: SecretMasker, limit: int = MAX_REASON) -> str:
     """Free text from events, safe inside one line of Markdown on a public issue:
     secrets masked, whitespace collapsed, no HTML (so no forged marker), bounded."""
-    text = re.sub(r"\s+", " ", mask_secrets(value)).strip()
+    text = re.sub(r"\s+", " ", mask(value)).strip()
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
-def render_comment(state: TaskState) -> str:
+def render_comment(state: TaskState, mask: SecretMasker) -> str:
     """The tracking comment for ``state``: deterministic (no clock), so equal states
-    give byte-equal bodies."""
+    give byte-equal bodies. ``mask`` removes secrets from the free text of events."""
     s = state
     status = _PHASE[s.status]
     if s.cancel_requested and s.status in WITH_AGENT:
         status += " (cancellation requested)"
     rows: list[tuple[str, str]] = []
     if s.agent_id:
-        rows.append(("Agent", f"`{_text(s.agent_id, 128)}`"))
+        rows.append(("Agent", f"`{_text(s.agent_id, mask, 128)}`"))
     rows.append(("Attempt", f"{s.attempt} of {s.max_attempts}"))
     if s.tests_passed or s.tests_failed or s.status in ("review", "completed"):
         rows.append(("Tests", f"{s.tests_passed} passed, {s.tests_failed} failed"))
@@ -119,13 +111,13 @@ def render_comment(state: TaskState) -> str:
         *(f"| {k} | {v} |" for k, v in rows),
         "",
     ]
-    phase = f" in `{_text(s.failure_phase, 64)}`" if s.failure_phase else ""
+    phase = f" in `{_text(s.failure_phase, mask, 64)}`" if s.failure_phase else ""
     if s.status == "failed":
-        lines += [f"**Failed**{phase}: {_text(s.failure_reason or s.status_reason)}", ""]
+        lines += [f"**Failed**{phase}: {_text(s.failure_reason or s.status_reason, mask)}", ""]
     elif s.failure_reason and s.status != "completed":
-        lines += [f"Previous attempt failed{phase}: {_text(s.failure_reason)}", ""]
+        lines += [f"Previous attempt failed{phase}: {_text(s.failure_reason, mask)}", ""]
     if s.status in ("completed", "cancelled") and s.status_reason:
-        lines += [f"Reason: {_text(s.status_reason)}", ""]
+        lines += [f"Reason: {_text(s.status_reason, mask)}", ""]
     lines.append("<sub>Kept up to date from the task's event log by claude-code-cluster; "
                  "edits to this comment are overwritten.</sub>")
     return "\n".join(lines)
@@ -145,15 +137,19 @@ class ForgeSync:
         ns: Namespace,
         forge: IssueForge,
         *,
+        mask: SecretMasker,
         name: str = "forge-sync",
         source: str = "github",
         live: LiveReadModel | None = None,
         concurrency: int = 8,
         cache_size: int = 10_000,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.nc = nc
         self.ns = ns
         self.forge = forge
+        self.mask = mask
+        self.telemetry = telemetry
         self.name = name
         self.source = source
         self.live = live
@@ -171,7 +167,7 @@ class ForgeSync:
         self._loop = ConsumerLoop(
             self.nc, stream=self.ns.events_stream, durable=self.name,
             filter_subjects=[f"{self.ns.prefix}.task.>"], handler=self._on_task_event,
-            concurrency=self.concurrency, ack_wait=60.0,
+            concurrency=self.concurrency, ack_wait=60.0, telemetry=self.telemetry,
         )
         await self._loop.start()
         log.info("forge_sync.started", name=self.name, source=self.source)
@@ -238,7 +234,7 @@ class ForgeSync:
         # have rendered the versions in between, and everything is written again.
         if prev is not None and prev.version != state.version - 1:
             prev = None
-        label, body = state_label(state), render_comment(state)
+        label, body = state_label(state), render_comment(state, self.mask)
         repo, number = state.issue.repo, state.issue.number
         wrote = False
         if prev is None or prev.label != label:

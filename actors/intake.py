@@ -132,13 +132,7 @@ class Intake:
         begin = [ts.StartAnalysis(at=at, actor=actor, analyser=self.analyser.name, causation_id=cause)] \
             if state is None or state.status == "pending" else []
         analysis = await self.analyser.analyse(issue if state is None else state.issue)
-        record = ts.RecordAnalysis(
-            at=utcnow(), actor=actor, causation_id=cause, specialty=analysis.specialty,
-            requirements=analysis.requirements, complexity=analysis.complexity,
-            priority=analysis.priority, security_level=analysis.security_level,
-            dependencies=analysis.dependencies, reasons=analysis.reasons, plan=analysis.plan,
-            usage=analysis.usage,
-        )
+        record = ts.RecordAnalysis(at=utcnow(), actor=actor, causation_id=cause, analysis=analysis)
         chain = [*first, *begin, record]
         assign = self._direct_assignment(task_id, state, chain)
         try:

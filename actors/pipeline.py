@@ -4,9 +4,11 @@ the agent's own aggregate; the coordinator turns reports into task transitions.
     workspace (clone) -> analyse codebase -> implement (coder) -> run tests
       -> branch + commit + push -> open pull request
 
-Large outputs (the diff, the test log, the coder's transcript) go to the JetStream
-object store; reports carry a reference and a digest. A phase that fails reports
-``agent.work_failed`` with the phase, the reason and whether a retry may help.
+Large outputs (the diff, the test log, the coder's transcript) go to the artifacts
+store (the JetStream object store); reports carry a reference and a digest. A phase
+that fails reports ``agent.work_failed`` with the phase, the reason and whether a
+retry may help. Everything outside the process comes in through the Protocols of
+:mod:`actors.ports`; the reports are typed values (:mod:`events.work_reports`).
 """
 
 from __future__ import annotations
@@ -15,43 +17,31 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
 
 import msgspec
 import structlog
 
 from events.errors import CccError
 from events.task_state import TaskState
-from infra.adapters.git import gitops
-from infra.adapters.coders.base import Budget, CodeRequest, Coder, mask_secrets
-from infra.adapters.git.test_output import parse_test_counts
-from infra.adapters.git.workspace import Workspace
+from events.work import Budget, CodeRequest
+from events.work_reports import (
+    ChangesPushed,
+    CodebaseAnalysed,
+    ImplementationProduced,
+    PullRequestOpened,
+    TestsRun,
+    WorkReportBody,
+    WorkspacePrepared,
+)
+
+from actors.ports import Artifacts, Coder, ForgeClient, Workbench
 
 log = structlog.get_logger("ccc.pipeline")
 
-Report = Callable[..., Awaitable[None]]  # report(kind, **fields)
-
-
-class ForgeClient(Protocol):
-    """What an agent needs from the forge (local bare repos, or GitHub)."""
-
-    name: str
-
-    def clone_url(self, repo: str) -> str: ...
-
-    def git_env(self, repo: str) -> dict[str, str]: ...
-
-    async def open_pull_request(
-        self, *, repo: str, branch: str, base: str, title: str, body: str, draft: bool, issue_number: int
-    ) -> tuple[str, int | None]: ...
-
-
-class ArtifactStore(Protocol):
-    async def put(self, name: str, data: bytes) -> str: ...
+Report = Callable[[WorkReportBody], Awaitable[None]]  # appends the phase's report
 
 
 class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
-    workspace_root: str
     test_timeout: float = 600.0
     command_timeout: float = 300.0
     author_name: str = "claude-code-cluster"
@@ -91,13 +81,15 @@ async def run_pipeline(
     agent_id: str,
     task: TaskState,
     settings: PipelineSettings,
+    workbench: Workbench,
     coder: Coder,
     forge: ForgeClient,
-    artifacts: ArtifactStore,
+    artifacts: Artifacts,
     report: Report,
 ) -> None:
-    """Run one attempt. Raises :class:`PhaseFailed` (already reported) on failure;
-    ``asyncio.CancelledError`` propagates (the caller reports the cancellation)."""
+    """Run one attempt. Raises :class:`PhaseFailed` (not yet reported: the caller reports
+    it) on failure; ``asyncio.CancelledError`` propagates (the caller reports the
+    cancellation)."""
     issue = task.issue
     attempt = task.attempt
     prefix = f"{task.task_id}/{attempt}"
@@ -105,26 +97,25 @@ async def run_pipeline(
     # 1. workspace
     phase = "workspace"
     try:
-        ws = Workspace.create(settings.workspace_root, agent_id, task.task_id, {
+        ws = workbench.create_workspace(agent_id, task.task_id, {
             "repo": issue.repo, "issue": issue.number, "attempt": attempt, "title": issue.title})
         url = forge.clone_url(issue.repo)
         git_env = await asyncio.to_thread(forge.git_env, issue.repo)  # may mint an App token
-        await asyncio.to_thread(gitops.clone, url, ws.repo_dir, env=git_env)
-        base_branch = gitops.default_branch(ws.repo_dir)
-        base_commit = gitops.head_sha(ws.repo_dir) or ""
-        await report("agent.workspace_prepared", path=str(ws.path), base_commit=base_commit)
+        await asyncio.to_thread(workbench.clone, url, ws.repo_dir, env=git_env)
+        base_branch = workbench.default_branch(ws.repo_dir)
+        base_commit = workbench.head_sha(ws.repo_dir) or ""
+        await report(WorkspacePrepared(path=str(ws.path), base_commit=base_commit))
 
         # 2. analyse the codebase
         phase = "analysis"
-        languages = await asyncio.to_thread(gitops.languages, ws.repo_dir)
-        test_command = gitops.detect_test_command(ws.repo_dir)
-        await report("agent.codebase_analysed", languages=languages,
-                     test_command=tuple(test_command or ()))
+        languages = await asyncio.to_thread(workbench.languages, ws.repo_dir)
+        test_command = workbench.detect_test_command(ws.repo_dir)
+        await report(CodebaseAnalysed(languages=languages, test_command=tuple(test_command or ())))
 
         # 3. implement
         phase = "implementation"
-        branch = gitops.branch_name(task.task_id, issue.title)
-        gitops.create_branch(ws.repo_dir, branch)
+        branch = workbench.branch_name(task.task_id, issue.title)
+        workbench.create_branch(ws.repo_dir, branch)
         body = issue.body
         if task.guidance:
             body += f"\n\n## Requested for this attempt\n{task.guidance}"
@@ -136,21 +127,20 @@ async def run_pipeline(
         ), ws)
         transcript_ref = ""
         if outcome.transcript:
-            transcript_ref = await artifacts.put(f"transcripts/{prefix}.txt",
-                                                 mask_secrets(outcome.transcript).encode())
+            transcript_ref = await artifacts.put_text(f"transcripts/{prefix}.txt", outcome.transcript)
         if outcome.status == "failed":
             raise PhaseFailed("implementation", outcome.reason or "the coder failed", retryable=True)
-        files = await asyncio.to_thread(gitops.changed_files, ws.repo_dir)
+        files = await asyncio.to_thread(workbench.changed_files, ws.repo_dir)
         if not files:
             raise PhaseFailed("implementation", "the coder made no change", retryable=True)
-        diff = (await asyncio.to_thread(gitops.diff, ws.repo_dir)).encode()
+        diff = (await asyncio.to_thread(workbench.diff, ws.repo_dir)).encode()
         diff_ref = await artifacts.put(f"diffs/{prefix}.diff", diff)
-        await report(
-            "agent.implementation_produced", coder=coder.name, summary=outcome.summary[:2000],
-            files_changed=tuple(files), diff_stat=await asyncio.to_thread(gitops.diff_stat, ws.repo_dir),
+        await report(ImplementationProduced(
+            coder=coder.name, summary=outcome.summary[:2000], files_changed=tuple(files),
+            diff_stat=await asyncio.to_thread(workbench.diff_stat, ws.repo_dir),
             diff_ref=diff_ref, diff_digest=_digest(diff), turns=outcome.turns, usage=outcome.usage,
             transcript_ref=transcript_ref,
-        )
+        ))
         budget_hit = outcome.status == "budget_exhausted"
 
         # 4. tests
@@ -159,14 +149,14 @@ async def run_pipeline(
         tests_ok = True
         if test_command:
             result = await ws.run(test_command, timeout=settings.test_timeout, log_name="tests.log")
-            counts = parse_test_counts(result.output)
-            log_ref = await artifacts.put(f"logs/{prefix}/tests.log", mask_secrets(result.output).encode())
+            counts = workbench.test_counts(result.output)
+            log_ref = await artifacts.put_text(f"logs/{prefix}/tests.log", result.output)
             passed, failed = counts.passed, counts.failed + counts.errors
             tests_ok = result.exit_code == 0 and not result.timed_out
-            await report("agent.tests_run", command=tuple(test_command), exit_code=result.exit_code,
-                         passed=counts.passed, failed=counts.failed, errors=counts.errors,
-                         skipped=counts.skipped, duration=round(result.duration, 3),
-                         timed_out=result.timed_out, log_ref=log_ref)
+            await report(TestsRun(command=tuple(test_command), exit_code=result.exit_code,
+                                  passed=counts.passed, failed=counts.failed, errors=counts.errors,
+                                  skipped=counts.skipped, duration=round(result.duration, 3),
+                                  timed_out=result.timed_out, log_ref=log_ref))
             if not tests_ok and not budget_hit:
                 why = "tests timed out" if result.timed_out else (
                     f"{failed} test(s) failed" if failed else f"test command exited {result.exit_code}")
@@ -175,11 +165,11 @@ async def run_pipeline(
         # 5. commit + push
         phase = "push"
         message = f"{issue.title}\n\n{outcome.summary}\n\nResolves {issue.repo}#{issue.number} (task {task.task_id}, attempt {attempt})"
-        commit = await asyncio.to_thread(gitops.commit_all, ws.repo_dir, message,
+        commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, message,
                                          settings.author_name, settings.author_email)
-        await asyncio.to_thread(gitops.push, ws.repo_dir, branch,
+        await asyncio.to_thread(workbench.push, ws.repo_dir, branch,
                                 env=await asyncio.to_thread(forge.git_env, issue.repo))
-        await report("agent.changes_pushed", branch=branch, commit=commit)
+        await report(ChangesPushed(branch=branch, commit=commit))
 
         # 6. pull request (a draft when the budget ran out or tests did not pass)
         phase = "pull_request"
@@ -194,8 +184,8 @@ async def run_pipeline(
             repo=issue.repo, branch=branch, base=base_branch, title=issue.title, body=body,
             draft=draft, issue_number=issue.number,
         )
-        await report("agent.pr_opened", branch=branch, pr_url=url, pr_number=number, draft=draft,
-                     tests_passed=passed, tests_failed=failed)
+        await report(PullRequestOpened(branch=branch, pr_url=url, pr_number=number, draft=draft,
+                                       tests_passed=passed, tests_failed=failed))
         ws.mark_finished(outcome="pr_opened")
     except (PhaseFailed, Superseded, asyncio.CancelledError):
         raise

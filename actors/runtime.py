@@ -33,19 +33,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
-from events.codec import encode
 from events.aio import cancel_and_wait
-from infra.adapters.obs.tracing import span_from_msg
+from events.codec import encode
 from events.dead_letter import DeadLetter
 from events.errors import BadEventError, CccError, DomainError
+from events.retry import backoff
+
+from actors.ports import NO_TELEMETRY, Telemetry
 
 log = structlog.get_logger("ccc.actor")
 
 Handler = Callable[[Msg], Awaitable[None]]
-
-
-def redelivery_delay(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
-    return min(cap, base * (2 ** max(0, attempt - 1)))
 
 
 class ConsumerLoop:
@@ -64,8 +62,10 @@ class ConsumerLoop:
         name: str | None = None,
         dlq_subject: str | None = None,
         inactive_threshold: float | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.nc = nc
+        self.telemetry = telemetry
         self.js = nc.jetstream(timeout=10.0)
         self.stream = stream
         self.durable = durable
@@ -171,8 +171,8 @@ class ConsumerLoop:
             seq = msg.metadata.sequence.stream
             try:
                 # a consumer span, child of the trace the message carries
-                with span_from_msg(None, f"{self.name} handle", msg, **{"ccc.consumer": self.durable,
-                                                                        "ccc.delivery": delivered}):
+                with self.telemetry.handling(f"{self.name} handle", msg, **{"ccc.consumer": self.durable,
+                                                                            "ccc.delivery": delivered}):
                     await self.handler(msg)
             except DomainError as e:
                 log.info("actor.decision_refused", actor=self.name, seq=seq, subject=msg.subject, reason=str(e))
@@ -196,7 +196,7 @@ class ConsumerLoop:
                     await self._dead_letter(msg, "gave_up", f"{type(e).__name__}: {e}")
                     await msg.term()
                 else:
-                    await msg.nak(delay=redelivery_delay(delivered))
+                    await msg.nak(delay=backoff(delivered, 0.2, 10.0))  # 0.2, 0.4, 0.8, … 10 s
                 return
             await msg.ack()
             self.handled += 1

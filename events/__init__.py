@@ -13,7 +13,7 @@ from events.agent import (
     AgentWentOffline,
     Heartbeat,
 )
-from events.codec import Event, decode_event, decode_issue, encode
+from events.codec import BadMessage, Event, decode_event, decode_issue, encode
 from events.errors import (
     BadEventError,
     CccError,
@@ -41,6 +41,7 @@ from events.issue import (
 )
 from events.subjects import DEFAULT_NS, Namespace, task_id_for
 from events.task import (
+    Analysis,
     IssueRef,
     TaskAnalysisStarted,
     TaskAnalyzed,
@@ -68,7 +69,9 @@ __all__ = [
     "AgentTaskReleased",
     "AgentTaskStarted",
     "AgentWentOffline",
+    "Analysis",
     "BadEventError",
+    "BadMessage",
     "CccError",
     "ConcurrencyConflict",
     "ConfigError",

@@ -13,7 +13,19 @@ from typing import Literal
 
 import msgspec
 
-from events.task import SecurityLevel, Usage
+from events.payload import flat
+from events.subjects import agent_subject
+from events.task import SecurityLevel
+from events.work_reports import (
+    ChangesPushed,
+    CodebaseAnalysed,
+    ImplementationProduced,
+    PullRequestOpened,
+    TestsRun,
+    WorkFailed,
+    WorkReportBody,
+    WorkspacePrepared,
+)
 
 
 class AgentEventBase(
@@ -29,7 +41,7 @@ class AgentEventBase(
 
     @property
     def rel_subject(self) -> str:
-        return f"agent.{self.agent_id}.{self.__struct_config__.tag[6:]}"
+        return agent_subject(self.agent_id, self.__struct_config__.tag[6:])
 
 
 class AgentRegistered(AgentEventBase, tag="agent.registered"):
@@ -65,59 +77,49 @@ class WorkReport(AgentEventBase):
     attempt: int
 
 
-class AgentWorkspacePrepared(WorkReport, tag="agent.workspace_prepared"):
-    path: str
-    base_commit: str = ""
+class AgentWorkspacePrepared(flat(WorkReport, WorkspacePrepared), tag="agent.workspace_prepared"):
+    """The clone is ready at ``path`` on ``base_commit``."""
 
 
-class AgentCodebaseAnalysed(WorkReport, tag="agent.codebase_analysed"):
-    languages: dict[str, int] = {}
-    test_command: tuple[str, ...] = ()
+class AgentCodebaseAnalysed(flat(WorkReport, CodebaseAnalysed), tag="agent.codebase_analysed"):
+    """Languages found and the test command detected."""
 
 
-class AgentImplementationProduced(WorkReport, tag="agent.implementation_produced"):
-    coder: str = ""
-    summary: str = ""
-    files_changed: tuple[str, ...] = ()
-    diff_stat: str = ""
-    diff_ref: str = ""  # object store name; the diff itself is never in an event
-    diff_digest: str = ""  # sha256 of the diff
-    turns: int = 0
-    usage: Usage | None = None
-    transcript_ref: str = ""
+class AgentImplementationProduced(flat(WorkReport, ImplementationProduced), tag="agent.implementation_produced"):
+    """The coder changed files; the diff and transcript are artifacts."""
 
 
-class AgentTestsRun(WorkReport, tag="agent.tests_run"):
-    command: tuple[str, ...] = ()
-    exit_code: int | None = None
-    passed: int = 0
-    failed: int = 0
-    errors: int = 0
-    skipped: int = 0
-    duration: float = 0.0
-    timed_out: bool = False
-    log_ref: str = ""
+class AgentTestsRun(flat(WorkReport, TestsRun), tag="agent.tests_run"):
+    """The repository's own tests ran (counts parsed from the runner's summary)."""
 
 
-class AgentChangesPushed(WorkReport, tag="agent.changes_pushed"):
-    branch: str
-    commit: str
+class AgentChangesPushed(flat(WorkReport, ChangesPushed), tag="agent.changes_pushed"):
+    """The work is committed and pushed on ``branch``."""
 
 
-class AgentPullRequestOpened(WorkReport, tag="agent.pr_opened"):
-    branch: str
-    pr_url: str = ""
-    pr_number: int | None = None
-    draft: bool = False
-    tests_passed: int = 0
-    tests_failed: int = 0
+class AgentPullRequestOpened(flat(WorkReport, PullRequestOpened), tag="agent.pr_opened"):
+    """The pull request is open (a draft when tests failed or the budget ran out)."""
 
 
-class AgentWorkFailed(WorkReport, tag="agent.work_failed"):
-    phase: str
-    reason: str
-    retryable: bool = True
-    log_ref: str = ""
+class AgentWorkFailed(flat(WorkReport, WorkFailed), tag="agent.work_failed"):
+    """A phase failed; ``retryable`` says whether another attempt may help."""
+
+
+EVENT_OF_REPORT: dict[type[WorkReportBody], type[WorkReport]] = {
+    WorkspacePrepared: AgentWorkspacePrepared,
+    CodebaseAnalysed: AgentCodebaseAnalysed,
+    ImplementationProduced: AgentImplementationProduced,
+    TestsRun: AgentTestsRun,
+    ChangesPushed: AgentChangesPushed,
+    PullRequestOpened: AgentPullRequestOpened,
+    WorkFailed: AgentWorkFailed,
+}
+
+
+def report_name(report: WorkReportBody) -> str:
+    """``tests_run``, ``work_failed``: the report's tag without the aggregate, which is
+    how metrics and spans name the pipeline phase the report ends."""
+    return EVENT_OF_REPORT[type(report)].__struct_config__.tag.removeprefix("agent.")
 
 
 class AgentMaintenanceStarted(AgentEventBase, tag="agent.maintenance_started"):
@@ -159,14 +161,9 @@ AgentEvent = (
     | AgentWentOffline
 )
 
-agent_decoder = msgspec.json.Decoder(AgentEvent)
-
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     agent_id: str
     at: datetime
     active_tasks: tuple[str, ...] = ()
     seq: int = 0
-
-
-heartbeat_decoder = msgspec.json.Decoder(Heartbeat)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
@@ -17,6 +18,7 @@ import msgspec
 from msgspec.structs import replace
 
 from events.agent import (
+    EVENT_OF_REPORT,
     AgentChangesPushed,
     AgentCodebaseAnalysed,
     AgentErrored,
@@ -37,7 +39,9 @@ from events.agent import (
     WorkReport,
 )
 from events.errors import DomainError, IllegalTransition, VersionMismatch
-from events.task_state import check_id
+from events.fold import fold as fold_events
+from events.subjects import check_id
+from events.work_reports import WorkReportBody
 
 AgentStatus = Literal["offline", "idle", "busy", "overloaded", "maintenance", "error"]
 AGENT_STATUSES: tuple[str, ...] = ("offline", "idle", "busy", "overloaded", "maintenance", "error")
@@ -61,7 +65,6 @@ REPORTS: tuple[type, ...] = (
     AgentWorkspacePrepared, AgentCodebaseAnalysed, AgentImplementationProduced, AgentTestsRun,
     AgentChangesPushed, AgentPullRequestOpened, AgentWorkFailed,
 )
-REPORT_BY_TAG: dict[str, type] = {r.__struct_config__.tag: r for r in REPORTS}
 # a work report is about a task the agent holds; it never changes the agent's status
 for _report in REPORTS:
     TRANSITIONS[_report] = HOLDING
@@ -149,10 +152,9 @@ def evolve(state: AgentState | None, event: AgentEvent) -> AgentState:
     raise IllegalTransition("agent " + state.agent_id, state.status, type(event).__name__)
 
 
-def fold(events, state: AgentState | None = None) -> AgentState | None:
-    for event in events:
-        state = evolve(state, event)
-    return state
+def fold(events: Iterable[AgentEvent], state: AgentState | None = None) -> AgentState | None:
+    """The agent's state after ``events`` (applied to ``state``, or from nothing)."""
+    return fold_events(evolve, events, state)
 
 
 # -- commands -----------------------------------------------------------------------
@@ -183,12 +185,12 @@ class DeclineTask(Command, frozen=True, kw_only=True):
 
 
 class ReportWork(Command, frozen=True, kw_only=True):
-    """A pipeline phase's report; ``kind`` is the report's tag (``agent.tests_run``)."""
+    """A pipeline phase's report on a task the agent holds: ``report`` is typed
+    (:mod:`events.work_reports`), so the event it becomes is known by its type."""
 
     task_id: str
     attempt: int
-    kind: str
-    fields: dict = {}
+    report: WorkReportBody
 
 
 class ReleaseAgentTask(Command, frozen=True, kw_only=True):
@@ -219,7 +221,7 @@ class GoOffline(Command, frozen=True, kw_only=True):
 
 def decide(state: AgentState | None, command: Command) -> list[AgentEvent]:
     if isinstance(command, RegisterAgent):
-        check_id(command.agent_id, "agent id")  # it becomes a subject token
+        check_id(command.agent_id, "agent id", error=DomainError)  # it becomes a subject token
         if state is not None and state.agent_id != command.agent_id:
             raise DomainError(f"state of {state.agent_id} given for {command.agent_id}")
         if command.capacity < 1:
@@ -254,13 +256,11 @@ def decide(state: AgentState | None, command: Command) -> list[AgentEvent]:
             event = AgentTaskDeclined(**env, task_id=command.task_id, attempt=command.attempt,
                                       reason=command.reason)
         case ReportWork():
-            cls = REPORT_BY_TAG.get(command.kind)
+            cls = EVENT_OF_REPORT.get(type(command.report))
             if cls is None:
-                raise DomainError(f"unknown work report {command.kind!r}")
-            try:
-                event = cls(**env, task_id=command.task_id, attempt=command.attempt, **command.fields)
-            except TypeError as e:
-                raise DomainError(f"invalid {command.kind}: {e}") from None
+                raise DomainError(f"unknown work report {type(command.report).__name__}")
+            event = cls(**env, task_id=command.task_id, attempt=command.attempt,
+                        **msgspec.structs.asdict(command.report))
         case EnterMaintenance():
             event = AgentMaintenanceStarted(**env, reason=command.reason)
         case LeaveMaintenance():

@@ -2,6 +2,8 @@
 
 ``decode_event`` also checks that the payload was published on the subject its own
 fields imply, so an event cannot be smuggled onto another aggregate's subject.
+A message that does not decode is never fatal to a reader: :func:`decode_or_bad` turns
+it into a :class:`BadMessage` (kept for operators) and reading continues after it.
 """
 
 from __future__ import annotations
@@ -47,3 +49,25 @@ def decode_event(rel_subject: str, data: bytes) -> Event:
 def decode_issue(rel_subject: str, data: bytes) -> IssueEvent:
     """Decode a message of ``<NS>_ISSUES`` (an issue fact)."""
     return _checked(issue_decoder, rel_subject, data)
+
+
+class BadMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """A message on an event subject that could not be applied; kept for operators."""
+
+    seq: int
+    subject: str
+    error: str
+    preview: str = ""
+
+
+def bad_message(seq: int, subject: str, error: str, data: bytes) -> BadMessage:
+    return BadMessage(seq=seq, subject=subject, error=error,
+                      preview=data[:200].decode("utf-8", errors="replace"))
+
+
+def decode_or_bad(seq: int, subject: str, rel_subject: str, data: bytes) -> Event | BadMessage:
+    """The event stored at ``seq`` on ``subject``, or why it is not one."""
+    try:
+        return decode_event(rel_subject, data)
+    except BadEventError as e:
+        return bad_message(seq, subject, str(e), data)

@@ -3,6 +3,8 @@
 Domain errors are decisions ("this transition is illegal") and are never retried.
 Infrastructure errors are about the world (NATS down, a stale write) and carry
 ``retryable`` as data so the actor loop, not each handler, decides what to do.
+The adapters hang their own families off this root (a forge's errors are
+infrastructure errors), so a caller catches :class:`CccError` and reads ``retryable``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from events.errors import ConcurrencyConflict, StoreUnavailable
 WRONG_LAST_SEQUENCE = 10071
 
 
-class _AckPipeline:
+class AckPipeline:
     """Pipelined JetStream publishes with our own ack inbox.
 
     (nats-py's ``publish_async`` raises inside its reply callback when the server

@@ -12,6 +12,10 @@ Events know only their subject *within* the namespace (``rel_subject``).
 
 Tokens are sanitised ids: ``[A-Za-z0-9_=-]`` only, so they are also valid KV keys
 and never contain the NATS separators ``.``, ``*``, ``>`` or whitespace.
+
+The one validator of ids (:func:`check_id`) and of repository names (:func:`check_repo`)
+lives here too: what a user, a webhook or a forge hands us either becomes a subject token
+or a path on disk, so every entry point checks it the same way.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import re
 
 import msgspec
 
-from events.errors import ConfigError
+from events.errors import CccError, ConfigError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _ID = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
 _NS = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# ``owner/name`` or ``name``; no "_" in the owner (as on GitHub): repo_token splits owner
+# and name at the first "_"
+_REPO = re.compile(r"^([A-Za-z0-9][A-Za-z0-9.-]{0,98}/)?[A-Za-z0-9_.-]{1,100}$")
 
 
 def token(value: str) -> str:
@@ -35,19 +42,44 @@ def token(value: str) -> str:
     return out[:128]
 
 
-def check_id(value: str, what: str = "id") -> str:
-    """Validate an id given by a user; never silently rewrite it."""
+def check_id(value: str, what: str = "id", *, error: type[CccError] = ConfigError) -> str:
+    """Validate an id (it becomes a subject token); never silently rewrite it.
+
+    ``error`` is what a bad id is: bad input (:class:`ConfigError`, the default) where a
+    user or a caller gave it, a :class:`~events.errors.DomainError` inside ``decide``."""
     if not _ID.match(value or ""):
-        raise ConfigError(f"invalid {what} {value!r}: use letters, digits, '_', '-', '=' (max 128)")
+        raise error(f"invalid {what} {value!r}: use letters, digits, '_', '-', '=' (max 128)")
     return value
+
+
+def check_repo(repo: str, what: str = "repo", *, error: type[CccError] = ConfigError) -> str:
+    """Validate a repository name, ``owner/name`` or ``name`` (owned by ``local``);
+    returns it without surrounding whitespace.
+
+    The owner starts with a letter or digit and has no ``_`` (GitHub's rule, and what
+    lets :func:`repo_token` split at the first ``_``); neither part may climb out of a
+    directory (no ``..``, no leading ``.`` on the whole, no name of dots only), because
+    the local forge keeps ``<root>/<owner>/<name>.git``."""
+    repo = (repo or "").strip()
+    name = repo.rpartition("/")[2]
+    if not _REPO.match(repo) or ".." in repo or repo.startswith(".") or not name.strip("."):
+        raise error(f"invalid {what} {repo!r}: use 'owner/name' or 'name'")
+    return repo
+
+
+def repo_parts(repo: str) -> tuple[str, str]:
+    """``owner/name`` -> ``(owner, name)``; a bare ``name`` is owned by ``local``.
+    Does not validate: see :func:`check_repo`."""
+    owner, _, name = repo.strip().partition("/")
+    if not name:
+        owner, name = "local", owner
+    return owner, name
 
 
 def repo_token(repo: str) -> str:
     """``owner/name`` -> ``owner_name``. GitHub owners cannot contain ``_``, so the
     first ``_`` splits unambiguously; ``.`` and other characters become ``=``."""
-    owner, _, name = repo.strip().partition("/")
-    if not name:
-        owner, name = "local", owner
+    owner, name = repo_parts(repo)
     return f"{token(owner)}_{token(name)}"
 
 
@@ -130,9 +162,6 @@ class Namespace(msgspec.Struct, frozen=True):
     def assignments_filter(self, agent_id: str) -> str:
         """What an agent's durable consumer filters on: only its own assignments."""
         return f"{self.prefix}.task.*.assigned.{agent_id}"
-
-    def issue_filter(self, source: str = "*", repo: str | None = None) -> str:
-        return f"{self.prefix}.issue.{source}.{repo_token(repo) if repo else '*'}.>"
 
     def heartbeat_subject(self, agent_id: str) -> str:
         return f"{self.prefix}.hb.{agent_id}"

@@ -8,23 +8,23 @@ new fields get defaults, no type changes, no reused tags.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
+from events.payload import flat, payload_of
 from events.subjects import task_subject
 
 Specialty = Literal[
     "backend", "frontend", "testing", "devops", "database", "security", "documentation", "general"
 ]
-SPECIALTIES: tuple[str, ...] = (
-    "backend", "frontend", "testing", "devops", "database", "security", "documentation", "general",
-)
-Priority = Literal["low", "normal", "high", "urgent"]
-PRIORITIES: tuple[str, ...] = ("low", "normal", "high", "urgent")
+SPECIALTIES: tuple[str, ...] = get_args(Specialty)
+Priority = Literal["low", "normal", "high", "urgent"]  # in rising order
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 Complexity = Literal["trivial", "small", "medium", "large"]
-SecurityLevel = Literal["public", "internal", "confidential", "restricted"]
-SECURITY_LEVELS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
+COMPLEXITIES: tuple[str, ...] = get_args(Complexity)
+SecurityLevel = Literal["public", "internal", "confidential", "restricted"]  # in rising order
+SECURITY_LEVELS: tuple[str, ...] = get_args(SecurityLevel)
 
 
 class IssueRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -51,6 +51,24 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     dollars: float = 0.0
 
 
+class Analysis(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What analysing an issue decided about its task, each decision with its reason.
+
+    The one declaration of these fields: an analyser returns it, the ``RecordAnalysis``
+    command carries it, :class:`TaskAnalyzed` records it (flat) and the task state keeps
+    it (flat, without the usage, which is summed into the task's cost)."""
+
+    specialty: Specialty = "general"
+    requirements: tuple[str, ...] = ()
+    complexity: Complexity = "small"
+    priority: Priority = "normal"
+    security_level: SecurityLevel = "public"
+    dependencies: tuple[str, ...] = ()  # task ids that must complete first
+    reasons: tuple[str, ...] = ()
+    plan: str = ""
+    usage: Usage | None = None  # when a model was asked
+
+
 class TaskEventBase(
     msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False, omit_defaults=True
 ):
@@ -65,7 +83,7 @@ class TaskEventBase(
 
     @property
     def rel_subject(self) -> str:
-        return f"task.{self.task_id}.{self.__struct_config__.tag[5:]}"
+        return task_subject(self.task_id, self.__struct_config__.tag[5:])
 
 
 class TaskCreated(TaskEventBase, tag="task.created"):
@@ -77,16 +95,12 @@ class TaskAnalysisStarted(TaskEventBase, tag="task.analysis_started"):
     analyser: str = "rules"
 
 
-class TaskAnalyzed(TaskEventBase, tag="task.analyzed"):
-    specialty: Specialty = "general"
-    requirements: tuple[str, ...] = ()
-    complexity: Complexity = "small"
-    priority: Priority = "normal"
-    security_level: SecurityLevel = "public"
-    dependencies: tuple[str, ...] = ()  # task ids that must complete first
-    reasons: tuple[str, ...] = ()
-    plan: str = ""
-    usage: Usage | None = None
+class TaskAnalyzed(flat(TaskEventBase, Analysis), tag="task.analyzed"):
+    """The task's :class:`Analysis`, its fields flat beside the envelope's."""
+
+    @property
+    def analysis(self) -> Analysis:
+        return payload_of(self, Analysis)
 
 
 class TaskAssigned(TaskEventBase, tag="task.assigned"):
@@ -166,5 +180,3 @@ TaskEvent = (
     | TaskCancellationRequested
     | TaskCancelled
 )
-
-task_decoder = msgspec.json.Decoder(TaskEvent)

@@ -8,7 +8,7 @@ from typing import Literal
 
 import msgspec
 
-from events.task import IssueRef, Usage
+from events.task import Analysis, IssueRef, Usage
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,15 +28,7 @@ class StartAnalysis(Command, frozen=True, kw_only=True):
 
 
 class RecordAnalysis(Command, frozen=True, kw_only=True):
-    specialty: str = "general"
-    requirements: tuple[str, ...] = ()
-    complexity: str = "small"
-    priority: str = "normal"
-    security_level: str = "public"
-    dependencies: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
-    plan: str = ""
-    usage: Usage | None = None
+    analysis: Analysis = msgspec.field(default_factory=Analysis)
 
 
 class AssignTask(Command, frozen=True, kw_only=True):

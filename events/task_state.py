@@ -10,37 +10,19 @@ on the command, and every event's id is its aggregate position.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Literal
 
 import msgspec
 from msgspec.structs import replace
 
-from events.errors import ConfigError, DomainError, IllegalTransition, VersionMismatch
-from events.subjects import check_id as _check_id
-from events.task_commands import (  # callers use them as task_state.X
-    AssignTask,
-    CancelTask,
-    Command,
-    CompleteTask,
-    CreateTask,
-    FailTask,
-    OpenPullRequest,
-    RecordAnalysis,
-    RequeueTask,
-    RetryTask,
-    StartAnalysis,
-    StartTask,
-    StartTests,
-)
-
-
-def check_id(value: str, what: str) -> None:
-    try:
-        _check_id(value, what)
-    except ConfigError as e:
-        raise DomainError(str(e)) from None
+from events.errors import DomainError, IllegalTransition, VersionMismatch
+from events.fold import fold as fold_events
+from events.retry import backoff
+from events.subjects import check_id
 from events.task import (
+    Analysis,
     IssueRef,
     TaskAnalysisStarted,
     TaskAnalyzed,
@@ -56,6 +38,21 @@ from events.task import (
     TaskStarted,
     TaskTestsStarted,
     Usage,
+)
+from events.task_commands import (  # callers use them as task_state.X
+    AssignTask,
+    CancelTask,
+    Command,
+    CompleteTask,
+    CreateTask,
+    FailTask,
+    OpenPullRequest,
+    RecordAnalysis,
+    RequeueTask,
+    RetryTask,
+    StartAnalysis,
+    StartTask,
+    StartTests,
 )
 
 TaskStatus = Literal[
@@ -95,6 +92,9 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     updated_at: datetime
     max_attempts: int = 3
     attempt: int = 1
+    # the task's Analysis (events.task), flat and in its order, its usage summed into the
+    # cost below: flat because the views, the KV bucket and `ccc tasks --json` show the
+    # state as it is (tests/unit/test_task_state.py checks the two agree)
     specialty: str = "general"
     requirements: tuple[str, ...] = ()
     complexity: str = "small"
@@ -170,13 +170,13 @@ def _status_only(s: TaskState, e: TaskEvent, status: str) -> TaskState:
     return replace(s, version=e.version, updated_at=e.occurred_at, status=status)
 
 
+ANALYSIS_IN_STATE: tuple[str, ...] = tuple(f for f in Analysis.__struct_fields__ if f != "usage")
+
+
 def _analyzed(s: TaskState, e: TaskAnalyzed, status: str) -> TaskState:
-    return _add_usage(
-        s, e.usage, version=e.version, updated_at=e.occurred_at, status=status,
-        specialty=e.specialty, requirements=e.requirements, complexity=e.complexity,
-        priority=e.priority, security_level=e.security_level, dependencies=e.dependencies,
-        reasons=e.reasons, plan=e.plan,
-    )
+    analysis = {name: getattr(e, name) for name in ANALYSIS_IN_STATE}
+    return _add_usage(s, e.usage, version=e.version, updated_at=e.occurred_at, status=status,
+                      **analysis)
 
 
 def _assigned(s: TaskState, e: TaskAssigned, status: str) -> TaskState:
@@ -239,15 +239,9 @@ _APPLY = {
 assert _APPLY.keys() == TRANSITIONS.keys()
 
 
-def fold(events, state: TaskState | None = None) -> TaskState | None:
-    for event in events:
-        state = evolve(state, event)
-    return state
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Delay before attempt ``attempt + 1``: base, 2*base, 4*base, … capped."""
-    return min(cap, base * (2 ** max(0, attempt - 1)))
+def fold(events: Iterable[TaskEvent], state: TaskState | None = None) -> TaskState | None:
+    """The task's state after ``events`` (applied to ``state``, or from nothing)."""
+    return fold_events(evolve, events, state)
 
 
 def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
@@ -256,7 +250,7 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
     if isinstance(command, CreateTask):
         if state is not None:
             raise IllegalTransition("task " + command.task_id, state.status, "create")
-        check_id(command.task_id, "task id")  # it becomes a subject token
+        check_id(command.task_id, "task id", error=DomainError)  # it becomes a subject token
         if command.max_attempts < 1:
             raise DomainError("max_attempts must be at least 1")
         return [_validated(TaskCreated(**_env(command, command.task_id, 1), issue=command.issue,
@@ -269,7 +263,7 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
         case StartAnalysis():
             event = TaskAnalysisStarted(**env, analyser=command.analyser)
         case RecordAnalysis():
-            event = TaskAnalyzed(**env, **_payload(command))
+            event = TaskAnalyzed(**env, **msgspec.structs.asdict(command.analysis))
         case AssignTask():
             _require(state, "queued", "assign")
             if state.not_before is not None and command.at < state.not_before:
@@ -299,6 +293,7 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
                 raise DomainError(f"task {state.task_id}: cancellation requested, not retrying")
             if state.attempt >= state.max_attempts:
                 raise DomainError(f"task {state.task_id}: attempts exhausted ({state.attempt}/{state.max_attempts})")
+            # retry number n waits backoff_base * 2**(n-1), capped
             delay = backoff(state.attempt, command.backoff_base, command.backoff_max)
             event = TaskRequeued(**env, reason="retry", attempt=state.attempt + 1,
                                  not_before=command.at + timedelta(seconds=delay),

@@ -6,8 +6,8 @@ does not reset them, and every replica of the status API reports the same number
 the same log position. Counts the current states cannot give (events by type, tokens,
 dollars, coder turns, test runs) come from :class:`LogCounters`, a pure fold kept next
 to the read model. Process-side numbers (HTTP requests of this API process, pipeline
-phases of this agent process) are ordinary client metrics: :class:`ApiMetrics`,
-:class:`AgentMetrics`.
+phases of this agent process) are ordinary client metrics kept with the adapters that
+measure them (``infra.adapters.http``, ``infra.adapters.obs.metrics``).
 
 Naming follows the seed design (``claude_*``). ``claude_tasks_total`` and
 ``claude_agents_total`` keep the seed's names but are gauges: the number of tasks/agents
@@ -15,44 +15,30 @@ Naming follows the seed design (``claude_*``). ``claude_tasks_total`` and
 history is ``claude_events_total{type}``: e.g. ``rate(claude_events_total{type=
 "task.completed"}[1h])``.
 
-The HTTP side (API request metrics, the ``/metrics`` route and server) is in
-:mod:`projections.metrics_http`, re-exported here.
+The HTTP side (API request metrics, the ``/metrics`` endpoint and server) is in
+:mod:`infra.adapters.http.metrics`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from events.agent import AgentImplementationProduced, AgentTestsRun
 from events.agent_state import AGENT_STATUSES
-from events.store import BadMessage
+from events.codec import BadMessage
 from events.task import TaskAnalyzed, TaskTestsStarted, Usage
 from events.task_state import ACTIVE, TaskState
-
-from projections.metrics_http import (
-    API_DURATION_BUCKETS,
-    ApiMetrics,
-    MetricsMiddleware,
-    MetricsServer,
-    metrics_response,
-    metrics_route,
-    serve_metrics,
-)
 
 if TYPE_CHECKING:
     from projections.read_model import ReadModel
 
 TASK_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
-PHASE_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 UNKNOWN = "unknown"
 
 
@@ -252,33 +238,4 @@ class ClusterMetrics(Collector):
         yield from families
 
 
-# -- an agent process's own work ---------------------------------------------------------------
-class AgentMetrics:
-    """What an agent process measures about its own work (not facts of the log)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.phase_seconds = Histogram(
-            "claude_agent_phase_duration_seconds", "Pipeline phase duration in this process",
-            ["agent_id", "phase", "outcome"], registry=self.registry, buckets=PHASE_DURATION_BUCKETS)
-        self.tasks = Counter("claude_agent_tasks_processed", "Task attempts finished by this process",
-                             ["agent_id", "outcome"], registry=self.registry)
-        self.running = Gauge("claude_agent_running_tasks", "Tasks this process is working on",
-                             ["agent_id"], registry=self.registry)
-
-    @contextlib.contextmanager
-    def phase(self, agent_id: str, phase: str) -> Iterator[None]:
-        """Time a phase; ``outcome`` is ``ok``, ``error`` or ``cancelled``."""
-        start, outcome = time.perf_counter(), "error"
-        try:
-            yield
-            outcome = "ok"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            self.phase_seconds.labels(agent_id, phase, outcome).observe(time.perf_counter() - start)
-
-
-__all__ = ["API_DURATION_BUCKETS", "AgentMetrics", "ApiMetrics", "ClusterMetrics", "LogCounters",
-           "MetricsMiddleware", "MetricsServer", "metrics_response", "metrics_route", "serve_metrics"]
+__all__ = ["ClusterMetrics", "LogCounters"]

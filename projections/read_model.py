@@ -19,9 +19,8 @@ import msgspec
 from events.agent import AgentEvent
 from events.agent_state import AgentState
 from events.agent_state import evolve as evolve_agent
-from events.codec import Event
+from events.codec import BadMessage, Event
 from events.errors import DomainError
-from events.store import BadMessage
 from events.task import TaskAssigned, TaskEventBase
 from events.task_state import WITH_AGENT, TaskState
 from events.task_state import evolve as evolve_task

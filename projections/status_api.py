@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import structlog
@@ -44,7 +45,7 @@ from events.task import SPECIALTIES
 from events.task_state import TASK_STATUSES
 
 from projections.live import LiveReadModel
-from projections.metrics import ApiMetrics, ClusterMetrics, LogCounters, metrics_route
+from projections.metrics import ClusterMetrics, LogCounters
 from projections.read_model import ClusterView
 from projections.status_views import (
     MIN_SEQ_TIMEOUT,
@@ -58,7 +59,6 @@ from projections.status_views import (
     TaskEvents,
     TaskOut,
     TaskPage,
-    _choices,
 )
 
 log = structlog.get_logger("ccc.api")
@@ -90,6 +90,16 @@ View = NamedDependency[StatusReader]  # the reader, once it has applied min_seq
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
     return {c: ResponseSpec(data_container=ErrorBody, description=HTTPStatus(c).phrase) for c in codes}
+
+
+def _choices(values: list[str] | None, allowed: tuple[str, ...], param: str) -> frozenset[str] | None:
+    """``?state=a&state=b`` and ``?state=a,b`` both mean a or b; none means any."""
+    chosen = {v.strip() for raw in values or () for v in raw.split(",") if v.strip()}
+    unknown = sorted(chosen.difference(allowed))
+    if unknown:
+        raise ApiError(400, f"unknown {param} {', '.join(map(repr, unknown))}; "
+                            f"expected one of: {', '.join(allowed)}", param)
+    return frozenset(chosen) or None
 
 
 async def _provide_view(reader: Reader, min_seq: MinSeq = None) -> StatusReader:
@@ -231,17 +241,12 @@ HANDLERS = [list_tasks, get_task, task_events, list_agents, get_agent, agent_tas
             bad_events, health]
 
 
-def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT) -> Litestar:
-    """The status API over ``live``. The caller owns ``live`` (starts and stops it)."""
-    reader = StatusReader(live, min_seq_timeout=min_seq_timeout)
-
-    def provide_reader() -> StatusReader:
-        return reader
-
-    # metrics: facts of the log come from the live model (a restart rebuilds them), the
-    # API's own request counts from this process; one registry per app
-    registry = CollectorRegistry()
-    api_metrics = ApiMetrics(registry)
+def register_log_metrics(live: LiveReadModel, registry: CollectorRegistry) -> Callable[[], Awaitable[None]]:
+    """Register the facts of the log in ``registry``: :class:`ClusterMetrics` over
+    ``live``'s model, with :class:`LogCounters` fed by ``live`` (a restart rebuilds
+    them). Call it before ``live`` replays, so the counters ride along from seq 1.
+    Returns what to await before each scrape: it refreshes the stream's last
+    sequence, for the lag gauge."""
     counters = LogCounters()
     if live.model.last_seq:  # created after the replay: fold what the model already has
         log.warning("api.metrics_started_late", applied=live.model.last_seq)
@@ -253,9 +258,22 @@ def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT)
         with contextlib.suppress(StoreUnavailable, TimeoutError, asyncio.TimeoutError):
             live.stream_last_seq = await asyncio.wait_for(live.store.last_seq(), HEALTH_NATS_TIMEOUT)
 
+    return refresh_lag
+
+
+def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
+               route_handlers: Sequence[Any] = (), middleware: Sequence[Any] = ()) -> Litestar:
+    """The status API over ``live``. The caller owns ``live`` (starts and stops it), and
+    adds what is served beside the API: ``route_handlers`` (``/metrics``) and ASGI
+    ``middleware`` (the request metrics)."""
+    reader = StatusReader(live, min_seq_timeout=min_seq_timeout)
+
+    def provide_reader() -> StatusReader:
+        return reader
+
     return Litestar(
-        route_handlers=[*HANDLERS, metrics_route(registry, before=refresh_lag)],
-        middleware=[api_metrics.middleware],
+        route_handlers=[*HANDLERS, *route_handlers],
+        middleware=list(middleware),
         logging_config=None,  # our logging (with its masking processor) stays in charge
         dependencies={
             "reader": Provide(provide_reader, sync_to_thread=False),
@@ -284,4 +302,4 @@ def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT)
 
 __all__ = ["API_VERSION", "HANDLERS", "HEALTH_NATS_TIMEOUT", "MIN_SEQ_TIMEOUT", "OPENAPI_PATH", "PREFIX",
            "AgentOut", "AgentPage", "ApiError", "BadEvents", "ErrorBody", "Health", "StatusReader",
-           "TaskEvents", "TaskOut", "TaskPage", "create_app"]
+           "TaskEvents", "TaskOut", "TaskPage", "create_app", "register_log_metrics"]

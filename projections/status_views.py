@@ -12,7 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from events.agent_state import AgentState
-from events.store import BadMessage
+from events.codec import BadMessage
 from events.task_state import TaskState
 
 from projections.live import LiveReadModel
@@ -168,13 +168,3 @@ def _out(cls: type, state: msgspec.Struct, seq: int) -> Any:
 
 def _next(offset: int, limit: int, total: int) -> int | None:
     return offset + limit if offset + limit < total else None
-
-
-def _choices(values: list[str] | None, allowed: tuple[str, ...], param: str) -> frozenset[str] | None:
-    """``?state=a&state=b`` and ``?state=a,b`` both mean a or b; none means any."""
-    chosen = {v.strip() for raw in values or () for v in raw.split(",") if v.strip()}
-    unknown = sorted(chosen.difference(allowed))
-    if unknown:
-        raise ApiError(400, f"unknown {param} {', '.join(map(repr, unknown))}; "
-                            f"expected one of: {', '.join(allowed)}", param)
-    return frozenset(chosen) or None

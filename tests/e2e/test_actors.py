@@ -14,8 +14,12 @@ from actors.coordinator import Coordinator, CoordinatorConfig
 from actors.pipeline import PipelineSettings
 from events.issue import IssuePullRequestMerged
 from infra.adapters.coders.scripted import ScriptedCoder
-from infra.adapters.forge.local_client import LocalForgeClient
-from infra.adapters.forge.local import LocalForge
+from infra.adapters.git.workbench import GitWorkbench
+from infra.adapters.nats.artifacts import ObjectStoreArtifacts
+from infra.adapters.obs.metrics import AgentMetrics
+from infra.adapters.obs.telemetry import OtelTelemetry
+from infra.adapters.obs.tracing import setup_tracing
+from infra.adapters.forge.local import LocalForge, LocalForgeClient
 from tests.conftest import eventually
 from tests.integration.test_coordinator import opened, publish_issue
 
@@ -52,11 +56,14 @@ def scripts(tmp_path) -> Path:
     return d
 
 
-def make_agent(nc, ns, tmp_path, forge, scripts, agent_id, specialties=("backend", "general"), capacity=1):
+def make_agent(nc, ns, tmp_path, forge, scripts, agent_id, specialties=("backend", "general"), capacity=1,
+               telemetry=None):
     config = AgentConfig(agent_id=agent_id, specialties=specialties, capacity=capacity,
                          heartbeat_interval=0.2, shutdown_grace=0.5,
-                         pipeline=PipelineSettings(workspace_root=str(tmp_path / "ws"), test_timeout=60))
-    return Agent(nc, ns, config, coder=ScriptedCoder(scripts), forge=LocalForgeClient(forge.root))
+                         pipeline=PipelineSettings(test_timeout=60))
+    return Agent(nc, ns, config, workbench=GitWorkbench(tmp_path / "ws"), coder=ScriptedCoder(scripts),
+                 forge=LocalForgeClient(forge.root), artifacts=ObjectStoreArtifacts(nc, ns.artifacts_bucket),
+                 telemetry=telemetry or OtelTelemetry())
 
 
 @pytest.fixture
@@ -99,6 +106,46 @@ async def test_issue_becomes_a_pushed_branch_with_passing_tests(nc, ns, store, c
     await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m1", repo="acme/calc", number=1,
                                                        occurred_at=datetime.now(timezone.utc)))
     await eventually(lambda: state(coordinator, "acme_calc-1") == "completed")
+
+
+async def test_an_attempt_is_traced_and_measured_phase_by_phase(nc, ns, store, tmp_path, forge, scripts):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry
+
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing("ccc-test", exporter=exporter, set_global=False,
+                             environ={"OTEL_TRACES_EXPORTER": "none"})
+    metrics = AgentMetrics(CollectorRegistry())
+    coordinator = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=5))
+    agent = make_agent(nc, ns, tmp_path, forge, scripts, "agent-traced",
+                       telemetry=OtelTelemetry(metrics, tracer=provider.get_tracer("test")))
+    await coordinator.start()
+    await agent.start()
+    try:
+        await publish_issue(nc, ns, opened(1, "Fix add in calc.py", labels=["backend"], repo="acme/calc"))
+        await eventually(lambda: state(coordinator, "acme_calc-1") == "review", timeout=30)
+        await eventually(lambda: not agent.running)
+    finally:
+        await agent.stop()
+        await coordinator.stop()
+        provider.shutdown()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    attempt = spans["agent.task"]
+    assert attempt.attributes["ccc.outcome"] == "done" and attempt.attributes["ccc.task_id"] == "acme_calc-1"
+    handler = spans["agent-agent-traced handle"]  # the consumer span of the assignment
+    assert attempt.parent.span_id == handler.context.span_id
+    phases = ("workspace_prepared", "codebase_analysed", "implementation_produced", "tests_run",
+              "changes_pushed", "pr_opened")
+    for phase in phases:  # one span per phase, in the attempt's trace, back to back
+        span = spans[f"pipeline.{phase}"]
+        assert span.parent.span_id == attempt.context.span_id
+    for before, after in zip(phases, phases[1:]):
+        assert spans[f"pipeline.{before}"].end_time == spans[f"pipeline.{after}"].start_time
+    done = metrics.registry.get_sample_value
+    assert done("claude_agent_tasks_processed_total", {"agent_id": "agent-traced", "outcome": "done"}) == 1
+    assert done("claude_agent_running_tasks", {"agent_id": "agent-traced"}) == 0
+    assert done("claude_agent_phase_duration_seconds_count",
+                {"agent_id": "agent-traced", "phase": "tests_run", "outcome": "ok"}) == 1
 
 
 async def test_two_issues_in_parallel_on_two_agents(nc, ns, cluster):

@@ -16,10 +16,13 @@ import pytest
 from events import agent_state as ag
 from events import task_state as ts
 from events.subjects import Namespace
-from events.task import IssueRef
-from infra.shell.chaos.suite import CCC, ChaosOptions, clean_env, run_chaos
+from events.task import Analysis, IssueRef
+from events.work_reports import PullRequestOpened
 from infra.shell.chaos.checks import LogRecord, check_log, percentile, read_log
+from infra.shell.chaos.model import ChaosOptions
+from infra.shell.chaos.processes import CCC, clean_env
 from infra.shell.chaos.scenarios import SCENARIOS
+from infra.shell.chaos.suite import run_chaos
 from infra.adapters.nats.cluster import NatsCluster, stream_leader, wait_for_jetstream, wait_for_leader
 from infra.adapters.nats.connection import connect
 from infra.adapters.nats.provisioning import provision
@@ -64,13 +67,13 @@ def happy_path(log: Log, tid: str = "chaos_calc-1", agent: str = "a1") -> None:
         log.agent(agent, ag.RegisterAgent(at=T0, actor=agent, agent_id=agent, specialties=("backend",)))
     log.task(tid, ts.CreateTask(**c, task_id=tid, issue=ISSUE))
     log.task(tid, ts.StartAnalysis(**c))
-    log.task(tid, ts.RecordAnalysis(**c, specialty="backend"))
+    log.task(tid, ts.RecordAnalysis(**c, analysis=Analysis(specialty="backend")))
     log.task(tid, ts.AssignTask(**c, agent_id=agent))
     [started] = log.agent(agent, ag.StartAgentTask(at=T0, actor=agent, task_id=tid, attempt=1))
     log.task(tid, ts.StartTask(**c, agent_id=agent, causation_id=started.event_id))
     log.task(tid, ts.StartTests(**c, agent_id=agent))
-    [pr] = log.agent(agent, ag.ReportWork(at=T0, actor=agent, task_id=tid, attempt=1, kind="agent.pr_opened",
-                                          fields={"branch": "ccc/x"}))
+    [pr] = log.agent(agent, ag.ReportWork(at=T0, actor=agent, task_id=tid, attempt=1,
+                                          report=PullRequestOpened(branch="ccc/x")))
     log.task(tid, ts.OpenPullRequest(**c, agent_id=agent, branch="ccc/x", causation_id=pr.event_id))
 
 
@@ -140,7 +143,7 @@ def test_a_transition_caused_by_a_stale_report_is_flagged():
 
 
 def test_injected_poison_is_not_counted_but_other_bad_messages_are():
-    from events.store import BadMessage
+    from events.codec import BadMessage
 
     log = Log()
     happy_path(log)

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from events import agent_state as ag
 from events import task_state as ts
 from events.codec import encode
-from events.task import IssueRef, TaskStarted
+from events.task import Analysis, IssueRef, TaskStarted
 from infra.shell.cli.main import cli
 
 pytestmark = pytest.mark.timeout(60)
@@ -87,7 +87,8 @@ async def seed(store) -> dict:
                                                      specialties=("backend", "testing"), capacity=2)])
     await _task(store, "acme_web-1", [
         ts.StartAnalysis(at=at, actor="coordinator"),
-        ts.RecordAnalysis(at=at, actor="coordinator", specialty="backend", priority="high"),
+        ts.RecordAnalysis(at=at, actor="coordinator",
+                          analysis=Analysis(specialty="backend", priority="high")),
         ts.AssignTask(at=at, actor="coordinator", agent_id="agent-1"),
     ])
     assigned_seq = await store.last_seq()

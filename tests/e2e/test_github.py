@@ -25,6 +25,9 @@ from actors.forge_sync import ForgeSync
 from actors.pipeline import PipelineSettings
 from infra.adapters.coders.anthropic_coder import AnthropicCoder
 from infra.adapters.forge.github import GitHubForge
+from infra.adapters.git.workbench import GitWorkbench
+from infra.adapters.nats.artifacts import ObjectStoreArtifacts
+from infra.adapters.obs.masking import mask_secrets
 from events.codec import encode
 from infra.adapters.http.webhook import WebhookServer
 from tests.conftest import eventually
@@ -88,9 +91,10 @@ async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_gith
     coordinator = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=10))
     agent = Agent(nc, ns, AgentConfig(
         agent_id="gh-agent", specialties=("general",), heartbeat_interval=0.5,
-        pipeline=PipelineSettings(workspace_root=str(tmp_path / "ws"), test_timeout=60)),
-        coder=coder, forge=forge)
-    sync = ForgeSync(nc, ns, forge, live=coordinator.live)
+        pipeline=PipelineSettings(test_timeout=60)),
+        workbench=GitWorkbench(tmp_path / "ws"), coder=coder, forge=forge,
+        artifacts=ObjectStoreArtifacts(nc, ns.artifacts_bucket))
+    sync = ForgeSync(nc, ns, forge, mask=mask_secrets, live=coordinator.live)
     hooks = WebhookServer(nc, ns, port=0, secret=SECRET)
     await coordinator.start()
     await agent.start()

@@ -10,11 +10,11 @@ from pathlib import Path
 import anthropic
 import pytest
 from tests.fakes.anthropic_api import ApiError, FakeAnthropic, fake_anthropic, reply, tool_call, tool_calls, usage  # noqa: F401
-from structlog.testing import capture_logs
 
 from events.subjects import task_id_for
 from infra.adapters.git import gitops
-from infra.adapters.coders import Budget, Coder, CodeRequest
+from actors.ports import Coder
+from events.work import Budget, CodeRequest
 from infra.adapters.coders import prices
 from infra.adapters.coders.anthropic_coder import AnthropicCoder
 from infra.adapters.git.workspace import Workspace
@@ -269,22 +269,6 @@ async def test_default_client_reads_the_environment(ws: Workspace, fake: FakeAnt
     assert coder.client().max_retries == 4
     assert fake.requests[0].api_key == "env-key-123456"
     assert fake.requests[0].body["model"] == "claude-haiku-4-5"
-
-
-def test_prices() -> None:
-    assert prices.cost("claude-sonnet-4-5-20250929", input_tokens=1_000_000, output_tokens=1_000_000) == 18.0
-    assert prices.cost("claude-opus-4-6", cache_write_tokens=1_000_000, cache_read_tokens=1_000_000) == 6.75
-    assert prices.cost("claude-haiku-4-5", input_tokens=2_000_000) == 2.0
-    # Haiku 5.5 bills a long prompt at its higher tier
-    assert prices.cost("claude-haiku-5-5", input_tokens=100_000) == pytest.approx(0.01)
-    assert prices.cost("claude-haiku-5-5", input_tokens=100_001) == pytest.approx(0.0500005)
-    with capture_logs() as logs:
-        price, known = prices.price_for("claude-unknown-9")
-        prices.price_for("claude-unknown-9")
-    assert not known and price == prices.CONSERVATIVE
-    assert [entry["event"] for entry in logs] == ["prices.unknown_model"]  # warned once
-    assert all(p.input <= prices.CONSERVATIVE.input and p.output <= prices.CONSERVATIVE.output
-               for p in prices.PRICES.values())
 
 
 async def test_file_tools_directly(ws: Workspace) -> None:

@@ -1,5 +1,6 @@
-"""The Claude analyser against a local Messages API server (real ``anthropic`` client):
-a good structured answer is used; anything else falls back to the rules, saying why."""
+"""The Claude analyser (the policy in ``actors``, its model in ``infra``) against a local
+Messages API server (real ``anthropic`` client): a good structured answer is used;
+anything else falls back to the rules, saying why."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from actors.claude_analysis import TOOL_NAME, ClaudeAnalyser
 from events.subjects import task_id_for
 from events.task import IssueRef
 from infra.adapters.coders import prices
+from infra.adapters.coders.claude_analyser import ClaudeToolModel
+from infra.adapters.obs.masking import mask_secrets
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,9 +34,9 @@ def fake(fake_anthropic: tuple[FakeAnthropic, str]) -> FakeAnthropic:  # noqa: F
     return fake_anthropic[0]
 
 
-def analyser_for(fake: FakeAnthropic, **kw) -> ClaudeAnalyser:
-    client = anthropic.AsyncAnthropic(api_key="test-key", base_url=fake.base_url, max_retries=kw.pop("retries", 0))
-    return ClaudeAnalyser(client=client, model=MODEL, **kw)
+def analyser_for(fake: FakeAnthropic, *, retries: int = 0) -> ClaudeAnalyser:
+    client = anthropic.AsyncAnthropic(api_key="test-key", base_url=fake.base_url, max_retries=retries)
+    return ClaudeAnalyser(ClaudeToolModel(client=client, model=MODEL), mask=mask_secrets)
 
 
 async def test_good_structured_result(fake: FakeAnthropic) -> None:
@@ -41,7 +44,7 @@ async def test_good_structured_result(fake: FakeAnthropic) -> None:
     analyser: Analyser = analyser_for(fake)  # the protocol the coordinator takes
     assert analyser.name == "claude" and inspect.iscoroutinefunction(analyser.analyse)
     a = await analyser.analyse(ISSUE)
-    assert a.analyser == "claude"
+    assert a.reasons[0] == f"analysed by Claude ({MODEL})"
     assert (a.specialty, a.complexity, a.priority, a.security_level) == ("backend", "small", "high", "public")
     assert a.dependencies == (task_id_for("acme/shop", 40), task_id_for("acme/shop", 41))  # not itself
     assert a.requirements == ("fastapi", "python") and a.plan.startswith("1. Reproduce")
@@ -74,7 +77,7 @@ async def test_garbage_result_falls_back_to_rules(fake: FakeAnthropic, answer: d
     fake.add(answer)
     a = await analyser_for(fake).analyse(ISSUE)
     rules = analyse_issue(ISSUE)
-    assert (a.analyser, a.specialty, a.dependencies) == ("rules", rules.specialty, rules.dependencies)
+    assert (a.specialty, a.dependencies) == (rules.specialty, rules.dependencies)
     assert a.reasons[:-1] == rules.reasons
     assert a.reasons[-1].startswith("Claude unavailable (") and a.reasons[-1].endswith("rule-based analysis used")
     assert a.usage is not None and a.usage.dollars > 0  # the call was made and paid for
@@ -83,7 +86,7 @@ async def test_garbage_result_falls_back_to_rules(fake: FakeAnthropic, answer: d
 async def test_api_error_falls_back_to_rules(fake: FakeAnthropic) -> None:
     fake.add(*[ApiError(500, "api_error", "Internal server error", {"retry-after": "0"})] * 2)
     a = await analyser_for(fake, retries=1).analyse(ISSUE)
-    assert a.analyser == "rules" and len(fake.requests) == 2
+    assert a.reasons[:-1] == analyse_issue(ISSUE).reasons and len(fake.requests) == 2
     assert "Claude unavailable (Anthropic API error: 500 api_error: Internal server error)" in a.reasons[-1]
     assert a.usage is None
 
@@ -92,7 +95,7 @@ async def test_forced_tool_choice_rejected_retries_with_auto(fake: FakeAnthropic
     fake.add(ApiError(400, "invalid_request_error", "tool_choice: type \"tool\" is not supported for this model"),
              tool_call(TOOL_NAME, GOOD))
     a = await analyser_for(fake).analyse(ISSUE)
-    assert a.analyser == "claude" and a.specialty == "backend"
+    assert a.reasons[0].startswith("analysed by Claude") and a.specialty == "backend"
     assert [r.body["tool_choice"]["type"] for r in fake.requests] == ["tool", "auto"]
 
 
@@ -103,6 +106,14 @@ async def test_not_configured_falls_back_without_a_request(fake: FakeAnthropic, 
     monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "no-config"))
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
     monkeypatch.setenv("HOME", str(tmp_path))
-    a = await ClaudeAnalyser().analyse(ISSUE)
-    assert a.analyser == "rules" and "not configured" in a.reasons[-1]
+    a = await ClaudeAnalyser(ClaudeToolModel(), mask=mask_secrets).analyse(ISSUE)
+    assert a.reasons[:-1] == analyse_issue(ISSUE).reasons and "not configured" in a.reasons[-1]
     assert fake.requests == []
+
+
+async def test_the_reason_recorded_carries_no_secret(fake: FakeAnthropic) -> None:
+    leaked = "sk-ant-api03-" + "x" * 40
+    fake.add(ApiError(500, "api_error", f"upstream said: bad key {leaked}", {"retry-after": "0"}))
+    a = await analyser_for(fake).analyse(ISSUE)
+    assert "Claude unavailable (Anthropic API error: 500" in a.reasons[-1]
+    assert leaked not in a.reasons[-1] and "***" in a.reasons[-1]

@@ -15,7 +15,8 @@ import pytest
 
 from events.subjects import task_id_for
 from events.task import Usage
-from infra.adapters.coders import Budget, Coder, CodeRequest
+from actors.ports import Coder
+from events.work import Budget, CodeRequest
 from infra.adapters.coders.claude_cli import ClaudeCodeCoder
 from infra.adapters.git.workspace import Workspace
 

@@ -11,6 +11,7 @@ from actors.coordinator import Coordinator, CoordinatorConfig
 from events import agent_state as ag
 from events.codec import encode
 from events.issue import IssueOpened, IssuePullRequestMerged
+from events.work_reports import ImplementationProduced, PullRequestOpened, WorkFailed
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,9 +50,8 @@ class FakeAgent:
     async def start(self, task_id, attempt=1):
         await self.do(ag.StartAgentTask(at=now(), actor=self.id, task_id=task_id, attempt=attempt))
 
-    async def report(self, task_id, kind, attempt=1, **fields):
-        await self.do(ag.ReportWork(at=now(), actor=self.id, task_id=task_id, attempt=attempt,
-                                    kind=kind, fields=fields))
+    async def report(self, task_id, report, attempt=1):
+        await self.do(ag.ReportWork(at=now(), actor=self.id, task_id=task_id, attempt=attempt, report=report))
 
     async def release(self, task_id, outcome="done", attempt=1):
         await self.do(ag.ReleaseAgentTask(at=now(), actor=self.id, task_id=task_id, outcome=outcome,
@@ -100,9 +100,9 @@ async def test_full_happy_path_through_reports(nc, ns, store, coordinator):
     await eventually(lambda: status(coordinator, "acme_app-3") == "assigned")
     await agent.start("acme_app-3")
     await eventually(lambda: status(coordinator, "acme_app-3") == "in_progress")
-    await agent.report("acme_app-3", "agent.implementation_produced", files_changed=["app.py"], diff_stat="1 file")
+    await agent.report("acme_app-3", ImplementationProduced(files_changed=["app.py"], diff_stat="1 file"))
     await eventually(lambda: status(coordinator, "acme_app-3") == "testing")
-    await agent.report("acme_app-3", "agent.pr_opened", branch="ccc/task-acme_app-3-fix", tests_passed=3)
+    await agent.report("acme_app-3", PullRequestOpened(branch="ccc/task-acme_app-3-fix", tests_passed=3))
     await eventually(lambda: status(coordinator, "acme_app-3") == "review")
     await agent.release("acme_app-3")
     await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m3", repo="acme/app", number=3, occurred_at=now()))
@@ -124,9 +124,9 @@ async def test_routing_by_specialty_and_dependencies(nc, ns, store, coordinator)
     # finish #12
     await be.start("acme_app-12")
     await eventually(lambda: status(coordinator, "acme_app-12") == "in_progress")
-    await be.report("acme_app-12", "agent.implementation_produced")
+    await be.report("acme_app-12", ImplementationProduced())
     await eventually(lambda: status(coordinator, "acme_app-12") == "testing")
-    await be.report("acme_app-12", "agent.pr_opened", branch="b")
+    await be.report("acme_app-12", PullRequestOpened(branch="b"))
     await be.release("acme_app-12")
     await eventually(lambda: status(coordinator, "acme_app-12") == "review")
     assert status(coordinator, "acme_app-11") == "queued"
@@ -144,10 +144,10 @@ async def test_failure_retries_with_backoff_then_fails_for_good(nc, ns, store, c
                          and coordinator.model.tasks["acme_app-20"].attempt == attempt)
         await agent.start("acme_app-20", attempt)
         await eventually(lambda: status(coordinator, "acme_app-20") == "in_progress")
-        await agent.report("acme_app-20", "agent.implementation_produced", attempt=attempt)
+        await agent.report("acme_app-20", ImplementationProduced(), attempt=attempt)
         await eventually(lambda: status(coordinator, "acme_app-20") == "testing")
-        await agent.report("acme_app-20", "agent.work_failed", attempt=attempt, phase="testing",
-                           reason="2 tests failed", retryable=True)
+        await agent.report("acme_app-20", WorkFailed(phase="testing", reason="2 tests failed"),
+                           attempt=attempt)
         await agent.release("acme_app-20", "failed", attempt)
     await eventually(lambda: status(coordinator, "acme_app-20") == "failed")
     task = coordinator.model.tasks["acme_app-20"]
@@ -177,7 +177,7 @@ async def test_lost_agent_tasks_are_requeued_and_reassigned(nc, ns, store):
         assert c.model.tasks["acme_app-30"].attempt == 2
         # the stale agent's late report is refused and does not corrupt the task
         with pytest.raises(Exception):
-            await a1.report("acme_app-30", "agent.pr_opened", branch="b")
+            await a1.report("acme_app-30", PullRequestOpened(branch="b"))
     finally:
         await c.stop()
 
@@ -219,7 +219,7 @@ async def test_two_coordinators_never_double_assign(nc, ns, store):
             assert kinds.count("TaskAssigned") <= 1  # never two assignments in one attempt
         # Each coordinator books agent slots from its own view, so between two of them an
         # agent can be offered more than its capacity; a real agent declines the extra
-        # task, which goes back to Queued (tests/test_e2e_actors.py runs real agents).
+        # task, which goes back to Queued (tests/e2e/test_actors.py runs real agents).
     finally:
         await c1.stop()
         await c2.stop()
@@ -272,8 +272,8 @@ async def test_changes_requested_retries_with_the_review_as_guidance(nc, ns, sto
     await publish_issue(nc, ns, opened(60, "server endpoint", labels=["backend"]))
     await eventually(lambda: status(coordinator, "acme_app-60") == "assigned")
     await agent.start("acme_app-60")
-    await agent.report("acme_app-60", "agent.implementation_produced")
-    await agent.report("acme_app-60", "agent.pr_opened", branch="ccc/task-acme_app-60-server")
+    await agent.report("acme_app-60", ImplementationProduced())
+    await agent.report("acme_app-60", PullRequestOpened(branch="ccc/task-acme_app-60-server"))
     await agent.release("acme_app-60")
     await eventually(lambda: status(coordinator, "acme_app-60") == "review")
     await publish_issue(nc, ns, IssueChangesRequested(
@@ -350,31 +350,8 @@ async def test_a_slot_freed_in_the_task_view_wakes_the_scheduler(nc, ns, store, 
     await publish_issue(nc, ns, opened(10, "Fix the other endpoint", labels=["backend"]))
     await eventually(lambda: status(coordinator, "acme_app-10") == "queued")
     await agent.start("acme_app-9")
-    await agent.report("acme_app-9", "agent.implementation_produced", files_changed=["app.py"], diff_stat="1 file")
-    await agent.report("acme_app-9", "agent.pr_opened", branch="ccc/task-acme_app-9-fix", tests_passed=1)
+    await agent.report("acme_app-9", ImplementationProduced(files_changed=["app.py"], diff_stat="1 file"))
+    await agent.report("acme_app-9", PullRequestOpened(branch="ccc/task-acme_app-9-fix", tests_passed=1))
     await agent.release("acme_app-9")  # back to back, as a real agent does
     await eventually(lambda: status(coordinator, "acme_app-9") == "review")
     await eventually(lambda: status(coordinator, "acme_app-10") == "assigned", timeout=10)
-
-
-def test_the_scheduler_sleeps_through_no_event_that_can_free_work_or_slots():
-    """The events the scheduler is not woken by must not be able to queue a task, free a
-    slot (a task leaving assigned/in progress/testing), complete a dependency or make an
-    agent accept work: derived from the transition tables, so a new event or transition
-    cannot silently strand queued tasks."""
-    from actors.coordinator import NOTHING_TO_SCHEDULE
-    from events import agent_state, task_state
-    from events.agent import AgentTaskStarted, WorkReport
-
-    for event_type, (sources, target) in task_state.TRANSITIONS.items():
-        if target is None:
-            continue  # no status change
-        frees_or_queues = any((s in task_state.WITH_AGENT) != (target in task_state.WITH_AGENT)
-                              or (s == "queued") != (target == "queued") for s in sources) \
-            or target == "completed"
-        if frees_or_queues:
-            assert not issubclass(event_type, NOTHING_TO_SCHEDULE), event_type.__name__
-    for event_type in agent_state.TRANSITIONS:
-        if issubclass(event_type, NOTHING_TO_SCHEDULE):
-            # only starting work and progress reports: they never make an agent accept more
-            assert issubclass(event_type, (AgentTaskStarted, WorkReport)), event_type.__name__

@@ -11,17 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from events.errors import ConfigError
 from infra.adapters.git import gitops
-from infra.adapters.forge.github import (
-    STATE_LABELS,
-    ForgeAuthError,
-    ForgeNotFound,
-    ForgeUnavailable,
-    GitHubForge,
-    ensure_closes,
-    web_url_for,
-)
+from infra.adapters.forge.errors import ForgeAuthError, ForgeNotFound, ForgeUnavailable
+from infra.adapters.forge.github import GitHubForge
+from infra.adapters.forge.github_issues import STATE_LABELS
 from tests.fakes.github_api import FakeGitHub, fake_github_fixture  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,13 +79,6 @@ async def test_draft_falls_back_when_the_repository_has_no_drafts(fake_github):
         issue_number=1)
     assert fake_github.pull("acme/nodrafts", number)["draft"] is False
     assert "drafts are not available" in fake_github.repos["acme/nodrafts"]["issues"][number]["body"]
-
-
-def test_ensure_closes():
-    assert ensure_closes("Resolves #4", 4) == "Resolves #4"
-    assert ensure_closes("fixes acme/app#4 now", 4) == "fixes acme/app#4 now"
-    assert ensure_closes("Resolves #41", 4).endswith("Closes #4\n")
-    assert ensure_closes("", 7).strip() == "Closes #7"
 
 
 async def test_state_label_is_replaced_and_created_with_its_colour(fake_github):
@@ -213,21 +199,6 @@ async def test_errors_are_clear_and_carry_retry_policy(fake_github):
     dead = GitHubForge(TOKEN, api_url="http://127.0.0.1:9", env={}, retries=0)
     with pytest.raises(ForgeUnavailable, match="unreachable"):
         await dead.read_issue("acme/app", 1)
-
-
-def test_configuration():
-    with pytest.raises(ConfigError, match="no credentials"):
-        GitHubForge(env={})
-    with pytest.raises(ConfigError, match="GITHUB_APP_INSTALLATION_ID"):
-        GitHubForge(env={"GITHUB_APP_ID": "1", "GITHUB_APP_PRIVATE_KEY": "-----BEGIN x"})
-    forge = GitHubForge(env={"GITHUB_TOKEN": TOKEN, "GITHUB_API_URL": "https://ghe.example.com/api/v3"})
-    assert forge.api_url == "https://ghe.example.com/api/v3"
-    assert forge.clone_url("acme/app") == "https://ghe.example.com/acme/app.git"
-    assert GitHubForge(TOKEN, env={}).clone_url("acme/app") == "https://github.com/acme/app.git"
-    assert web_url_for("https://api.acme.ghe.com") == "https://acme.ghe.com"
-    templated = GitHubForge(TOKEN, env={}, git_url_template="file:///srv/git/{owner}/{name}.git")
-    assert templated.clone_url("acme/app") == "file:///srv/git/acme/app.git"
-    assert templated.git_env("acme/app") == {}  # a local path needs (and gets) no token
 
 
 def test_git_env_keeps_the_token_out_of_urls_and_argv(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 from events.errors import CccError
 from infra.adapters.git import gitops
-from infra.adapters.forge.local import ForgeError, LocalForge, MergeConflict
+from infra.adapters.forge.errors import ForgeError, MergeConflict
+from infra.adapters.forge.local import LocalForge
 from infra.adapters.git.gitops import NothingToCommit, PushRejected
 
 pytestmark = pytest.mark.timeout(60)
@@ -151,7 +152,7 @@ def test_lease_protects_against_a_concurrent_writer(
         (repo / f"{name}.txt").write_text(name)
         gitops.commit_all(repo, name, *AUTHOR)
     # b looks at the remote (branch absent), then a pushes before b does
-    real_out = gitops._out
+    real_out = gitops.git_output
 
     def racing_out(cwd, *args, env=None):
         result = real_out(cwd, *args, env=env)
@@ -159,7 +160,7 @@ def test_lease_protects_against_a_concurrent_writer(
             gitops.push(a, branch)
         return result
 
-    monkeypatch.setattr(gitops, "_out", racing_out)
+    monkeypatch.setattr(gitops, "git_output", racing_out)
     with pytest.raises(PushRejected):
         gitops.push(b, branch)
 

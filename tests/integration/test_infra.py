@@ -1,4 +1,4 @@
-"""Embedded nats-server, provisioning and settings."""
+"""Embedded nats-server, provisioning and connecting."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import urllib.request
 import pytest
 from nats.js import api
 
-from events.errors import ConfigError, StoreUnavailable
+from events.errors import StoreUnavailable
 from infra.adapters.nats.connection import connect
 from infra.adapters.nats.server import EmbeddedServer
 from infra.adapters.nats.provisioning import provision
-from infra.adapters.nats.settings import load_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,48 +90,3 @@ async def test_event_log_refuses_delete_and_purge(nc, ns, store):
 async def test_connect_to_nothing_is_store_unavailable():
     with pytest.raises(StoreUnavailable, match="cannot connect"):
         await connect(f"nats://127.0.0.1:{free_port()}", connect_timeout=0.5, reconnect=False)
-
-
-@pytest.mark.parametrize("env,match", [
-    ({"NATS_URL": "http://x:4222"}, "NATS_URL"),
-    ({"CCC_SYNC_INTERVAL": "sometimes"}, "CCC_SYNC_INTERVAL"),
-    ({"CCC_REPLICAS": "two"}, "CCC_REPLICAS"),
-    ({"CCC_REPLICAS": "9"}, "CCC_REPLICAS"),
-    ({"CCC_API_PORT": "70000"}, "CCC_API_PORT"),
-    ({"NATS_CREDS": "/no/such/file.creds"}, "nats_creds"),
-])
-def test_bad_config_is_one_clear_error(env, match, tmp_path):
-    with pytest.raises(ConfigError, match=match):
-        load_settings({"CCC_DATA_DIR": str(tmp_path), **env})
-
-
-def test_settings_precedence(tmp_path):
-    s = load_settings({"NATS_URL": "nats://a:1", "CCC_DATA_DIR": str(tmp_path)}, nats_url="nats://b:2")
-    assert s.nats_url == "nats://b:2" and s.data_dir == tmp_path and not s.embedded
-    s = load_settings({"CCC_DATA_DIR": str(tmp_path), "CCC_SYNC_INTERVAL": "2s"})
-    assert s.embedded and s.sync_interval == "2s" and s.replicas == 1
-
-
-@pytest.mark.timeout(10)
-async def test_pending_tasks_report_says_where_each_task_waits():
-    """A stop that does not finish tells the operator what it waits on: the innermost
-    awaits of every pending task, not just the outermost frame."""
-    from infra.shell.app.signals import pending_tasks_report
-
-    gate = asyncio.Event()
-
-    async def leaf() -> None:
-        await gate.wait()
-
-    async def middle() -> None:
-        await leaf()
-
-    task = asyncio.create_task(middle(), name="stuck-stop")
-    await asyncio.sleep(0)
-    report = pending_tasks_report(depth=4)
-    line = next(line for line in report.splitlines() if "stuck-stop" in line)
-    assert "leaf" in line and "middle" in line and "wait" in line
-    assert line.index("wait") < line.index("leaf") < line.index("middle")  # innermost first
-    gate.set()
-    await task
-    assert "stuck-stop" not in pending_tasks_report()

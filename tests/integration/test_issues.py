@@ -7,12 +7,9 @@ import asyncio
 import pytest
 
 from events.codec import decode_issue
-from events.errors import ConfigError
 from events.issue import IssueOpened
 from infra.adapters.nats.issue_publisher import (
     allocate_number,
-    check_repo,
-    check_title,
     new_issue,
     open_issue,
     opened_scope,
@@ -99,27 +96,3 @@ async def test_allocate_number_and_stale_expectation(nc, issues_ns):
     assert fresh.number == 2 and fresh.expected_last_seq > 0
     seq, dup = await publish_issue(nc, ns, new_issue(repo="x/y", title="mine", number=2), expect=fresh)
     assert seq > fresh.expected_last_seq and not dup
-
-
-@pytest.mark.parametrize("repo", ["", "a b", "a/b/c", "/x", "x/", "a/..", "a*b", "a.>", "own_er/x"])
-def test_invalid_repo(repo):
-    with pytest.raises(ConfigError, match="invalid repo"):
-        check_repo(repo)
-
-
-@pytest.mark.parametrize("repo", ["owner/name", "name", "my-org/my.repo", "ab/c_d"])
-def test_valid_repo(repo):
-    assert check_repo(f" {repo} ") == repo
-
-
-def test_title_and_number_validation():
-    with pytest.raises(ConfigError, match="title"):
-        check_title("   ")
-    with pytest.raises(ConfigError, match="number"):
-        new_issue(repo="a/b", title="t", number=0)
-    with pytest.raises(ConfigError, match="source"):
-        new_issue(repo="a/b", title="t", number=1, source="no.dots")
-    with pytest.raises(ConfigError, match="label"):
-        new_issue(repo="a/b", title="t", number=1, labels=("ok", " "))
-    e = new_issue(repo="a/b", title="t", number=3, source="gh")
-    assert e.event_id == "gh:a/b#3:opened" and e.rel_subject == "issue.gh.a_b.3.opened"

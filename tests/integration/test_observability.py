@@ -58,25 +58,3 @@ async def test_metrics_after_the_demo_match_the_event_log(tmp_path):
     # the API counts its own requests, by route template
     key = ("claude_api_requests_total", (("endpoint", "/api/v1/tasks"), ("method", "GET"), ("status", "200")))
     assert seen["after"][key] == m.get(key, 0) + 1
-
-
-def test_metrics_do_not_reset_on_restart():
-    """Facts of the log are computed from the projection, which a restart rebuilds:
-    folding the same log twice gives the same scrape."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from projections.metrics import ClusterMetrics, LogCounters
-    from projections.read_model import ReadModel
-    from tests.support.histories import random_history
-
-    log = list(enumerate(random_history(9, steps=200), 1))
-
-    def scrape_once() -> str:
-        model, counters, registry = ReadModel(), LogCounters(), CollectorRegistry()
-        for seq, event in log:
-            model.apply(seq, event)
-            counters.apply(seq, event, model.tasks)
-        ClusterMetrics(model, registry, counters=counters)
-        return generate_latest(registry).decode()
-
-    assert scrape_once() == scrape_once()

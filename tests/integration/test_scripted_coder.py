@@ -11,7 +11,9 @@ import pytest
 from events.subjects import task_id_for
 from events.task import Usage
 from infra.adapters.git import gitops
-from infra.adapters.coders import Budget, CodeRequest, Coder, ScriptedCoder
+from actors.ports import Coder
+from events.work import Budget, CodeRequest
+from infra.adapters.coders import ScriptedCoder
 from infra.adapters.git.workspace import Workspace
 
 pytestmark = pytest.mark.timeout(60)

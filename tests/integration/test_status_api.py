@@ -15,7 +15,7 @@ import pytest_asyncio
 from events import agent_state, task_state
 from events.agent_state import EnterMaintenance, RegisterAgent, StartAgentTask
 from events.store import EventStore
-from events.task import IssueRef
+from events.task import Analysis, IssueRef
 from events.task_state import (
     AssignTask,
     CancelTask,
@@ -24,7 +24,7 @@ from events.task_state import (
     StartAnalysis,
     StartTask,
 )
-from infra.adapters.http.status_server import ApiServer, serve_api
+from infra.adapters.http.status_server import ApiServer
 from infra.adapters.nats.connection import connect
 from projections.live import LiveReadModel
 from projections.status_api import create_app
@@ -58,7 +58,7 @@ def create(task_id: str, seconds: int) -> CreateTask:
 
 def analysed(seconds: int, specialty: str) -> list:
     return [StartAnalysis(at=at(seconds), actor="coordinator"),
-            RecordAnalysis(at=at(seconds), actor="coordinator", specialty=specialty)]
+            RecordAnalysis(at=at(seconds), actor="coordinator", analysis=Analysis(specialty=specialty))]
 
 
 class World(msgspec.Struct):
@@ -361,6 +361,12 @@ async def test_api_server_over_real_http(store):
             _, seq2, _ = await drive(store, task_state, None, 0, create("s-2", 1))
             r = await http.get("/api/v1/tasks/s-2", params={"min_seq": seq2})
             assert r.status_code == 200 and r.json()["status"] == "pending"
+            # the server adds /metrics: the log's facts and the API's own requests
+            metrics = await http.get("/metrics")
+            assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+            assert 'claude_api_requests_total{endpoint="/api/v1/tasks",method="GET",status="200"} 1.0' \
+                in metrics.text
+            assert 'claude_event_log_applied_seq{projection="read_model"}' in metrics.text
     finally:
         await server.stop()
     assert not server.running
@@ -369,7 +375,7 @@ async def test_api_server_over_real_http(store):
             await http.get(f"{server.url}/health")
 
 
-async def test_serve_api_runs_until_cancelled(store):
+async def test_api_server_serves_until_cancelled(store):
     busy = ApiServer(store, "127.0.0.1", 0, materialize=False)
     port = await busy.start()
     try:
@@ -379,10 +385,10 @@ async def test_serve_api_runs_until_cancelled(store):
             await ApiServer(store, "127.0.0.1", port, materialize=False).start()
     finally:
         await busy.stop()
-    # the port is free again: serve_api takes it, signals ready, stops when cancelled
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve_api(store, "127.0.0.1", port, materialize=False, ready=ready))
-    await asyncio.wait_for(ready.wait(), 10)
+    # the port is free again: another server takes it, serves until cancelled, then stops
+    server = ApiServer(store, "127.0.0.1", port, materialize=False)
+    await server.start()
+    task = asyncio.create_task(server.serve_forever())
     async with httpx.AsyncClient(timeout=5) as http:
         assert (await http.get(f"http://127.0.0.1:{port}/health")).json()["status"] == "ok"
     task.cancel()

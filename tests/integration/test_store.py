@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 import pytest
 
 from events.errors import ConcurrencyConflict, StoreUnavailable
-from events.store import BadMessage, EventStore
+from events.codec import BadMessage
+from events.store import EventStore
 from events.task import IssueRef
 from events.task_state import CreateTask, StartAnalysis, decide, evolve
 from infra.adapters.nats.connection import connect
@@ -155,12 +156,14 @@ def test_evolve_of_loaded_history_matches(store):
 
 
 async def test_several_events_append_atomically(store):
+    from events.task import Analysis
     from events.task_state import RecordAnalysis
 
     [first] = created("acme_app-1")
     state = evolve(None, first)
     started = decide(state, StartAnalysis(at=NOW, actor="c"))
-    analysed = decide(evolve(state, started[0]), RecordAnalysis(at=NOW, actor="c", specialty="backend"))
+    analysed = decide(evolve(state, started[0]),
+                      RecordAnalysis(at=NOW, actor="c", analysis=Analysis(specialty="backend")))
     seqs = await store.append([first, *started, *analysed], expected_last_seq=0)
     assert seqs == [1, 2, 3]
     state, last = await store.load_task("acme_app-1")

@@ -3,7 +3,7 @@ from datetime import datetime, timezone
 import pytest
 
 from events.errors import ConcurrencyConflict
-from events.task import IssueRef
+from events.task import Analysis, IssueRef
 from events.task_state import CreateTask, RecordAnalysis, StartAnalysis, decide, evolve
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -17,7 +17,8 @@ async def test_append_load_conflict(store):
     assert state.status == "pending" and last == seqs[0]
     with pytest.raises(ConcurrencyConflict):
         await store.append(ev, expected_last_seq=0)
-    for cmd in (StartAnalysis(at=NOW, actor="c"), RecordAnalysis(at=NOW, actor="c", specialty="backend")):
+    for cmd in (StartAnalysis(at=NOW, actor="c"),
+                RecordAnalysis(at=NOW, actor="c", analysis=Analysis(specialty="backend"))):
         evs = decide(state, cmd)
         await store.append(evs, expected_last_seq=last)
         state, last = await store.load_task("a_b-1")

@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from infra.adapters.obs import tracing
-from infra.adapters.obs.tracing import TraceIndex, extract, inject, setup_tracing, span_from_msg, start_span
+from infra.adapters.obs.tracing import inject, span_from_msg
+from tests.support.tracing import memory  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = r"""
 import json, sys
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from infra.tracing import setup_tracing, span_from_msg, start_span
+from infra.adapters.obs.tracing import setup_tracing, span_from_msg, start_span
 
 headers = json.loads(sys.argv[1])
 memory = InMemorySpanExporter()
@@ -52,15 +50,6 @@ print(json.dumps([
 
 def _ids(span) -> tuple[str, str]:
     return format(span.context.trace_id, "032x"), format(span.context.span_id, "016x")
-
-
-@pytest.fixture
-def memory():
-    exporter = InMemorySpanExporter()
-    provider = setup_tracing("ccc-test", exporter=exporter, set_global=False,
-                             environ={"OTEL_TRACES_EXPORTER": "none"})
-    yield provider.get_tracer("test"), exporter
-    provider.shutdown()
 
 
 def _child_env() -> dict[str, str]:
@@ -136,78 +125,3 @@ async def test_jetstream_message_keeps_the_context_and_names_its_sequence(store,
     con = next(s for s in exporter.get_finished_spans() if s.name == "coordinator.analyse")
     assert con.context.trace_id == intake.get_span_context().trace_id
     assert con.attributes["messaging.nats.stream_sequence"] == msg.metadata.sequence.stream
-
-
-def test_no_headers_means_a_new_root_span(memory):
-    tracer, exporter = memory
-    with span_from_msg(tracer, "orphan", None):
-        pass
-    with span_from_msg(tracer, "orphan2", {"Nats-Msg-Id": "x"}):
-        pass
-    assert all(s.parent is None for s in exporter.get_finished_spans())
-    assert inject({}) == {}  # no active span: nothing to propagate
-    assert not trace.get_current_span(extract({})).get_span_context().is_valid
-
-
-def test_header_names_are_matched_case_insensitively(memory):
-    tracer, _ = memory
-    with tracer.start_as_current_span("p") as p:
-        tp = inject({})["traceparent"]
-    ctx = trace.get_current_span(extract({"TraceParent": tp})).get_span_context()
-    assert ctx.trace_id == p.get_span_context().trace_id and ctx.is_remote
-
-
-def test_start_span_records_errors_and_attributes(memory):
-    tracer, exporter = memory
-    attributes = {"files": ("a.py", "b.py"), "n": 2, "none": None, "obj": object}
-    with pytest.raises(ValueError), start_span("phase", attributes=attributes, tracer=tracer):
-        raise ValueError("boom")
-    [span] = exporter.get_finished_spans()
-    assert span.status.status_code.name == "ERROR"
-    assert span.attributes["files"] == ("a.py", "b.py") and span.attributes["n"] == 2
-    assert "none" not in span.attributes and isinstance(span.attributes["obj"], str)
-    assert any(e.name == "exception" for e in span.events)
-
-
-def test_trace_index_puts_later_work_in_the_task_trace(memory):
-    tracer, exporter = memory
-    index = TraceIndex(maxsize=2)
-    with tracer.start_as_current_span("intake") as intake:
-        index.remember("t1")
-    index.remember("t0", {"nothing": "here"})  # no context: not remembered
-    with start_span("schedule", tracer=tracer, context=index.context("t1")):
-        pass
-    sched = next(s for s in exporter.get_finished_spans() if s.name == "schedule")
-    assert sched.parent.span_id == intake.get_span_context().span_id
-    index.remember("t2", {"traceparent": inject({}, index.context("t1"))["traceparent"]})
-    index.remember("t3", {"Traceparent": inject({}, index.context("t1"))["traceparent"]})
-    assert len(index) == 2 and index.context("t1") is None and index.context("t3") is not None
-
-
-def test_exporters_from_the_environment(monkeypatch):
-    assert tracing.exporter_names({}) == []
-    assert tracing.exporter_names({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}) == ["otlp"]
-    assert tracing.exporter_names({"OTEL_TRACES_EXPORTER": "console"}) == ["console"]
-    assert tracing.exporter_names({"OTEL_TRACES_EXPORTER": "none",
-                                   "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x"}) == []
-    assert tracing.exporter_names({"OTEL_TRACES_EXPORTER": "console,zipkin,console"}) == ["console"]
-    assert tracing.exporter_names({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}) == []
-
-
-def test_console_and_missing_otlp_exporters_still_give_a_working_provider(capsys, monkeypatch):
-    provider = setup_tracing("svc", set_global=False, environ={"OTEL_TRACES_EXPORTER": "console"})
-    with provider.get_tracer("t").start_as_current_span("visible"):
-        pass
-    provider.shutdown()
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert json.loads(line)["name"] == "visible"
-
-    # otlp requested, exporter package absent (or present): never raises, spans still made
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
-    memory = InMemorySpanExporter()
-    provider = setup_tracing("svc", set_global=False, exporter=memory,
-                             environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
-    with provider.get_tracer("t").start_as_current_span("still"):
-        pass
-    provider.shutdown()
-    assert [s.name for s in memory.get_finished_spans()] == ["still"]

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from events import agent_state as ag
 from events import task_state as ts
 from events.errors import DomainError
-from events.task import IssueRef
+from events.task import Analysis, IssueRef
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 AGENTS = ("agent-a", "agent-b", "agent-c")
@@ -20,8 +20,9 @@ def _task_command(rnd: random.Random, state: ts.TaskState, at: datetime):
     agent = state.agent_id or rnd.choice(AGENTS)
     options = [
         ts.StartAnalysis(at=at, actor="coordinator"),
-        ts.RecordAnalysis(at=at, actor="coordinator", specialty=rnd.choice(["backend", "frontend", "general"]),
-                          priority=rnd.choice(["normal", "high"])),
+        ts.RecordAnalysis(at=at, actor="coordinator", analysis=Analysis(
+            specialty=rnd.choice(["backend", "frontend", "general"]),
+            priority=rnd.choice(["normal", "high"]))),
         ts.AssignTask(at=at + timedelta(hours=1), actor="coordinator", agent_id=agent),
         ts.StartTask(at=at, actor=agent, agent_id=agent),
         ts.StartTests(at=at, actor=agent, agent_id=agent, files_changed=("a.py",)),

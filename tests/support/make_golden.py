@@ -1,12 +1,12 @@
 """Regenerate the golden event log (run deliberately, then review the diff):
 
-    python -m tests.make_golden               # a new log from a demo run
-    python -m tests.make_golden --reproject   # same log, projection by the current code
+    python -m tests.support.make_golden               # a new log from a demo run
+    python -m tests.support.make_golden --reproject   # same log, projection by the current code
 
 It runs ``ccc demo``'s flow on a throwaway server, copies the raw event log (bytes as
 stored) to ``tests/fixtures/golden_events.jsonl``, appends two poison messages, and
 records the projection of that log in ``tests/fixtures/golden_projection.json``.
-``tests/test_golden.py`` re-projects the stored log with the current code in CI: a
+``tests/unit/test_golden.py`` re-projects the stored log with the current code in CI: a
 change that cannot read old events, or folds them differently, fails there."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-from events.store import decode_or_bad
+from events.codec import decode_or_bad
 from events.subjects import Namespace
 from infra.shell.app.demo import run_demo
 from infra.adapters.nats.settings import load_settings

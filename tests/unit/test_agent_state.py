@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 from tests.support.domain import AT, Given, given
 from events import agent_state as ag
 from events.agent import (
+    EVENT_OF_REPORT,
     AgentChangesPushed, AgentCodebaseAnalysed, AgentErrored, AgentEvent, AgentImplementationProduced,
     AgentMaintenanceEnded, AgentMaintenanceStarted, AgentPullRequestOpened, AgentRecovered,
     AgentRegistered, AgentTaskDeclined, AgentTaskReleased, AgentTaskStarted, AgentTestsRun,
-    AgentWentOffline, AgentWorkFailed, AgentWorkspacePrepared, Heartbeat, heartbeat_decoder,
+    AgentWentOffline, AgentWorkFailed, AgentWorkspacePrepared, Heartbeat, WorkReport,
 )
 from events.codec import decode_event, encode
+from events.work_reports import ChangesPushed, TestsRun, WorkReportBody
 from events.errors import BadEventError, DomainError, IllegalTransition, VersionMismatch
 from events.agent_state import (
     AGENT_STATUSES, HOLDING, ONLINE, REPORTS, TRANSITIONS, Command, DeclineTask, EnterMaintenance,
@@ -115,9 +117,10 @@ REPORT_FIELDS = {  # a realistic payload for each work report about the held tas
     AgentPullRequestOpened: dict(branch="ccc/task-t1-fix", pr_url="file:///pr/1", pr_number=1, tests_passed=4),
     AgentWorkFailed: dict(phase="testing", reason="2 tests failed", retryable=True),
 }
+BODY_OF_EVENT = {event: body for body, event in EVENT_OF_REPORT.items()}
 for _r in REPORTS:
     LEGAL_CASES[_r] = (
-        cmd(ReportWork, task_id="t1", attempt=1, kind=_r.__struct_config__.tag, fields=REPORT_FIELDS[_r]),
+        cmd(ReportWork, task_id="t1", attempt=1, report=BODY_OF_EVENT[_r](**REPORT_FIELDS[_r])),
         dict(task_id="t1", attempt=1, **REPORT_FIELDS[_r]),
     )
 
@@ -171,7 +174,7 @@ SAMPLE_COMMAND = {
     ReleaseAgentTask: dict(task_id="t1"), EnterMaintenance: {}, LeaveMaintenance: {},
     ReportError: dict(reason="x"), Recover: {}, GoOffline: {},
     DeclineTask: dict(task_id="t9"),
-    ReportWork: dict(task_id="t1", attempt=1, kind="agent.tests_run", fields=dict(exit_code=1, failed=2)),
+    ReportWork: dict(task_id="t1", attempt=1, report=TestsRun(exit_code=1, failed=2)),
 }
 
 
@@ -345,7 +348,7 @@ def test_codec_rejects_agent_event_with_wrong_types():
 
 def test_heartbeat_round_trip():
     hb = Heartbeat(agent_id=AG, at=AT, active_tasks=("t1",), seq=3)
-    assert heartbeat_decoder.decode(encode(hb)) == hb
+    assert msgspec.json.decode(encode(hb), type=Heartbeat) == hb
 
 
 # -- property: random command sequences keep the invariants ------------------------------
@@ -392,16 +395,38 @@ def test_random_commands_keep_invariants(capacity, commands):
 
 # -- work reports --------------------------------------------------------------------
 def test_report_on_a_task_not_held_is_refused():
-    agent(history("busy")).when(cmd(ReportWork, task_id="t7", attempt=1, kind="agent.tests_run")).then_raises(
+    agent(history("busy")).when(cmd(ReportWork, task_id="t7", attempt=1, report=TestsRun())).then_raises(
         IllegalTransition, "does not hold")
 
 
-@pytest.mark.parametrize(("kind", "fields", "why"), [
-    ("agent.exploded", {}, "unknown work report"),
-    ("agent.tests_run", {"no_such_field": 1}, "invalid agent.tests_run"),
-    ("agent.tests_run", {"passed": "many"}, "invalid agent.tests_run"),
-    ("agent.changes_pushed", {"branch": "b"}, "invalid agent.changes_pushed"),  # commit missing
+class Exploded(WorkReportBody):
+    pass
+
+
+@pytest.mark.parametrize(("report", "why"), [
+    (Exploded(), "unknown work report Exploded"),
+    (TestsRun(passed="many"), "invalid agent.tests_run"),  # msgspec checks types on encoding
 ])
-def test_malformed_report_is_a_domain_error(kind, fields, why):
-    agent(history("busy")).when(cmd(ReportWork, task_id="t1", attempt=1, kind=kind, fields=fields)).then_raises(
+def test_malformed_report_is_a_domain_error(report, why):
+    agent(history("busy")).when(cmd(ReportWork, task_id="t1", attempt=1, report=report)).then_raises(
         DomainError, why)
+
+
+@pytest.mark.parametrize(("body", "fields"), [
+    (TestsRun, {"no_such_field": 1}),
+    (ChangesPushed, {"branch": "b"}),  # commit missing
+])
+def test_a_misspelled_or_missing_report_field_fails_where_the_report_is_built(body, fields):
+    with pytest.raises(TypeError):
+        body(**fields)
+
+
+@pytest.mark.parametrize("body", list(EVENT_OF_REPORT), ids=lambda b: b.__name__)
+def test_each_report_body_has_exactly_its_events_payload(body):
+    """The event is the envelope, the task/attempt the agent adds, then the body's fields
+    (same names, types, defaults and order): what the pipeline builds is what goes out."""
+    added_by_the_agent = set(WorkReport.__struct_fields__)  # the envelope, task_id, attempt
+    payload = [f for f in msgspec.inspect.type_info(EVENT_OF_REPORT[body]).fields
+               if f.name not in added_by_the_agent]
+    assert [(f.name, f.type, f.default, f.default_factory) for f in msgspec.inspect.type_info(body).fields] \
+        == [(f.name, f.type, f.default, f.default_factory) for f in payload]

@@ -11,7 +11,8 @@ import pytest
 import structlog
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from infra.adapters.obs.logs import ROUTED_LOGGERS, add_secrets, bind, configure_logging, mask
+from infra.adapters.obs.logs import ROUTED_LOGGERS, bind, configure_logging
+from infra.adapters.obs.masking import add_secrets, mask
 from infra.adapters.obs.tracing import setup_tracing
 
 pytestmark = pytest.mark.timeout(60)

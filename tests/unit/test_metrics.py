@@ -1,7 +1,8 @@
 """Metrics: what a scrape says equals what the event log says (counted here directly
 from the events, independently of the read model), parsed with prometheus_client's own
-text parser; the API middleware labels by route template; the standalone server
-answers over real HTTP."""
+text parser; the API middleware labels by route template; ``/metrics`` is
+prometheus-client's ASGI app (plain text by default, OpenMetrics when asked); the
+standalone server answers over real HTTP."""
 
 from __future__ import annotations
 
@@ -12,23 +13,18 @@ import httpx
 import pytest
 from litestar import Litestar, get
 from litestar.params import FromPath
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from events import agent_state as ag
 from events import task_state as ts
 from events.agent import AgentEventBase
-from events.store import BadMessage
-from events.task import IssueRef, TaskCompleted, TaskCreated, TaskEventBase, Usage
-from projections.metrics import (
-    AgentMetrics,
-    ApiMetrics,
-    ClusterMetrics,
-    LogCounters,
-    metrics_response,
-    metrics_route,
-    serve_metrics,
-)
+from events.codec import BadMessage
+from events.task import Analysis, IssueRef, TaskCompleted, TaskCreated, TaskEventBase, Usage
+from events.work_reports import ImplementationProduced, TestsRun
+from infra.adapters.http.metrics import ApiMetrics, metrics_endpoint, serve_metrics
+from infra.adapters.obs.metrics import AgentMetrics
+from projections.metrics import ClusterMetrics, LogCounters
 from projections.read_model import ReadModel
 from tests.support.histories import T0, random_history
 
@@ -148,9 +144,9 @@ def _usage_history() -> list:
     task_cmds = [
         ts.CreateTask(at=at[0], actor="coordinator", task_id=tid, issue=issue),
         ts.StartAnalysis(at=at[1], actor="coordinator"),
-        ts.RecordAnalysis(at=at[2], actor="coordinator", specialty="backend",
-                          usage=Usage(model="claude-haiku", input_tokens=100, output_tokens=20,
-                                      dollars=0.01)),
+        ts.RecordAnalysis(at=at[2], actor="coordinator", analysis=Analysis(
+            specialty="backend",
+            usage=Usage(model="claude-haiku", input_tokens=100, output_tokens=20, dollars=0.01))),
         ts.AssignTask(at=at[3], actor="coordinator", agent_id=aid),
         ts.StartTask(at=at[4], actor=aid, agent_id=aid),
         ts.StartTests(at=at[6], actor=aid, agent_id=aid, files_changed=("a.py",),
@@ -167,14 +163,11 @@ def _usage_history() -> list:
     agent_cmds = [
         ag.RegisterAgent(at=at[3], actor=aid, agent_id=aid, specialties=("backend",)),
         ag.StartAgentTask(at=at[4], actor=aid, task_id=tid, attempt=1),
-        ag.ReportWork(at=at[5], actor=aid, task_id=tid, attempt=1, kind="agent.implementation_produced",
-                      fields={"coder": "anthropic", "turns": 7}),
-        ag.ReportWork(at=at[6], actor=aid, task_id=tid, attempt=1, kind="agent.tests_run",
-                      fields={"exit_code": 1, "failed": 2}),
-        ag.ReportWork(at=at[7], actor=aid, task_id=tid, attempt=1, kind="agent.tests_run",
-                      fields={"exit_code": 0, "passed": 9}),
-        ag.ReportWork(at=at[8], actor=aid, task_id=tid, attempt=1, kind="agent.tests_run",
-                      fields={"timed_out": True}),
+        ag.ReportWork(at=at[5], actor=aid, task_id=tid, attempt=1,
+                      report=ImplementationProduced(coder="anthropic", turns=7)),
+        ag.ReportWork(at=at[6], actor=aid, task_id=tid, attempt=1, report=TestsRun(exit_code=1, failed=2)),
+        ag.ReportWork(at=at[7], actor=aid, task_id=tid, attempt=1, report=TestsRun(exit_code=0, passed=9)),
+        ag.ReportWork(at=at[8], actor=aid, task_id=tid, attempt=1, report=TestsRun(timed_out=True)),
     ]
     for cmd in agent_cmds:
         for e in ag.decide(agent, cmd):
@@ -216,7 +209,7 @@ def boom() -> dict:
 
 async def test_middleware_counts_requests_by_route_template():
     metrics = ApiMetrics()
-    app = Litestar([one_task, boom, metrics_route(metrics.registry)], middleware=[metrics.middleware])
+    app = Litestar([one_task, boom, metrics_endpoint(metrics.registry)], middleware=[metrics.middleware])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         for tid in ("acme_app-1", "acme_app-2", "acme_app-3"):
             assert (await client.get(f"/api/v1/tasks/{tid}")).status_code == 200
@@ -224,7 +217,11 @@ async def test_middleware_counts_requests_by_route_template():
         assert (await client.get("/boom")).status_code == 500
         assert (await client.get("/nowhere")).status_code == 404  # no route: not wrapped, not counted
         r = await client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_LATEST
+        openmetrics = await client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+        refused = await client.post("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_PLAIN_0_0_4
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n") and refused.status_code == 405
     parsed = samples(r.text)
     reqs = by(parsed, "claude_api_requests_total", ("endpoint", "method", "status"))
     assert reqs == {("/api/v1/tasks/{task_id}", "GET", "200"): 3,
@@ -241,7 +238,7 @@ async def test_middleware_wrapping_a_whole_app_also_sees_unmatched_paths():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         await client.get("/api/v1/tasks/a")
         await client.get("/no/such/path/123")
-    reqs = by(samples(metrics_response(metrics.registry)[0].decode()), "claude_api_requests_total",
+    reqs = by(samples(generate_latest(metrics.registry).decode()), "claude_api_requests_total",
               ("endpoint", "status"))
     assert reqs == {("/api/v1/tasks/{task_id}", "200"): 1, ("<unmatched>", "404"): 1}
 
@@ -267,8 +264,8 @@ async def test_serve_metrics_on_port_0_over_real_http():
             missing = await client.get(server.url.replace("/metrics", "/nope"))
             health = await client.get(server.url.replace("/metrics", "/healthz"))
     finally:
-        await server.close()
-    assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_LATEST
+        await server.stop()
+    assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE_PLAIN_0_0_4
     assert r.headers.get("content-encoding") == "gzip" and refreshed
     parsed = samples(r.text)
     assert parsed[("claude_events_total", frozenset({("type", "task.created")}))] == sum(
@@ -278,3 +275,25 @@ async def test_serve_metrics_on_port_0_over_real_http():
     assert parsed[("claude_agent_tasks_processed_total",
                    frozenset({("agent_id", "agent-a"), ("outcome", "done")}))] == 1
     assert missing.status_code == 404 and health.status_code == 200
+
+
+def test_metrics_do_not_reset_on_restart():
+    """Facts of the log are computed from the projection, which a restart rebuilds:
+    folding the same log twice gives the same scrape."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from projections.metrics import ClusterMetrics, LogCounters
+    from projections.read_model import ReadModel
+    from tests.support.histories import random_history
+
+    log = list(enumerate(random_history(9, steps=200), 1))
+
+    def scrape_once() -> str:
+        model, counters, registry = ReadModel(), LogCounters(), CollectorRegistry()
+        for seq, event in log:
+            model.apply(seq, event)
+            counters.apply(seq, event, model.tasks)
+        ClusterMetrics(model, registry, counters=counters)
+        return generate_latest(registry).decode()
+
+    assert scrape_once() == scrape_once()

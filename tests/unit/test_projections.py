@@ -10,8 +10,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events.codec import encode
-from events.store import BadMessage, decode_or_bad
+from events.codec import BadMessage, decode_or_bad, encode
 from events.task_state import WITH_AGENT
 from projections.read_model import ReadModel
 from tests.support.histories import random_history

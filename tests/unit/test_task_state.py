@@ -22,15 +22,16 @@ from tests.support.domain import AT, Given, given
 from events import task_state as ts
 from events.codec import MAX_EVENT_BYTES, decode_event, encode
 from events.errors import BadEventError, DomainError, IllegalTransition, VersionMismatch
+from events.retry import backoff
 from events.task import (
-    IssueRef, TaskAnalysisStarted, TaskAnalyzed, TaskAssigned, TaskCancellationRequested,
+    Analysis, IssueRef, TaskAnalysisStarted, TaskAnalyzed, TaskAssigned, TaskCancellationRequested,
     TaskCancelled, TaskCompleted, TaskCreated, TaskEvent, TaskFailed, TaskPullRequestOpened,
     TaskRequeued, TaskStarted, TaskTestsStarted, Usage,
 )
 from events.task_state import (
     FINAL, TASK_STATUSES, TRANSITIONS, WITH_AGENT, AssignTask, CancelTask, Command, CompleteTask,
     CreateTask, FailTask, OpenPullRequest, RecordAnalysis, RequeueTask, RetryTask, StartAnalysis,
-    StartTask, StartTests, backoff, decide, evolve, fold,
+    StartTask, StartTests, TaskState, decide, evolve, fold,
 )
 
 TID = "acme_repo-7"
@@ -67,8 +68,8 @@ def run(commands, events=()) -> list[TaskEvent]:
 
 
 _HAPPY = [
-    cmd(StartAnalysis), cmd(RecordAnalysis, specialty="backend"), cmd(AssignTask, agent_id=A1),
-    cmd(StartTask, agent_id=A1), cmd(StartTests, agent_id=A1),
+    cmd(StartAnalysis), cmd(RecordAnalysis, analysis=Analysis(specialty="backend")),
+    cmd(AssignTask, agent_id=A1), cmd(StartTask, agent_id=A1), cmd(StartTests, agent_id=A1),
     cmd(OpenPullRequest, agent_id=A1, branch="ccc/7"), cmd(CompleteTask),
 ]
 PATHS = {status: _HAPPY[:i] for i, status in enumerate(
@@ -107,7 +108,7 @@ def _legal_case(event_type: type, status: str) -> tuple[Command, dict]:
     tests = dict(agent_id=A1, files_changed=("a.py",), diff_stat="+1", diff_ref="obj:1", usage=USAGE)
     cases = {
         TaskAnalysisStarted: (cmd(StartAnalysis, analyser="llm"), dict(analyser="llm")),
-        TaskAnalyzed: (cmd(RecordAnalysis, **analysis), analysis),
+        TaskAnalyzed: (cmd(RecordAnalysis, analysis=Analysis(**analysis)), analysis),
         TaskAssigned: (cmd(AssignTask, agent_id=A2), dict(agent_id=A2, attempt=1)),
         TaskStarted: (cmd(StartTask, agent_id=A1, workspace="/w"), dict(agent_id=A1, workspace="/w")),
         TaskTestsStarted: (cmd(StartTests, **tests), tests),
@@ -206,6 +207,31 @@ def test_command_in_status(command, status):
 # -- specific rules ------------------------------------------------------------------
 def test_backoff_doubles_and_caps():
     assert [backoff(n, 5.0, 300.0) for n in (0, 1, 2, 3, 6, 7, 50)] == [5, 5, 10, 20, 160, 300, 300]
+
+
+def test_the_analysis_is_recorded_flat_and_kept_in_the_state():
+    """One declaration (``Analysis``): the event carries its fields flat after the envelope
+    (the JSON of ``task.analyzed`` never nests), and the state keeps them, same names and
+    defaults, in the same order; its usage goes into the task's cost."""
+    fields = msgspec.structs.fields
+    analysis = {f.name: (f.type, f.default) for f in fields(Analysis)}
+    event = {f.name: (f.type, f.default) for f in fields(TaskAnalyzed) if f.name in analysis}
+    assert event == analysis and list(event) == list(analysis)
+    kept = [f for f in fields(Analysis) if f.name != "usage"]
+    state = {f.name: f.default for f in fields(TaskState) if f.name in analysis}
+    assert state == {f.name: f.default for f in kept} and list(state) == [f.name for f in kept]
+
+    full = Analysis(specialty="frontend", requirements=("a11y",), complexity="medium", priority="high",
+                    security_level="internal", dependencies=("acme_repo-1",), reasons=("label",),
+                    plan="do it", usage=USAGE)
+    log = run([cmd(StartAnalysis), cmd(RecordAnalysis, analysis=full)], history("pending"))
+    assert log[-1].analysis == full
+    wire = msgspec.json.decode(encode(log[-1]))
+    assert wire["type"] == "task.analyzed" and wire["specialty"] == "frontend" and "analysis" not in wire
+    state = fold(log)
+    assert {name: getattr(state, name) for name in ts.ANALYSIS_IN_STATE} == {
+        name: getattr(full, name) for name in ts.ANALYSIS_IN_STATE}
+    assert state.dollars == USAGE.dollars
 
 
 def test_retry_increments_attempt_with_exponential_backoff():
@@ -324,14 +350,16 @@ def test_fail_without_agent_is_the_coordinator():
                                    dict(security_level="secret"), dict(requirements=("ok", 3)),
                                    dict(usage="junk"), dict(usage={"dollars": "free"})])
 def test_analysis_with_invalid_value_is_refused(field):
-    task(history("analyzing")).when(cmd(RecordAnalysis, **field)).then_raises(DomainError, "invalid")
+    task(history("analyzing")).when(cmd(RecordAnalysis, analysis=Analysis(**field))).then_raises(
+        DomainError, "invalid task.analyzed")
     task(history("in_progress")).when(cmd(StartTests, agent_id=A1, usage=field.get("usage", 1))).then_raises(
         DomainError, "invalid task.testing")
 
 
 def test_usage_accumulates():
-    log = run([cmd(StartAnalysis), cmd(RecordAnalysis, usage=USAGE), cmd(AssignTask, agent_id=A1),
-               cmd(StartTask, agent_id=A1), cmd(StartTests, agent_id=A1, usage=USAGE)], history("pending"))
+    log = run([cmd(StartAnalysis), cmd(RecordAnalysis, analysis=Analysis(usage=USAGE)),
+               cmd(AssignTask, agent_id=A1), cmd(StartTask, agent_id=A1),
+               cmd(StartTests, agent_id=A1, usage=USAGE)], history("pending"))
     state = fold(log)
     assert (state.dollars, state.input_tokens, state.output_tokens) == (0.5, 20, 10)
 

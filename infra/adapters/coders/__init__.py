@@ -1,6 +1,7 @@
-"""Coder backends: one interface (:class:`Coder`), several implementations."""
+"""Coder backends: the Anthropic Messages API tool loop, the Claude Code CLI and the
+scripted replay. Each satisfies the Protocol the agent declares (``actors.ports.Coder``)
+and speaks the value types of :mod:`events.work` (``CodeRequest`` in, ``CodeOutcome`` out)."""
 
-from infra.adapters.coders.base import Budget, CodeOutcome, CodeRequest, Coder, CodeStatus, mask_secrets
 from infra.adapters.coders.scripted import ScriptedCoder
 
-__all__ = ["Budget", "CodeOutcome", "CodeRequest", "CodeStatus", "Coder", "ScriptedCoder", "mask_secrets"]
+__all__ = ["ScriptedCoder"]

@@ -30,11 +30,12 @@ import anthropic
 import structlog
 
 from events.task import Usage
+from events.work import CodeOutcome, CodeRequest, CodeStatus
 
 from infra.adapters.git.workspace import Workspace
 from infra.adapters.coders import prices
 from infra.adapters.coders import tools
-from infra.adapters.coders.base import CodeOutcome, CodeRequest, CodeStatus, mask_secrets
+from infra.adapters.obs.masking import mask_secrets
 
 log = structlog.get_logger("ccc.coders.anthropic")
 

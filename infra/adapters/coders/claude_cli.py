@@ -30,10 +30,12 @@ from typing import Any
 import structlog
 
 from events.task import Usage
+from events.work import CodeOutcome, CodeRequest, CodeStatus
 
 from infra.adapters.git.workspace import Workspace
-from infra.adapters.git.runner import ExitWatch, _kill_group
-from infra.adapters.coders.base import CodeOutcome, CodeRequest, CodeStatus, mask_secrets
+from infra.adapters.git.processes import kill_group
+from infra.adapters.git.runner import ExitWatch
+from infra.adapters.obs.masking import mask_secrets
 
 log = structlog.get_logger("ccc.coder.claude")
 
@@ -276,13 +278,13 @@ class ClaudeCodeCoder:
             try:
                 done, _ = await asyncio.wait([proto.exited], timeout=request.budget.max_seconds)
                 timed_out = not done
-                _kill_group(pgid)  # on timeout: everything; after an exit: leftovers
+                kill_group(pgid)  # on timeout: everything; after an exit: leftovers
                 await asyncio.wait([proto.exited], timeout=5.0)
                 await asyncio.wait([proto.closed], timeout=2.0)  # bounded: an escapee may hold stdout
                 proto.finish()
                 await consumer
             except BaseException:
-                _kill_group(pgid)
+                kill_group(pgid)
                 transport.close()
                 consumer.cancel()
                 raise

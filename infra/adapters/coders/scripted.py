@@ -36,9 +36,10 @@ import msgspec
 
 from events.subjects import repo_token
 from events.task import Usage
+from events.work import CodeOutcome, CodeRequest, CodeStatus
 
 from infra.adapters.git.workspace import Workspace, WorkspaceEscape
-from infra.adapters.coders.base import CodeOutcome, CodeRequest, CodeStatus, mask_secrets
+from infra.adapters.obs.masking import mask_secrets
 
 _TRANSCRIPT_OUTPUT = 2_000  # chars of each command's output kept in the transcript
 
@@ -130,8 +131,11 @@ class ScriptedCoder:
         turns = 0
 
         def outcome(status: CodeStatus, summary: str, reason: str = "") -> CodeOutcome:
-            return CodeOutcome(summary=summary, status=status, reason=reason, turns=turns,
-                               usage=usage, transcript=mask_secrets("\n".join(transcript)))
+            # the summary goes into the PR body and the events, the reason into
+            # agent.work_failed (a failed step's output may hold a secret): masked as the
+            # transcript is, as every coder does
+            return CodeOutcome(summary=mask_secrets(summary), status=status, reason=mask_secrets(reason),
+                               turns=turns, usage=usage, transcript=mask_secrets("\n".join(transcript)))
 
         for raw in attempt.steps:
             if turns >= budget.max_turns:

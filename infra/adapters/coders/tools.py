@@ -18,6 +18,8 @@ from typing import Any
 
 import msgspec
 
+from events.errors import CccError
+
 from infra.adapters.git.workspace import Workspace, WorkspaceEscape
 
 MAX_READ_LINES = 2_000
@@ -26,8 +28,9 @@ MAX_FILE_BYTES = 5_000_000  # larger files are not read or searched
 SKIP_DIRS = {".git", "node_modules", "__pycache__", ".venv", "venv", ".mypy_cache", ".pytest_cache", ".tox"}
 
 
-class ToolError(Exception):
-    """A tool failed in a way the model should see (and may fix)."""
+class ToolError(CccError):
+    """A tool failed in a way the model should see (and may fix): it becomes the tool's
+    result, never an exception out of :func:`run_tool`."""
 
 
 class ToolResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,8 +19,9 @@ would put it in a ``GIT_CONFIG_VALUE_*`` next to the hardening overrides.)
 
 PyGithub blocks: calls run on a small dedicated thread pool, so a slow or
 rate-limited GitHub never starves the default executor that git and tests use.
-Errors: network trouble, 5xx and rate limits -> :class:`ForgeUnavailable` (retryable);
-401/403 -> :class:`ForgeAuthError`, 404 -> :class:`ForgeNotFound` (not retryable).
+Errors (:mod:`infra.adapters.forge.errors`): network trouble, 5xx and rate limits ->
+:class:`ForgeUnavailable` (retryable); 401/403 -> :class:`ForgeAuthError`, 404 ->
+:class:`ForgeNotFound` (not retryable).
 """
 
 from __future__ import annotations
@@ -40,26 +41,11 @@ from urllib.parse import urlsplit
 from github import Auth, Github, GithubException, GithubRetry
 
 from events.errors import ConfigError
+from events.subjects import repo_parts
 
+from infra.adapters.forge.github_api import check_github_repo, error_message
+from infra.adapters.forge.github_issues import IssueSync
 from infra.adapters.git import gitops
-from infra.adapters.forge.github_api import ForgeAuthError, ForgeError, ForgeNotFound, ForgeUnavailable, _check_repo, _message
-from infra.adapters.forge.github_issues import LABEL_PREFIX, STATE_LABELS, CommentRef, IssueSync, PullRequestInfo
-
-__all__ = [  # what the forge's users import from here; some of it lives in github_api/github_issues
-    "DEFAULT_API_URL",
-    "GIT_USERNAME",
-    "LABEL_PREFIX",
-    "STATE_LABELS",
-    "CommentRef",
-    "ForgeAuthError",
-    "ForgeError",
-    "ForgeNotFound",
-    "ForgeUnavailable",
-    "GitHubForge",
-    "PullRequestInfo",
-    "ensure_closes",
-    "web_url_for",
-]
 
 DEFAULT_API_URL = "https://api.github.com"
 GIT_USERNAME = "x-access-token"  # what GitHub expects with an installation token (and accepts with a PAT)
@@ -177,7 +163,8 @@ class GitHubForge(IssueSync):
     # -- ForgeClient (what an agent uses) ---------------------------------------------
     def clone_url(self, repo: str) -> str:
         """Where to clone from; never carries credentials."""
-        owner, name = _check_repo(repo)
+        repo = check_github_repo(repo)
+        owner, name = repo_parts(repo)
         if self.git_url_template:
             return self.git_url_template.format(repo=repo, owner=owner, name=name)
         return f"{self.web_url}/{repo}.git"
@@ -216,7 +203,8 @@ class GitHubForge(IssueSync):
     ) -> tuple[str, int | None]:
         """Open (or, on a retry, update) the pull request for ``branch``; its body
         always links the issue with a closing keyword. Returns (html_url, number)."""
-        owner, _ = _check_repo(repo)
+        repo = check_github_repo(repo)
+        owner, _ = repo_parts(repo)
         body = ensure_closes(body, issue_number)
 
         def run() -> tuple[str, int]:
@@ -224,7 +212,7 @@ class GitHubForge(IssueSync):
             try:
                 pr = r.create_pull(base=base, head=branch, title=title, body=body, draft=draft)
             except GithubException as e:
-                text = _message(e).lower()
+                text = error_message(e).lower()
                 if e.status != 422:
                     raise
                 if draft and "draft" in text:  # the plan has no drafts: open it for real, say so

@@ -1,15 +1,14 @@
-"""The GitHub forge's errors and request plumbing: the error classes, the check of
-an ``owner/name`` repository argument, and :class:`GitHubCalls`, which runs blocking
-PyGithub calls on a dedicated thread pool and translates PyGithub's and requests'
-exceptions into those errors (network trouble, 5xx and rate limits ->
+"""The GitHub forge's request plumbing: the check of an ``owner/name`` repository
+argument, and :class:`GitHubCalls`, which runs blocking PyGithub calls on a dedicated
+thread pool and translates PyGithub's and requests' exceptions into the forge's errors
+(:mod:`infra.adapters.forge.errors`): network trouble, 5xx and rate limits ->
 :class:`ForgeUnavailable`, retryable; 401/403 -> :class:`ForgeAuthError`, 404 ->
-:class:`ForgeNotFound`)."""
+:class:`ForgeNotFound`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -19,45 +18,28 @@ import requests
 import urllib3
 from github import GithubException, RateLimitExceededException
 
-from events.errors import CccError, InfrastructureError
+from events.errors import CccError
+from events.subjects import check_repo
 
-from infra.adapters.coders.base import mask_secrets
+from infra.adapters.forge.errors import ForgeAuthError, ForgeError, ForgeNotFound, ForgeUnavailable
+from infra.adapters.obs.masking import mask_secrets
 
 T = TypeVar("T")
-_REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
-class ForgeError(CccError):
-    """GitHub refused a request in a way retrying will not fix."""
-
-
-class ForgeAuthError(ForgeError):
-    """Bad or insufficient credentials (401/403)."""
-
-
-class ForgeNotFound(ForgeError):
-    """The repository, issue or pull request does not exist or is not visible (404)."""
-
-
-class ForgeUnavailable(InfrastructureError):
-    """GitHub could not be reached, failed (5xx) or rate-limited us: retry later,
-    not before ``retry_after`` seconds when GitHub said so."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _check_repo(repo: str) -> tuple[str, str]:
-    if not _REPO.match(repo or "") or ".." in repo:
-        raise ForgeError(f"not a GitHub repository name: {repo!r} (expected owner/name)")
-    owner, _, name = repo.partition("/")
-    return owner, name
+def check_github_repo(repo: str) -> str:
+    """``owner/name``, checked by the one repository-name validator
+    (:func:`events.subjects.check_repo`) and returned as checked; GitHub has no bare
+    ``name``."""
+    checked = check_repo(repo, "GitHub repository", error=ForgeError)
+    if "/" not in checked:
+        raise ForgeError(f"invalid GitHub repository {repo!r}: expected owner/name")
+    return checked
 
 
 class GitHubCalls:
     """Runs PyGithub calls off the event loop and turns their failures into forge
-    errors. :class:`~infra.forge_github.GitHubForge` sets ``_executor`` and ``_token``."""
+    errors. :class:`~infra.adapters.forge.github.GitHubForge` sets ``_executor`` and ``_token``."""
 
     _executor: ThreadPoolExecutor
     _token: str | None
@@ -77,7 +59,7 @@ class GitHubCalls:
             raise ForgeUnavailable(self._mask(f"{what}: GitHub unreachable: {type(e).__name__}: {e}")) from None
 
     def _translate(self, what: str, e: GithubException) -> CccError:
-        status, msg = e.status, _message(e)
+        status, msg = e.status, error_message(e)
         if isinstance(e, RateLimitExceededException) or status == 429 or "rate limit" in msg.lower():
             return ForgeUnavailable(self._mask(f"{what}: GitHub rate limit ({status} {msg})"),
                                     retry_after=getattr(e, "wait", None) or _retry_after(e.headers))
@@ -107,7 +89,8 @@ def _retry_after(headers: Mapping[str, Any] | None) -> float | None:
     return None
 
 
-def _message(e: GithubException) -> str:
+def error_message(e: GithubException) -> str:
+    """What GitHub said, from the error body: its ``message`` and each error's."""
     data: Any = e.data
     if isinstance(data, dict):
         parts = [str(data.get("message") or "")]

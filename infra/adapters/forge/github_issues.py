@@ -1,6 +1,6 @@
 """What the forge sync needs from GitHub: read an issue, keep one ``ccc:*`` state
 label on it, keep one tracking comment per task, read a pull request's state.
-:class:`IssueSync` holds those calls; :class:`~infra.forge_github.GitHubForge`
+:class:`IssueSync` holds those calls; :class:`~infra.adapters.forge.github.GitHubForge`
 inherits them."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from github import Github, GithubException, UnknownObjectException
 
 from events.task import IssueRef
 
-from infra.adapters.forge.github_api import ForgeError, GitHubCalls, _check_repo
+from infra.adapters.forge.errors import ForgeError
+from infra.adapters.forge.github_api import GitHubCalls, check_github_repo
 
 STATE_LABELS: dict[str, tuple[str, str]] = {  # name -> (colour, description)
     "ccc:queued": ("fbca04", "claude-code-cluster: waiting for an agent"),
@@ -43,7 +44,7 @@ class CommentRef(msgspec.Struct, frozen=True, kw_only=True):
 
 class IssueSync(GitHubCalls):
     """The forge sync's calls on issues and pull requests; the client (``_gh``) and
-    the caches are set up by :class:`~infra.forge_github.GitHubForge`."""
+    the caches are set up by :class:`~infra.adapters.forge.github.GitHubForge`."""
 
     _gh: Github
     _known_labels: set[tuple[str, str]]
@@ -51,7 +52,7 @@ class IssueSync(GitHubCalls):
 
     # -- what the forge sync uses ---------------------------------------------------
     async def read_issue(self, repo: str, number: int) -> IssueRef:
-        _check_repo(repo)
+        repo = check_github_repo(repo)
 
         def run() -> IssueRef:
             issue = self._gh.get_repo(repo).get_issue(int(number)).complete()
@@ -66,7 +67,7 @@ class IssueSync(GitHubCalls):
     async def set_state_label(self, repo: str, number: int, label: str) -> bool:
         """Make ``label`` the issue's only ``ccc:*`` label (creating it in the repository,
         with its colour, if missing). Returns whether anything changed."""
-        _check_repo(repo)
+        repo = check_github_repo(repo)
 
         def run() -> bool:
             r = self._gh.get_repo(repo)
@@ -106,7 +107,7 @@ class IssueSync(GitHubCalls):
         Only the comment's id is cached, never its text: another process may have
         edited it since, so a known comment is edited blindly (one request), and an
         unknown one is found by listing and compared with what GitHub holds."""
-        _check_repo(repo)
+        repo = check_github_repo(repo)
         text = body if marker in body else f"{marker}\n{body}"
         key = (repo, int(number), marker)
 
@@ -150,7 +151,7 @@ class IssueSync(GitHubCalls):
         return CommentRef(id=cid, html_url=url, action=action)
 
     async def pull_request_state(self, repo: str, number: int) -> PullRequestInfo:
-        _check_repo(repo)
+        repo = check_github_repo(repo)
 
         def run() -> PullRequestInfo:
             pr = self._gh.get_repo(repo).get_pull(int(number)).complete()

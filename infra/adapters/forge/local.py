@@ -3,6 +3,8 @@
 It is the embedded default (``ccc demo`` needs no network and no token) and what the
 tests use: agents clone from ``clone_url``, push their ``ccc/`` branches to it, and a
 "merged pull request" is :meth:`LocalForge.merge` into the default branch.
+:class:`LocalForge` is the forge itself (creating, reading, merging); an agent sees
+it through :class:`LocalForgeClient`.
 
 Layout: ``<root>/<owner>/<name>.git``. Merges happen in a temporary clone and are
 pushed back, so the bare repository only ever changes through ordinary pushes (a
@@ -11,31 +13,18 @@ concurrent merge makes our push non-fast-forward; we then redo the merge on top)
 
 from __future__ import annotations
 
-import re
+import asyncio
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from events.errors import CccError
+from events.subjects import check_repo, repo_parts
 
+from infra.adapters.forge.errors import ForgeError, ForgeNotFound, MergeConflict
 from infra.adapters.git import gitops
 
 FORGE_NAME = "ccc forge"
 FORGE_EMAIL = "forge@ccc.local"
-_PART = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-
-
-class ForgeError(CccError):
-    """The forge cannot do what was asked (unknown repository or branch, bad input)."""
-
-
-class MergeConflict(ForgeError):
-    """The branch does not merge cleanly into the default branch: a human, or another
-    attempt on an updated base, has to resolve it."""
-
-    def __init__(self, message: str, files: list[str]) -> None:
-        super().__init__(message)
-        self.files = files
 
 
 class LocalForge:
@@ -45,20 +34,18 @@ class LocalForge:
     # -- repositories -----------------------------------------------------------------
     def repo_path(self, repo: str) -> Path:
         """``owner/name`` -> ``<root>/<owner>/<name>.git`` (a bare ``name`` is owned by
-        ``local``, as in :func:`events.subjects.repo_token`)."""
-        owner, _, name = repo.strip().partition("/")
-        if not name:
-            owner, name = "local", owner
+        ``local``, as in :func:`events.subjects.repo_token`); the name is checked by
+        the one repository-name validator, :func:`events.subjects.check_repo`."""
+        owner, name = repo_parts(check_repo(repo, "repository", error=ForgeError))
         name = name.removesuffix(".git")
-        for part in (owner, name):
-            if not _PART.match(part) or part.strip(".") == "":
-                raise ForgeError(f"invalid repository name {repo!r}: expected owner/name")
+        if not name.strip("."):  # "owner/.git" would be the owner's directory itself
+            raise ForgeError(f"invalid repository {repo!r}: use 'owner/name' or 'name'")
         return self.root / owner / f"{name}.git"
 
     def _existing(self, repo: str) -> Path:
         path = self.repo_path(repo)
         if not (path / "HEAD").is_file():
-            raise ForgeError(f"unknown repository {repo!r} (no bare repository at {path})")
+            raise ForgeNotFound(f"unknown repository {repo!r} (no bare repository at {path})")
         return path
 
     def exists(self, repo: str) -> bool:
@@ -180,3 +167,34 @@ class LocalForge:
             return False
         gitops.run_git(bare, "update-ref", "-d", f"refs/heads/{branch}")
         return True
+
+
+class LocalForgeClient:
+    """The agent's side of the local forge (the ``ForgeClient`` an agent is given):
+    where to clone from, how git authenticates (it need not), and how to open a pull
+    request. A pull request here is the pushed branch plus its record in the event log
+    (the ``agent.pr_opened`` report and the task's ``task.pr_opened``)."""
+
+    name = "local"
+
+    def __init__(self, root: Path | str) -> None:
+        self.forge = LocalForge(root)
+
+    def clone_url(self, repo: str) -> str:
+        return self.forge.clone_url(repo)
+
+    def git_env(self, repo: str) -> dict[str, str]:
+        return {}  # a path on disk needs no credentials
+
+    async def open_pull_request(
+        self, *, repo: str, branch: str, base: str, title: str, body: str, draft: bool, issue_number: int
+    ) -> tuple[str, int | None]:
+        # The branch is already pushed; the record is the event the agent appends next.
+        # As on GitHub, a pull request needs the repository and both branches to exist.
+        def check() -> str:
+            for name in (branch, base):
+                self.forge.branch_sha(repo, name)  # ForgeNotFound / ForgeError
+            return self.forge.repo_path(repo).as_uri()
+
+        uri = await asyncio.to_thread(check)
+        return f"{uri}?branch={branch}&base={base}", issue_number

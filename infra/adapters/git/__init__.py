@@ -1,3 +1,4 @@
 """Git and the file system: git operations (GitPython), the per-task workspace with its
-confined command runner and retention cleanup, test-runner output parsing, and the
-helpers that keep child processes from outliving us."""
+confined command runner and retention cleanup, test-runner output parsing, the
+workbench that puts them together for an agent's pipeline, and the helpers that keep
+child processes from outliving us."""

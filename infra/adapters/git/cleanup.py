@@ -1,5 +1,6 @@
 """Retention cleanup of an agent's finished task workspaces (:func:`cleanup_expired`)
-and the tree removal it shares with :class:`infra.workspace.Workspace`."""
+and the tree removal it shares with :class:`~infra.adapters.git.workspace.Workspace`
+(:func:`remove_tree`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import structlog
 log = structlog.get_logger("ccc.workspace")
 
 
-def _rmtree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """rmtree that also removes read-only trees (Go's module cache is chmod -w)."""
 
     def onerror(func: Any, p: str, _exc: Any) -> None:
@@ -71,7 +72,7 @@ def cleanup_expired(
         if finished is None or now_ts - finished < retention_seconds:
             continue
         try:
-            _rmtree(entry)
+            remove_tree(entry)
         except OSError as exc:
             log.warning("workspace_cleanup_failed", path=str(entry), error=str(exc))
             continue

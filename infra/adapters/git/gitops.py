@@ -101,7 +101,8 @@ def run_git(
     return status, out, str(err)
 
 
-def _out(cwd: Path | str, *args: str, env: Mapping[str, str] | None = None) -> str:
+def git_output(cwd: Path | str, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """``git <args>``'s standard output as text, stripped; raises if git fails."""
     return run_git(cwd, *args, env=env)[1].decode("utf-8", "replace").strip()
 
 
@@ -125,7 +126,7 @@ def default_branch(repo: git.Repo | Path | str) -> str:
     status, out, _ = run_git(cwd, "symbolic-ref", "-q", "--short", "refs/remotes/origin/HEAD", check=False)
     if status == 0 and out.strip():
         return out.decode().strip().removeprefix("origin/")
-    return _out(cwd, "symbolic-ref", "--short", "HEAD")
+    return git_output(cwd, "symbolic-ref", "--short", "HEAD")
 
 
 def head_sha(repo_dir: Path | str) -> str | None:
@@ -167,7 +168,7 @@ def _worktree_index(repo_dir: Path | str) -> Iterator[dict[str, str]]:
     files that changed are re-hashed. The copy keeps the index's mtime (``copy2``): git
     trusts a cached stat only for files older than the index file, so a fresh mtime
     would hide a same-size edit made within the second of the checkout."""
-    real = Path(repo_dir, _out(repo_dir, "rev-parse", "--git-path", "index"))
+    real = Path(repo_dir, git_output(repo_dir, "rev-parse", "--git-path", "index"))
     with tempfile.TemporaryDirectory(prefix="ccc-index-") as tmp:
         index = Path(tmp, "index")
         if real.is_file():
@@ -205,7 +206,8 @@ def diff(repo_dir: Path | str, *, binary: bool = False) -> str:
 def diff_stat(repo_dir: Path | str) -> str:
     """E.g. ``2 files changed, 10 insertions(+), 1 deletion(-)``."""
     with _worktree_index(repo_dir) as env:
-        out = _out(repo_dir, "diff", "--cached", "--no-renames", "--shortstat", _base(repo_dir), env=env)
+        out = git_output(repo_dir, "diff", "--cached", "--no-renames", "--shortstat", _base(repo_dir),
+                         env=env)
     return out or "0 files changed, 0 insertions(+), 0 deletions(-)"
 
 
@@ -219,7 +221,7 @@ def commit_all(repo_dir: Path | str, message: str, author_name: str, author_emai
         raise NothingToCommit(f"no change to commit in {repo_dir}")
     run_git(repo_dir, "commit", "-q", "--no-verify", "-m", message,
             env=identity_env(author_name, author_email))
-    return _out(repo_dir, "rev-parse", "HEAD")
+    return git_output(repo_dir, "rev-parse", "HEAD")
 
 
 def push(
@@ -231,10 +233,10 @@ def push(
     from a fresh clone and pushes the same branch name again, replacing the previous
     attempt, but only if the remote branch is still what we saw just before pushing.
     Other branches are never forced."""
-    sha = _out(repo_dir, "rev-parse", f"refs/heads/{branch}")
+    sha = git_output(repo_dir, "rev-parse", f"refs/heads/{branch}")
     args = ["push", "--porcelain", "--no-verify", remote]
     if branch.startswith(OWN_BRANCH_PREFIX):
-        out = _out(repo_dir, "ls-remote", remote, f"refs/heads/{branch}", env=env)
+        out = git_output(repo_dir, "ls-remote", remote, f"refs/heads/{branch}", env=env)
         seen = out.split()[0] if out else ""  # "" = the branch must not exist yet
         args.append(f"--force-with-lease=refs/heads/{branch}:{seen}")
     args.append(f"refs/heads/{branch}:refs/heads/{branch}")

@@ -14,6 +14,7 @@ that take locks).
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -36,6 +37,15 @@ def die_with_parent() -> None:
     """A ``preexec_fn``: runs in the child between fork and exec."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a whole process group (a command started with ``start_new_session``
+    and everything it forked); a group that is already gone is fine."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is already gone
 
 
 def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:

@@ -1,34 +1,23 @@
-"""Running one workspace command: :class:`CommandResult` (what it did), the
-subprocess protocol that collects its output (a bounded head and tail in memory, up
-to a limit in the log file) and the kill of its process group.
-:meth:`infra.workspace.Workspace.run` drives them."""
+"""Running one command in its own process group: :func:`run_command` starts it, collects
+its output (a bounded head and tail in memory, up to a limit in the log file), kills
+the group on timeout, on cancellation and after the command exits, and returns a
+:class:`CommandResult`. :meth:`~infra.adapters.git.workspace.Workspace.run` decides
+*what* may run and where (confined directory, scrubbed environment); this module
+only runs it. :class:`ExitWatch` is shared with the Claude Code CLI coder."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import msgspec
+from events.work import CommandResult
 
-
-class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
-    """What a command did. ``output`` is stdout+stderr interleaved, truncated in the
-    middle (the head shows what started, the tail holds the summary a test runner
-    prints last); the full output is in ``log_path``."""
-
-    command: str
-    exit_code: int
-    output: str
-    duration: float
-    timed_out: bool = False
-    log_path: str | None = None
-    output_bytes: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
+from infra.adapters.git.processes import die_with_parent, kill_group
 
 
 class ExitWatch(asyncio.SubprocessProtocol):
@@ -86,8 +75,73 @@ class _Collector(ExitWatch):
         return self.head.decode("utf-8", "replace") + marker + self.tail.decode("utf-8", "replace")
 
 
-def _kill_group(pgid: int) -> None:
+async def run_command(
+    argv: list[str],
+    *,
+    shown: str,
+    cwd: Path,
+    env: Mapping[str, str],
+    timeout: float,
+    log_path: Path | None = None,
+    max_output: int = 200_000,
+    log_limit: int = 50_000_000,
+) -> CommandResult:
+    """Run ``argv`` in ``cwd`` with exactly ``env``, in a new session (its own process
+    group). On timeout the whole group is killed and ``timed_out`` is set; on
+    cancellation the group is killed and ``CancelledError`` propagates. Never raises
+    for a failing command, nor for one that cannot be started (exit code 127)."""
+    head = max_output // 2
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    log_file = open(log_path, "wb") if log_path else None  # noqa: SIM115 (closed below)
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already gone
+        try:
+            transport, proto = await loop.subprocess_exec(
+                lambda: _Collector(head, max_output - head, log_file, log_limit),
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # a SIGKILLed agent must not leave commands running
+            )
+        except OSError as exc:  # not found, not executable: a result, not a crash
+            message = f"cannot start {argv[0]!r}: {exc}"
+            if log_file:
+                log_file.write(message.encode())
+            return CommandResult(command=shown, exit_code=127, output=message,
+                                 duration=time.monotonic() - started,
+                                 log_path=str(log_path) if log_path else None)
+        pgid = transport.get_pid()  # session leader: pid == pgid
+        try:
+            done, _ = await asyncio.wait([proto.exited], timeout=timeout)
+            timed_out = not done
+            # On timeout: everything. After a normal exit: leftovers (background
+            # jobs) that would otherwise outlive the command and hold the pipe.
+            kill_group(pgid)
+            await asyncio.wait([proto.exited], timeout=5.0)
+            # Drain what is still buffered; a grandchild that escaped the group with
+            # setsid() may keep the pipe open, so this wait is bounded.
+            await asyncio.wait([proto.closed], timeout=2.0)
+        except BaseException:
+            kill_group(pgid)
+            transport.close()
+            raise
+        transport.close()
+        code = transport.get_returncode()
+        if log_file:
+            log_file.flush()
+        return CommandResult(
+            command=shown,
+            exit_code=code if code is not None else -signal.SIGKILL,
+            output=proto.text(),
+            duration=round(time.monotonic() - started, 3),
+            timed_out=timed_out,
+            log_path=str(log_path) if log_path else None,
+            output_bytes=proto.total,
+        )
+    finally:
+        if log_file:
+            log_file.close()

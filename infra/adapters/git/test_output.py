@@ -13,30 +13,7 @@ from __future__ import annotations
 
 import re
 
-import msgspec
-
-
-class TestCounts(msgspec.Struct, frozen=True, kw_only=True):
-    __test__ = False  # not a pytest test class
-
-    passed: int = 0
-    failed: int = 0
-    errors: int = 0
-    skipped: int = 0
-    total: int = 0
-    framework: str = "unknown"
-
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0 and self.errors == 0
-
-    def summary(self) -> str:
-        if self.framework == "unknown":
-            verdict = "failed" if self.failed else "passed"
-            return f"tests {verdict} (unrecognised output)"
-        parts = [f"{n} {word}" for n, word in ((self.passed, "passed"), (self.failed, "failed"),
-                                               (self.errors, "errors"), (self.skipped, "skipped")) if n]
-        return ", ".join(parts) or "no tests ran"
+from events.work import TestCounts
 
 
 def _counts(

@@ -22,37 +22,26 @@ wrapped in ``asyncio.to_thread`` by a caller that deletes large trees.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shlex
-import signal
-import subprocess
-import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from events.errors import CccError, ConfigError
+from events.subjects import check_id
+from events.work import CommandResult
 
-from infra.adapters.git.processes import die_with_parent
-from infra.adapters.git.cleanup import _rmtree, cleanup_expired
-from infra.adapters.git.runner import CommandResult, _Collector, _kill_group
+from infra.adapters.git.cleanup import remove_tree
+from infra.adapters.git.runner import run_command
+from infra.adapters.obs.masking import secret_env_name
 
-__all__ = [  # cleanup_expired and CommandResult live in workspace_cleanup/workspace_run
-    "CommandResult",
-    "Workspace",
-    "WorkspaceEscape",
-    "cleanup_expired",
-    "scrubbed_env_name",
-    "secret_env_name",
-]
+__all__ = ["Workspace", "WorkspaceEscape", "scrubbed_env_name"]
 
-_ID = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
 _SCRUB_PREFIXES = ("NATS_", "ANTHROPIC_", "GITHUB_", "CCC_", "AWS_", "GH_")
-_SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD", "_CREDENTIALS")
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Where toolchains live, not credentials: passed through when set, because HOME moves
 # and tools that default to ~/.rustup (rustup's cargo proxy) would otherwise not start.
@@ -66,12 +55,6 @@ class WorkspaceEscape(CccError):
     retryable = False
 
 
-def secret_env_name(name: str) -> bool:
-    """Names whose *values* are secrets (masked in transcripts and logs)."""
-    upper = name.upper()
-    return upper.endswith(_SECRET_SUFFIXES)
-
-
 def scrubbed_env_name(name: str) -> bool:
     """Names that never reach a workspace command from the parent environment: secrets,
     plus everything that configures the cluster itself (NATS_URL may embed credentials)."""
@@ -83,9 +66,8 @@ class Workspace:
     :meth:`open` (existing)."""
 
     def __init__(self, root: Path | str, agent_id: str, task_id: str) -> None:
-        for what, value in (("agent id", agent_id), ("task id", task_id)):
-            if not _ID.match(value or ""):
-                raise ConfigError(f"invalid {what} {value!r} for a workspace path")
+        check_id(agent_id, "agent id")  # ids are path components here: the one id check
+        check_id(task_id, "task id")
         self.root = Path(root).resolve()
         self.agent_id = agent_id
         self.task_id = task_id
@@ -99,7 +81,7 @@ class Workspace:
         """A fresh workspace. A directory left by an earlier attempt is removed first:
         a retry must not inherit half-applied edits or a dirty clone."""
         ws = cls(root, agent_id, task_id)
-        _rmtree(ws.path)
+        remove_tree(ws.path)
         for d in (ws.repo_dir, ws.logs_dir, ws.home_dir, ws.tmp_dir):
             d.mkdir(parents=True)
         meta = {"agent_id": agent_id, "task_id": task_id,
@@ -113,9 +95,6 @@ class Workspace:
         if not ws.metadata_path.is_file():
             raise ConfigError(f"no workspace at {ws.path}")
         return ws
-
-    def remove(self) -> None:
-        _rmtree(self.path)
 
     @property
     def repo_dir(self) -> Path:
@@ -248,62 +227,9 @@ class Workspace:
         if not argv:
             raise ConfigError("empty command")
         shown = cmd if isinstance(cmd, str) else shlex.join(argv)
-        log_path = self._log_path(log_name) if log_name else None
-        head = max_output // 2
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        log_file = open(log_path, "wb") if log_path else None  # noqa: SIM115 (closed below)
-        try:
-            try:
-                transport, proto = await loop.subprocess_exec(
-                    lambda: _Collector(head, max_output - head, log_file, log_limit),
-                    *argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    cwd=workdir,
-                    env=self.environment(env_allow, env),
-                    start_new_session=True,
-                    preexec_fn=die_with_parent,  # a SIGKILLed agent must not leave commands running
-                )
-            except OSError as exc:  # not found, not executable: a result, not a crash
-                message = f"cannot start {argv[0]!r}: {exc}"
-                if log_file:
-                    log_file.write(message.encode())
-                return CommandResult(command=shown, exit_code=127, output=message,
-                                     duration=time.monotonic() - started,
-                                     log_path=str(log_path) if log_path else None)
-            pgid = transport.get_pid()  # session leader: pid == pgid
-            try:
-                done, _ = await asyncio.wait([proto.exited], timeout=timeout)
-                timed_out = not done
-                # On timeout: everything. After a normal exit: leftovers (background
-                # jobs) that would otherwise outlive the command and hold the pipe.
-                _kill_group(pgid)
-                await asyncio.wait([proto.exited], timeout=5.0)
-                # Drain what is still buffered; a grandchild that escaped the group with
-                # setsid() may keep the pipe open, so this wait is bounded.
-                await asyncio.wait([proto.closed], timeout=2.0)
-            except BaseException:
-                _kill_group(pgid)
-                transport.close()
-                raise
-            transport.close()
-            code = transport.get_returncode()
-            if log_file:
-                log_file.flush()
-            return CommandResult(
-                command=shown,
-                exit_code=code if code is not None else -signal.SIGKILL,
-                output=proto.text(),
-                duration=round(time.monotonic() - started, 3),
-                timed_out=timed_out,
-                log_path=str(log_path) if log_path else None,
-                output_bytes=proto.total,
-            )
-        finally:
-            if log_file:
-                log_file.close()
+        return await run_command(argv, shown=shown, cwd=workdir, env=self.environment(env_allow, env),
+                                 timeout=timeout, log_path=self._log_path(log_name) if log_name else None,
+                                 max_output=max_output, log_limit=log_limit)
 
     def _log_path(self, log_name: str) -> Path:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", log_name).lstrip(".") or "command"

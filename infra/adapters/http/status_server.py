@@ -1,4 +1,4 @@
-"""Run the status API under uvicorn (see :mod:`infra.http_service`), in the caller's
+"""Run the status API under uvicorn (see :mod:`infra.adapters.http.service`), in the caller's
 event loop, with a live projection.
 
     server = ApiServer(store, "127.0.0.1", 0)
@@ -6,7 +6,7 @@ event loop, with a live projection.
     ...                               # server.url -> "http://127.0.0.1:<port>"
     await server.stop()
 
-or ``await server.serve_forever()`` (stops cleanly when cancelled), or ``serve_api()``.
+or ``await server.serve_forever()`` (stops cleanly when cancelled).
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 
 import structlog
+from litestar import Litestar
+from prometheus_client import CollectorRegistry
 
 from events.store import EventStore
 from projections.live import LiveReadModel
-from projections.status_api import create_app
+from projections.status_api import create_app, register_log_metrics
 
+from infra.adapters.http.metrics import ApiMetrics, metrics_endpoint
 from infra.adapters.http.service import SHUTDOWN_TIMEOUT, HttpService, Served
 
 log = structlog.get_logger("ccc.api")
@@ -37,11 +40,10 @@ class ApiServer(Served):
         self._owns_live = live is None
         self.live = live or LiveReadModel(store, materialize=materialize)
 
-
     async def start(self) -> int:
         """Catch the projection up, bind, start serving; returns the bound port."""
         self.http.bind()  # first: a port in use fails before any replay
-        app = create_app(self.live)  # before the replay: its metrics fold rides along from seq 1
+        app = self.build_app()  # before the replay: its metrics fold rides along from seq 1
         if self._owns_live:
             try:
                 await self.live.start()
@@ -53,6 +55,16 @@ class ApiServer(Served):
         except BaseException:
             await self._stop_live()
             raise
+
+    def build_app(self) -> Litestar:
+        """The status API with ``/metrics``. One registry per app: facts of the log come
+        from the live model (a restart rebuilds them), the API's own request counts
+        from this process."""
+        registry = CollectorRegistry()
+        api_metrics = ApiMetrics(registry)
+        refresh_lag = register_log_metrics(self.live, registry)
+        return create_app(self.live, route_handlers=[metrics_endpoint(registry, before=refresh_lag)],
+                          middleware=[api_metrics.middleware])
 
     async def stop(self) -> None:
         """Stop serving (in-flight requests get ``SHUTDOWN_TIMEOUT``), then the
@@ -68,16 +80,3 @@ class ApiServer(Served):
             await asyncio.wait_for(self.live.stop(), SHUTDOWN_TIMEOUT)
         except TimeoutError:
             log.warning("api.projection_stop_timeout", timeout=SHUTDOWN_TIMEOUT)
-
-
-async def serve_api(
-    store: EventStore, host: str, port: int, *, materialize: bool = True,
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Serve the status API until cancelled. ``ready`` is set once it accepts
-    connections; with port 0, use :class:`ApiServer` to learn the port."""
-    server = ApiServer(store, host, port, materialize=materialize)
-    await server.start()
-    if ready is not None:
-        ready.set()
-    await server.serve_forever()

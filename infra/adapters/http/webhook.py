@@ -8,7 +8,7 @@ Order of checks, each answered before the next is attempted:
    compared in constant time over the exact bytes received: else 401, nothing parsed.
 2. ``X-GitHub-Event`` and ``X-GitHub-Delivery`` present and sane: else 400.
 3. The body is JSON (or GitHub's form encoding, ``payload=<json>``): else 400.
-4. :func:`~infra.webhook_translate.interpret` turns it into zero or more issue facts
+4. :func:`~infra.adapters.http.webhook_translate.interpret` turns it into zero or more issue facts
    (pure; trust policy there). Nothing to do -> 202 with the reason; ``ping`` -> 200
    ``{"status": "pong"}``.
 5. Each fact is published with ``Nats-Msg-Id`` = its ``event_id`` (derived from the
@@ -21,7 +21,6 @@ are signatures or payloads (only event, delivery, action and the outcome).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,36 +36,16 @@ from events.errors import ConfigError, StoreUnavailable
 from events.issue import IssueEvent
 
 from infra.adapters.http.service import HttpService, Served
+from infra.adapters.http.webhook_translate import TRUSTED, BadPayload, interpret, is_signed
 from infra.adapters.nats.issue_publisher import publish_issue
-from infra.adapters.http.webhook_translate import (
-    TRUSTED,
-    BadPayload,
-    Translation,
-    interpret,
-    is_signed,
-    mentions,
-    sign,
-    task_issue_number,
-    translate,
-)
 
 __all__ = [
-    "TRUSTED",
-    "BadPayload",
     "Outcome",
     "Published",
     "Publisher",
-    "Translation",
     "WebhookServer",
     "create_webhook_app",
-    "interpret",
-    "is_signed",
-    "mentions",
     "nats_publisher",
-    "serve_webhook",
-    "sign",
-    "task_issue_number",
-    "translate",
     "webhook_secret",
 ]
 
@@ -227,7 +206,6 @@ class WebhookServer(Served):
             is_connected=lambda: bool(nc.is_connected),
         )
 
-
     async def start(self) -> int:
         """Bind (a port in use is an ``OSError`` here), start serving; returns the port."""
         return await self.http.start(self.app)
@@ -235,13 +213,3 @@ class WebhookServer(Served):
     async def stop(self) -> None:
         """Stop serving; in-flight deliveries get the grace period. Idempotent."""
         await self.http.stop()
-
-
-async def serve_webhook(nc: Any, ns: Any, host: str, port: int, *, secret: str | None = None,
-                        ready: asyncio.Event | None = None, **options: Any) -> None:
-    """Serve until cancelled: what ``ccc webhook`` runs after provisioning ``ns``."""
-    server = WebhookServer(nc, ns, host, port, secret=secret, **options)
-    await server.start()
-    if ready is not None:
-        ready.set()
-    await server.serve_forever()

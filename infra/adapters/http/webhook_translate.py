@@ -7,12 +7,12 @@ Trust: issue text becomes input to a model that runs tools. Work is only started
 requests only accepted, from authors whose ``author_association`` is OWNER, MEMBER or
 COLLABORATOR; accounts of type ``Bot`` (and the bot itself) are never listened to, so
 the cluster cannot talk to itself in a loop. Pull-request facts count only for branches
-the cluster pushes (``ccc/task-<task_id>-<slug>``, see ``infra.gitops.branch_name``) in
+the cluster pushes (``ccc/task-<task_id>-<slug>``, see ``infra.adapters.git.gitops.branch_name``) in
 the repository itself: a fork cannot close or review its way into a task.
 
 Dedup ids: every fact's ``event_id`` (the ``Nats-Msg-Id``) is ``gh:<delivery>:<n>``, so
 a redelivered webhook is a no-op. ``IssueOpened`` is the exception: its id is the
-issue's own (``github:<repo>#<n>:opened``, as :func:`infra.issues.opened_event_id`),
+issue's own (``github:<repo>#<n>:opened``, as :func:`infra.adapters.nats.issue_publisher.opened_event_id`),
 because GitHub sends ``opened`` *and* ``labeled`` for an issue created with the
 trigger label, and both should collapse into one fact.
 """
@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from events.errors import CccError
 from events.issue import (
     IssueCancelRequested,
     IssueChangesRequested,
@@ -46,7 +47,7 @@ from events.issue import (
 from events.subjects import repo_token
 
 TRUSTED: frozenset[str] = frozenset({"OWNER", "MEMBER", "COLLABORATOR"})
-TASK_BRANCH_PREFIX = "ccc/task-"  # infra.gitops.branch_name: ccc/task-<task_id>-<slug>
+TASK_BRANCH_PREFIX = "ccc/task-"  # gitops.branch_name: ccc/task-<task_id>-<slug>
 _FENCED = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
@@ -148,7 +149,7 @@ class _ReviewCommentHook(msgspec.Struct, frozen=True):
 
 
 # -- translation (pure) ------------------------------------------------------------------
-class BadPayload(ValueError):
+class BadPayload(CccError):
     """The delivery is signed but its payload is not the shape GitHub documents."""
 
 
@@ -260,7 +261,7 @@ def _triggered(issue: _Issue, ctx: _Ctx) -> bool:
 
 def _opened(hook: _IssuesHook, ctx: _Ctx) -> IssueOpened:
     issue, repo = hook.issue, hook.repository.full_name
-    return IssueOpened(  # the id as infra.issues.opened_event_id derives it
+    return IssueOpened(  # the id as issue_publisher.opened_event_id derives it
         **{**_base(ctx, repo, issue.number, 0, issue.updated_at, hook.sender),
            "event_id": f"{ctx.source}:{repo}#{issue.number}:opened"},
         title=issue.title, body=issue.body or "", labels=tuple(lbl.name for lbl in issue.labels),

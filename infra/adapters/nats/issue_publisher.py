@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -28,11 +27,9 @@ from events.codec import encode
 from events.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
 from events.issue import IssueOpened
 from events.store import EXPECTED_SEQ, EXPECTED_SEQ_SUBJECT, MSG_ID, WRONG_LAST_SEQUENCE
-from events.subjects import Namespace, check_id, repo_token, task_id_for, token
+from events.subjects import Namespace, check_id, check_repo, repo_token, task_id_for, token
 
 MAX_ALLOCATION_ATTEMPTS = 32  # each lost race means someone else got a number: progress
-# no "_" in the owner (as on GitHub): repo_token splits owner and name at the first "_"
-_REPO = re.compile(r"^([A-Za-z0-9][A-Za-z0-9.-]{0,98}/)?[A-Za-z0-9_.-]{1,100}$")
 
 
 class Allocation(NamedTuple):
@@ -54,13 +51,6 @@ class Published(NamedTuple):
 
 
 # -- validation ---------------------------------------------------------------------
-def check_repo(repo: str) -> str:
-    repo = (repo or "").strip()
-    if not _REPO.match(repo) or ".." in repo or repo.startswith("."):
-        raise ConfigError(f"invalid repo {repo!r}: use 'owner/name' or 'name'")
-    return repo
-
-
 def check_title(title: str | None) -> str:
     title = (title or "").strip()
     if not title:

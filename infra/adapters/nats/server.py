@@ -73,10 +73,6 @@ class EmbeddedServer:
         self.url: str = ""
 
     @property
-    def store_dir(self) -> Path:
-        return self.data_dir / "jetstream"
-
-    @property
     def log_file(self) -> Path:
         return self.data_dir / "nats-server.log"
 

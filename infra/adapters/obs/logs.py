@@ -1,4 +1,5 @@
-"""Logging: structlog for everything, one masking processor every line passes through.
+"""Logging: structlog for everything, one masking processor every line passes through
+(the process's :class:`~infra.adapters.obs.masking.Masker`).
 
     configure_logging("info")                       # JSON lines unless stderr is a terminal
     configure_logging("debug", json=False)          # pretty, even when piped
@@ -20,17 +21,14 @@ Design:
 * The masking processor walks the finished event dict: every string in it, in nested
   dicts/lists/tuples, and the ``repr`` of any other object it would be rendered with.
   It masks the values of secret-looking environment variables (as read at configure
-  time, plus :func:`add_secrets`), the ``secrets`` passed in, token shapes (``sk-ant-``,
-  ``ghp_``, ``github_pat_``, JWTs, NATS nkey seeds), ``Authorization`` values,
-  ``token=``-style query parameters and credentials in URLs.
+  time, plus :func:`~infra.adapters.obs.masking.add_secrets`), the ``secrets`` passed
+  in, and everything else :mod:`infra.adapters.obs.masking` knows to mask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TextIO
@@ -38,113 +36,11 @@ from typing import Any, TextIO
 import structlog
 from opentelemetry import trace
 
-from infra.adapters.coders.base import MASK, mask_secrets
-from infra.adapters.git.workspace import secret_env_name
+from infra.adapters.obs import masking
 
-# Names whose values are secrets although they do not end in _TOKEN/_KEY/_SECRET/...
-# (those are caught by ``secret_env_name``).
-SECRET_ENV_NAMES = frozenset({
-    "ANTHROPIC_API_KEY", "GITHUB_TOKEN", "GH_TOKEN", "CCC_WEBHOOK_SECRET",
-    "NATS_TOKEN", "NATS_PASSWORD", "NATS_NKEY", "NATS_NKEY_SEED", "NATS_JWT", "NATS_USER_JWT",
-    "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-})
-# Libraries that install their own handlers (uvicorn's dictConfig, Litestar's default
-# LoggingConfig): taken back to propagate to our root handler on configure.
+# Libraries that install their own handlers or disable loggers (uvicorn's dictConfig,
+# Litestar's default LoggingConfig): taken back to propagate to our root handler on configure.
 ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar", "nats", "asyncio")
-MIN_ENV_SECRET_LEN = 8  # shorter env values ("1", "true") would mangle ordinary text
-_EXTRA_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # token shapes also when glued to other text (base.mask_secrets wants a word boundary)
-    (re.compile(r"gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|sk-ant-[A-Za-z0-9_-]{8,}"), MASK),
-    # a NATS user JWT / any JWT: header.payload.signature, both JSON objects
-    (re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), MASK),
-    # an nkey seed (S + key type + base32), the private half of NATS creds
-    (re.compile(r"S[UAONCXP][A-Z2-7]{56}"), MASK),
-    # a token as the user part of a NATS URL: nats://s3cr3t@host:4222
-    (re.compile(r"(?i)\b((?:nats|tls|wss?)://)[^/\s@]+@"), r"\1" + MASK + "@"),
-    # token-ish query/form parameters: ?access_token=..., &password=...
-    (re.compile(r"(?i)\b((?:access_|refresh_|api_|auth_)?(?:token|key|secret|password|passwd)=)"
-                r"[^&\s\"'#]+"), r"\1" + MASK),
-    # a bearer credential without its header name ("Bearer abc...")
-    (re.compile(r"\b((?i:bearer)\s+)[^\s'\",;]{8,}"), r"\1" + MASK),
-)
-# dict keys whose string values are secrets whatever they look like
-_SECRET_KEYS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "password",
-                          "passwd", "secret", "token", "api_key", "apikey", "x-api-key", "private_key"})
-_PRIMITIVE = (int, float, bool, type(None))
-_CACHED_LEN, _CACHE_SIZE = 200, 4096
-
-
-def _secret_key(key: Any, value: Any) -> bool:
-    return (isinstance(value, str) and bool(value) and isinstance(key, str)
-            and (key.lower() in _SECRET_KEYS or secret_env_name(key)))
-
-
-class Masker:
-    """The secrets to mask and how. One instance serves the whole process."""
-
-    def __init__(self, secrets: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        values = {v for k, v in env.items()
-                  if (secret_env_name(k) or k.upper() in SECRET_ENV_NAMES) and len(v) >= MIN_ENV_SECRET_LEN}
-        values.update(s for s in secrets if s)
-        self._values: tuple[str, ...] = ()
-        self.add(*values)
-
-    def add(self, *secrets: str) -> None:
-        values = set(self._values) | {s for s in secrets if s}
-        self._values = tuple(sorted(values, key=len, reverse=True))
-        self._cache: dict[str, str] = {}
-
-    def text(self, text: str) -> str:
-        # log lines repeat most of their strings (event names, actors, subjects): remember
-        # short ones; the cache is dropped whenever the secrets change
-        hit = self._cache.get(text)
-        if hit is not None:
-            return hit
-        masked = mask_secrets(text, self._values, environ={})  # values, token shapes, URL passwords
-        for pattern, repl in _EXTRA_PATTERNS:
-            masked = pattern.sub(repl, masked)
-        if len(text) <= _CACHED_LEN:
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.clear()
-            self._cache[text] = masked
-        return masked
-
-    def value(self, value: Any) -> Any:
-        """Mask recursively; objects are kept as they are unless their repr holds a secret."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, _PRIMITIVE):
-            return value
-        if isinstance(value, dict):
-            return {k: MASK if _secret_key(k, v) else self.value(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple, set, frozenset)):
-            return [self.value(v) for v in value]
-        if isinstance(value, BaseException):
-            shown = f"{type(value).__name__}: {value}"
-            masked = self.text(shown)
-            return masked if masked != shown else value
-        shown = repr(value)
-        masked = self.text(shown)
-        return masked if masked != shown else value
-
-    def __call__(self, _logger: Any, _method: str, event_dict: dict) -> dict:
-        """The structlog processor. (``timestamp`` is TimeStamper's own: not masked.)"""
-        return {k: v if k == "timestamp" else MASK if _secret_key(k, v) else self.value(v)
-                for k, v in event_dict.items()}
-
-
-_masker = Masker(environ={})
-
-
-def add_secrets(*values: str) -> None:
-    """Mask these values from now on (e.g. a token obtained at run time)."""
-    _masker.add(*values)
-
-
-def mask(value: Any) -> Any:
-    """Mask a string (or a nested structure) as the log processor would."""
-    return _masker.value(value)
 
 
 def add_trace_ids(_logger: Any, _method: str, event_dict: dict) -> dict:
@@ -220,8 +116,7 @@ def configure_logging(
     current = stream if stream is not None else sys.stderr
     tty = _isatty(current)
     as_json = (not tty) if json is None else json
-    global _masker
-    _masker = Masker(secrets, environ)
+    masking.reset_process_masker(secrets, environ)
 
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -259,6 +154,13 @@ def configure_logging(
         lib.handlers.clear()
         lib.propagate = True
         lib.setLevel(logging.NOTSET)
+        lib.disabled = False
+    # a dictConfig with disable_existing_loggers (its default) silences every logger that
+    # existed then, children included (``nats.aio.client``): take those back too
+    children = tuple(f"{name}." for name in ROUTED_LOGGERS)
+    for name, lib in list(logging.root.manager.loggerDict.items()):
+        if isinstance(lib, logging.Logger) and name.startswith(children):
+            lib.disabled = False
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -279,19 +181,10 @@ def _lead_keys(_logger: Any, _method: str, event_dict: dict) -> dict:
 
 
 def _mask_processor(logger: Any, method: str, event_dict: dict) -> dict:
-    return _masker(logger, method, event_dict)  # the current masker, also after add_secrets
+    # the process's masker as it is now: also after a reconfigure or add_secrets
+    return masking.process_masker()(logger, method, event_dict)
 
 
 get_logger = structlog.get_logger
 
-__all__ = [
-    "MASK",
-    "SECRET_ENV_NAMES",
-    "Masker",
-    "add_secrets",
-    "add_trace_ids",
-    "bind",
-    "configure_logging",
-    "get_logger",
-    "mask",
-]
+__all__ = ["ROUTED_LOGGERS", "add_trace_ids", "bind", "configure_logging", "get_logger"]

@@ -30,7 +30,6 @@ import contextlib
 import importlib
 import os
 import sys
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -51,7 +50,6 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 log = structlog.get_logger("ccc.tracing")
 
 TRACER_NAME = "ccc"
-TRACE_HEADERS = ("traceparent", "tracestate")
 _OTLP_MODULES = {
     "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter",
     "grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
@@ -184,11 +182,6 @@ def extract(headers: Mapping[str, Any] | None) -> Context:
     return propagate.extract(headers or {}, getter=_GETTER)
 
 
-def traceparent(context: Context | None = None) -> str | None:
-    """The W3C ``traceparent`` of the current span (or of ``context``), if any."""
-    return inject({}, context).get("traceparent")
-
-
 def _attributes(attrs: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in attrs.items():
@@ -241,44 +234,8 @@ def span_from_msg(tracer: Tracer | None, name: str, msg: Any, **attrs: Any) -> I
         yield span
 
 
-class TraceIndex:
-    """The trace context last seen per key (a task id), for work no message starts,
-    e.g. the scheduler's loop: ``with start_span("coordinator.schedule",
-    context=index.context(task_id))`` puts the assignment in the task's trace. Bounded:
-    the oldest keys are forgotten first."""
-
-    def __init__(self, maxsize: int = 10_000) -> None:
-        self.maxsize = maxsize
-        self._items: OrderedDict[str, dict[str, str]] = OrderedDict()
-
-    def remember(self, key: str, headers: Mapping[str, Any] | None = None) -> None:
-        """Remember ``headers``' trace context (default: the current span's)."""
-        if headers is None:
-            carrier = inject({})
-        else:
-            carrier = {k.lower(): str(v) for k, v in headers.items() if k.lower() in TRACE_HEADERS}
-        if not carrier.get("traceparent"):
-            return
-        self._items[key] = carrier
-        self._items.move_to_end(key)
-        while len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
-
-    def context(self, key: str) -> Context | None:
-        carrier = self._items.get(key)
-        return extract(carrier) if carrier else None
-
-    def forget(self, key: str) -> None:
-        self._items.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 __all__ = [
-    "TRACE_HEADERS",
     "SpanKind",
-    "TraceIndex",
     "exporter_names",
     "extract",
     "get_tracer",
@@ -286,5 +243,4 @@ __all__ = [
     "setup_tracing",
     "span_from_msg",
     "start_span",
-    "traceparent",
 ]

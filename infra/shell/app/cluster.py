@@ -1,4 +1,9 @@
-"""``ccc up`` as an object: the embedded nats-server (unless a URL is given), one
+"""The composition root: the one place that builds the concrete adapters (coder,
+forge, workbench, artifacts, telemetry, analyser) and hands them to the actors through
+the Protocols they declare (``actors.ports``). ``ccc up`` runs :class:`LocalCluster`,
+``ccc agent`` runs one agent from :func:`build_agent`.
+
+``ccc up`` as an object: the embedded nats-server (unless a URL is given), one
 coordinator, N local agents and the status API, in one process.
 
 Each part is the same actor a multi-host deployment runs; only the wiring is local.
@@ -22,17 +27,22 @@ from actors.agent import Agent, AgentConfig
 from actors.analysis import Analyser, RuleAnalyser
 from actors.coordinator import Coordinator, CoordinatorConfig
 from actors.pipeline import PipelineSettings
+from actors.ports import Coder, ForgeClient
 from events.errors import ConfigError, StoreUnavailable
 from events.subjects import Namespace
 from events.task import SPECIALTIES
 
-from infra.adapters.coders.base import Coder
 from infra.adapters.coders.scripted import ScriptedCoder
-from infra.adapters.forge.local_client import LocalForgeClient
+from infra.adapters.forge.local import LocalForgeClient
+from infra.adapters.git.workbench import GitWorkbench
+from infra.adapters.nats.artifacts import ObjectStoreArtifacts
 from infra.adapters.nats.connection import connect, embedded_url_file
-from infra.adapters.nats.server import EmbeddedServer
 from infra.adapters.nats.provisioning import provision
+from infra.adapters.nats.server import EmbeddedServer
 from infra.adapters.nats.settings import Settings
+from infra.adapters.obs.masking import mask_secrets
+from infra.adapters.obs.metrics import AgentMetrics
+from infra.adapters.obs.telemetry import OtelTelemetry
 
 log = structlog.get_logger("ccc.cluster")
 
@@ -103,8 +113,10 @@ def make_coder(kind: str, script_dir: str | None, model: str | None = None) -> C
 def make_analyser(kind: str) -> Analyser:
     if kind == "claude":
         from actors.claude_analysis import ClaudeAnalyser
+        from infra.adapters.coders.claude_analyser import ClaudeToolModel
 
-        return ClaudeAnalyser()  # falls back to the rules by itself, saying why
+        # falls back to the rules by itself, saying why (no credentials, API errors, …)
+        return ClaudeAnalyser(ClaudeToolModel(), mask=mask_secrets)
     if kind == "rules":
         return RuleAnalyser()
     raise ConfigError(f"--analyser {kind!r}: choose one of {', '.join(ANALYSERS)}")
@@ -121,11 +133,38 @@ def make_forge(kind: str, forge_root: Path):
     raise ConfigError(f"--forge {kind!r}: choose one of {', '.join(FORGES)}")
 
 
-def hand_back_now(agent: Agent) -> None:
-    """Skip an agent's shutdown grace: cancel its running work, which the pipeline then
-    reports as handed back (the coordinator re-queues it), as when the grace runs out."""
-    for work in list(agent.running.values()):
-        work.cancel()
+def build_agent(
+    nc: Client,
+    ns: Namespace,
+    *,
+    agent_id: str,
+    specialties: tuple[str, ...],
+    coder: Coder,
+    forge: ForgeClient,
+    workspace_root: Path | str,
+    capacity: int = 1,
+    clearance: str = "internal",
+    heartbeat_interval: float = 2.0,
+    shutdown_grace: float = 10.0,
+    test_timeout: float = 600.0,
+    metrics: AgentMetrics | None = None,
+) -> Agent:
+    """One agent with its adapters: task workspaces under ``workspace_root``, artifacts in
+    the namespace's object store, spans (and ``metrics``, if this process serves them)."""
+    config = AgentConfig(
+        agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
+        heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
+        pipeline=PipelineSettings(test_timeout=test_timeout),
+    )
+    return Agent(nc, ns, config, workbench=GitWorkbench(workspace_root), coder=coder, forge=forge,
+                 artifacts=ObjectStoreArtifacts(nc, ns.artifacts_bucket), telemetry=OtelTelemetry(metrics))
+
+
+def build_coordinator(
+    nc: Client, ns: Namespace, config: CoordinatorConfig, *, analyser: str = "rules"
+) -> Coordinator:
+    """A coordinator with the ``analyser`` of that kind, its spans in the process's traces."""
+    return Coordinator(nc, ns, config, analyser=make_analyser(analyser), telemetry=OtelTelemetry())
 
 
 class LocalCluster:
@@ -166,24 +205,25 @@ class LocalCluster:
         self.nc = await connect(self.url, name="ccc-up", settings=s)
         await provision(self.nc, self.ns, replicas=s.replicas)
         self.forge = make_forge(o.forge, self.forge_root)
-        self.coordinator = Coordinator(self.nc, self.ns, CoordinatorConfig(
+        self.coordinator = build_coordinator(self.nc, self.ns, CoordinatorConfig(
             heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
-            max_attempts=o.max_attempts), analyser=make_analyser(o.analyser))
+            max_attempts=o.max_attempts), analyser=o.analyser)
         await self.coordinator.start()
         if o.forge == "github":  # labels and the tracking comment follow the task events
             from actors.forge_sync import ForgeSync
 
-            self.forge_sync = ForgeSync(self.nc, self.ns, self.forge, live=self.coordinator.live)
+            self.forge_sync = ForgeSync(self.nc, self.ns, self.forge, mask=mask_secrets,
+                                        live=self.coordinator.live, telemetry=OtelTelemetry())
             await self.forge_sync.start()
         for i in range(o.agents):
             specialty = o.specialties[i % len(o.specialties)]
-            agent = Agent(self.nc, self.ns, AgentConfig(
-                agent_id=f"{o.agent_prefix}-{i + 1}-{specialty}", specialties=(specialty,),
-                capacity=o.capacity, heartbeat_interval=o.heartbeat_interval,
-                shutdown_grace=o.shutdown_grace,
-                pipeline=PipelineSettings(workspace_root=str(self.workspace_root),
-                                          test_timeout=o.test_timeout),
-            ), coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge)
+            agent = build_agent(
+                self.nc, self.ns, agent_id=f"{o.agent_prefix}-{i + 1}-{specialty}", specialties=(specialty,),
+                coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge,
+                workspace_root=self.workspace_root, capacity=o.capacity,
+                heartbeat_interval=o.heartbeat_interval, shutdown_grace=o.shutdown_grace,
+                test_timeout=o.test_timeout,
+            )
             await agent.start()
             self.agents.append(agent)
         if o.api_port is not None:
@@ -201,7 +241,7 @@ class LocalCluster:
     def hurry(self) -> None:
         """A second Ctrl-C while stopping: hand running tasks back now."""
         for agent in self.agents:
-            hand_back_now(agent)
+            agent.hand_back_all()
 
     async def _claim_data_dir(self) -> None:
         """One embedded server per data dir. nats-server does not lock its store dir, so

@@ -1,4 +1,6 @@
-"""Signals for long-running commands (``up``, ``agent``, ``api``, ``webhook``).
+"""Signals for every command that runs until stopped (``server``, ``up``, ``agent``,
+``api``, ``webhook``, ``events --follow``): one helper, :class:`StopSignals`, and
+:func:`until_signal` on top of it for a command with nothing to hand back.
 
 The first SIGINT/SIGTERM starts a graceful stop; the second says "now" (running
 tasks are handed back at once); any later one also prints what the stop is still
@@ -18,7 +20,7 @@ import click
 
 
 class StopSignals:
-    """SIGINT/SIGTERM for the whole life of a long-running command (``up``, ``agent``).
+    """SIGINT/SIGTERM for the whole life of a long-running command.
 
     The first signal ends :meth:`wait`, or cancels the start-up if it comes earlier.
     Later ones, and any during :meth:`cleanup`, call ``hurry`` (running tasks are
@@ -50,6 +52,13 @@ class StopSignals:
         loop = asyncio.get_running_loop()
         for sig in self._installed:
             loop.remove_signal_handler(sig)
+        self._forget_own_cancel()
+
+    def _forget_own_cancel(self) -> None:
+        """The first signal cancelled the start-up (and the code caught it): the task
+        goes on as if never cancelled, so a later ``asyncio.timeout`` works as usual."""
+        if self.received and self._task is not None and self._task.cancelling():
+            self._task.uncancel()
 
     def _on_signal(self) -> None:
         self.received += 1
@@ -64,22 +73,40 @@ class StopSignals:
         if self.received >= 3 or (self.hurry is None and self._phase == "stopping"):
             click.echo("still stopping; waiting on:\n" + pending_tasks_report(), err=True)
 
-    async def wait(self) -> None:
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until the first signal (True), or for at most ``timeout`` seconds (False):
+        a command that watches something else meanwhile waits in slices."""
         self._phase = "running"
-        await self._stop.wait()
+        if timeout is None:
+            await self._stop.wait()
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._stop.wait()
+        return self._stop.is_set()
 
     async def cleanup(self, coro: Awaitable, report_after: float = 15.0) -> None:
         """Run the shutdown in full. If it is still running after ``report_after``
         seconds (and every so often after that), say what it is waiting on."""
         self._phase = "stopping"
-        task = asyncio.current_task()
-        if self.received and task is not None and task.cancelling():
-            task.uncancel()  # our own cancel of the start-up: the cleanup runs in full
+        self._forget_own_cancel()  # our own cancel of the start-up: the cleanup runs in full
         watchdog = asyncio.create_task(_report_stall(report_after), name="shutdown-watchdog")
         try:
             await coro
         finally:
             watchdog.cancel()
+
+
+async def until_signal(coro: Awaitable) -> bool:
+    """Run ``coro`` until it ends, or until the first SIGINT/SIGTERM cancels it (then
+    True). Later signals, while ``coro`` unwinds, do not cut its clean-up short."""
+    with StopSignals() as signals:  # never in wait(): the first signal cancels coro
+        try:
+            await coro
+        except asyncio.CancelledError:
+            if not signals.received:
+                raise  # not a signal of ours
+    return signals.received > 0
 
 
 async def _report_stall(after: float) -> None:

@@ -1,5 +1,5 @@
-"""The dispatch bench's cast: raw baselines, null agents that do no work, and the real
-coordinator in its own process."""
+"""The dispatch bench's cast: null agents that do no work, and the real coordinator in
+its own process."""
 
 from __future__ import annotations
 
@@ -9,103 +9,24 @@ import json
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
-
-from nats.js import api
 
 from events import agent_state as ag
 from events.agent import Heartbeat
 from events.codec import encode
 from events.errors import StoreUnavailable
-from events.store import BATCH_COMMIT, BATCH_ID, BATCH_SEQ, EventStore
+from events.store import EventStore
 from events.subjects import Namespace
+from events.work_reports import ImplementationProduced, PullRequestOpened
 
-from infra.shell.bench.probes import (
-    opened,
-    pct,
-    utcnow,
-)
-from infra.shell.bench.report import (
-    HEARTBEAT_TIMEOUT,
-    SPECIALTIES,
-    STEP_TIMEOUT,
-)
 from infra.adapters.nats.connection import connect
-
-
-# -- baselines -------------------------------------------------------------------------
-async def _raw_baselines(nc, js, rtt_samples: int, publish_msgs: int) -> dict:
-    await js.add_stream(api.StreamConfig(
-        name="RAWBENCH", subjects=["rawbench.>"], storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.LIMITS, num_replicas=1, allow_atomic=True))
-    payload = encode(opened(1, "raw"))
-    # round trip: one publish at a time, waiting for the ack
-    for i in range(min(50, rtt_samples)):
-        await js.publish(f"rawbench.warm.{i % 50}", payload)
-    rtt = []
-    for i in range(rtt_samples):
-        t = time.perf_counter_ns()
-        await js.publish(f"rawbench.rtt.{i % 100}", payload)
-        rtt.append(time.perf_counter_ns() - t)
-    # one hop: publish -> stored -> delivered to an ordered push consumer
-    waiting: list[asyncio.Future] = []
-
-    async def cb(msg) -> None:
-        if waiting:
-            waiting.pop().set_result(time.perf_counter_ns())
-
-    sub = await js.subscribe("rawbench.hop.>", stream="RAWBENCH", cb=cb, ordered_consumer=True,
-                             deliver_policy=api.DeliverPolicy.NEW)
-    loop = asyncio.get_running_loop()
-    hop = []
-    for i in range(rtt_samples // 2 + 10):
-        fut = loop.create_future()
-        waiting.append(fut)
-        t = time.perf_counter_ns()
-        await nc.publish(f"rawbench.hop.{i % 100}", payload)
-        done = await asyncio.wait_for(fut, 10)
-        if i >= 10:
-            hop.append(done - t)
-    await sub.unsubscribe()
-    # four events as one atomic batch (a multi-event decision) and as four awaited
-    # publishes (the intake's write): raw, to show the floor of each
-    batch4, seq4 = [], []
-    for i in range(rtt_samples // 2):
-        t = time.perf_counter_ns()
-        await _atomic_batch(nc, [f"rawbench.batch.{i % 100}.{k}" for k in range(4)], payload)
-        batch4.append(time.perf_counter_ns() - t)
-        t = time.perf_counter_ns()
-        for k in range(4):
-            await js.publish(f"rawbench.seq.{i % 100}.{k}", payload)
-        seq4.append(time.perf_counter_ns() - t)
-    # pipelined publishes
-    t = time.perf_counter()
-    futures = [await js.publish_async(f"rawbench.pub.{i % 100}", payload) for i in range(publish_msgs)]
-    await asyncio.gather(*futures)
-    rate = publish_msgs / (time.perf_counter() - t)
-    await js.delete_stream("RAWBENCH")
-    return {"rtt_p50": pct(rtt, 50), "rtt_p99": pct(rtt, 99), "hop_p50": pct(hop, 50),
-            "hop_p99": pct(hop, 99), "publish_per_s": rate, "batch4_p50": pct(batch4, 50),
-            "seq4_p50": pct(seq4, 50)}
-
-
-async def _atomic_batch(nc, subjects: list[str], payload: bytes) -> None:
-    """One JetStream atomic batch, as the event store writes a multi-event decision."""
-    batch = uuid.uuid4().hex[:16]
-    for i, subject in enumerate(subjects, 1):
-        headers = {BATCH_ID: batch, BATCH_SEQ: str(i)}
-        if i < len(subjects):
-            await nc.publish(subject, payload, headers=headers)
-        else:
-            headers[BATCH_COMMIT] = "1"
-            reply = await nc.request(subject, payload, headers=headers, timeout=10)
-            if b'"error"' in reply.data:
-                raise RuntimeError(f"atomic batch refused: {reply.data[:200]!r}")
+from infra.adapters.nats.settings import load_log_settings
+from infra.shell.bench.probes import utcnow
+from infra.shell.bench.report import HEARTBEAT_TIMEOUT, SPECIALTIES, STEP_TIMEOUT
 
 
 # -- agents ----------------------------------------------------------------------------
-async def _register_agents(nc, store: EventStore, ns: Namespace, ids: list[str], capacity: int):
+async def register_agents(nc, store: EventStore, ns: Namespace, ids: list[str], capacity: int):
     """Real ``agent.registered`` events (pipelined: independent aggregates), then one
     heartbeat each. Returns ``{agent_id: (state, last_seq)}``."""
     at = utcnow()
@@ -160,7 +81,6 @@ class NullAgent:
         self.state, self.last_seq = state, last_seq
         self.paced_by = paced_by
         self.lock = asyncio.Lock()
-        self.done = 0
 
     async def _append(self, command: ag.Command) -> None:
         async with self.lock:
@@ -182,15 +102,15 @@ class NullAgent:
         await self._append(ag.StartAgentTask(at=utcnow(), actor=me, task_id=task_id, attempt=attempt))
         await self._after("started", task_id)
         await self._append(ag.ReportWork(
-            at=utcnow(), actor=me, task_id=task_id, attempt=attempt, kind="agent.implementation_produced",
-            fields={"coder": "null", "files_changed": ["app/handlers.py"], "diff_stat": "1 file changed"}))
+            at=utcnow(), actor=me, task_id=task_id, attempt=attempt,
+            report=ImplementationProduced(coder="null", files_changed=("app/handlers.py",),
+                                          diff_stat="1 file changed")))
         await self._after("testing", task_id)
         await self._append(ag.ReportWork(
-            at=utcnow(), actor=me, task_id=task_id, attempt=attempt, kind="agent.pr_opened",
-            fields={"branch": f"ccc/task-{task_id}", "tests_passed": 1}))
+            at=utcnow(), actor=me, task_id=task_id, attempt=attempt,
+            report=PullRequestOpened(branch=f"ccc/task-{task_id}", tests_passed=1)))
         await self._append(ag.ReleaseAgentTask(at=utcnow(), actor=me, task_id=task_id, outcome="done",
                                                attempt=attempt))
-        self.done += 1
 
 
 # -- the coordinator, in its own process -------------------------------------------------
@@ -269,9 +189,10 @@ async def _serve_coordinator(url: str, prefix: str, profile_path: str | None) ->
 
     import structlog
 
-    from actors.coordinator import Coordinator, CoordinatorConfig
+    from actors.coordinator import CoordinatorConfig
+    from infra.shell.app.cluster import build_coordinator  # the coordinator `ccc up` runs
 
-    level = os.environ.get("CCC_LOG_LEVEL", "warning").upper()  # the CLI's default: warning
+    level = load_log_settings().level.upper()  # CCC_LOG_LEVEL, or the CLI's default: warning
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.WARNING)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -279,7 +200,8 @@ async def _serve_coordinator(url: str, prefix: str, profile_path: str | None) ->
                     structlog.dev.ConsoleRenderer(colors=False)],
     )
     nc = await connect(url, name="ccc-bench-coordinator")
-    coordinator = Coordinator(nc, Namespace(prefix), CoordinatorConfig(heartbeat_timeout=HEARTBEAT_TIMEOUT))
+    coordinator = build_coordinator(nc, Namespace(prefix),
+                                    CoordinatorConfig(heartbeat_timeout=HEARTBEAT_TIMEOUT))
     await coordinator.start()
     profile = cProfile.Profile(time.process_time) if profile_path else None  # CPU, not wall
     if profile is not None:
@@ -289,7 +211,7 @@ async def _serve_coordinator(url: str, prefix: str, profile_path: str | None) ->
     if profile is not None:
         profile.disable()
         profile.dump_stats(profile_path)
-    intake, reports = coordinator._loops
+    intake, reports = coordinator.consumers
     stats = {
         "assignments": coordinator.assignments,
         "intake_handled": intake.handled, "intake_failed": intake.failed,

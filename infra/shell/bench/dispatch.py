@@ -52,25 +52,20 @@ from events.issue import IssuePullRequestMerged
 from events.store import EventStore
 from events.subjects import Namespace, task_id_for
 
-from infra.shell.bench.cast import (
-    CoordinatorProcess,
-    NullAgent,
-    Signals,
-    _raw_baselines,
-    _register_agents,
-)
+from infra.shell.bench.baselines import raw_baselines
+from infra.shell.bench.cast import CoordinatorProcess, NullAgent, Signals, register_agents
 from infra.shell.bench.probes import (
     CpuMeter,
-    _hops,
-    _loadavg,
-    _ordered,
-    _stage_stamps,
-    _stream_last,
-    _where_stuck,
+    hop_percentiles,
+    loadavg,
     ms,
     opened,
+    ordered_subscription,
     pct,
+    stage_stamps,
+    stream_last_seq,
     utcnow,
+    where_stuck,
 )
 from infra.shell.bench.report import (
     LATENCY_TARGET_AGENTS,
@@ -123,7 +118,7 @@ async def _latency_run(url: str, nc, js, n_agents: int, tasks: int, warmup: int,
     await provision(nc, ns)
     store = EventStore(nc, ns, timeout=30)
     total = warmup + tasks
-    await _register_agents(nc, store, ns, [f"null-{i}" for i in range(n_agents)], capacity=total)
+    await register_agents(nc, store, ns, [f"null-{i}" for i in range(n_agents)], capacity=total)
     profile = profile_dir / f"coordinator-latency-{n_agents}.prof" if profile_dir else None
     coordinator = CoordinatorProcess(url, ns, workdir / f"coordinator-{ns.prefix}.log", profile)
     await coordinator.start()
@@ -163,7 +158,7 @@ async def _latency_run(url: str, nc, js, n_agents: int, tasks: int, warmup: int,
     finally:
         await sub.unsubscribe()
         await coordinator.kill()
-    for tid, s in (await _stage_stamps(js, ns)).items():
+    for tid, s in (await stage_stamps(js, ns)).items():
         if tid in stamps:
             stamps[tid].update(s)
     p50, p99 = ms(pct(lat, 50)), ms(pct(lat, 99))
@@ -172,7 +167,7 @@ async def _latency_run(url: str, nc, js, n_agents: int, tasks: int, warmup: int,
         mean_ms=ms(statistics.fmean(lat)), max_ms=ms(max(lat)),
         p50_x_raw=round(p50 / ms(raw["rtt_p50"]), 2), p99_x_raw=round(p99 / ms(raw["rtt_p99"]), 2),
         p50_ok=p50 <= P50_TARGET_MS, p99_ok=p99 <= P99_TARGET_MS,
-        hops=_hops(stamps, LATENCY_HOPS), coordinator=stats,
+        hops=hop_percentiles(stamps, LATENCY_HOPS), coordinator=stats,
         cpu=used,
     )
 
@@ -190,14 +185,14 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
     try:
         ajs = anc.jetstream(timeout=30)
         astore = EventStore(anc, ns, timeout=30)
-        registered = await _register_agents(anc, astore, ns, [f"null-{i}" for i in range(n_agents)],
+        registered = await register_agents(anc, astore, ns, [f"null-{i}" for i in range(n_agents)],
                                             capacity=tasks)
         pacing = None if immediate_reports else Signals()
         agents = {aid: NullAgent(astore, aid, state, seq, pacing) for aid, (state, seq) in registered.items()}
         profile = profile_dir / f"coordinator-throughput-{n_agents}.prof" if profile_dir else None
         coordinator = CoordinatorProcess(url, ns, workdir / f"coordinator-{ns.prefix}.log", profile)
         await coordinator.start()
-        events_before = await _stream_last(js, ns.events_stream) + await _stream_last(js, ns.issues_stream)
+        events_before = await stream_last_seq(js, ns.events_stream) + await stream_last_seq(js, ns.issues_stream)
 
         failures: list[BaseException] = []
         progress = asyncio.Event()  # a task completed, or something failed
@@ -255,11 +250,11 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
         subs += [
             await ajs.subscribe(f"{p}.task.*.assigned.*", stream=ns.events_stream, cb=on_assigned,
                                 ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW),
-            await _ordered(js, ns.events_stream, [f"{p}.task.*.pr_opened", f"{p}.task.*.completed"],
+            await ordered_subscription(js, ns.events_stream, [f"{p}.task.*.pr_opened", f"{p}.task.*.completed"],
                            on_reviewer_step),
         ]
         if pacing is not None:
-            subs.append(await _ordered(ajs, ns.events_stream, [f"{p}.task.*.started", f"{p}.task.*.testing"],
+            subs.append(await ordered_subscription(ajs, ns.events_stream, [f"{p}.task.*.started", f"{p}.task.*.testing"],
                                        on_task_step))
         issues = [opened(i, ns.prefix) for i in range(1, tasks + 1)]
         payloads = [(ns.subject(e.rel_subject), encode(e), {"Nats-Msg-Id": e.event_id}) for e in issues]
@@ -279,7 +274,7 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
                 break  # stalled
         used = cpu.stop()
         if len(completed) < tasks:
-            stuck = await _where_stuck(js, ns, set(published) - completed)
+            stuck = await where_stuck(js, ns, set(published) - completed)
             cause = f"; first failure: {failures[0]}" if failures else f"; no progress for {STALL:g}s"
             raise RuntimeError(f"only {len(completed)}/{tasks} tasks completed{cause}; the others' "
                                f"last step: {stuck}; coordinator log: {coordinator.log_tail()}")
@@ -293,8 +288,8 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
         for t in list(work):
             t.cancel()
         await anc.close()
-    events = await _stream_last(js, ns.events_stream) + await _stream_last(js, ns.issues_stream) - events_before
-    stamps = await _stage_stamps(js, ns)
+    events = await stream_last_seq(js, ns.events_stream) + await stream_last_seq(js, ns.issues_stream) - events_before
+    stamps = await stage_stamps(js, ns)
     for tid, s in stamps.items():
         if tid in published:
             s["published"] = published[tid]
@@ -305,7 +300,7 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
         events_per_task=round(events / tasks, 2), events_per_s=round(events / seconds),
         events_x_raw=round(events / seconds / raw["publish_per_s"], 3), merges_resent=resent[0],
         reports_paced=not immediate_reports, ok=rate >= TASKS_PER_S_TARGET,
-        hops=_hops(stamps, THROUGHPUT_HOPS), coordinator=stats, cpu=used,
+        hops=hop_percentiles(stamps, THROUGHPUT_HOPS), coordinator=stats, cpu=used,
     )
 
 
@@ -336,7 +331,7 @@ async def run_dispatch_bench(
         if progress:
             progress(step, steps)
 
-    load_before = _loadavg()
+    load_before = loadavg()
     pdir = Path(profile_dir).resolve() if profile_dir else None
     if pdir is not None:
         pdir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +344,7 @@ async def run_dispatch_bench(
             nc = await connect(url, name="ccc-bench")
             js = nc.jetstream(timeout=30)
             try:
-                raw = await _raw_baselines(nc, js, rtt_samples, publish_msgs)
+                raw = await raw_baselines(nc, js, rtt_samples, publish_msgs)
                 advance()
                 latency = []
                 for n in agent_counts:
@@ -369,7 +364,7 @@ async def run_dispatch_bench(
     met = all(r.p50_ok and r.p99_ok for r in latency) and (throughput is None or throughput.ok)
     return DispatchBench(
         sync_interval=sync_interval, coordinator_process=True, cpus=os.cpu_count() or 0,
-        loadavg=[load_before, _loadavg()],
+        loadavg=[load_before, loadavg()],
         raw_rtt_p50_ms=ms(raw["rtt_p50"]), raw_rtt_p99_ms=ms(raw["rtt_p99"]),
         raw_hop_p50_ms=ms(raw["hop_p50"]), raw_hop_p99_ms=ms(raw["hop_p99"]),
         raw_publish_per_s=round(raw["publish_per_s"]), raw_batch4_p50_ms=ms(raw["batch4_p50"]),

@@ -58,7 +58,7 @@ def opened(i: int, tag: str) -> IssueOpened:
     )
 
 
-def _hops(stamps: dict[str, dict[str, int]], hops: Sequence[tuple[str, str, str]]) -> list[Hop]:
+def hop_percentiles(stamps: dict[str, dict[str, int]], hops: Sequence[tuple[str, str, str]]) -> list[Hop]:
     """Per-hop p50/p99 over tasks, from per-task stage timestamps (ns)."""
     out = []
     for a, b, label in hops:
@@ -68,7 +68,7 @@ def _hops(stamps: dict[str, dict[str, int]], hops: Sequence[tuple[str, str, str]
     return out
 
 
-async def _ordered(js, stream: str, filters: list[str], cb):
+async def ordered_subscription(js, stream: str, filters: list[str], cb):
     return await js.subscribe(
         "", stream=stream, cb=cb, ordered_consumer=True,
         config=api.ConsumerConfig(filter_subjects=filters, deliver_policy=api.DeliverPolicy.ALL),
@@ -90,7 +90,7 @@ async def _log_with_times(js, stream: str, filters: list[str]) -> list[tuple[str
         if seq >= last:
             done.set()
 
-    sub = await _ordered(js, stream, filters, cb)
+    sub = await ordered_subscription(js, stream, filters, cb)
     try:
         await asyncio.wait_for(done.wait(), 120)
     finally:
@@ -98,7 +98,7 @@ async def _log_with_times(js, stream: str, filters: list[str]) -> list[tuple[str
     return out
 
 
-async def _stage_stamps(js, ns: Namespace) -> dict[str, dict[str, int]]:
+async def stage_stamps(js, ns: Namespace) -> dict[str, dict[str, int]]:
     """task id -> {stage: store timestamp}: issue facts (``issue.<action>``), task events
     (``task.<event>``) and agent reports about the task (``agent.<event>``). The first
     occurrence of a stage counts."""
@@ -121,17 +121,17 @@ async def _stage_stamps(js, ns: Namespace) -> dict[str, dict[str, int]]:
     return stamps
 
 
-async def _where_stuck(js, ns: Namespace, task_ids: set[str]) -> dict[str, int]:
+async def where_stuck(js, ns: Namespace, task_ids: set[str]) -> dict[str, int]:
     """How many of ``task_ids`` stopped after which step (their latest stage)."""
     out: dict[str, int] = {}
-    for tid, s in (await _stage_stamps(js, ns)).items():
+    for tid, s in (await stage_stamps(js, ns)).items():
         if tid in task_ids:
             last = max(s, key=s.__getitem__)
             out[last] = out.get(last, 0) + 1
     return out
 
 
-def _loadavg() -> float:
+def loadavg() -> float:
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -200,7 +200,7 @@ class CpuMeter:
                       pressure=round(stall / wall, 3) if stall >= 0 and wall > 0 else -1.0)
 
 
-async def _stream_last(js, stream: str) -> int:
+async def stream_last_seq(js, stream: str) -> int:
     return (await js.stream_info(stream)).state.last_seq
 
 

@@ -24,7 +24,7 @@ from nats.js import api
 from events.codec import encode
 from events.store import EventStore
 from events.subjects import Namespace
-from events.task import IssueRef
+from events.task import Analysis, IssueRef
 from events.task_state import (
     AssignTask,
     CreateTask,
@@ -66,8 +66,8 @@ def task_histories(n_events: int, prefix: str = "bench") -> list[list]:
         at = T0 + timedelta(seconds=i)
         cmds = [
             StartAnalysis(at=at, actor="coordinator"),
-            RecordAnalysis(at=at, actor="coordinator", specialty="backend",
-                           requirements=("python",), reasons=("label backend",)),
+            RecordAnalysis(at=at, actor="coordinator", analysis=Analysis(
+                specialty="backend", requirements=("python",), reasons=("label backend",))),
             AssignTask(at=at, actor="coordinator", agent_id=f"agent-{i % 10}"),
             StartTask(at=at, actor=f"agent-{i % 10}", agent_id=f"agent-{i % 10}"),
             StartTests(at=at, actor=f"agent-{i % 10}", agent_id=f"agent-{i % 10}",

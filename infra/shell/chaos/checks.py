@@ -34,9 +34,8 @@ from nats.js import api
 
 from events.agent import AgentChangesPushed, AgentEventBase, AgentPullRequestOpened
 from events.agent_state import evolve as evolve_agent
-from events.codec import Event
+from events.codec import BadMessage, Event, decode_or_bad
 from events.errors import CccError, DomainError, StoreUnavailable
-from events.store import BadMessage, decode_or_bad
 from events.subjects import Namespace
 from events.task import (
     TaskAssigned,

@@ -27,10 +27,10 @@ from infra.shell.chaos.checks import (
     requeued_mark,
     since,
 )
-from infra.shell.chaos.processes import CCC, clean_env
-from infra.shell.chaos.run import World, busy_agent, offline, taken_by_other
-from infra.shell.chaos.sandbox import _READY, REPO
 from infra.adapters.nats.cluster import wait_for_leader
+from infra.shell.chaos.processes import CCC, READY, clean_env
+from infra.shell.chaos.sandbox import REPO
+from infra.shell.chaos.world import World, busy_agent, offline, taken_by_other
 
 
 # -- 1. coordinator killed ------------------------------------------------------------------
@@ -50,7 +50,7 @@ async def kill_coordinator(w: World) -> None:
             w.fault.marks.append(_coordinator_mark(w, spawn, up, t_kill))
         await asyncio.sleep(w.rng.uniform(0.1, 1.0))
         proc.start()
-        up = await proc.wait_for_output(_READY["up"], 60)
+        up = await proc.wait_for_output(READY["up"], 60)
         pending.append((proc.started_at, up))
         w.fault.notes.append(f"restart {k + 1}: up {up - proc.started_at:.2f}s after spawn")
     for spawn, up in pending:
@@ -89,7 +89,7 @@ async def kill_agent(w: World) -> None:
     finally:
         paused.signal(signal.SIGCONT, group=True)
     proc.start()  # the killed agent comes back with the same id
-    await proc.wait_for_output(_READY["agent"], 60)
+    await proc.wait_for_output(READY["agent"], 60)
 
     def came_back(records: list[LogRecord]) -> list[str]:
         out = []

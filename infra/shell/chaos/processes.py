@@ -1,5 +1,6 @@
-"""Processes of ``ccc chaos``: the ``ccc`` command line, a clean environment, one
-actor process (:class:`Proc`) and finding, by pid, what runs under a sandbox."""
+"""Processes of ``ccc chaos``: the ``ccc`` command line and the lines it prints when
+ready, a clean environment, one actor process (:class:`Proc`) and finding, by pid,
+what runs under a sandbox or under a process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 _CCC_SCRIPT = Path(sys.executable).parent / "ccc"
 CCC = [str(_CCC_SCRIPT)] if _CCC_SCRIPT.is_file() else [sys.executable, "-m", "infra.shell.cli.main"]
+# what `ccc up` and `ccc agent` print once they are running
+READY = {"up": "claude-code-cluster is up", "agent": "registered; Ctrl-C"}
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -38,10 +41,8 @@ class Proc:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0  # wall clock
         self._out_offset = 0
-        self.starts = 0
 
     def start(self) -> None:
-        self.starts += 1
         out = open(self.out_path, "ab")  # noqa: SIM115 - handed to the child
         err = open(self.err_path, "ab")  # noqa: SIM115
         self._out_offset = out.tell()
@@ -155,7 +156,8 @@ def processes_under(root: Path) -> list[tuple[int, int, str]]:
     return found
 
 
-def _tree(root_pid: int) -> set[int]:
+def process_tree(root_pid: int) -> set[int]:
+    """The live descendants of ``root_pid`` (not itself)."""
     rows = _ps()
     found, frontier = set(), {root_pid}
     while frontier:
@@ -164,7 +166,8 @@ def _tree(root_pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Running, and not a zombie."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:

@@ -1,6 +1,6 @@
-"""One standard run of a ``ccc chaos`` scenario (:func:`standard_run`): the
-:class:`World` a fault injector acts on, the :class:`Fault` record it fills in,
-judging the run from the log (:func:`judge`) and the injectors' helpers."""
+"""One standard run of a ``ccc chaos`` scenario (:func:`standard_run`): a server (or a
+3-node cluster), a coordinator and agents as processes, N issues, the scenario's fault
+injected while they are in flight; then the run judged from the log (:func:`judge`)."""
 
 from __future__ import annotations
 
@@ -12,45 +12,14 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from nats.aio.client import Client
 
-from events.task_state import WITH_AGENT
-
-from infra.shell.chaos.suite import RunResult
-from infra.shell.chaos.checks import Check, LogRecord, Mark, check_log, forge_holds_the_pr, read_log
-from infra.shell.chaos.sandbox import Sandbox, Tracker
 from infra.adapters.nats.cluster import NatsCluster, wait_for_jetstream
 from infra.adapters.nats.connection import connect
-from infra.adapters.nats.server import EmbeddedServer
 from infra.adapters.nats.provisioning import provision
-
-
-class Fault:
-    """What a fault injector reports back: how many faults, how to read each recovery
-    time from the log, and extra checks over the log."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.marks: list[Mark] = []
-        self.checks: list[Check] = []
-        self.notes: list[str] = []
-        self.violations: list[str] = []
-        self.injected: set[int] = set()  # poison written to the events stream on purpose
-        self.end: float | None = None  # when the harness began stopping the actors
-
-
-class World:
-    def __init__(self, sb: Sandbox, nc: Client, url: str, tracker: Tracker) -> None:
-        self.sb, self.nc, self.url, self.tracker = sb, nc, url, tracker
-        self.rng = sb.rng
-        self.fault = Fault()
-        self.server: EmbeddedServer | None = None
-        self.cluster: NatsCluster | None = None
-
-    @property
-    def quick(self) -> bool:
-        return self.sb.options.quick
-
-    def done(self) -> bool:
-        return self.tracker.all_in(self.sb.issues)
+from infra.adapters.nats.server import EmbeddedServer
+from infra.shell.chaos.checks import LogRecord, check_log, forge_holds_the_pr, read_log
+from infra.shell.chaos.model import Fault, RunResult
+from infra.shell.chaos.sandbox import Sandbox, Tracker
+from infra.shell.chaos.world import World
 
 
 async def standard_run(
@@ -59,7 +28,7 @@ async def standard_run(
     copies: int = 1, agent_grace: float = 0.5, heartbeat_timeout: float | None = None,
 ) -> RunResult:
     if heartbeat_timeout is not None:
-        sb.options = _with(sb.options, heartbeat_timeout=heartbeat_timeout)
+        sb.options = msgspec.structs.replace(sb.options, heartbeat_timeout=heartbeat_timeout)
     server: EmbeddedServer | None = None
     nodes: NatsCluster | None = None
     nc: Client | None = None
@@ -147,39 +116,3 @@ def judge(sb: Sandbox, run: int, name: str, records: list[LogRecord], f: Fault, 
         duplicated=verdict.duplicated, other=other, recoveries=recoveries, faults=f.count,
         final_states=verdict.final_states, notes=f.notes, violations=violations[:100],
     )
-
-
-# -- helpers for injectors ---------------------------------------------------------------
-async def busy_agent(w: World, exclude: tuple[str, ...] = (), status: str = "in_progress",
-                     timeout: float = 60.0) -> tuple[str, dict[str, int]]:
-    """An agent working on a task (in ``status``): its id and {task: attempt} it holds."""
-    found: list[str] = []
-
-    def pick() -> bool:
-        for _, agent, st in w.tracker.in_flight():
-            if st == status and agent not in exclude and agent in w.sb.procs:
-                found.append(agent)
-                return True
-        return False
-
-    if not await w.tracker.wait(pick, timeout):
-        raise TimeoutError(f"no agent had a task {status} within {timeout}s")
-    agent = found[0]
-    held = {t: s.attempt for t, s in w.tracker.model.tasks.items() if s.agent_id == agent and s.status in WITH_AGENT}
-    return agent, held
-
-
-def offline(w: World, agent: str) -> bool:
-    a = w.tracker.model.agents.get(agent)
-    return a is not None and a.status == "offline"
-
-
-def taken_by_other(w: World, held: dict[str, int], agent: str) -> bool:
-    """Every task ``agent`` held is done or, in a later attempt, with another agent."""
-    tasks = w.tracker.model.tasks
-    return all(tasks[t].status in ("review", "completed")
-               or (tasks[t].attempt > a and tasks[t].agent_id not in (None, agent)) for t, a in held.items())
-
-
-def _with(options, **changes):
-    return msgspec.structs.replace(options, **changes)

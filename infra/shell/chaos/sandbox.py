@@ -13,24 +13,20 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 from nats.aio.client import Client
 
+from events.aio import cancel_and_wait, within
 from events.codec import encode
-from events.errors import StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace, task_id_for
 from projections.read_model import ReadModel
 
-from events.aio import cancel_and_wait, within
-from infra.shell.chaos.processes import CCC, Proc, clean_env, processes_under
 from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.issue_publisher import new_issue
-
-if TYPE_CHECKING:
-    from infra.shell.chaos.suite import ChaosOptions
+from infra.shell.chaos.model import ChaosOptions
+from infra.shell.chaos.processes import CCC, READY, Proc, clean_env, processes_under
 
 REPO = "chaos/calc"
 CALC = "def add(a, b):\n    return a - b\n"
@@ -102,7 +98,7 @@ class Sandbox:
         """Start processes (all at once) and wait until each says it is ready."""
         for n in names:
             self.procs[n].start()
-        ready = await asyncio.gather(*(self.procs[n].wait_for_output(_READY[self._kind(n)], timeout)
+        ready = await asyncio.gather(*(self.procs[n].wait_for_output(READY[self._kind(n)], timeout)
                                        for n in names))
         return dict(zip(names, ready))
 
@@ -151,9 +147,6 @@ class Sandbox:
         return sum(1 for a in acks if not a.duplicate)
 
 
-_READY = {"up": "claude-code-cluster is up", "agent": "registered; Ctrl-C"}
-
-
 # -- following progress ------------------------------------------------------------------------
 class Tracker:
     """A read model of the run, kept current by short catch-up reads (a fresh ordered
@@ -163,7 +156,6 @@ class Tracker:
         self.store = EventStore(nc, ns, timeout=3.0)
         self.model = ReadModel(ns.prefix)
         self._task: asyncio.Task | None = None
-        self.errors = 0
         self.seen: dict[int, str | None] = {}  # seq -> event id of everything read
         self.last_change = time.monotonic()
 
@@ -177,10 +169,10 @@ class Tracker:
         return time.monotonic() - self.last_change
 
     async def poll(self) -> None:
-        try:
+        # a restarting server or an election fails a read (timeout, StoreUnavailable,
+        # a client error): the next poll tries again
+        with contextlib.suppress(Exception):
             await within(self.store.replay(self._apply, from_seq=self.model.last_seq + 1), 5.0)
-        except (TimeoutError, StoreUnavailable, Exception):  # noqa: BLE001 - try again later
-            self.errors += 1
 
     async def _loop(self) -> None:
         while True:

@@ -1,7 +1,7 @@
 """The scenarios of ``ccc chaos``. Each run: start a server (or a 3-node cluster), a
 coordinator and agents as real processes, publish N issues at once, inject the fault
 while they are in flight, wait (bounded) until every task is in review, stop the
-actors, then judge the run from the event log (:func:`infra.chaos_checks.check_log`)
+actors, then judge the run from the event log (:func:`.checks.check_log`)
 plus the scenario's own expectations.
 
 Recovery times (from the log's append timestamps; the fault's moment from the
@@ -14,8 +14,8 @@ harness's wall clock, same host):
 * graceful         agent SIGTERMed -> its task re-queued (handed back)
 
 This module: the graceful scenario (with ``ccc up`` leaving no orphans) and the table
-of scenarios. The standard run is in :mod:`infra.chaos_run`, the fault injectors in
-:mod:`infra.chaos_faults`.
+of scenarios. The standard run is in :mod:`.run`, the fault injectors in
+:mod:`.faults`.
 """
 
 from __future__ import annotations
@@ -25,19 +25,21 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-from infra.shell.chaos.suite import RunResult
-from infra.shell.chaos.checks import read_log
-from infra.shell.chaos.faults import kill_agent, kill_coordinator, kill_leader, poison, restart_nats, sigterm_agent
-from infra.shell.chaos.processes import CCC, Proc, _alive, _tree, clean_env, processes_under
-from infra.shell.chaos.run import Fault, _with, judge, standard_run
-from infra.shell.chaos.sandbox import _READY, REPO, REPO_FILES, Sandbox, Tracker
+import msgspec
+
 from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.connection import connect
 from infra.adapters.nats.server import EmbeddedServer
+from infra.shell.chaos.checks import read_log
+from infra.shell.chaos.faults import kill_agent, kill_coordinator, kill_leader, poison, restart_nats, sigterm_agent
+from infra.shell.chaos.model import Fault, RunResult
+from infra.shell.chaos.processes import CCC, READY, Proc, clean_env, is_alive, process_tree, processes_under
+from infra.shell.chaos.run import judge, standard_run
+from infra.shell.chaos.sandbox import REPO, REPO_FILES, Sandbox, Tracker
 
 
 async def graceful(sb: Sandbox, run: int) -> RunResult:
-    sb.options = _with(sb.options, work_seconds=max(sb.options.work_seconds, 3.0))
+    sb.options = msgspec.structs.replace(sb.options, work_seconds=max(sb.options.work_seconds, 3.0))
     result = await standard_run(sb, run, "graceful", fault=sigterm_agent, agent_grace=0.2)
     orphans = await up_leaves_no_orphans(sb)
     result.tasks += orphans.tasks
@@ -60,7 +62,7 @@ async def up_leaves_no_orphans(sb: Sandbox) -> RunResult:
                        "--heartbeat-timeout", "2", "--shutdown-grace", "0.2"], sb.logs, clean_env())
     sb.procs["up"] = proc
     proc.start()
-    await proc.wait_for_output(_READY["up"], 60)
+    await proc.wait_for_output(READY["up"], 60)
     url = (data / "nats.url").read_text().strip()
     nc = await connect(url, name="ccc-chaos-up", quiet=True)
     numbers = list(range(1001, 1005))
@@ -73,14 +75,14 @@ async def up_leaves_no_orphans(sb: Sandbox) -> RunResult:
         if not await tracker.wait(lambda: sum(1 for _, _, s in tracker.in_flight() if s == "in_progress") >= 2, 60):
             f.violations.append("orphans: the tasks never got in progress")
         await tracker.stop()
-        tree = _tree(proc.pid or 0)
+        tree = process_tree(proc.pid or 0)
         proc.signal(signal.SIGTERM)
         f.count += 1
         code = await asyncio.to_thread(proc.proc.wait, 60)
     finally:
         await nc.close()
     await asyncio.sleep(1.0)
-    left = [pid for pid in tree if _alive(pid)]
+    left = [pid for pid in tree if is_alive(pid)]
     left += [pid for pid, _, _ in processes_under(data) if pid not in left]
     if code != 0:
         f.violations.append(f"orphans: ccc up exited with {code} after SIGTERM")

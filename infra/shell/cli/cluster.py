@@ -1,5 +1,5 @@
 """The running side of ``ccc``: ``up``, ``agent``, ``demo``, ``api``, ``webhook``
-(the local forge's commands are in :mod:`infra.cli_forge`)."""
+(the local forge's commands are in :mod:`.forge`)."""
 
 from __future__ import annotations
 
@@ -10,56 +10,29 @@ import shutil
 import sys
 import tempfile
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 import msgspec
-import structlog
 
 from events.errors import ConfigError
 from events.subjects import check_id
 
-from infra.shell.cli.read import emit_json, print_table, until_signal
 from infra.shell.app.cluster import (
     ANALYSERS,
     CODERS,
     FORGES,
     ClusterOptions,
     LocalCluster,
-    hand_back_now,
+    build_agent,
     make_coder,
     make_forge,
     parse_specialties,
 )
 from infra.adapters.nats.settings import load_settings
-from infra.shell.app.signals import StopSignals, settle
-
-log = structlog.get_logger("ccc.cli")
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _require_running_nats(obj) -> None:
-    """``agent`` and ``api`` join a running cluster. Without ``--nats-url`` and without
-    a live server for the data dir, ``obj.run`` would start a private embedded server
-    for the life of the command: an agent nobody can assign work to (the server writes
-    no nats.url, so no other command finds it), on the same store dir that a later
-    ``ccc up`` would open with a second server."""
-    from infra.shell.cli.main import reachable, run_async  # local: main imports this module
-    from infra.adapters.nats.connection import embedded_url_file
-
-    settings = obj.settings()
-    if settings.nats_url:
-        return
-    url_file = embedded_url_file(settings.data_dir)
-    url = url_file.read_text().strip() if url_file.is_file() else ""
-    if not url or not run_async(reachable(url, settings)):
-        raise ConfigError(f"no cluster is running for data dir {settings.data_dir}: start `ccc up` "
-                          "(or `ccc server`) with that data dir first, or pass --nats-url")
-
+from infra.shell.app.signals import StopSignals, settle, until_signal
+from infra.shell.cli.context import require_running_nats, run_async
+from infra.shell.cli.output import console, emit_json, print_table
 
 shutdown_grace_option = click.option(
     "--shutdown-grace", type=click.FloatRange(0), default=10.0, show_default=True,
@@ -143,8 +116,6 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, model, f
                     click.echo("stopping: agents hand back their work (again: right now)...", err=True)
                 await signals.cleanup(cluster.stop(), report_after=shutdown_grace + 15)
 
-    from infra.shell.cli.main import run_async  # local: main imports this module
-
     run_async(main())
 
 
@@ -185,37 +156,35 @@ def _print_up(cluster: LocalCluster, ns) -> None:
 @click.option("--workspace-root", type=click.Path(file_okay=False),
               help="Where task workspaces go [default: <data-dir>/workspaces].")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
-@click.option("--metrics-port", envvar="CCC_METRICS_PORT", type=click.IntRange(0, 65535), default=None,
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve this agent's Prometheus metrics on /metrics (0: a free port) [env CCC_METRICS_PORT].")
 @shutdown_grace_option
 @click.pass_obj
 def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, script_dir,
               forge_root, workspace_root, heartbeat_interval, metrics_port, shutdown_grace) -> None:
     """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
-    from actors.agent import Agent, AgentConfig
-    from actors.pipeline import PipelineSettings
-
     specialties = parse_specialties(",".join(specialty_list))
     settings = obj.settings()
+    metrics_port = settings.metrics_port if metrics_port is None else metrics_port
     host = os.uname().nodename.split(".")[0]
     agent_id = check_id(agent_id or f"{host}-{specialties[0]}-{uuid.uuid4().hex[:6]}", "agent id")
     forge_client = make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
-    config = AgentConfig(
-        agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
-        heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
-        pipeline=PipelineSettings(workspace_root=str(workspace_root or settings.data_dir / "workspaces")),
-    )
 
     coder_impl = make_coder(coder, script_dir, model)  # a bad --coder fails before connecting
-    _require_running_nats(obj)
+    require_running_nats(obj)
 
     async def run(nc) -> None:
         from prometheus_client import REGISTRY
 
-        from projections.metrics import AgentMetrics, serve_metrics
+        from infra.adapters.http.metrics import serve_metrics
+        from infra.adapters.obs.metrics import AgentMetrics
 
         metrics = AgentMetrics(REGISTRY) if metrics_port is not None else None
-        agent = Agent(nc, obj.ns, config, coder=coder_impl, forge=forge_client, metrics=metrics)
+        agent = build_agent(
+            nc, obj.ns, agent_id=agent_id, specialties=specialties, coder=coder_impl, forge=forge_client,
+            workspace_root=workspace_root or settings.data_dir / "workspaces", capacity=capacity,
+            clearance=clearance, heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
+            metrics=metrics)
         metrics_server = None
         if metrics_port is not None:
             try:
@@ -223,7 +192,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
             except OSError as e:
                 raise ConfigError(f"--metrics-port {metrics_port}: {e.strerror or e}") from None
             click.echo(f"metrics at {metrics_server.url}")
-        with StopSignals(lambda: hand_back_now(agent)) as signals:
+        with StopSignals(agent.hand_back_all) as signals:
             try:
                 await agent.start()
                 click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; "
@@ -235,7 +204,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
             finally:
                 await signals.cleanup(agent.stop(), report_after=shutdown_grace + 15)
                 if metrics_server is not None:
-                    await metrics_server.close()
+                    await metrics_server.stop()
 
     obj.run(run)
 
@@ -257,8 +226,6 @@ def demo_cmd(obj, keep, timeout, as_json) -> None:
     bar = None  # a rich progress bar on a terminal; plain lines otherwise
     if not as_json and sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from infra.shell.cli.read import console
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), console=console(stderr=True), transient=True)
@@ -331,7 +298,7 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
     settings = obj.settings()
     host = host or settings.api_host
     port = settings.api_port if port is None else port
-    _require_running_nats(obj)
+    require_running_nats(obj)
 
     async def serve(nc) -> None:
         server = ApiServer(obj.store(nc), host, port, materialize=True)

@@ -18,7 +18,8 @@ from events.subjects import check_id
 from projections.read_model import ReadModel
 
 from infra.shell.cli.read import emit_json, print_table, tasks_cmd
-from infra.adapters.forge.local import ForgeError, LocalForge
+from infra.adapters.forge.errors import ForgeError
+from infra.adapters.forge.local import LocalForge
 
 log = structlog.get_logger("ccc.cli")
 

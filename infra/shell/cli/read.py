@@ -1,23 +1,14 @@
-"""The read side of ``ccc``: ``events``, ``replay``, ``tasks``, ``agents``, ``bad-events``,
-and the output helpers every command shares.
+"""The read side of ``ccc``: ``events``, ``replay``, ``tasks``, ``agents``,
+``bad-events``, and how an event and a state are shown as text.
 
-Output has two forms. Human: a rich table on a terminal, plain aligned text otherwise
-(stable columns, no colour codes, safe to grep). ``--json``: exactly one JSON object
-per line (msgspec encoding of the events and states themselves).
-
-The commands get their connection from ``ctx.obj`` (a ``CliState`` from
-:mod:`infra.cli`): ``obj.ns``, ``obj.settings()``, ``obj.store(nc)`` and
-``obj.run(fn)``, which connects, provisions and awaits ``fn(nc)``. This module does
-not import :mod:`infra.cli`, so there is no import cycle.
+The commands get their connection from ``ctx.obj`` (a :class:`~.context.CliState`):
+``obj.ns``, ``obj.settings()``, ``obj.store(nc)`` and ``obj.run(fn)``, which connects,
+provisions and awaits ``fn(nc)``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import sys
-from collections.abc import Awaitable, Sequence
-from datetime import datetime, timezone
+from collections.abc import Sequence
 
 import click
 import msgspec
@@ -25,70 +16,22 @@ import msgspec
 from events.agent import AgentEventBase
 from events.agent_state import AGENT_STATUSES, AgentState
 from events.agent_state import evolve as evolve_agent
+from events.codec import BadMessage
 from events.errors import ConfigError, DomainError
-from events.store import BadMessage
 from events.subjects import check_id
 from events.task import SPECIALTIES, TaskCreated, TaskEventBase
 from events.task_state import TASK_STATUSES, TaskState
 from events.task_state import evolve as evolve_task
 from projections.read_model import MAX_BAD_KEPT, ReadModel
 
-_json = msgspec.json.Encoder()
+from infra.shell.app.signals import until_signal
+from infra.shell.cli.output import emit_json, fmt_time, print_line, print_table
+
 _ENVELOPE = frozenset({"type", "event_id", "version", "occurred_at", "correlation_id",
                        "causation_id", "actor"})
 
 
-# -- output helpers -------------------------------------------------------------------
-def is_terminal() -> bool:
-    return sys.stdout.isatty()
-
-
-def console(stderr: bool = False):
-    from rich.console import Console  # rich is only imported when a terminal needs it
-
-    return Console(stderr=stderr, highlight=False)
-
-
-def emit_json(obj: object) -> None:
-    click.echo(_json.encode(obj).decode())
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *,
-                title: str | None = None, footer: Sequence[str] = ()) -> None:
-    cells = [[("-" if v is None or v == "" else str(v)) for v in row] for row in rows]
-    if is_terminal():
-        from rich.table import Table
-
-        table = Table(*headers, title=title, title_justify="left", header_style="bold")
-        for row in cells:
-            table.add_row(*row)
-        con = console()
-        con.print(table)
-        for line in footer:
-            con.print(line, markup=False)
-        return
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    if title:
-        click.echo(title)
-    for row in [list(headers), *cells]:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-    for line in footer:
-        click.echo(line)
-
-
-def print_line(text: str, style: str | None = None) -> None:
-    if style and is_terminal():
-        console().print(text, style=style, markup=False, soft_wrap=True)
-    else:
-        click.echo(text)
-
-
-def fmt_time(at: datetime | None) -> str:
-    if at is None:
-        return "-"
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
+# -- events and states as text --------------------------------------------------------
 def _fmt_value(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) or "-"
@@ -134,36 +77,7 @@ def agent_summary(s: AgentState) -> str:
     return "  ".join(parts)
 
 
-# -- running -------------------------------------------------------------------------
-async def until_signal(coro: Awaitable) -> bool:
-    """Run ``coro``; SIGINT/SIGTERM cancel it. Returns True if a signal stopped it."""
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    stopped = False
-
-    def stop() -> None:
-        nonlocal stopped
-        stopped = True
-        task.cancel()
-
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not stopped:
-            raise
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-    return stopped
-
-
+# -- options ------------------------------------------------------------------------
 def scope_filter(ns, task: str | None, agent: str | None) -> str | None:
     if task and agent:
         raise ConfigError("use --task or --agent, not both")

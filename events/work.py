@@ -1,0 +1,116 @@
+"""Value types of one work attempt that cross between the agent's pipeline and the
+adapters it works through: what a coder is asked and answers, what a workspace command
+did, what a test run counted.
+
+They live here, below both, because the actors declare the Protocols they need
+(``actors.ports``) and the adapters implement them: neither side may import the other,
+so the values they exchange belong to the domain. None of them is an event; the
+reports an agent appends (``events.agent``) carry what of them the log keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from events.task import Usage
+
+CodeStatus = Literal["done", "budget_exhausted", "failed"]
+
+
+# -- the coder's side ------------------------------------------------------------------
+class Budget(msgspec.Struct, frozen=True, kw_only=True):
+    """Limits for one attempt. The defaults suit a typical issue on a mid-size repo;
+    whichever limit is hit first ends the session."""
+
+    max_turns: int = 40
+    max_input_tokens: int = 2_000_000
+    max_output_tokens: int = 64_000
+    max_dollars: float = 5.0
+    max_seconds: float = 1800.0
+
+
+class CodeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What the pipeline asks a coder to do for one attempt."""
+
+    task_id: str
+    attempt: int
+    title: str
+    body: str
+    specialty: str
+    labels: tuple[str, ...] = ()
+    repo: str
+    repo_dir: str
+    issue_number: int | None = None
+    instructions: str = ""
+    budget: Budget = msgspec.field(default_factory=Budget)
+
+    @property
+    def number(self) -> int | None:
+        """The issue number: explicit, else the digits after the last ``-`` of the task
+        id (task ids are ``<repo_token>-<number>``, see ``events.subjects.task_id_for``)."""
+        if self.issue_number is not None:
+            return self.issue_number
+        tail = self.task_id.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else None
+
+
+class CodeOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What a coder answers. Running out of budget is an outcome (``budget_exhausted``),
+    not an exception: the task's history should record it."""
+
+    summary: str
+    status: CodeStatus
+    reason: str = ""
+    turns: int = 0
+    usage: Usage = msgspec.field(default_factory=Usage)
+    transcript: str = ""  # already masked: safe to store and show
+
+
+# -- the workspace's side --------------------------------------------------------------
+class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a command did. ``output`` is stdout+stderr interleaved, truncated in the
+    middle (the head shows what started, the tail holds the summary a test runner
+    prints last); the full output is in ``log_path``."""
+
+    command: str
+    exit_code: int
+    output: str
+    duration: float
+    timed_out: bool = False
+    log_path: str | None = None
+    output_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+class TestCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts from a test runner's summary. The pass/fail verdict is the exit code; the
+    counts are what a human reads on the task board ("3 passed, 1 failed") and what the
+    events carry. When the output was not recognised (``framework="unknown"``),
+    ``total == 0`` and ``failed == 1`` if the run failed, so ``failed > 0`` is always a
+    reliable failure signal."""
+
+    __test__ = False  # not a pytest test class
+
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    total: int = 0
+    framework: str = "unknown"
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.errors == 0
+
+    def summary(self) -> str:
+        if self.framework == "unknown":
+            verdict = "failed" if self.failed else "passed"
+            return f"tests {verdict} (unrecognised output)"
+        parts = [f"{n} {word}" for n, word in ((self.passed, "passed"), (self.failed, "failed"),
+                                               (self.errors, "errors"), (self.skipped, "skipped")) if n]
+        return ", ".join(parts) or "no tests ran"

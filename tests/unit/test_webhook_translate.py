@@ -1,0 +1,291 @@
+"""Translation of real GitHub webhook payloads into issue events, and their signatures."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from events.codec import decode_issue, encode
+from events.errors import ConfigError
+from events.issue import (
+    IssueCancelRequested,
+    IssueChangesRequested,
+    IssueClosed,
+    IssueCommented,
+    IssueEdited,
+    IssueLabeled,
+    IssueOpened,
+    IssuePullRequestClosed,
+    IssuePullRequestMerged,
+    IssueReopened,
+    IssueRetryRequested,
+    issue_decoder,
+)
+from events.subjects import task_id_for
+from infra.adapters.git.gitops import branch_name
+from infra.adapters.http.webhook import create_webhook_app, webhook_secret
+from infra.adapters.http.webhook_translate import (
+    BadPayload,
+    interpret,
+    is_signed,
+    mentions,
+    sign,
+    task_issue_number,
+    translate,
+)
+from infra.adapters.nats.issue_publisher import opened_event_id
+from tests.support.webhooks import BRANCH, REPO, SECRET, comment, on_task_branch, only, real, triggered
+
+
+# -- the real payloads as they are ---------------------------------------------------------
+@pytest.mark.parametrize(("event", "name", "reason"), [
+    ("issues", "issues.opened", "no 'ccc' label and no @ccc mention"),
+    ("issues", "issues.labeled", "not for @ccc"),
+    ("issues", "issues.edited", "not for @ccc"),
+    ("issue_comment", "issue_comment.created", "not addressed to @ccc"),
+    ("pull_request", "pull_request.closed", "not a task branch"),
+    ("pull_request_review", "pull_request_review.submitted", "not changes_requested"),
+    ("pull_request_review_comment", "pull_request_review_comment.created", "not a task branch"),
+    ("ping", "ping", "not handled"),
+])
+def test_real_payloads_not_meant_for_the_bot_are_ignored_with_a_reason(event, name, reason):
+    result = interpret(event, real(name), "d-1")
+    assert result.events == []
+    assert reason in result.reason
+
+
+def test_issue_opened_with_the_trigger_label():
+    event = only(translate("issues", triggered(), "d-1"))
+    assert event == IssueOpened(
+        event_id=f"github:{REPO}#1:opened", source="github", repo=REPO, number=1,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 18, tzinfo=UTC), actor="github:Codertocat",
+        title="Spelling error in the README file",
+        body="It looks like you accidently spelled 'commit' with two 't's.", labels=("bug", "ccc"),
+        url="https://github.com/Codertocat/Hello-World/issues/1", author="Codertocat",
+        author_association="OWNER",
+    )
+    assert event.rel_subject == "issue.github.Codertocat_Hello-World.1.opened"
+    assert event.event_id == opened_event_id("github", REPO, 1)  # as the CLI derives it
+
+
+@pytest.mark.parametrize("text", ["@ccc please fix this", "cc @CCC", "(@ccc)"])
+def test_issue_opened_mentioning_the_bot(text):
+    p = real("issues.opened")
+    p["issue"]["body"] = text
+    assert isinstance(only(translate("issues", p, "d-1")), IssueOpened)
+
+
+@pytest.mark.parametrize("text", ["@ccc-bot fix", "mail me@ccc.io", "> @ccc fix\nquoted", "```\n@ccc\n```"])
+def test_near_mentions_quotes_and_code_do_not_trigger(text):
+    assert not mentions(text, "ccc")
+    p = real("issues.opened")
+    p["issue"]["body"] = text
+    assert translate("issues", p, "d-1") == []
+
+
+def test_custom_trigger_label_and_bot_name():
+    p = real("issues.opened")
+    p["issue"]["labels"].append({"name": "AI-Fix"})
+    assert translate("issues", p, "d-1") == []
+    assert only(translate("issues", p, "d-1", trigger_label="ai-fix", bot_name="robot")).labels == ("bug", "AI-Fix")
+
+
+@pytest.mark.parametrize("association", ["CONTRIBUTOR", "FIRST_TIME_CONTRIBUTOR", "FIRST_TIMER", "NONE", "MANNEQUIN"])
+@pytest.mark.parametrize("action", ["opened", "labeled", "edited", "closed"])
+def test_untrusted_issue_authors_are_ignored(association, action):
+    p = triggered({"opened": "issues.opened", "labeled": "issues.labeled",
+                   "edited": "issues.edited", "closed": "issues.reopened"}[action])
+    p["action"] = action
+    p["issue"]["author_association"] = association
+    result = interpret("issues", p, "d-1")
+    assert result.events == []
+    assert association in result.reason
+
+
+def test_issues_opened_by_bots_are_ignored():
+    p = triggered()
+    p["issue"]["user"]["type"] = "Bot"
+    assert "is a bot" in interpret("issues", p, "d-1").reason
+
+
+def test_trigger_label_added_later_starts_work():
+    p = real("issues.labeled")
+    p["label"]["name"] = "CCC"  # labels compare case-insensitively, as on GitHub
+    p["issue"]["labels"].append({"name": "CCC"})
+    opened, labeled = translate("issues", p, "d-7")
+    assert isinstance(opened, IssueOpened) and opened.event_id == f"github:{REPO}#1:opened"
+    assert opened.labels == ("bug", "CCC")
+    assert labeled == IssueLabeled(event_id="gh:d-7:1", source="github", repo=REPO, number=1,
+                                   occurred_at=opened.occurred_at, actor="github:Codertocat",
+                                   label="CCC", labels=("bug", "CCC"))
+
+
+def test_another_label_on_a_triggered_issue_is_only_a_label():
+    p = triggered("issues.labeled")  # the "bug" label added to an issue that has "ccc"
+    assert only(translate("issues", p, "d-8")) == IssueLabeled(
+        event_id="gh:d-8:0", source="github", repo=REPO, number=1,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 18, tzinfo=UTC), actor="github:Codertocat",
+        label="bug", labels=("bug", "ccc"))
+
+
+def test_edited_closed_reopened():
+    edited = only(translate("issues", triggered("issues.edited"), "d-1"))
+    assert isinstance(edited, IssueEdited) and edited.title == "Spelling error in the README file"
+    reopened = only(translate("issues", real("issues.reopened"), "d-2"))
+    assert isinstance(reopened, IssueReopened) and reopened.event_id == "gh:d-2:0"
+    p = real("issues.reopened")  # the package has no "closed" example: derive it
+    p.update(action="closed")
+    p["issue"].update(state="closed", closed_at="2019-05-15T15:30:00Z")
+    closed = only(translate("issues", p, "d-3"))  # no label needed: it may be gone by now
+    assert isinstance(closed, IssueClosed)
+    assert closed.occurred_at == datetime(2019, 5, 15, 15, 30, tzinfo=UTC)
+    assert closed.rel_subject == "issue.github.Codertocat_Hello-World.1.closed"
+
+
+# -- comments ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "cls", "reason"), [
+    ("@ccc retry", IssueRetryRequested, "retry requested by Codertocat"),
+    ("@ccc Retry: flaky network", IssueRetryRequested, "flaky network"),
+    ("Thanks!\n\n@ccc cancel", IssueCancelRequested, "cancelled by Codertocat"),
+    ("@ccc stop, wrong approach", IssueCancelRequested, "wrong approach"),
+    ("@ccc retry\nthe runner was down", IssueRetryRequested, "the runner was down"),
+])
+def test_comment_commands(body, cls, reason):
+    event = only(translate("issue_comment", comment(body), "d-c"))
+    assert type(event) is cls and event.reason == reason
+    assert (event.repo, event.number, event.event_id) == (REPO, 1, "gh:d-c:0")
+
+
+def test_comment_with_a_free_text_request():
+    body = "Looks good so far.\n@ccc please also update the docs"
+    event = only(translate("issue_comment", comment(body), "d-c"))
+    assert event == IssueCommented(
+        event_id="gh:d-c:0", source="github", repo=REPO, number=1,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 21, tzinfo=UTC), actor="github:Codertocat",
+        comment_id=492700400, body=body, request="please also update the docs", author="Codertocat",
+        author_association="OWNER",
+        url="https://github.com/Codertocat/Hello-World/issues/1#issuecomment-492700400",
+    )
+    assert event.rel_subject == "issue.github.Codertocat_Hello-World.1.commented"
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"author_association": "CONTRIBUTOR"}, "CONTRIBUTOR"),
+    ({"author_association": "NONE"}, "NONE"),
+    ({"user": {"login": "ccc[bot]", "type": "Bot"}}, "is a bot"),
+    ({"user": {"login": "CCC", "type": "User"}}, "is a bot"),  # the bot's own user account
+    ({"body": "> @ccc cancel\nno, keep going"}, "not addressed"),
+    ({"body": "@ccc"}, "no request"),
+])
+def test_comments_not_listened_to(change, reason):
+    p = comment("@ccc retry")
+    p["comment"].update(change)
+    result = interpret("issue_comment", p, "d-c")
+    assert result.events == [] and reason in result.reason
+
+
+def test_comments_on_pull_requests_are_ignored():
+    p = comment("@ccc retry")
+    p["issue"]["pull_request"] = {"url": "https://api.github.com/repos/Codertocat/Hello-World/pulls/1"}
+    assert "pull request" in interpret("issue_comment", p, "d-c").reason
+
+
+# -- pull requests and reviews ---------------------------------------------------------------
+def test_task_branch_parsing_matches_the_branches_the_cluster_pushes():
+    for repo, number in [(REPO, 1), ("octo-org/my-app-2", 7), ("a/b", 123)]:
+        branch = branch_name(task_id_for(repo, number), "Fix 42 things - now")
+        assert task_issue_number(branch, repo) == number
+    assert task_issue_number("ccc/task-octo-org_my-app-2-7", "octo-org/my-app-2") == 7
+    # the same name in repo my-app is its issue 2 (titled "7 x"): the payload's repo decides
+    assert task_issue_number("ccc/task-octo-org_my-app-2-7-x", "octo-org/my-app") == 2
+    assert task_issue_number("ccc/task-octo-org_my-app-2-7", "octo-org/other") is None
+    assert task_issue_number("changes", REPO) is None
+    assert task_issue_number("ccc/task-Codertocat_Hello-World-fix", REPO) is None
+
+
+def test_pull_request_closed_unmerged_and_merged():
+    p = on_task_branch("pull_request.closed")
+    assert only(translate("pull_request", p, "d-p")) == IssuePullRequestClosed(
+        event_id="gh:d-p:0", source="github", repo=REPO, number=1,
+        occurred_at=datetime(2019, 5, 15, 15, 21, 18, tzinfo=UTC), actor="github:Codertocat",
+        pr_number=2, branch=BRANCH)
+    p["pull_request"].update(merged=True, merged_at="2019-05-15T15:21:17Z")  # derived: merged
+    merged = only(translate("pull_request", p, "d-m"))
+    assert isinstance(merged, IssuePullRequestMerged)
+    assert (merged.number, merged.pr_number, merged.branch) == (1, 2, BRANCH)
+    assert merged.occurred_at == datetime(2019, 5, 15, 15, 21, 17, tzinfo=UTC)
+
+
+def test_pull_requests_from_forks_never_count():
+    p = on_task_branch("pull_request.closed")
+    p["pull_request"]["head"]["repo"]["full_name"] = "mallory/Hello-World"
+    assert "not a task branch" in interpret("pull_request", p, "d-p").reason
+    p["pull_request"]["head"]["repo"] = None  # the fork was deleted
+    assert translate("pull_request", p, "d-p") == []
+
+
+def test_review_requesting_changes():
+    p = on_task_branch("pull_request_review.submitted")
+    p["review"].update(state="changes_requested", body="Please add a test.")  # derived
+    event = only(translate("pull_request_review", p, "d-r"))
+    assert event == IssueChangesRequested(
+        event_id="gh:d-r:0", source="github", repo=REPO, number=1,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 38, tzinfo=UTC), actor="github:Codertocat",
+        pr_number=2, branch=BRANCH, body="Please add a test.", author="Codertocat",
+        author_association="OWNER", review_id=237895671,
+        url="https://github.com/Codertocat/Hello-World/pull/2#pullrequestreview-237895671")
+    assert event.rel_subject == "issue.github.Codertocat_Hello-World.1.changes_requested"
+    p["review"]["author_association"] = "CONTRIBUTOR"
+    assert translate("pull_request_review", p, "d-r") == []
+
+
+def test_review_comment_on_a_task_branch():
+    event = only(translate("pull_request_review_comment",
+                           on_task_branch("pull_request_review_comment.created"), "d-rc"))
+    assert isinstance(event, IssueChangesRequested)
+    assert (event.number, event.pr_number, event.body, event.path, event.comment_id, event.review_id) == (
+        1, 2, "Maybe you should use more emoji on this line.", "README.md", 284312630, 237895671)
+    p = on_task_branch("pull_request_review_comment.created")
+    p["comment"]["user"]["type"] = "Bot"
+    assert translate("pull_request_review_comment", p, "d-rc") == []
+
+
+def test_new_facts_round_trip_through_the_issue_codec():
+    for event in [*translate("issue_comment", comment("@ccc do more"), "d"),
+                  *translate("pull_request_review_comment",
+                             on_task_branch("pull_request_review_comment.created"), "d")]:
+        assert decode_issue(event.rel_subject, encode(event)) == event
+    old = b'{"type":"issue.retry_requested","event_id":"x","repo":"a/b","number":1,"occurred_at":"2024-01-01T00:00:00Z"}'
+    assert isinstance(issue_decoder.decode(old), IssueRetryRequested)
+
+
+def test_unknown_events_and_actions_and_bad_payloads():
+    assert interpret("star", {"action": "created"}, "d").reason == "not handled: star.created"
+    assert interpret("issues", real("issues.opened") | {"action": "pinned"}, "d").events == []
+    with pytest.raises(BadPayload):
+        translate("issues", [1, 2], "d")
+    broken = real("issues.opened")
+    del broken["issue"]["number"]
+    with pytest.raises(BadPayload, match="number"):
+        translate("issues", broken, "d")
+
+
+def test_signatures():
+    body = b'{"zen": "hi"}'
+    good = sign(SECRET, body)
+    assert good.startswith("sha256=") and len(good) == 7 + 64
+    assert is_signed(SECRET, body, good)
+    assert not is_signed(SECRET, body + b" ", good)
+    assert not is_signed("other", body, good)
+    assert not is_signed(SECRET, body, good.removeprefix("sha256="))
+    assert not is_signed(SECRET, body, None) and not is_signed("", body, good)
+    assert not is_signed(SECRET, body, "sha256=é")
+
+
+def test_a_secret_is_required():
+    with pytest.raises(ConfigError):
+        create_webhook_app(lambda e: None, secret="")
+    with pytest.raises(ConfigError, match="CCC_WEBHOOK_SECRET"):
+        webhook_secret({})
+    assert webhook_secret({"CCC_WEBHOOK_SECRET": "s3"}) == "s3"
