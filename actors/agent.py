@@ -121,6 +121,7 @@ class Agent:
             # an election can stall reads for ~5-8 s: enough redeliveries (with backoff) to
             # outlast it, or an assignment would be parked and its task stranded
             concurrency=self.config.capacity, ack_wait=self.config.ack_wait, max_deliver=20,
+            dead_letters=False,  # the coordinator's job: an agent's credentials forbid it
             inactive_threshold=7 * 24 * 3600.0,  # an agent id never seen again does not pile up
             telemetry=self.telemetry,
         )

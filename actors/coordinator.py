@@ -45,6 +45,7 @@ from events.task import (
     TaskStarted,
     TaskTestsStarted,
 )
+from events.trust import TrustPolicy
 from events.aio import cancel_and_wait, wait_event
 from projections.live import LiveReadModel
 
@@ -77,13 +78,21 @@ class CoordinatorConfig:
         retry_max: float = 300.0,
         max_attempts: int = 3,
         concurrency: int = 64,
+        trust: TrustPolicy | None = None,
+        materialize_kv: bool = False,
     ) -> None:
         self.name = name
+        # keep the KV views (<ns>_tasks, <ns>_agents) for `nats kv get`: the coordinator's
+        # job (its credentials may write them; the status API's may not)
+        self.materialize_kv = materialize_kv
         self.heartbeat_timeout = heartbeat_timeout
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.max_attempts = max_attempts
         self.concurrency = concurrency
+        # whose issue facts the intake acts on, and for which repositories (every fact is
+        # re-checked here: the webhook is not the only writer of the issue subjects)
+        self.trust = trust or TrustPolicy()
 
 
 class Coordinator(Intake):
@@ -102,7 +111,7 @@ class Coordinator(Intake):
         self.analyser = analyser or RuleAnalyser()
         self.telemetry = telemetry
         self.store = EventStore(nc, ns)
-        self.live = LiveReadModel(self.store)
+        self.live = LiveReadModel(self.store, materialize=self.config.materialize_kv)
         self.live.observers.append(self._wake_scheduler)
         self.model = self.live.model
         self._kick = asyncio.Event()

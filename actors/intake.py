@@ -5,6 +5,12 @@ store and ``_run``), kept in its own module so each part stays readable: an open
 issue becomes a task, is analysed and, if an agent is free, assigned in one go (no hop
 through the log in between); the other facts (closed, cancel, retry, merged, rejected,
 changes requested, free-text requests) become the matching task commands.
+
+Nothing is trusted for arriving here: every fact is checked against the trust policy
+(:mod:`events.trust`: the repository allow-list, and the author of the facts people
+write) before it can create or drive a task, whoever published it. The webhook checks
+the same policy, but the issue subjects have other writers (the CLI, ``nats pub``). A
+refused fact is parked as a dead letter with the reason (:class:`events.errors.Refused`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from nats.aio.msg import Msg
 
 from events import task_state as ts
 from events.codec import decode_issue
-from events.errors import ConcurrencyConflict, DomainError
+from events.errors import ConcurrencyConflict, DomainError, Refused
 from events.issue import (
     IssueCancelRequested,
     IssueChangesRequested,
@@ -44,6 +50,8 @@ def utcnow() -> datetime:
 class Intake:
     async def _on_issue(self, msg: Msg) -> None:
         event = decode_issue(self.ns.rel(msg.subject), msg.data)
+        if why := self.config.trust.refusal(event):
+            raise Refused(why)
         task_id = task_id_for(event.repo, event.number)
         at = utcnow()
         actor = self.config.name

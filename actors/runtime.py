@@ -7,6 +7,8 @@ Ack policy lives here and only here:
 * DomainError (an illegal/no-op decision, e.g. a stale report) -> ack (logged)
 * BadEventError (poison message)    -> parked in the dead-letter stream with the
                                        reason and original sequence, then term
+* Refused (a policy says no, e.g. an -> parked the same way (reason "refused"), then
+  untrusted author)                    term: never retried, but on record
 * retryable InfrastructureError     -> nak with exponential backoff (redelivered)
 * anything else                     -> nak with backoff; after ``max_deliver``
                                        attempts it is parked as a dead letter and termed
@@ -36,7 +38,7 @@ from nats.js import api
 from events.aio import cancel_and_wait
 from events.codec import encode
 from events.dead_letter import DeadLetter
-from events.errors import BadEventError, CccError, DomainError
+from events.errors import BadEventError, CccError, DomainError, Refused
 from events.retry import backoff
 
 from actors.ports import NO_TELEMETRY, Telemetry
@@ -63,8 +65,14 @@ class ConsumerLoop:
         dlq_subject: str | None = None,
         inactive_threshold: float | None = None,
         telemetry: Telemetry = NO_TELEMETRY,
+        dead_letters: bool = True,
     ) -> None:
+        """``dead_letters=False``: this actor may not write dead letters (an agent: its
+        credentials forbid it). A message it cannot process is then logged and termed;
+        it stays in its stream at its sequence (``ccc bad-events`` lists what cannot be
+        decoded), so nothing is lost, and only the coordinator writes dead letters."""
         self.nc = nc
+        self.write_dead_letters = dead_letters
         self.telemetry = telemetry
         self.js = nc.jetstream(timeout=10.0)
         self.stream = stream
@@ -86,11 +94,17 @@ class ConsumerLoop:
         self.handled = 0
         self.failed = 0
         self.dead_letters = 0
+        self.refused = 0  # parked by policy (counted apart from failures: nothing broke)
         # streams are "<NS>_<KIND>" (the namespace may itself contain "_")
         self.dlq_subject = dlq_subject or f"{stream.rsplit('_', 1)[0].lower()}.dlq.{durable}"
 
     async def start(self) -> None:
         config = api.ConsumerConfig(
+            # named as well as durable: nats-py then creates it on
+            # $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>, the subject an agent's
+            # permissions allow for its own assignments only (the server checks that the
+            # filter in the subject is the one in the request)
+            name=self.durable,
             durable_name=self.durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
@@ -182,6 +196,12 @@ class ConsumerLoop:
                 await self._dead_letter(msg, "poison", str(e))
                 await msg.term()
                 return
+            except Refused as e:
+                log.warning("actor.refused", actor=self.name, seq=seq, subject=msg.subject, reason=str(e))
+                self.refused += 1
+                await self._dead_letter(msg, "refused", str(e))
+                await msg.term()
+                return
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - every failure is turned into a nak
@@ -207,6 +227,10 @@ class ConsumerLoop:
 
     async def _dead_letter(self, msg: Msg, reason: str, error: str) -> None:
         md = msg.metadata
+        if not self.write_dead_letters:
+            log.error("actor.message_dropped", actor=self.name, stream=md.stream, seq=md.sequence.stream,
+                      subject=msg.subject, reason=reason, error=error[:500])
+            return
         letter = DeadLetter(
             stream=md.stream, seq=md.sequence.stream, subject=msg.subject, consumer=self.durable,
             reason=reason, error=error[:2000], deliveries=md.num_delivered,

@@ -53,5 +53,12 @@ class BadEventError(CccError):
     """A message on an event subject could not be decoded into a known event."""
 
 
+class Refused(CccError):
+    """A well-formed message the actor will not act on, by policy (an untrusted author,
+    a repository it does not serve). Not an error in the message and not retryable: the
+    actor loop parks it as a dead letter with this reason, so a refusal is on record
+    and visible (``ccc dead-letters``) rather than silently dropped."""
+
+
 class ConfigError(CccError):
     """Bad settings or command-line input; shown to the user as one line."""

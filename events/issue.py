@@ -2,6 +2,13 @@
 
 These are not an aggregate of ours; they are observations. ``event_id`` is the
 deduplication id (a GitHub delivery id, or one the CLI derives).
+
+The facts a person writes carry ``author_association`` (GitHub's word for the author's
+role on the repository). A fact without it is ``NONE``: trusted with nothing, so a
+plain ``nats pub`` cannot start work by leaving the field out (the intake re-checks it,
+:mod:`events.trust`). Until issue 10 the default of ``IssueOpened`` was ``OWNER``; old
+messages that relied on it now read as ``NONE`` (:mod:`events.trust` says why that is
+the intended reading of an old log).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ class IssueOpened(IssueEventBase, tag="issue.opened"):
     labels: tuple[str, ...] = ()
     url: str = ""
     author: str = ""
-    author_association: str = "OWNER"
+    author_association: str = "NONE"  # missing: trusted with nothing (events.trust)
 
 
 class IssueEdited(IssueEventBase, tag="issue.edited"):
@@ -74,10 +81,14 @@ class IssuePullRequestClosed(IssueEventBase, tag="issue.pr_closed"):
 
 class IssueCancelRequested(IssueEventBase, tag="issue.cancel_requested"):
     reason: str = ""
+    author: str = ""  # who asked: a comment's author, or the CLI's operator
+    author_association: str = "NONE"
 
 
 class IssueRetryRequested(IssueEventBase, tag="issue.retry_requested"):
     reason: str = ""
+    author: str = ""
+    author_association: str = "NONE"
 
 
 class IssueCommented(IssueEventBase, tag="issue.commented"):
@@ -89,7 +100,7 @@ class IssueCommented(IssueEventBase, tag="issue.commented"):
     body: str = ""
     request: str = ""
     author: str = ""
-    author_association: str = ""
+    author_association: str = "NONE"
     url: str = ""
 
 
@@ -103,7 +114,7 @@ class IssueChangesRequested(IssueEventBase, tag="issue.changes_requested"):
     branch: str = ""
     body: str = ""
     author: str = ""
-    author_association: str = ""
+    author_association: str = "NONE"
     review_id: int | None = None
     comment_id: int | None = None
     path: str = ""

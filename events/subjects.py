@@ -145,6 +145,12 @@ class Namespace(msgspec.Struct, frozen=True):
     def artifacts_bucket(self) -> str:
         return f"{self.prefix}_artifacts"
 
+    def agent_artifacts_bucket(self, agent_id: str) -> str:
+        """Where an agent writes its artifacts: a bucket of its own, so that permissions
+        can confine it there (an object's subject carries its name base64-encoded, so a
+        shared bucket could not be split by subject)."""
+        return f"{self.artifacts_bucket}_{check_id(agent_id, 'agent id').replace('-', '_')}"
+
     # subjects
     def subject(self, rel: str) -> str:
         return f"{self.prefix}.{rel}"

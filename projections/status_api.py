@@ -224,7 +224,10 @@ def _on_validation(_: Request, exc: ValidationException) -> Response[ErrorBody]:
 
 
 def _on_http(_: Request, exc: HTTPException) -> Response[ErrorBody]:
-    return _error(exc.status_code, exc.detail)
+    response = _error(exc.status_code, exc.detail)
+    if exc.headers:  # WWW-Authenticate on a 401/403 from a guard, Allow on a 405: part of the answer
+        response.headers.update(exc.headers)
+    return response
 
 
 def _on_unavailable(_: Request, exc: StoreUnavailable) -> Response[ErrorBody]:
@@ -262,10 +265,13 @@ def register_log_metrics(live: LiveReadModel, registry: CollectorRegistry) -> Ca
 
 
 def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
-               route_handlers: Sequence[Any] = (), middleware: Sequence[Any] = ()) -> Litestar:
+               route_handlers: Sequence[Any] = (), middleware: Sequence[Any] = (),
+               guards: Sequence[Any] = ()) -> Litestar:
     """The status API over ``live``. The caller owns ``live`` (starts and stops it), and
-    adds what is served beside the API: ``route_handlers`` (``/metrics``) and ASGI
-    ``middleware`` (the request metrics)."""
+    adds what is served beside the API: ``route_handlers`` (``/metrics``), ASGI
+    ``middleware`` (the request metrics) and app-wide ``guards`` (the server's access
+    check; a route states the scope it needs as ``opt={"scope": "write"}``, plain data,
+    so the handlers here need not know how access is checked)."""
     reader = StatusReader(live, min_seq_timeout=min_seq_timeout)
 
     def provide_reader() -> StatusReader:
@@ -274,6 +280,7 @@ def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
     return Litestar(
         route_handlers=[*HANDLERS, *route_handlers],
         middleware=list(middleware),
+        guards=list(guards),
         logging_config=None,  # our logging (with its masking processor) stays in charge
         dependencies={
             "reader": Provide(provide_reader, sync_to_thread=False),

@@ -15,13 +15,21 @@ import pytest_asyncio
 from events.store import EventStore
 from events.subjects import Namespace
 from infra.adapters.nats.connection import connect
+from infra.adapters.nats.secure import KitFiles, SecureDir
 from infra.adapters.nats.server import EmbeddedServer
+from tests.support.session import KITS
 from infra.adapters.nats.provisioning import provision
 
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory) -> EmbeddedServer:
-    server = EmbeddedServer(tmp_path_factory.mktemp("nats"), sync_interval="always")
+    """Secure, as every embedded server is by default: mutual TLS, nkey users, an
+    encrypted store. Tests connect as admin (they provision their own namespaces);
+    tests/integration/test_security.py checks the other roles' permissions."""
+    root = tmp_path_factory.mktemp("nats")
+    secure = SecureDir.of(root)
+    secure.init(Namespace())
+    server = EmbeddedServer(root, sync_interval="always", secure=secure, js_key=secure.js_key())
     server.start()
     yield server
     server.stop()
@@ -29,12 +37,24 @@ def nats_server(tmp_path_factory) -> EmbeddedServer:
 
 @pytest.fixture(scope="session")
 def nats_url(nats_server) -> str:
+    KITS[nats_server.url] = str(SecureDir.of(nats_server.data_dir).kit_dir("admin"))
     return nats_server.url
 
 
+@pytest.fixture(scope="session")
+def admin_kit(nats_server) -> KitFiles:
+    return SecureDir.of(nats_server.data_dir).kit("admin")
+
+
+@pytest.fixture(scope="session")
+def nats_creds(nats_url) -> str:
+    """The admin kit's directory, for ``ccc --creds`` / ``CCC_CREDS`` in CLI tests."""
+    return KITS[nats_url]
+
+
 @pytest_asyncio.fixture(scope="session")
-async def nc(nats_url):
-    conn = await connect(nats_url, name="ccc-tests")
+async def nc(nats_url, admin_kit):
+    conn = await connect(nats_url, name="ccc-tests", kit=admin_kit)
     yield conn
     await conn.close()
 

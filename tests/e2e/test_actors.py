@@ -178,7 +178,8 @@ async def test_cancel_mid_run(nc, ns, cluster):
     await eventually(lambda: any("acme_calc-4" in a.running for a in agents), timeout=30)
     await eventually(lambda: state(coordinator, "acme_calc-4") == "in_progress")
     await publish_issue(nc, ns, IssueCancelRequested(event_id="c4", repo="acme/calc", number=4,
-                                                     occurred_at=datetime.now(timezone.utc)))
+                                                     occurred_at=datetime.now(timezone.utc),
+                                                     author="tester", author_association="OWNER"))
     await eventually(lambda: state(coordinator, "acme_calc-4") == "cancelled", timeout=20)
     assert not any("acme_calc-4" in a.running for a in agents)
 

@@ -1,16 +1,23 @@
-"""The fault suite: the log checks as pure functions, the 3-node cluster helper, a
-subset of ``ccc chaos --quick`` through the Python API, and one scenario through the
-CLI. Scenarios that fail because of a known, reported bug are xfailed with its
-description (see ``Spec.expected_failure`` in ``infra/shell/chaos/scenarios.py``)."""
+"""The fault suite: the log checks as pure functions, the 3-node cluster helper (secure:
+mutual TLS and users on the client port, TLS routes with their own CA, an encrypted
+store), a subset of ``ccc chaos --quick`` through the Python API (secure, the default),
+and scenarios through the CLI (secure, and ``--insecure``). Scenarios that fail because
+of a known, reported bug are xfailed with its description (see ``Spec.expected_failure``
+in ``infra/shell/chaos/scenarios.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
+import shutil
 import subprocess
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import nats
 import pytest
 
 from events import agent_state as ag
@@ -18,14 +25,28 @@ from events import task_state as ts
 from events.subjects import Namespace
 from events.task import Analysis, IssueRef
 from events.work_reports import PullRequestOpened
+from events.codec import encode
+from events.errors import ConfigError, StoreUnavailable
 from infra.shell.chaos.checks import LogRecord, check_log, percentile, read_log
 from infra.shell.chaos.model import ChaosOptions
 from infra.shell.chaos.processes import CCC, clean_env
+from infra.shell.chaos.sandbox import Sandbox
 from infra.shell.chaos.scenarios import SCENARIOS
 from infra.shell.chaos.suite import run_chaos
-from infra.adapters.nats.cluster import NatsCluster, stream_leader, wait_for_jetstream, wait_for_leader
+from infra.adapters.nats.cluster import (
+    NatsCluster,
+    free_ports,
+    stream_leader,
+    wait_for_jetstream,
+    wait_for_leader,
+)
 from infra.adapters.nats.connection import connect
+from infra.adapters.nats.issue_publisher import new_issue
+from infra.adapters.nats.pki import CertificateAuthority
 from infra.adapters.nats.provisioning import provision
+from infra.adapters.nats.secure import KitFiles, SecureDir
+from infra.adapters.nats.server import server_binary
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -164,11 +185,29 @@ def test_percentile():
 
 
 # -- the 3-node cluster --------------------------------------------------------------------
+def secure_dir(tmp_path: Path, ns: Namespace) -> SecureDir:
+    secure = SecureDir.of(tmp_path)
+    secure.init(ns)
+    return secure
+
+
+def secure_cluster(tmp_path: Path, ns: Namespace) -> NatsCluster:
+    secure = secure_dir(tmp_path, ns)
+    return NatsCluster(tmp_path / "nats", secure=secure, js_key=secure.js_key())
+
+
 async def test_three_node_cluster_elects_a_new_leader_and_keeps_acknowledged_writes(tmp_path):
+    """Secure, as ``ccc chaos`` runs it: TLS and users on the client port, TLS between
+    the nodes (the election and the replication run over those routes), and every
+    node's store encrypted."""
     ns = Namespace("clustertest")
-    with NatsCluster(tmp_path / "nats") as cluster:
-        assert len(cluster.url.split(",")) == 3
-        nc = await connect(cluster.url, name="test-cluster", quiet=True)
+    with secure_cluster(tmp_path, ns) as cluster:
+        assert len(cluster.url.split(",")) == 3 and all(u.startswith("tls://") for u in cluster.url.split(","))
+        conf = cluster.nodes[0].config_path.read_text()
+        assert 'include "../../secure/auth.conf"' in conf  # relative: nats-server joins include paths
+        assert conf.count("verify: true") == 2  # the client port and the routes
+        assert cluster.js_key not in conf  # the store key comes from the environment
+        nc = await connect(cluster.url, name="test-cluster", quiet=True, kit=cluster.secure.kit("admin"))
         try:
             await wait_for_jetstream(nc)
             await provision(nc, ns, replicas=3)
@@ -197,8 +236,149 @@ async def test_three_node_cluster_elects_a_new_leader_and_keeps_acknowledged_wri
             assert [r.seq for r in records] == list(range(1, 22))  # nothing acknowledged was lost
             cluster.start_node(leader)  # it rejoins on the same ports and store
             assert cluster.node(leader).running
+            # encrypted at rest on every node: an issue title never reaches a disk in plaintext
+            marker = f"Plaintext-marker-{uuid.uuid4().hex}"
+            issue = new_issue(repo="chaos/calc", title=marker, number=7, actor="test")
+            await wait_for_leader(nc, ns.issues_stream)
+            await js.publish(ns.subject(issue.rel_subject), encode(issue), stream=ns.issues_stream)
+            for node in cluster.nodes:
+                assert "Encryption:      ChaCha20-Poly1305" in node.log_file.read_text()
+            stores = [n.dir / "jetstream" for n in cluster.nodes]
+            assert not [p for d in stores for p in d.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
         finally:
             await nc.close()
+
+
+class RogueNode:
+    """A nats-server of our own that tries to join the cluster as a route: no users of
+    its own (a client of it may read everything it receives), routes to every node."""
+
+    def __init__(self, root: Path, name: str, cluster: NatsCluster, cert: Path, key: Path) -> None:
+        self.dir = root / name
+        self.dir.mkdir(parents=True)
+        self.port, cluster_port = free_ports(2)
+        # a route to every node (a message crosses one route only: it must reach each)
+        routes = ", ".join(f'"nats-route://127.0.0.1:{n.cluster_port}"' for n in cluster.nodes)
+        conf = self.dir / "rogue.conf"
+        conf.write_text(
+            f'server_name: "{name}"\nlisten: "127.0.0.1:{self.port}"\n'
+            "cluster {\n"
+            f'  name: "{cluster.name}"\n  listen: "127.0.0.1:{cluster_port}"\n'
+            f"  routes: [{routes}]\n"
+            # it trusts the routes' CA (public, like any CA certificate): only its own
+            # certificate decides whether the node lets it in
+            f'  tls {{ cert_file: "{cert}", key_file: "{key}", ca_file: "{cluster.routes_dir / "ca.pem"}", '
+            "verify: true, timeout: 3 }\n"
+            "}\n")
+        self.proc = subprocess.Popen([server_binary(), "-c", str(conf), "-l", str(self.dir / "log")],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+    async def hears(self, admin, subject: str, seconds: float) -> bool:
+        """Does a client of this node receive what the cluster's admin publishes?"""
+        nc = None
+        deadline = time.monotonic() + seconds
+        while nc is None:
+            try:
+                nc = await nats.connect(f"nats://127.0.0.1:{self.port}", allow_reconnect=False,
+                                        max_reconnect_attempts=1, connect_timeout=1)
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert time.monotonic() < deadline, "the rogue node did not start"
+                await asyncio.sleep(0.1)
+        try:
+            sub = await nc.subscribe(subject)
+            await nc.flush()
+            while time.monotonic() < deadline:
+                await admin.publish(subject, b"secret")
+                await admin.flush()
+                try:
+                    await sub.next_msg(timeout=0.5)
+                    return True
+                except nats.errors.TimeoutError:
+                    continue
+            return False
+        finally:
+            await nc.close()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+async def test_secure_cluster_routes_admit_only_certificates_of_the_routes_ca(tmp_path):
+    """Every agent holds a client certificate of the clients' CA: were the routes to
+    trust that CA, an agent's kit could join the cluster as a route and read (and
+    write) everything, past its permissions. The routes have a CA of their own."""
+    ns = Namespace("routetest")
+    with secure_cluster(tmp_path, ns) as cluster:
+        agent = cluster.secure.add_agent(ns, "a1")
+        subject = f"{ns.prefix}.task.rogue-probe"
+        admin = await connect(cluster.url, name="test-rogue", quiet=True, kit=cluster.secure.kit("admin"))
+        rogue = RogueNode(tmp_path, "rogue", cluster, agent.cert, agent.key)
+        try:
+            assert not await rogue.hears(admin, subject, 6.0)
+        finally:
+            rogue.stop()
+        # the control: the same node with a certificate of the routes' CA does join
+        routes_ca = CertificateAuthority.load(cluster.routes_dir / "ca.pem", cluster.routes_dir / "ca-key.pem")
+        routes_ca.issue(tmp_path / "n4.pem", tmp_path / "n4-key.pem", common_name="ccc route n4", server=True,
+                        hosts=("127.0.0.1", "localhost"))
+        member = RogueNode(tmp_path, "n4", cluster, tmp_path / "n4.pem", tmp_path / "n4-key.pem")
+        try:
+            assert await member.hears(admin, subject, 20.0)
+        finally:
+            member.stop()
+            await admin.close()
+
+
+async def test_secure_cluster_admits_and_drops_an_agent_on_every_node_without_a_restart(tmp_path):
+    ns = Namespace("reloadtest")
+    with secure_cluster(tmp_path, ns) as cluster:
+        pids = cluster.pids()
+        added = cluster.secure.add_agent(ns, "late")
+        # what a remote machine holds (revoking deletes the kit here, not there)
+        kit = KitFiles.load(shutil.copytree(added.seed.parent, tmp_path / "remote-kit"))
+        assert cluster.reload() == ["n1", "n2", "n3"]
+        held = []
+        for node in cluster.nodes:
+            url = node.url.replace("nats://", "tls://")
+
+            async def admitted(url=url) -> bool:
+                try:
+                    held.append(await connect(url, name="test-late", quiet=True, kit=kit, reconnect=False))
+                except StoreUnavailable:
+                    return False
+                return True
+
+            await eventually(admitted, timeout=10)
+        assert cluster.secure.revoke_agent(ns, "late")
+        cluster.reload()
+        await eventually(lambda: not any(nc.is_connected for nc in held), timeout=10)
+        for node in cluster.nodes:
+            with pytest.raises(StoreUnavailable):
+                await connect(node.url.replace("nats://", "tls://"), quiet=True, kit=kit, reconnect=False)
+        assert cluster.pids() == pids  # no node was restarted
+        for nc in held:
+            await nc.close()
+
+
+def test_a_secure_cluster_needs_an_initialised_secure_dir(tmp_path):
+    with pytest.raises(ConfigError, match="holds no cluster credentials"):
+        NatsCluster(tmp_path / "nats", secure=SecureDir.of(tmp_path))
+
+
+def test_the_sandbox_reports_what_the_server_refused_its_processes(tmp_path):
+    sb = Sandbox(tmp_path, Namespace("denials"), ChaosOptions(quick=True), random.Random(1))
+    proc = sb.add("agent-1", ["true"])
+    proc.err_path.write_text(
+        '{"level": "info", "event": "agent.registered"}\n'
+        '{"level": "warning", "event": "nats.error", "error": "nats: permissions violation for publish to '
+        '\\"denials.dlq.agent-agent-1\\""}\n')
+    [found] = sb.denials()
+    assert found.startswith("security: agent-1 was refused") and "denials.dlq" in found
+    assert sb.security is not None and sb.security.secure.exists()  # secure unless told otherwise
+    assert Sandbox(tmp_path / "plain", Namespace("denials"), ChaosOptions(insecure=True),
+                   random.Random(1)).security is None
 
 
 # -- scenarios through the Python API ---------------------------------------------------------
@@ -210,6 +390,10 @@ async def test_quick_scenario(name, tmp_path):
     [result] = await run_chaos([name], msgspec_replace(QUICK, work_dir=str(tmp_path)))
     assert result.runs == 1 and result.tasks >= 12
     assert result.faults > 0
+    # secure (the default), and checked to be: strangers refused, nothing refused to the actors
+    assert result.secure
+    assert any("security: on" in n and "strangers (no certificate, no user, plain text) refused" in n
+               for n in result.notes), result.notes
     if not result.ok and SCENARIOS[name].expected_failure:
         pytest.xfail(f"known bug: {SCENARIOS[name].expected_failure} | {result.violations[:3]}")
     assert result.lost == 0 and result.duplicated == 0, result.violations
@@ -234,9 +418,21 @@ def test_cli_runs_a_scenario_and_prints_one_json_object(tmp_path):
     assert len(lines) == 1, result.stdout + result.stderr
     row = lines[0]
     assert row["scenario"] == "two-coordinators" and row["runs"] == 1 and row["tasks"] == 6
+    assert row["secure"] is True  # the default
     assert {"lost", "duplicated", "other", "recovery_p50", "recovery_max"} <= row.keys()
     assert result.returncode == (0 if row["ok"] else 1), result.stderr
     assert row["lost"] == 0 and row["duplicated"] == 0, row["violations"]
+
+
+def test_cli_runs_the_old_insecure_mode_on_request(tmp_path):
+    result = subprocess.run(
+        [*CCC, "chaos", "--quick", "--insecure", "--scenario", "two-coordinators", "--tasks", "6", "--json",
+         "--work-dir", str(tmp_path)],
+        check=False, env=clean_env(), capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    [row] = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert row["secure"] is False and row["ok"], row["violations"]
+    assert "security: OFF" in " ".join(row["notes"])
+    assert "warning: --insecure" in result.stderr
 
 
 def test_cli_rejects_an_unknown_scenario():

@@ -26,6 +26,7 @@ from events import task_state as ts
 from events.codec import encode
 from events.task import Analysis, IssueRef, TaskStarted
 from infra.shell.cli.main import cli
+from tests.support.session import nats_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +41,7 @@ def invoke(args: list[str], env: dict | None = None, input: str | None = None):
 
 async def ccc(nats_url, ns, *args, env=None, input=None):
     """Run ``ccc --nats-url .. --namespace .. <args>`` in-process (on a thread)."""
-    args = ["--nats-url", nats_url, "--namespace", ns.prefix, *args]
+    args = [*nats_args(nats_url), "--namespace", ns.prefix, *args]
     return await asyncio.to_thread(invoke, args, env, input)
 
 
@@ -274,7 +275,7 @@ async def test_events_filters_and_from_seq(nats_url, ns, store):
 
 async def test_events_follow_until_interrupted(nats_url, ns, store, procs):
     await seed(store)
-    p = Proc("--nats-url", nats_url, "--namespace", ns.prefix, "events", "--follow", "--json")
+    p = Proc(*nats_args(nats_url), "--namespace", ns.prefix, "events", "--follow", "--json")
     procs.append(p)
     seen = [json.loads(await asyncio.to_thread(p.next_line)) for _ in range(8)]
     assert [o["seq"] for o in seen] == list(range(1, 9))
@@ -414,8 +415,9 @@ def test_server_writes_url_and_stops_cleanly(tmp_path, procs):
     p = Proc("server", "--port", "0", "--data-dir", str(data_dir), env=env)
     procs.append(p)
     first = p.next_line()
-    assert first.startswith("nats-server ready at nats://127.0.0.1:")
-    url = first.rsplit(" ", 1)[1]
+    assert first.startswith("nats-server ready at tls://127.0.0.1:")  # secure by default
+    assert first.endswith("(mutual TLS, nkey users, encrypted store)")
+    url = first.split()[3]
     url_file = data_dir / "nats.url"
     assert url_file.read_text().strip() == url
     # another command without --nats-url finds the running server through nats.url
@@ -460,7 +462,7 @@ def test_bench_store_json():
 async def test_api_serves_and_stops(nats_url, ns, store, procs):
     pytest.importorskip("infra.adapters.http.status_server")
     await seed(store)
-    p = Proc("--nats-url", nats_url, "--namespace", ns.prefix, "api", "--port", "0")
+    p = Proc(*nats_args(nats_url), "--namespace", ns.prefix, "api", "--port", "0")
     procs.append(p)
     line = await asyncio.to_thread(p.next_line)
     assert line.startswith("status API at http://127.0.0.1:")

@@ -26,9 +26,12 @@ async def publish_issue(nc, ns, event) -> None:
                                  headers={"Nats-Msg-Id": event.event_id})
 
 
-def opened(number: int, title: str, body: str = "", labels=(), repo="acme/app") -> IssueOpened:
+def opened(number: int, title: str, body: str = "", labels=(), repo="acme/app",
+           author_association="OWNER") -> IssueOpened:
+    # OWNER explicitly: a fact that does not say who wrote it is refused at intake
     return IssueOpened(event_id=f"test:{repo}#{number}", repo=repo, number=number, title=title,
-                       body=body, labels=tuple(labels), occurred_at=now())
+                       body=body, labels=tuple(labels), occurred_at=now(), author="tester",
+                       author_association=author_association)
 
 
 class FakeAgent:
@@ -190,7 +193,9 @@ async def test_cancel_while_agent_works(nc, ns, store, coordinator):
     await eventually(lambda: status(coordinator, "acme_app-40") == "assigned")
     await agent.start("acme_app-40")
     await eventually(lambda: status(coordinator, "acme_app-40") == "in_progress")
-    await publish_issue(nc, ns, IssueCancelRequested(event_id="c40", repo="acme/app", number=40, occurred_at=now()))
+    cancel = IssueCancelRequested(event_id="c40", repo="acme/app", number=40, occurred_at=now(),
+                                  author="tester", author_association="OWNER")
+    await publish_issue(nc, ns, cancel)
     await eventually(lambda: coordinator.model.tasks["acme_app-40"].cancel_requested)
     await agent.release("acme_app-40", "cancelled")
     await eventually(lambda: status(coordinator, "acme_app-40") == "cancelled")
@@ -278,7 +283,8 @@ async def test_changes_requested_retries_with_the_review_as_guidance(nc, ns, sto
     await eventually(lambda: status(coordinator, "acme_app-60") == "review")
     await publish_issue(nc, ns, IssueChangesRequested(
         event_id="review-1", repo="acme/app", number=60, occurred_at=now(), pr_number=60,
-        branch="ccc/task-acme_app-60-server", body="Please add a test for the empty case.", author="maria"))
+        branch="ccc/task-acme_app-60-server", body="Please add a test for the empty case.", author="maria",
+        author_association="MEMBER"))
     await eventually(lambda: coordinator.model.tasks["acme_app-60"].attempt == 2
                      and status(coordinator, "acme_app-60") in ("queued", "assigned"))
     task = coordinator.model.tasks["acme_app-60"]

@@ -313,7 +313,7 @@ async def test_min_seq_reads_your_writes(store, live, client):
     assert str(seq + 1000) in r.json()["detail"]
 
 
-async def test_health_ok_lagging_and_degraded(nats_url, ns, store, live, client):
+async def test_health_ok_lagging_and_degraded(nats_url, admin_kit, ns, store, live, client):
     _, last, _ = await drive(store, task_state, None, 0, create("h-1", 0), *analysed(1, "testing"))
     await live.wait_for_seq(last, timeout=5)
     r = await client.get("/health")
@@ -328,7 +328,7 @@ async def test_health_ok_lagging_and_degraded(nats_url, ns, store, live, client)
         lagging = (await c.get("/health")).json()
     assert (lagging["status"], lagging["last_seq"], lagging["lag"]) == ("ok", 0, last)
 
-    own = await connect(nats_url, name="health-test", reconnect=False)
+    own = await connect(nats_url, name="health-test", reconnect=False, kit=admin_kit)
     other = LiveReadModel(EventStore(own, ns))
     await other.start()
     try:

@@ -27,3 +27,20 @@ def test_mask_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "1 item" in masked and "github.com/o/r.git" in masked
     assert json.dumps(mask_secrets("nothing secret")) == '"nothing secret"'
     assert os.environ["SHORT_KEY"] == "1"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("nats://user:secret@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+    ("nats://s3cr3t-token@host:4222", "nats://***@host:4222"),
+    ("tls://user:p@ss@host:4222", "tls://***@host:4222"),  # an "@" in the password: all of it goes
+    ("nats://a:4222,nats://u:secret@b:4222, tls://c:4222", "nats://a:4222,nats://***@b:4222, tls://c:4222"),
+    ("u:secret@host:4222", "***@host:4222"),  # nats-py takes a server without a scheme too
+    ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ("", ""),
+])
+def test_redact_url(url, shown) -> None:
+    from infra.adapters.obs.masking import mask, redact_url
+
+    assert redact_url(url) == shown
+    if "://" in url:  # free text: the masker finds URLs by their scheme
+        assert "secret" not in mask(f"error: cannot connect to {url}: refused")

@@ -26,3 +26,20 @@ def test_settings_precedence(tmp_path):
     assert s.nats_url == "nats://b:2" and s.data_dir == tmp_path and not s.embedded
     s = load_settings({"CCC_DATA_DIR": str(tmp_path), "CCC_SYNC_INTERVAL": "2s"})
     assert s.embedded and s.sync_interval == "2s" and s.replicas == 1
+
+
+def test_repos_allow_list_from_the_environment_and_the_flag(tmp_path):
+    base = {"CCC_DATA_DIR": str(tmp_path)}
+    assert load_settings(base).repos == ()  # unset: every repository
+    assert load_settings({**base, "CCC_REPOS": "acme/app, acme/*"}).repos == ("acme/app", "acme/*")
+    assert load_settings({**base, "CCC_REPOS": "acme/app"}, repos="other/*").repos == ("other/*",)
+    with pytest.raises(ConfigError, match=r"^CCC_REPOS: invalid repository '\*'"):
+        load_settings({**base, "CCC_REPOS": "*"})
+    with pytest.raises(ConfigError, match=r"^--repos: invalid repository 'a b'"):
+        load_settings(base, repos="a b")
+
+
+def test_a_bad_nats_url_is_named_without_its_password(tmp_path):
+    with pytest.raises(ConfigError, match="NATS_URL") as e:
+        load_settings({"CCC_DATA_DIR": str(tmp_path), "NATS_URL": "http://user:secret@host:4222"})
+    assert "secret" not in str(e.value) and "host:4222" in str(e.value)

@@ -289,3 +289,39 @@ def test_a_secret_is_required():
     with pytest.raises(ConfigError, match="CCC_WEBHOOK_SECRET"):
         webhook_secret({})
     assert webhook_secret({"CCC_WEBHOOK_SECRET": "s3"}) == "s3"
+
+
+# -- the trust policy: the same one the intake re-checks ---------------------------------------
+def test_retry_and_cancel_requests_carry_their_author_for_the_intake():
+    from events.trust import TrustPolicy
+
+    for body in ("@ccc retry", "@ccc cancel"):
+        event = only(translate("issue_comment", comment(body), "d-c"))
+        assert (event.author, event.author_association) == ("Codertocat", "OWNER")
+        assert TrustPolicy().refusal(event) == ""  # what the webhook let through, the intake accepts
+
+
+@pytest.mark.parametrize(("event", "payload"), [
+    ("issues", triggered),
+    ("issue_comment", lambda: comment("@ccc retry")),
+    ("pull_request", lambda: on_task_branch("pull_request.closed")),
+    ("pull_request_review_comment", lambda: on_task_branch("pull_request_review_comment.created")),
+])
+def test_repositories_outside_the_allow_list_are_ignored(event, payload):
+    from events.trust import TrustPolicy
+
+    assert translate(event, payload(), "d", trust=TrustPolicy(repos=("codertocat/*",))) != []
+    result = interpret(event, payload(), "d", trust=TrustPolicy(repos=("acme/*", "octo/app")))
+    assert result.events == []
+    assert result.reason == f"repository {REPO} is not in CCC_REPOS (acme/*, octo/app)"
+
+
+def test_the_authors_the_webhook_trusts_are_the_policys():
+    from events.trust import TrustPolicy
+
+    owners_only = TrustPolicy(associations=frozenset({"OWNER"}))
+    p = triggered()
+    p["issue"]["author_association"] = "MEMBER"
+    assert translate("issues", p, "d") != []
+    result = interpret("issues", p, "d", trust=owners_only)
+    assert result.events == [] and result.reason == "untrusted author: Codertocat is MEMBER, not one of OWNER"

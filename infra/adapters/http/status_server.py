@@ -7,20 +7,26 @@ event loop, with a live projection.
     await server.stop()
 
 or ``await server.serve_forever()`` (stops cleanly when cancelled).
+
+Access (:mod:`infra.adapters.http.auth`): ``ApiServer(..., access=ApiAccess(...))``
+decides tokens, Host allow-list and rate limit; the default needs no token on
+localhost and refuses to start beyond it without one.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import structlog
-from litestar import Litestar
 from prometheus_client import CollectorRegistry
 
 from events.store import EventStore
 from projections.live import LiveReadModel
 from projections.status_api import create_app, register_log_metrics
 
+from infra.adapters.http.auth import ApiAccess, ApiGate, scope_guard
 from infra.adapters.http.metrics import ApiMetrics, metrics_endpoint
 from infra.adapters.http.service import SHUTDOWN_TIMEOUT, HttpService, Served
 
@@ -29,13 +35,20 @@ log = structlog.get_logger("ccc.api")
 
 class ApiServer(Served):
     """The status API on ``host:port`` (0: any free port), over a projection it owns,
-    or over ``live`` if given (then the caller starts and stops that)."""
+    or over ``live`` if given (then the caller starts and stops that). ``access``: who
+    may call it (``ConfigError`` here if it needs a token there and has none);
+    ``route_handlers``: served beside the API, behind the same checks (a handler
+    declares ``opt={"scope": "write"}`` for actions)."""
 
     def __init__(
         self, store: EventStore, host: str = "127.0.0.1", port: int = 0, *,
         materialize: bool = True, live: LiveReadModel | None = None,
+        access: ApiAccess | None = None, route_handlers: Sequence[Any] = (),
     ) -> None:
+        self.access = access if access is not None else ApiAccess()
+        self.access.check(host)  # before anything binds or replays
         self.store = store
+        self.route_handlers = tuple(route_handlers)
         self.http = HttpService(host, port, name="status API")
         self._owns_live = live is None
         self.live = live or LiveReadModel(store, materialize=materialize)
@@ -56,15 +69,19 @@ class ApiServer(Served):
             await self._stop_live()
             raise
 
-    def build_app(self) -> Litestar:
-        """The status API with ``/metrics``. One registry per app: facts of the log come
-        from the live model (a restart rebuilds them), the API's own request counts
-        from this process."""
+    def build_app(self) -> Any:
+        """The ASGI app served: the status API with ``/metrics``, behind :class:`ApiGate`
+        (rate limit, Host, token) and :func:`scope_guard` (each route's scope). One
+        registry per app: facts of the log come from the live model (a restart rebuilds
+        them), the API's own request counts from this process; the request metrics wrap
+        everything, so refused requests are counted too (endpoint ``<unmatched>``)."""
         registry = CollectorRegistry()
         api_metrics = ApiMetrics(registry)
         refresh_lag = register_log_metrics(self.live, registry)
-        return create_app(self.live, route_handlers=[metrics_endpoint(registry, before=refresh_lag)],
-                          middleware=[api_metrics.middleware])
+        app = create_app(self.live, route_handlers=[metrics_endpoint(registry, before=refresh_lag),
+                                                    *self.route_handlers],
+                         guards=[scope_guard])
+        return api_metrics.middleware(ApiGate(app, self.access, self.http.host))
 
     async def stop(self) -> None:
         """Stop serving (in-flight requests get ``SHUTDOWN_TIMEOUT``), then the

@@ -4,6 +4,8 @@
 
 Order of checks, each answered before the next is attempted:
 
+0. A per-client-address rate limit (token bucket, :mod:`infra.adapters.http.ratelimit`):
+   429 with ``Retry-After``, before the body is read or any HMAC is computed.
 1. ``X-Hub-Signature-256`` must be ``sha256=<hex HMAC-SHA256(secret, raw body)>``,
    compared in constant time over the exact bytes received: else 401, nothing parsed.
 2. ``X-GitHub-Event`` and ``X-GitHub-Delivery`` present and sane: else 400.
@@ -34,15 +36,18 @@ from litestar.exceptions import HTTPException
 
 from events.errors import ConfigError, StoreUnavailable
 from events.issue import IssueEvent
+from events.trust import TrustPolicy
 
+from infra.adapters.http.ratelimit import RateLimit, RateLimitMiddleware, TokenBuckets
 from infra.adapters.http.service import HttpService, Served
-from infra.adapters.http.webhook_translate import TRUSTED, BadPayload, interpret, is_signed
+from infra.adapters.http.webhook_translate import DEFAULT_TRUST, BadPayload, interpret, is_signed
 from infra.adapters.nats.issue_publisher import publish_issue
 
 __all__ = [
     "Outcome",
     "Published",
     "Publisher",
+    "WEBHOOK_RATE_LIMIT",
     "WebhookServer",
     "create_webhook_app",
     "nats_publisher",
@@ -52,6 +57,9 @@ __all__ = [
 log = structlog.get_logger("ccc.webhook")
 
 SECRET_ENV = "CCC_WEBHOOK_SECRET"
+# GitHub sends a delivery per event, in bursts when many issues change at once; far
+# below what would be an attack, far above what a repository's activity produces
+WEBHOOK_RATE_LIMIT = RateLimit(rate=20.0, burst=100)
 MAX_BODY_BYTES = 5 * 1024 * 1024  # real deliveries are tens of KB; GitHub caps at 25 MB
 _DELIVERY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")  # a GUID; it goes into a NATS header
 _EVENT = re.compile(r"^[a-z_]{1,64}$")
@@ -107,10 +115,12 @@ def _payload(body: bytes, content_type: str) -> Any:
 
 def create_webhook_app(
     publisher: Publisher, *, secret: str, trigger_label: str = "ccc", bot_name: str = "ccc",
-    source: str = "github", trusted: frozenset[str] = TRUSTED,
+    source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
     is_connected: Callable[[], bool] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+    rate_limit: RateLimit = WEBHOOK_RATE_LIMIT,
 ) -> Litestar:
-    """The receiver. ``secret`` is the webhook's shared secret (never empty)."""
+    """The receiver. ``secret`` is the webhook's shared secret (never empty); ``trust``
+    says whose facts, on which repositories, are published (the rest: 202 with why)."""
     if not secret:
         raise ConfigError(f"{SECRET_ENV}: a webhook secret is required (unsigned deliveries are refused)")
     key = secret.encode()
@@ -139,7 +149,7 @@ def create_webhook_app(
                                     zen=zen if isinstance(zen, str) else None), status_code=200)
         try:
             result = interpret(event, payload, delivery, trigger_label=trigger_label,
-                               bot_name=bot_name, source=source, trusted=trusted)
+                               bot_name=bot_name, source=source, trust=trust)
         except BadPayload as e:
             return _error(400, "bad_request", str(e), **ctx)
         if not result.events:
@@ -175,7 +185,9 @@ def create_webhook_app(
         log.error("webhook.internal_error", path=request.url.path, error=repr(exc), exc_info=exc)
         return Response(WebhookError("internal_error", "internal error; see the server log"), status_code=500)
 
-    return Litestar(route_handlers=[webhook, health], logging_config=None,
+    # one set of buckets for the app: Litestar builds the middleware once per route
+    limiter = RateLimitMiddleware.factory(TokenBuckets(rate_limit))
+    return Litestar(route_handlers=[webhook, health], logging_config=None, middleware=[limiter],
                     exception_handlers={HTTPException: on_http, Exception: on_internal},
                     request_max_body_size=max_body_bytes, openapi_config=None)
 
@@ -197,13 +209,13 @@ class WebhookServer(Served):
 
     def __init__(self, nc: Any, ns: Any, host: str = "127.0.0.1", port: int = 0, *,
                  secret: str | None = None, trigger_label: str = "ccc", bot_name: str = "ccc",
-                 source: str = "github", trusted: frozenset[str] = TRUSTED,
-                 publish_timeout: float = 5.0) -> None:
+                 source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
+                 publish_timeout: float = 5.0, rate_limit: RateLimit = WEBHOOK_RATE_LIMIT) -> None:
         self.http = HttpService(host, port, name="webhook receiver")
         self.app = create_webhook_app(
             nats_publisher(nc, ns, timeout=publish_timeout), secret=secret or webhook_secret(),
-            trigger_label=trigger_label, bot_name=bot_name, source=source, trusted=trusted,
-            is_connected=lambda: bool(nc.is_connected),
+            trigger_label=trigger_label, bot_name=bot_name, source=source, trust=trust,
+            is_connected=lambda: bool(nc.is_connected), rate_limit=rate_limit,
         )
 
     async def start(self) -> int:

@@ -4,9 +4,12 @@
 the issue facts it stands for, often none; :func:`interpret` also says why not.
 
 Trust: issue text becomes input to a model that runs tools. Work is only started, and
-requests only accepted, from authors whose ``author_association`` is OWNER, MEMBER or
-COLLABORATOR; accounts of type ``Bot`` (and the bot itself) are never listened to, so
-the cluster cannot talk to itself in a loop. Pull-request facts count only for branches
+requests only accepted, from authors the trust policy (:class:`events.trust.TrustPolicy`)
+trusts: by default those whose ``author_association`` is OWNER, MEMBER or COLLABORATOR,
+on the repositories of ``CCC_REPOS`` (all when unset). The facts keep the association,
+and the coordinator's intake checks the same policy again (the webhook is not the only
+writer of the issue subjects). Accounts of type ``Bot`` (and the bot itself) are never
+listened to, so the cluster cannot talk to itself in a loop. Pull-request facts count only for branches
 the cluster pushes (``ccc/task-<task_id>-<slug>``, see ``infra.adapters.git.gitops.branch_name``) in
 the repository itself: a fork cannot close or review its way into a task.
 
@@ -45,8 +48,10 @@ from events.issue import (
     IssueRetryRequested,
 )
 from events.subjects import repo_token
+from events.trust import TRUSTED_ASSOCIATIONS, TrustPolicy
 
-TRUSTED: frozenset[str] = frozenset({"OWNER", "MEMBER", "COLLABORATOR"})
+TRUSTED: frozenset[str] = TRUSTED_ASSOCIATIONS  # the default policy's associations
+DEFAULT_TRUST = TrustPolicy()
 TASK_BRANCH_PREFIX = "ccc/task-"  # gitops.branch_name: ccc/task-<task_id>-<slug>
 _FENCED = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
@@ -163,7 +168,7 @@ class _Ctx(NamedTuple):
     source: str
     trigger_label: str
     bot_name: str
-    trusted: frozenset[str]
+    trust: TrustPolicy
     now: datetime
 
 
@@ -208,15 +213,15 @@ def task_issue_number(branch: str, repo: str) -> int | None:
 
 
 def translate(event_name: str, payload: Any, delivery_id: str, *, trigger_label: str = "ccc",
-              bot_name: str = "ccc", source: str = "github", trusted: frozenset[str] = TRUSTED,
+              bot_name: str = "ccc", source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
               now: datetime | None = None) -> list[IssueEvent]:
     """The issue facts one delivery stands for (often none). Raises :class:`BadPayload`."""
     return interpret(event_name, payload, delivery_id, trigger_label=trigger_label,
-                     bot_name=bot_name, source=source, trusted=trusted, now=now).events
+                     bot_name=bot_name, source=source, trust=trust, now=now).events
 
 
 def interpret(event_name: str, payload: Any, delivery_id: str, *, trigger_label: str = "ccc",
-              bot_name: str = "ccc", source: str = "github", trusted: frozenset[str] = TRUSTED,
+              bot_name: str = "ccc", source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
               now: datetime | None = None) -> Translation:
     """Like :func:`translate`, with the reason when the delivery is ignored."""
     if not isinstance(payload, dict):
@@ -230,7 +235,9 @@ def interpret(event_name: str, payload: Any, delivery_id: str, *, trigger_label:
         hook = msgspec.convert(payload, shape)
     except msgspec.ValidationError as e:
         raise BadPayload(f"{event_name}.{action}: {e}") from None
-    ctx = _Ctx(delivery_id, source, trigger_label.lower(), bot_name, trusted,
+    if why := trust.repo_refusal(hook.repository.full_name):
+        return Translation([], why)  # every hook names its repository
+    ctx = _Ctx(delivery_id, source, trigger_label.lower(), bot_name, trust,
                now or datetime.now(UTC))
     return fn(hook, ctx)
 
@@ -249,9 +256,7 @@ def _untrusted(user: _User, association: str, ctx: _Ctx) -> str:
     """Why this author is not listened to, or "" if they are."""
     if _is_bot(user, ctx):
         return f"author {user.login or '?'} is a bot"
-    if association not in ctx.trusted:
-        return f"author {user.login or '?'} is {association}, not one of {', '.join(sorted(ctx.trusted))}"
-    return ""
+    return ctx.trust.author_refusal(user.login or "?", association)
 
 
 def _triggered(issue: _Issue, ctx: _Ctx) -> bool:
@@ -313,10 +318,14 @@ def _on_comment(hook: _IssueCommentHook, ctx: _Ctx) -> Translation:
     verb, rest = [*request.split(maxsplit=1), "", ""][:2]
     verb, who = verb.strip(".,:;!").lower(), comment.user.login
     base = _base(ctx, repo, issue.number, 0, comment.created_at, hook.sender)
+    # the author travels with the request: the intake checks it again
+    author = {"author": who, "author_association": comment.author_association}
     if verb == "retry":
-        return Translation([IssueRetryRequested(**base, reason=rest.strip() or f"retry requested by {who}")])
+        return Translation([IssueRetryRequested(**base, **author,
+                                                reason=rest.strip() or f"retry requested by {who}")])
     if verb in ("cancel", "stop"):
-        return Translation([IssueCancelRequested(**base, reason=rest.strip() or f"cancelled by {who}")])
+        return Translation([IssueCancelRequested(**base, **author,
+                                                 reason=rest.strip() or f"cancelled by {who}")])
     if not request:
         return Translation([], f"@{ctx.bot_name} mentioned with no request")
     return Translation([IssueCommented(

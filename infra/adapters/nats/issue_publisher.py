@@ -28,6 +28,7 @@ from events.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
 from events.issue import IssueOpened
 from events.store import EXPECTED_SEQ, EXPECTED_SEQ_SUBJECT, MSG_ID, WRONG_LAST_SEQUENCE
 from events.subjects import Namespace, check_id, check_repo, repo_token, task_id_for, token
+from events.trust import OPERATOR
 
 MAX_ALLOCATION_ATTEMPTS = 32  # each lost race means someone else got a number: progress
 
@@ -77,7 +78,9 @@ def new_issue(
     actor: str = "cli",
     at: datetime | None = None,
 ) -> IssueOpened:
-    """A validated :class:`IssueOpened` with its deterministic event id."""
+    """A validated :class:`IssueOpened` with its deterministic event id, published as
+    the local operator: ``author_association`` is set (to ``OWNER``) explicitly, since a
+    fact without it is trusted with nothing at intake."""
     repo, title = check_repo(repo), check_title(title)
     check_id(source, "source")
     if number < 1:
@@ -88,7 +91,7 @@ def new_issue(
     return IssueOpened(
         event_id=opened_event_id(source, repo, number), source=source, repo=repo,
         number=number, occurred_at=at or datetime.now(timezone.utc), actor=actor,
-        title=title, body=body, labels=labels, author=actor,
+        title=title, body=body, labels=labels, author=actor, author_association=OPERATOR,
     )
 
 

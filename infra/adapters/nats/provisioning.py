@@ -12,7 +12,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import api
 
-from events.errors import StoreUnavailable
+from events.errors import ConfigError, StoreUnavailable
 from events.subjects import DEFAULT_NS, Namespace
 
 STREAM_NAME_IN_USE = 10058
@@ -107,3 +107,32 @@ async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1
         )
     except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
         raise StoreUnavailable(f"provisioning failed: {type(e).__name__}: {e}") from None
+
+
+async def provision_agent(nc: Client, ns: Namespace, agent_id: str, *, replicas: int = 1) -> None:
+    """An agent's own artifact bucket (its permissions let it write there only). An admin
+    step, like :func:`provision`: done when the agent is registered and at each start of
+    the cluster for the agents it knows."""
+    js = nc.jetstream(timeout=10.0)
+    try:
+        await js.create_object_store(
+            bucket=ns.agent_artifacts_bucket(agent_id),
+            description=f"diffs, test logs, transcripts of agent {agent_id}",
+            replicas=replicas, storage=api.StorageType.FILE,
+        )
+    except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
+        raise StoreUnavailable(f"provisioning agent {agent_id}: {type(e).__name__}: {e}") from None
+
+
+async def require_streams(nc: Client, ns: Namespace, names: tuple[str, ...] | None = None) -> None:
+    """Check that the streams of ``ns`` (or ``names``) exist (an actor or a command without
+    admin rights cannot create them): one line naming the first one missing."""
+    js = nc.jetstream(timeout=5.0)
+    for name in names or (ns.events_stream, ns.issues_stream, ns.heartbeats_stream, ns.dlq_stream):
+        try:
+            await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            raise ConfigError(f"stream {name} is missing: provisioning is an admin step "
+                              "(`ccc server`, `ccc up` or `ccc secure init` on the server's machine)") from None
+        except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
+            raise StoreUnavailable(f"stream {name}: {type(e).__name__}: {e}") from None

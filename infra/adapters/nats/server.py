@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -13,8 +14,11 @@ import time
 from pathlib import Path
 
 from events.errors import ConfigError, StoreUnavailable
+from events.subjects import Namespace
 
 from infra.adapters.git.processes import die_with_parent, kill, terminate
+from infra.adapters.nats.secure import SecureDir
+from infra.adapters.nats.settings import Settings
 
 CONF_NAME = "nats-server.conf"
 
@@ -62,8 +66,17 @@ class EmbeddedServer:
         sync_interval: str = "always",
         name: str = "ccc",
         extra_args: list[str] | None = None,
+        secure: SecureDir | None = None,
+        js_key: str = "",
+        js_prev_key: str = "",
     ) -> None:
+        """``secure``: require mutual TLS and the users of that secure directory (the
+        default of ``ccc up``/``server``/``demo``; None is ``--insecure``). ``js_key``:
+        encrypt the store with it (empty: no encryption)."""
         self.data_dir = Path(data_dir)
+        self.secure = secure
+        self.js_key = js_key
+        self.js_prev_key = js_prev_key
         self.port = port
         self.http_port = http_port
         self.sync_interval = sync_interval
@@ -71,6 +84,20 @@ class EmbeddedServer:
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
         self.url: str = ""
+
+    @classmethod
+    def for_settings(cls, settings: Settings, ns: Namespace, **kwargs) -> EmbeddedServer:
+        """The embedded server of ``settings.data_dir``: secure unless ``--insecure``, with
+        everything it needs generated at the first start (zero configuration: CA,
+        certificates, the users of ``ns``, the encryption key), and its store encrypted
+        whenever a key exists (also under ``--insecure``: a store once encrypted stays so)."""
+        secure = SecureDir.of(settings.data_dir)
+        if not settings.insecure:
+            secure.init(ns)
+        key = settings.js_key or (secure.js_key() if secure.js_key_file.is_file() else "")
+        return cls(settings.data_dir, sync_interval=settings.sync_interval,
+                   secure=None if settings.insecure else secure, js_key=key,
+                   js_prev_key=settings.js_prev_key, **kwargs)
 
     @property
     def log_file(self) -> Path:
@@ -88,9 +115,11 @@ class EmbeddedServer:
             CCC_SYNC_INTERVAL=self.sync_interval,
             CCC_SERVER_NAME=self.name,
             CCC_HTTP_PORT=str(self.http_port),
+            CCC_JS_KEY=self.js_key,
+            CCC_JS_PREV_KEY=self.js_prev_key,
         )
         args = [
-            server_binary(), "-c", str(config_file()),
+            server_binary(), "-c", str(self.write_config()),
             "-p", str(self.port if self.port is not None else -1),
             "--ports_file_dir", str(ports_dir), "-l", str(self.log_file),
             *self.extra_args,
@@ -113,6 +142,8 @@ class EmbeddedServer:
                 try:
                     ports = json.loads(ports_file.read_text())
                     self.url = ports["nats"][0].replace("0.0.0.0", "127.0.0.1")
+                    if self.secure is not None:  # TLS required: say so in the URL clients get
+                        self.url = self.url.replace("nats://", "tls://", 1)
                     self.port = int(self.url.rsplit(":", 1)[1])
                     return self.url
                 except (ValueError, KeyError, IndexError):
@@ -120,6 +151,25 @@ class EmbeddedServer:
             time.sleep(0.01)
         self.stop()
         raise StoreUnavailable(f"nats-server did not become ready in {timeout}s: {self._log_tail()}")
+
+    def write_config(self) -> Path:
+        """The config file to start with: the project's, or (secure) a copy of it plus the
+        TLS block and the users, written next to ``auth.conf`` in the secure directory."""
+        base = config_file()
+        if self.secure is None:
+            return base
+        conf = self.secure.path / "nats-server.conf"
+        text = (f"# Generated at each start: {base} + the security of this directory.\n"
+                + base.read_text() + "\n" + self.secure.server_config())
+        tmp = conf.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(conf)
+        return conf
+
+    def reload(self) -> None:
+        """Apply a changed user list (``auth.conf``) without a restart."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def _log_tail(self) -> str:
         try:

@@ -14,7 +14,22 @@ raise :class:`ConfigError` with one line that names the setting.
 ``CCC_REPLICAS``    stream replicas (1, 3 or 5)
 ``CCC_SYNC_INTERVAL``  JetStream fsync interval of the embedded server
 ``CCC_API_PORT``    status API port
+``CCC_API_HOST``    status API bind address (default 127.0.0.1)
+``CCC_API_TOKEN``,  status API bearer tokens (read; read + write), beside
+``CCC_API_WRITE_TOKEN``  the tokens file (``CCC_API_TOKENS_FILE``, default
+                    ``<data dir>/secure/api-tokens.json``)
+``CCC_API_REQUIRE_TOKEN``  require a token even on localhost (1/0)
+``CCC_API_ALLOWED_HOSTS``  Host names the API answers to, comma-separated,
+                    beside localhost and its bind address
+``CCC_API_RATE_LIMIT``,  requests/s per client (0: off) and burst
+``CCC_API_RATE_BURST``
 ``CCC_METRICS_PORT``   an agent's Prometheus port (unset: none)
+``CCC_REPOS``       repositories served, ``owner/name`` or ``owner/*``,
+                    comma-separated (unset: all); the intake's allow-list
+``CCC_CREDS``      a credentials kit (user nkey, client certificate, CA)
+``CCC_INSECURE``   1: no TLS and no users (the embedded server; a warning)
+``CCC_JS_KEY``,    JetStream encryption key (or ``CCC_JS_KEY_FILE``); default
+``CCC_JS_PREV_KEY``  ``<data-dir>/secure/js.key``; the previous key, to rotate
 ``CCC_LOG_LEVEL``,  log level and format (:func:`load_log_settings`: read
 ``CCC_LOG_FORMAT``  before anything else, to configure logging)
 ==================  ==================================================
@@ -23,6 +38,7 @@ raise :class:`ConfigError` with one line that names the setting.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,6 +46,9 @@ import msgspec
 import platformdirs
 
 from events.errors import ConfigError
+from events.trust import REPOS_SETTING, parse_repos
+
+from infra.adapters.obs.masking import redact_url
 
 DEFAULT_NAMESPACE = "ccc"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -50,7 +69,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout: float = 5.0
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    # the status API's access (infra.adapters.http.auth): tokens, Host allow-list, rate limit
+    api_token: str | None = None  # read scope
+    api_write_token: str | None = None  # read + write scopes
+    api_tokens_file: Path | None = None  # None: <data_dir>/secure/api-tokens.json, if it exists
+    api_require_token: bool = False  # a token is always required beyond localhost; this: on it too
+    api_allowed_hosts: tuple[str, ...] = ()  # beside localhost and the bind address
+    api_rate_limit: float = 20.0  # requests/s per client (per token once authenticated); 0: off
+    api_rate_burst: int = 100
     metrics_port: int | None = None  # an agent's /metrics; None: not served
+    repos: tuple[str, ...] = ()  # the intake's allow-list (events.trust); empty: every repository
+    creds: str | None = None  # a credentials kit directory (`ccc secure add-agent` writes one)
+    insecure: bool = False  # no TLS, no users: only with --insecure / CCC_INSECURE=1
+    js_key: str | None = None  # JetStream encryption key (default: <data-dir>/secure/js.key)
+    js_prev_key: str = ""  # the key being rotated away from (one start with both)
 
     @property
     def embedded(self) -> bool:
@@ -76,6 +108,27 @@ def _int(name: str, value: str, lo: int, hi: int) -> int:
     return n
 
 
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in ("", "0", "false", "no"):
+        return False
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name}: {value!r} (use 1 or 0)")
+
+
+def _secret_value(env: Mapping[str, str], name: str) -> str | None:
+    """``NAME`` or the contents of the file ``NAME_FILE`` (a mounted secret)."""
+    if env.get(name):
+        return env[name].strip()
+    path = env.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {e.strerror or e}") from None
+    return None
+
+
 def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings:
     """Build settings from ``env`` (default: ``os.environ``) and explicit overrides
     (``None`` overrides are ignored, so CLI options can be passed straight in)."""
@@ -94,15 +147,25 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
         values["replicas"] = _int("CCC_REPLICAS", env["CCC_REPLICAS"], 1, 5)
     if "CCC_API_PORT" in env:
         values["api_port"] = _int("CCC_API_PORT", env["CCC_API_PORT"], 0, 65535)
+    values.update(_api_access_env(env))
     if env.get("CCC_METRICS_PORT"):
         values["metrics_port"] = _int("CCC_METRICS_PORT", env["CCC_METRICS_PORT"], 0, 65535)
+    values["repos"] = parse_repos(env.get(REPOS_SETTING), REPOS_SETTING)
+    values["creds"] = env.get("CCC_CREDS") or None
+    values["insecure"] = _flag("CCC_INSECURE", env.get("CCC_INSECURE", ""))
+    values["js_key"] = _secret_value(env, "CCC_JS_KEY")
+    values["js_prev_key"] = _secret_value(env, "CCC_JS_PREV_KEY") or ""
     for key, value in overrides.items():
         if value is not None:
             values[key] = Path(value) if key == "data_dir" else value
+    if isinstance(values["repos"], str):  # --repos, as typed
+        values["repos"] = parse_repos(values["repos"], "--repos")
     if values.get("replicas", 1) not in (1, 3, 5):
         raise ConfigError(f"replicas: {values['replicas']} (use 1, 3 or 5)")
     if values["data_dir"].is_file():
         raise ConfigError(f"CCC_DATA_DIR: {values['data_dir']} is a file, not a directory")
+    if values.get("creds") and not Path(values["creds"]).is_dir():
+        raise ConfigError(f"CCC_CREDS: {values['creds']} is not a credentials kit directory")
     for key in ("nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
         if values.get(key) and not Path(values[key]).is_file():
             raise ConfigError(f"{key}: no such file {values[key]}")
@@ -113,8 +176,71 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
     if url is not None:
         for part in url.split(","):
             if not part.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
-                raise ConfigError(f"NATS_URL: {part.strip()!r} is not a nats:// or tls:// URL")
+                shown = redact_url(part.strip())  # a mistyped URL may still hold a password
+                raise ConfigError(f"NATS_URL: {shown!r} is not a nats:// or tls:// URL")
+    _check_api_access(values)
     return Settings(**values)
+
+
+MIN_API_TOKEN_LENGTH = 16  # generated ones are 43 characters (secrets.token_urlsafe(32))
+_HOST_NAME = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?|\[?[0-9A-Fa-f:.]+\]?)$")
+
+
+def _bool(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected 1/0 (true/false), got {value!r}")
+
+
+def _api_access_env(env: Mapping[str, str]) -> dict:
+    values: dict = {}
+    for key, var in (("api_host", "CCC_API_HOST"), ("api_token", "CCC_API_TOKEN"),
+                     ("api_write_token", "CCC_API_WRITE_TOKEN"), ("api_tokens_file", "CCC_API_TOKENS_FILE")):
+        if env.get(var):
+            values[key] = env[var]
+    if "CCC_API_REQUIRE_TOKEN" in env:
+        values["api_require_token"] = _bool("CCC_API_REQUIRE_TOKEN", env["CCC_API_REQUIRE_TOKEN"])
+    if env.get("CCC_API_ALLOWED_HOSTS"):
+        values["api_allowed_hosts"] = tuple(h.strip() for h in env["CCC_API_ALLOWED_HOSTS"].split(",")
+                                            if h.strip())
+    if env.get("CCC_API_RATE_LIMIT"):
+        try:
+            values["api_rate_limit"] = float(env["CCC_API_RATE_LIMIT"])
+        except ValueError:
+            raise ConfigError(f"CCC_API_RATE_LIMIT: expected requests per second, "
+                              f"got {env['CCC_API_RATE_LIMIT']!r}") from None
+    if env.get("CCC_API_RATE_BURST"):
+        values["api_rate_burst"] = _int("CCC_API_RATE_BURST", env["CCC_API_RATE_BURST"], 1, 1_000_000)
+    return values
+
+
+def _check_api_access(values: dict) -> None:
+    """The status API's settings, after the overrides: one line naming what is wrong."""
+    for key, var in (("api_token", "CCC_API_TOKEN"), ("api_write_token", "CCC_API_WRITE_TOKEN")):
+        token = values.get(key)
+        if token is not None and (len(token) < MIN_API_TOKEN_LENGTH or any(c.isspace() for c in token)):
+            # a short token can be guessed; `ccc secure init` generates 43 random characters
+            raise ConfigError(f"{var}: a token needs at least {MIN_API_TOKEN_LENGTH} characters and no spaces "
+                              "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if values.get("api_tokens_file") is not None:
+        values["api_tokens_file"] = Path(values["api_tokens_file"])
+        if not values["api_tokens_file"].is_file():
+            raise ConfigError(f"CCC_API_TOKENS_FILE: no such file {values['api_tokens_file']}")
+    hosts = values.get("api_allowed_hosts", ())
+    hosts = tuple(h.strip() for h in (hosts.split(",") if isinstance(hosts, str) else hosts) if h.strip())
+    bad = [h for h in hosts if not _HOST_NAME.match(h)]
+    if bad:
+        raise ConfigError(f"allowed hosts: {', '.join(map(repr, bad))} (use host names or addresses, "
+                          "without port or scheme: example.com, *.example.com, 10.0.0.5, [fd00::1], *)")
+    values["api_allowed_hosts"] = hosts
+    rate = values.get("api_rate_limit", 20.0)
+    if not (isinstance(rate, int | float) and 0 <= rate < float("inf")):
+        raise ConfigError(f"rate limit: {rate!r} requests/s (use a number >= 0; 0 turns it off)")
+    if not 1 <= values.get("api_rate_burst", 100) <= 1_000_000:
+        raise ConfigError(f"rate burst: {values['api_rate_burst']!r} (use 1..1000000)")
 
 
 def load_log_settings(env: Mapping[str, str] | None = None, *, level: str | None = None,

@@ -38,8 +38,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), MASK),
     (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), MASK),
     (re.compile(r"(?i)(?<=authorization: )(bearer|token|basic) [^\s'\"]+"), MASK),
-    # a password in a URL: https://user:s3cr3t@host
-    (re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"), MASK),
+    # a password in a URL: https://user:s3cr3t@host (up to the last "@" before the host,
+    # so a password with an "@" in it goes whole)
+    (re.compile(r"(?<=://)[^/\s:@]+:[^/\s]+(?=@)"), MASK),
     # token shapes also when glued to other text (the ones above want a word boundary)
     (re.compile(r"gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|sk-ant-[A-Za-z0-9_-]{8,}"), MASK),
     # a NATS user JWT / any JWT: header.payload.signature, both JSON objects
@@ -137,6 +138,23 @@ def mask_secrets(text: str, extra: Iterable[str] = (), *, environ: Mapping[str, 
     return Masker(extra, environ).text(text)
 
 
+# the user-info part of one URL: greedy up to the *last* "@" before the host, as URL
+# parsers read it, so a password with an "@" in it is masked whole; the scheme is optional
+# (nats-py takes "user:pass@host" as a server too)
+_URL_USERINFO = re.compile(r"(?i)^(\s*(?:[a-z][a-z0-9+.-]*://)?)([^/\s]*)@")
+
+
+def redact_url(url: str) -> str:
+    """A URL, or several comma-separated (``NATS_URL``), fit to print: its credentials
+    (``user:password@`` or a bare token, ``nats://s3cr3t@host``) become ``***@``, as the
+    masker writes them in free text; scheme, host and port are kept.
+
+    For the lines that show a URL on purpose (startup banners, connect errors). Exact on
+    what a URL is (each part of the list on its own; a part without a scheme, which
+    nats-py accepts, too), where the masker's patterns must guess within free text."""
+    return ",".join(_URL_USERINFO.sub(rf"\1{MASK}@", part) for part in url.split(","))
+
+
 # -- the process's masker: the log processor's, and what add_secrets extends --------------
 _process_masker = Masker(environ={})
 
@@ -164,4 +182,4 @@ def mask(value: Any) -> Any:
 
 
 __all__ = ["MASK", "MIN_ENV_SECRET_LEN", "SECRET_ENV_NAMES", "Masker", "add_secrets", "mask", "mask_secrets",
-           "process_masker", "reset_process_masker", "secret_env_name"]
+           "process_masker", "redact_url", "reset_process_masker", "secret_env_name"]

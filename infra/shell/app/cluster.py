@@ -29,18 +29,21 @@ from actors.coordinator import Coordinator, CoordinatorConfig
 from actors.pipeline import PipelineSettings
 from actors.ports import Coder, ForgeClient
 from events.errors import ConfigError, StoreUnavailable
+from events.store import EventStore
 from events.subjects import Namespace
 from events.task import SPECIALTIES
+from events.trust import TrustPolicy
 
 from infra.adapters.coders.scripted import ScriptedCoder
 from infra.adapters.forge.local import LocalForgeClient
 from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
 from infra.adapters.nats.connection import connect, embedded_url_file
-from infra.adapters.nats.provisioning import provision
+from infra.adapters.nats.permissions import Role
+from infra.adapters.nats.provisioning import provision, provision_agent
 from infra.adapters.nats.server import EmbeddedServer
 from infra.adapters.nats.settings import Settings
-from infra.adapters.obs.masking import mask_secrets
+from infra.adapters.obs.masking import mask_secrets, redact_url
 from infra.adapters.obs.metrics import AgentMetrics
 from infra.adapters.obs.telemetry import OtelTelemetry
 
@@ -65,6 +68,7 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     test_timeout: float = 600.0
     shutdown_grace: float = 10.0  # on stop, running tasks get this long before they are handed back
     agent_prefix: str = "agent"
+    repos: tuple[str, ...] = ()  # the intake's allow-list (settings.repos, CCC_REPOS); empty: all
 
     def validate(self) -> None:
         if self.agents < 0:
@@ -157,7 +161,7 @@ def build_agent(
         pipeline=PipelineSettings(test_timeout=test_timeout),
     )
     return Agent(nc, ns, config, workbench=GitWorkbench(workspace_root), coder=coder, forge=forge,
-                 artifacts=ObjectStoreArtifacts(nc, ns.artifacts_bucket), telemetry=OtelTelemetry(metrics))
+                 artifacts=ObjectStoreArtifacts(nc, ns.agent_artifacts_bucket(agent_id)), telemetry=OtelTelemetry(metrics))
 
 
 def build_coordinator(
@@ -183,6 +187,7 @@ class LocalCluster:
         self._lock_fd: int | None = None
         self.forge = None
         self.forge_sync = None
+        self._connections: list[Client] = []  # one per role (and per agent)
 
     @property
     def forge_root(self) -> Path:
@@ -194,32 +199,51 @@ class LocalCluster:
 
     async def start(self) -> None:
         s, o = self.settings, self.options
+        api_access = None
+        if o.api_port is not None:
+            from infra.adapters.http.auth import ApiAccess
+
+            # a status API that would refuse to start (a token needed, none configured)
+            # fails before the server, the coordinator and the agents start
+            api_access = ApiAccess.from_settings(s)
+            api_access.check(s.api_host)
+        agent_ids = [f"{o.agent_prefix}-{i + 1}-{o.specialties[i % len(o.specialties)]}" for i in range(o.agents)]
         if s.nats_url is None:
             await self._claim_data_dir()
-            self.server = EmbeddedServer(s.data_dir, sync_interval=s.sync_interval)
+            self.server = EmbeddedServer.for_settings(s, self.ns)  # secure unless --insecure
+            if self.server.secure is not None:
+                for agent_id in agent_ids:  # registered before the server reads its users
+                    self.server.secure.add_agent(self.ns, agent_id)
             self.url = self.server.start()
             self._url_file = embedded_url_file(s.data_dir)
             tmp = self._url_file.with_suffix(".tmp")
             tmp.write_text(self.url + "\n")
             tmp.replace(self._url_file)
-        self.nc = await connect(self.url, name="ccc-up", settings=s)
+        # Every part connects with its own role's credentials (on a secure server): the
+        # admin provisions, the coordinator writes task events, each agent its own
+        # aggregate, the status API reads.
+        self.nc = await self._connect("admin", "ccc-up")
         await provision(self.nc, self.ns, replicas=s.replicas)
+        for agent_id in agent_ids:
+            await provision_agent(self.nc, self.ns, agent_id, replicas=s.replicas)
         self.forge = make_forge(o.forge, self.forge_root)
-        self.coordinator = build_coordinator(self.nc, self.ns, CoordinatorConfig(
+        coordinator_nc = await self._connect("coordinator", "ccc-coordinator")
+        self.coordinator = build_coordinator(coordinator_nc, self.ns, CoordinatorConfig(
             heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
-            max_attempts=o.max_attempts), analyser=o.analyser)
+            max_attempts=o.max_attempts, trust=TrustPolicy(repos=o.repos), materialize_kv=True),
+            analyser=o.analyser)
         await self.coordinator.start()
         if o.forge == "github":  # labels and the tracking comment follow the task events
             from actors.forge_sync import ForgeSync
 
-            self.forge_sync = ForgeSync(self.nc, self.ns, self.forge, mask=mask_secrets,
+            self.forge_sync = ForgeSync(coordinator_nc, self.ns, self.forge, mask=mask_secrets,
                                         live=self.coordinator.live, telemetry=OtelTelemetry())
             await self.forge_sync.start()
-        for i in range(o.agents):
+        for i, agent_id in enumerate(agent_ids):
             specialty = o.specialties[i % len(o.specialties)]
             agent = build_agent(
-                self.nc, self.ns, agent_id=f"{o.agent_prefix}-{i + 1}-{specialty}", specialties=(specialty,),
-                coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge,
+                await self._connect("agent", f"ccc-{agent_id}", agent_id), self.ns, agent_id=agent_id,
+                specialties=(specialty,), coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge,
                 workspace_root=self.workspace_root, capacity=o.capacity,
                 heartbeat_interval=o.heartbeat_interval, shutdown_grace=o.shutdown_grace,
                 test_timeout=o.test_timeout,
@@ -229,14 +253,21 @@ class LocalCluster:
         if o.api_port is not None:
             from infra.adapters.http.status_server import ApiServer
 
-            self.api = ApiServer(self.coordinator.store, s.api_host, o.api_port, materialize=True)
+            status_nc = await self._connect("status", "ccc-status-api")
+            self.api = ApiServer(EventStore(status_nc, self.ns), s.api_host, o.api_port, materialize=False,
+                                 access=api_access)
             try:
                 await self.api.start()
             except OSError as e:
                 raise ConfigError(f"cannot serve the status API on {s.api_host}:{o.api_port}: "
                                   f"{e.strerror or e}") from None
-        log.info("cluster.up", nats=self.url, agents=len(self.agents),
+        log.info("cluster.up", nats=redact_url(self.url), agents=len(self.agents),
                  api=self.api.url if self.api else None)
+
+    async def _connect(self, role: Role, name: str, agent_id: str | None = None) -> Client:
+        nc = await connect(self.url, name=name, settings=self.settings, role=role, agent_id=agent_id, ns=self.ns)
+        self._connections.append(nc)
+        return nc
 
     def hurry(self) -> None:
         """A second Ctrl-C while stopping: hand running tasks back now."""
@@ -263,7 +294,8 @@ class LocalCluster:
         url = url_file.read_text().strip() if url_file.is_file() else ""
         if url:
             try:
-                nc = await connect(url, name="ccc-up-probe", settings=self.settings, connect_timeout=1.0,
+                nc = await connect(url, name="ccc-up-probe", settings=self.settings, role="cli", ns=self.ns,
+                                   connect_timeout=1.0,
                                    reconnect=False)
             except StoreUnavailable:
                 url_file.unlink(missing_ok=True)  # left by a server that is gone
@@ -271,6 +303,7 @@ class LocalCluster:
                 await nc.close()
                 pids = sorted(f.stem.rsplit("_", 1)[-1] for f in (data_dir / "ports").glob("*.ports"))
                 which = f" (pid {', '.join(pids)})" if pids else ""
+                url = redact_url(url)  # an error line: no credentials, whatever the file holds
                 raise ConfigError(f"a nats-server for {data_dir} is already running at {url}{which}: "
                                   f"stop it, or join it with --nats-url {url}")
 
@@ -316,9 +349,9 @@ class LocalCluster:
         if self.coordinator is not None:
             with contextlib.suppress(Exception):
                 await self.coordinator.stop()
-        if self.nc is not None:
+        for nc in reversed(self._connections):
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await nc.drain()
         if self._url_file is not None and self._url_file.is_file():
             with contextlib.suppress(OSError):
                 if self._url_file.read_text().strip() == self.url:

@@ -23,6 +23,7 @@ import msgspec
 
 from events.codec import encode
 from events.issue import IssueOpened, IssuePullRequestMerged
+from events.trust import OPERATOR
 from events.subjects import Namespace, task_id_for
 
 from infra.shell.app.cluster import ClusterOptions, LocalCluster
@@ -185,7 +186,7 @@ async def run_demo(settings: Settings, ns: Namespace, *, timeout: float = 120.0,
         js = cluster.nc.jetstream()
         for number, title, body, labels in ISSUES:
             event = IssueOpened(event_id=f"demo:{REPO}#{number}:opened", repo=REPO, number=number,
-                                title=title, body=body, labels=labels,
+                                title=title, body=body, labels=labels, author_association=OPERATOR,
                                 occurred_at=datetime.now(timezone.utc))
             await js.publish(ns.subject(event.rel_subject), encode(event),
                              headers={"Nats-Msg-Id": event.event_id})

@@ -10,6 +10,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+from nats.aio.client import Client
 
 from events import agent_state as ag
 from events.agent import Heartbeat
@@ -20,30 +23,58 @@ from events.subjects import Namespace
 from events.work_reports import ImplementationProduced, PullRequestOpened
 
 from infra.adapters.nats.connection import connect
+from infra.adapters.nats.secure import KitFiles
 from infra.adapters.nats.settings import load_log_settings
+from infra.shell.bench.bus import BenchBus
 from infra.shell.bench.probes import utcnow
 from infra.shell.bench.report import HEARTBEAT_TIMEOUT, SPECIALTIES, STEP_TIMEOUT
 
 
 # -- agents ----------------------------------------------------------------------------
-async def register_agents(nc, store: EventStore, ns: Namespace, ids: list[str], capacity: int):
-    """Real ``agent.registered`` events (pipelined: independent aggregates), then one
-    heartbeat each. Returns ``{agent_id: (state, last_seq)}``."""
+REGISTER_CONCURRENCY = 32  # agents connecting at once while registering (TLS handshakes)
+
+
+class RegisteredAgent(NamedTuple):
+    nc: Client  # its own connection, as its own user (closed unless kept)
+    store: EventStore
+    state: ag.AgentState  # its aggregate after registration
+    last_seq: int
+
+
+async def register_agents(bus: BenchBus, ns: Namespace, ids: list[str], capacity: int, *,
+                          keep: bool) -> dict[str, RegisteredAgent]:
+    """Each agent connects as itself, appends its real ``agent.registered`` event and
+    heartbeats once, like ``ccc agent`` starting (with security on, only its own user
+    may write its aggregate and heartbeat). ``keep``: keep the connections open (the
+    throughput run's null agents work on them); otherwise they are closed, the idle
+    agents of a latency run stay registered and, for an hour, alive."""
     at = utcnow()
-    items = []
-    for aid in ids:
-        events = ag.decide(None, ag.RegisterAgent(at=at, actor=aid, agent_id=aid, specialties=SPECIALTIES,
-                                                  capacity=capacity, host="bench", coder="null"))
-        items.append((events[0], 0))
-    results = await store.append_many(items)
-    out = {}
-    for (event, _), r in zip(items, results):
-        if not isinstance(r, int):
-            raise StoreUnavailable(f"registering {event.agent_id}: {r}")
-        out[event.agent_id] = (ag.evolve(None, event), r)
-    for aid in ids:
-        await nc.publish(ns.heartbeat_subject(aid), encode(Heartbeat(agent_id=aid, at=at, seq=1)))
-    await nc.flush()
+    slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
+    out: dict[str, RegisteredAgent] = {}
+
+    async def one(aid: str) -> None:
+        async with slots:
+            nc = await bus.connect("agent", ns, aid, name=f"ccc-bench-{aid}")
+            try:
+                store = EventStore(nc, ns, timeout=30)
+                events = ag.decide(None, ag.RegisterAgent(at=at, actor=aid, agent_id=aid, specialties=SPECIALTIES,
+                                                          capacity=capacity, host="bench", coder="null"))
+                [seq] = await store.append(events, expected_last_seq=0)
+                await nc.publish(ns.heartbeat_subject(aid), encode(Heartbeat(agent_id=aid, at=at, seq=1)))
+                await nc.flush()
+            except BaseException:
+                await nc.close()
+                raise
+            if not keep:
+                await nc.close()
+            out[aid] = RegisteredAgent(nc, store, ag.evolve(None, events[0]), seq)
+
+    results = await asyncio.gather(*(one(aid) for aid in ids), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for agent in out.values():
+            await agent.nc.close()
+        raise StoreUnavailable(f"registering {len(failed)}/{len(ids)} null agents failed; first: {failed[0]}")
     return out
 
 
@@ -115,11 +146,15 @@ class NullAgent:
 
 # -- the coordinator, in its own process -------------------------------------------------
 class CoordinatorProcess:
-    """``python -m infra.shell.bench.cast coordinator URL NS [PROFILE]``: prints ``ready``
-    once started, stops on a line (or EOF) on stdin, prints its counters as JSON."""
+    """``python -m infra.shell.bench.cast coordinator URL NS [--profile FILE] [--kit DIR]``:
+    prints ``ready`` once started, stops on a line (or EOF) on stdin, prints its counters
+    as JSON. ``kit_dir``: connect as that user (the ``coordinator`` of the namespace,
+    with security on), as ``ccc up``'s coordinator does."""
 
-    def __init__(self, url: str, ns: Namespace, log_path: Path, profile_path: Path | None) -> None:
+    def __init__(self, url: str, ns: Namespace, log_path: Path, profile_path: Path | None,
+                 kit_dir: Path | None = None) -> None:
         self.url, self.ns, self.log_path, self.profile_path = url, ns, log_path, profile_path
+        self.kit_dir = kit_dir
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -129,7 +164,9 @@ class CoordinatorProcess:
     async def start(self) -> None:
         args = [sys.executable, "-m", "infra.shell.bench.cast", "coordinator", self.url, self.ns.prefix]
         if self.profile_path is not None:
-            args.append(str(self.profile_path))
+            args += ["--profile", str(self.profile_path)]
+        if self.kit_dir is not None:
+            args += ["--kit", str(self.kit_dir)]
         err = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             # run from the directory holding this package, so the child imports this very code
@@ -184,7 +221,7 @@ class CoordinatorProcess:
             await proc.wait()
 
 
-async def _serve_coordinator(url: str, prefix: str, profile_path: str | None) -> None:
+async def _serve_coordinator(url: str, prefix: str, profile_path: str | None, kit_dir: str | None) -> None:
     import logging
 
     import structlog
@@ -199,7 +236,7 @@ async def _serve_coordinator(url: str, prefix: str, profile_path: str | None) ->
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
                     structlog.dev.ConsoleRenderer(colors=False)],
     )
-    nc = await connect(url, name="ccc-bench-coordinator")
+    nc = await connect(url, name="ccc-bench-coordinator", kit=KitFiles.load(kit_dir) if kit_dir else None)
     coordinator = build_coordinator(nc, Namespace(prefix),
                                     CoordinatorConfig(heartbeat_timeout=HEARTBEAT_TIMEOUT))
     await coordinator.start()
@@ -223,8 +260,19 @@ async def _serve_coordinator(url: str, prefix: str, profile_path: str | None) ->
     print(json.dumps(stats), flush=True)
 
 
+def _main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m infra.shell.bench.cast",
+                                     description="The coordinator process of `ccc bench dispatch`.")
+    parser.add_argument("role", choices=["coordinator"])
+    parser.add_argument("url")
+    parser.add_argument("namespace")
+    parser.add_argument("--profile", default=None, help="write cProfile stats (CPU time) here")
+    parser.add_argument("--kit", default=None, help="connect as the user of this credentials kit")
+    args = parser.parse_args(argv)
+    asyncio.run(_serve_coordinator(args.url, args.namespace, args.profile, args.kit))
+
+
 if __name__ == "__main__":  # the coordinator process of the bench
-    if len(sys.argv) >= 4 and sys.argv[1] == "coordinator":
-        asyncio.run(_serve_coordinator(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None))
-    else:
-        sys.exit("usage: python -m infra.shell.bench.cast coordinator URL NAMESPACE [PROFILE]")
+    _main(sys.argv[1:])

@@ -24,6 +24,15 @@ given a heartbeat timeout of an hour so none is declared lost. A "reviewer" publ
 the merge as soon as a task is in review, and publishes it again if the coordinator
 dropped it (see ``MERGE_RESEND``).
 
+Security off beside on (``security="both"``, the default): the whole set of
+measurements runs on two throwaway servers in the same run, one plain and one secured as
+``ccc up`` secures it (see :mod:`infra.shell.bench.bus`: mutual TLS, one nkey user per
+process with its role's permissions, the store encrypted), alternating step by step
+(raw floors off, raw floors on, latency off, latency on, ...) so that a change in the
+machine's load hits both sides alike. Each side's figures are read against its own raw
+floors (on the secure side: raw nats-py as its admin user, over TLS, into the encrypted
+store), and ``on_vs_off`` gives every figure's ratio on/off.
+
 Every figure is wall time on one machine where nats-server, the coordinator and the
 driver compete for the cores (and, on a shared machine, other work too: each run
 reports the CPU its processes and the whole machine used, and the CPU pressure, the
@@ -49,11 +58,11 @@ from nats.js import api
 
 from events.codec import decode_event, encode
 from events.issue import IssuePullRequestMerged
-from events.store import EventStore
 from events.subjects import Namespace, task_id_for
 
 from infra.shell.bench.baselines import raw_baselines
-from infra.shell.bench.cast import CoordinatorProcess, NullAgent, Signals, register_agents
+from infra.shell.bench.bus import BenchBus, sides_of
+from infra.shell.bench.cast import CoordinatorProcess, NullAgent, RegisteredAgent, Signals, register_agents
 from infra.shell.bench.probes import (
     CpuMeter,
     hop_percentiles,
@@ -78,11 +87,11 @@ from infra.shell.bench.report import (
     TASKS_PER_S_TARGET,
     WAIT_ASSIGNED,
     DispatchBench,
+    DispatchSide,
     LatencyRun,
     ThroughputRun,
+    compare,
 )
-from infra.adapters.nats.connection import connect
-from infra.adapters.nats.server import EmbeddedServer
 from infra.adapters.nats.provisioning import provision
 
 # -- the runs --------------------------------------------------------------------------
@@ -112,30 +121,47 @@ THROUGHPUT_HOPS = (
 )
 
 
-async def _latency_run(url: str, nc, js, n_agents: int, tasks: int, warmup: int, raw: dict,
-                       workdir: Path, profile_dir: Path | None, server_pid: int | None) -> LatencyRun:
-    ns = Namespace(f"lat{n_agents}")
-    await provision(nc, ns)
-    store = EventStore(nc, ns, timeout=30)
+def _agent_ids(n: int) -> list[str]:
+    return [f"null-{i}" for i in range(n)]
+
+
+def _latency_ns(n_agents: int) -> Namespace:
+    return Namespace(f"lat{n_agents}")
+
+
+THROUGHPUT_NS = Namespace("thr")
+
+
+async def _latency_run(bus: BenchBus, admin, n_agents: int, tasks: int, warmup: int, raw: dict,
+                       profile_dir: Path | None) -> LatencyRun:
+    ns = _latency_ns(n_agents)
+    await provision(admin, ns)
     total = warmup + tasks
-    await register_agents(nc, store, ns, [f"null-{i}" for i in range(n_agents)], capacity=total)
-    profile = profile_dir / f"coordinator-latency-{n_agents}.prof" if profile_dir else None
-    coordinator = CoordinatorProcess(url, ns, workdir / f"coordinator-{ns.prefix}.log", profile)
-    await coordinator.start()
-    waiting: dict[str, asyncio.Future] = {}
-
-    async def on_assigned(msg) -> None:
-        fut = waiting.pop(msg.subject.split(".")[2], None)
-        if fut is not None and not fut.done():
-            fut.set_result((time.perf_counter_ns(), time.time_ns()))
-
-    sub = await js.subscribe(f"{ns.prefix}.task.*.assigned.*", stream=ns.events_stream, cb=on_assigned,
-                             ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW)
-    loop = asyncio.get_running_loop()
-    lat: list[int] = []
-    stamps: dict[str, dict[str, int]] = {}
-    cpu = CpuMeter(coordinator.pid, server_pid)
+    # the driver publishes the issues as the namespace's CLI user (``ccc issue``), and
+    # watches the assignments with the read access that user has
+    nc = await bus.connect("cli", ns, name="ccc-bench-driver")
+    js = nc.jetstream(timeout=30)
+    coordinator: CoordinatorProcess | None = None
+    sub = None
     try:
+        await register_agents(bus, ns, _agent_ids(n_agents), capacity=total, keep=False)
+        profile = profile_dir / f"coordinator-latency-{n_agents}-{bus.security}.prof" if profile_dir else None
+        coordinator = CoordinatorProcess(bus.url, ns, bus.workdir / f"coordinator-{ns.prefix}.log", profile,
+                                         bus.kit_path("coordinator", ns))
+        await coordinator.start()
+        waiting: dict[str, asyncio.Future] = {}
+
+        async def on_assigned(msg) -> None:
+            fut = waiting.pop(msg.subject.split(".")[2], None)
+            if fut is not None and not fut.done():
+                fut.set_result((time.perf_counter_ns(), time.time_ns()))
+
+        sub = await js.subscribe(f"{ns.prefix}.task.*.assigned.*", stream=ns.events_stream, cb=on_assigned,
+                                 ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW)
+        loop = asyncio.get_running_loop()
+        lat: list[int] = []
+        stamps: dict[str, dict[str, int]] = {}
+        cpu = CpuMeter(coordinator.pid, bus.server_pid)
         for i in range(1, total + 1):
             if i == warmup + 1:
                 cpu.start()
@@ -148,19 +174,24 @@ async def _latency_run(url: str, nc, js, n_agents: int, tasks: int, warmup: int,
             try:
                 t1, w1 = await asyncio.wait_for(fut, WAIT_ASSIGNED)
             except TimeoutError:
-                raise RuntimeError(f"{tid} was not assigned within {WAIT_ASSIGNED}s "
-                                   f"({n_agents} agents); coordinator: {coordinator.log_tail()}") from None
+                raise RuntimeError(f"{tid} was not assigned within {WAIT_ASSIGNED}s ({n_agents} agents, "
+                                   f"security {bus.security}); coordinator: {coordinator.log_tail()}") from None
             if i > warmup:
                 lat.append(t1 - t0)
                 stamps[tid] = {"published": w0, "observed": w1}
         used = cpu.stop()
         stats = await coordinator.stop()
-    finally:
         await sub.unsubscribe()
-        await coordinator.kill()
-    for tid, s in (await stage_stamps(js, ns)).items():
-        if tid in stamps:
-            stamps[tid].update(s)
+        sub = None
+        for tid, s in (await stage_stamps(js, ns)).items():
+            if tid in stamps:
+                stamps[tid].update(s)
+    finally:
+        if sub is not None:
+            await sub.unsubscribe()
+        if coordinator is not None:
+            await coordinator.kill()
+        await nc.close()
     p50, p99 = ms(pct(lat, 50)), ms(pct(lat, 99))
     return LatencyRun(
         agents=n_agents, tasks=tasks, warmup=warmup, assigned=len(lat), p50_ms=p50, p99_ms=p99,
@@ -172,25 +203,24 @@ async def _latency_run(url: str, nc, js, n_agents: int, tasks: int, warmup: int,
     )
 
 
-async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict, workdir: Path,
-                          profile_dir: Path | None, server_pid: int | None,
-                          immediate_reports: bool) -> ThroughputRun:
-    ns = Namespace("thr")
-    await provision(nc, ns)
-    # the null agents get their own connection, like separate processes would
-    anc = await connect(url, name="ccc-bench-null-agents")
+async def _throughput_run(bus: BenchBus, admin, n_agents: int, tasks: int, raw: dict,
+                          profile_dir: Path | None, immediate_reports: bool) -> ThroughputRun:
+    ns = THROUGHPUT_NS
+    await provision(admin, ns)
+    nc = await bus.connect("cli", ns, name="ccc-bench-driver")  # issues, merges, observers
+    js = nc.jetstream(timeout=30)
     subs: list = []
     work: set[asyncio.Task] = set()
     coordinator: CoordinatorProcess | None = None
+    registered: dict[str, RegisteredAgent] = {}
     try:
-        ajs = anc.jetstream(timeout=30)
-        astore = EventStore(anc, ns, timeout=30)
-        registered = await register_agents(anc, astore, ns, [f"null-{i}" for i in range(n_agents)],
-                                            capacity=tasks)
+        # every null agent on its own connection, as its own user, like separate processes
+        registered = await register_agents(bus, ns, _agent_ids(n_agents), capacity=tasks, keep=True)
         pacing = None if immediate_reports else Signals()
-        agents = {aid: NullAgent(astore, aid, state, seq, pacing) for aid, (state, seq) in registered.items()}
-        profile = profile_dir / f"coordinator-throughput-{n_agents}.prof" if profile_dir else None
-        coordinator = CoordinatorProcess(url, ns, workdir / f"coordinator-{ns.prefix}.log", profile)
+        agents = {aid: NullAgent(r.store, aid, r.state, r.last_seq, pacing) for aid, r in registered.items()}
+        profile = profile_dir / f"coordinator-throughput-{n_agents}-{bus.security}.prof" if profile_dir else None
+        coordinator = CoordinatorProcess(bus.url, ns, bus.workdir / f"coordinator-{ns.prefix}.log", profile,
+                                         bus.kit_path("coordinator", ns))
         await coordinator.start()
         events_before = await stream_last_seq(js, ns.events_stream) + await stream_last_seq(js, ns.issues_stream)
 
@@ -213,9 +243,11 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
 
         cut = len(ns.prefix) + 1
 
-        async def on_assigned(msg) -> None:  # the null agent pool
-            event = decode_event(msg.subject[cut:], msg.data)
-            track(asyncio.create_task(agents[event.agent_id].work(event.task_id, event.attempt)))
+        def assigned_to(agent: NullAgent):
+            async def on_assigned(msg) -> None:  # a null agent's own assignments
+                event = decode_event(msg.subject[cut:], msg.data)
+                track(asyncio.create_task(agent.work(event.task_id, event.attempt)))
+            return on_assigned
 
         async def on_task_step(msg) -> None:  # what paced null agents wait for
             t = msg.subject.split(".")
@@ -247,19 +279,21 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
             progress.set()
 
         p = ns.prefix
-        subs += [
-            await ajs.subscribe(f"{p}.task.*.assigned.*", stream=ns.events_stream, cb=on_assigned,
-                                ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW),
-            await ordered_subscription(js, ns.events_stream, [f"{p}.task.*.pr_opened", f"{p}.task.*.completed"],
-                           on_reviewer_step),
-        ]
+        for aid, agent in agents.items():
+            # an agent may read only what its user may: its own assignments here
+            subs.append(await registered[aid].nc.jetstream(timeout=30).subscribe(
+                ns.assignments_filter(aid), stream=ns.events_stream, cb=assigned_to(agent),
+                ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW))
+        subs.append(await ordered_subscription(js, ns.events_stream, [f"{p}.task.*.pr_opened", f"{p}.task.*.completed"],
+                                               on_reviewer_step))
         if pacing is not None:
-            subs.append(await ordered_subscription(ajs, ns.events_stream, [f"{p}.task.*.started", f"{p}.task.*.testing"],
-                                       on_task_step))
+            # the pacing is the bench's instrument, not agent behaviour: the driver watches
+            subs.append(await ordered_subscription(js, ns.events_stream, [f"{p}.task.*.started", f"{p}.task.*.testing"],
+                                                   on_task_step))
         issues = [opened(i, ns.prefix) for i in range(1, tasks + 1)]
         payloads = [(ns.subject(e.rel_subject), encode(e), {"Nats-Msg-Id": e.event_id}) for e in issues]
         published: dict[str, int] = {}
-        cpu = CpuMeter(coordinator.pid, server_pid)
+        cpu = CpuMeter(coordinator.pid, bus.server_pid)
         cpu.start()
         w0, t0 = time.time_ns(), time.perf_counter_ns()
         futures = [await js.publish_async(s, d, headers=h) for s, d, h in payloads]
@@ -276,10 +310,16 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
         if len(completed) < tasks:
             stuck = await where_stuck(js, ns, set(published) - completed)
             cause = f"; first failure: {failures[0]}" if failures else f"; no progress for {STALL:g}s"
-            raise RuntimeError(f"only {len(completed)}/{tasks} tasks completed{cause}; the others' "
-                               f"last step: {stuck}; coordinator log: {coordinator.log_tail()}")
+            raise RuntimeError(f"only {len(completed)}/{tasks} tasks completed (security {bus.security}){cause}; "
+                               f"the others' last step: {stuck}; coordinator log: {coordinator.log_tail()}")
         seconds = (last_completed[0] - t0) / 1e9
         stats = await coordinator.stop()
+        for s in subs:
+            await s.unsubscribe()
+        subs.clear()
+        events = await stream_last_seq(js, ns.events_stream) + await stream_last_seq(js, ns.issues_stream) \
+            - events_before
+        stamps = await stage_stamps(js, ns)
     finally:
         for s in subs:
             await s.unsubscribe()
@@ -287,9 +327,9 @@ async def _throughput_run(url: str, nc, js, n_agents: int, tasks: int, raw: dict
             await coordinator.kill()
         for t in list(work):
             t.cancel()
-        await anc.close()
-    events = await stream_last_seq(js, ns.events_stream) + await stream_last_seq(js, ns.issues_stream) - events_before
-    stamps = await stage_stamps(js, ns)
+        for r in registered.values():
+            await r.nc.close()
+        await nc.close()
     for tid, s in stamps.items():
         if tid in published:
             s["published"] = published[tid]
@@ -317,12 +357,15 @@ async def run_dispatch_bench(
     publish_msgs: int = 10000,
     profile_dir: str | Path | None = None,
     immediate_reports: bool = False,
+    security: str = "both",
 ) -> DispatchBench:
-    """One throwaway embedded server; baselines, then a latency run per agent count
-    (each with a fresh namespace and coordinator), then the throughput run (skipped
-    when ``throughput_tasks`` is 0)."""
+    """Throwaway embedded servers, one per side of ``security`` (``both``: off and on);
+    on each, baselines, then a latency run per agent count (each with a fresh namespace
+    and coordinator), then the throughput run (skipped when ``throughput_tasks`` is 0),
+    the sides alternating step by step."""
+    sides = sides_of(security)
     warmup = min(10, max(1, tasks // 10)) if warmup is None else warmup
-    steps = 1 + len(agent_counts) + (1 if throughput_tasks else 0)
+    steps = len(sides) * (1 + len(agent_counts) + (1 if throughput_tasks else 0))
     step = 0
 
     def advance() -> None:
@@ -331,45 +374,61 @@ async def run_dispatch_bench(
         if progress:
             progress(step, steps)
 
-    load_before = loadavg()
     pdir = Path(profile_dir).resolve() if profile_dir else None
     if pdir is not None:
         pdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ccc-bench-dispatch-") as tmp:
-        workdir = Path(tmp)
-        server = EmbeddedServer(workdir / "nats", sync_interval=sync_interval)
-        url = server.start()
-        server_pid = server.proc.pid if server.proc is not None else None
+        buses = [BenchBus(Path(tmp) / side, side, sync_interval) for side in sides]
+        for bus in buses:  # every user, before the server starts (outside every measurement)
+            for n in agent_counts:
+                bus.register(_latency_ns(n), _agent_ids(n))
+            if throughput_tasks:
+                bus.register(THROUGHPUT_NS, _agent_ids(throughput_agents))
+        load_before = loadavg()
+        admins: list = []
         try:
-            nc = await connect(url, name="ccc-bench")
-            js = nc.jetstream(timeout=30)
-            try:
-                raw = await raw_baselines(nc, js, rtt_samples, publish_msgs)
+            for bus in buses:
+                bus.start()
+                admins.append(await bus.connect("admin", name="ccc-bench-admin"))
+            raw, latency = [], [[] for _ in buses]
+            throughput: list[ThroughputRun | None] = [None for _ in buses]
+            for bus, admin in zip(buses, admins):
+                raw.append(await raw_baselines(admin, admin.jetstream(timeout=30), rtt_samples, publish_msgs))
                 advance()
-                latency = []
-                for n in agent_counts:
-                    latency.append(await _latency_run(url, nc, js, n, tasks, warmup, raw, workdir, pdir,
-                                                      server_pid))
+            for n in agent_counts:
+                for k, (bus, admin) in enumerate(zip(buses, admins)):
+                    latency[k].append(await _latency_run(bus, admin, n, tasks, warmup, raw[k], pdir))
                     advance()
-                throughput = None
-                if throughput_tasks:
-                    throughput = await _throughput_run(url, nc, js, throughput_agents, throughput_tasks, raw,
-                                                       workdir, pdir, server_pid, immediate_reports)
+            if throughput_tasks:
+                for k, (bus, admin) in enumerate(zip(buses, admins)):
+                    throughput[k] = await _throughput_run(bus, admin, throughput_agents, throughput_tasks, raw[k],
+                                                          pdir, immediate_reports)
                     advance()
-            finally:
-                await nc.close()
         finally:
-            server.stop()
+            for admin in admins:
+                await admin.close()
+            for bus in buses:
+                bus.stop()
+    results = [_side(bus, r, lat, thr) for bus, r, lat, thr in zip(buses, raw, latency, throughput)]
+    first = results[0]
+    secure = results[1] if len(results) > 1 else None
     profiles = sorted(str(p) for p in pdir.glob("coordinator-*.prof")) if pdir else []
-    met = all(r.p50_ok and r.p99_ok for r in latency) and (throughput is None or throughput.ok)
     return DispatchBench(
+        **{f: getattr(first, f) for f in DispatchSide.__struct_fields__},
         sync_interval=sync_interval, coordinator_process=True, cpus=os.cpu_count() or 0,
         loadavg=[load_before, loadavg()],
+        targets={"p50_ms": P50_TARGET_MS, "p99_ms": P99_TARGET_MS, "latency_agents": LATENCY_TARGET_AGENTS,
+                 "tasks_per_s": TASKS_PER_S_TARGET},
+        profiles=profiles, secure=secure, on_vs_off=compare(first, secure) if secure is not None else [],
+    )
+
+
+def _side(bus: BenchBus, raw: dict, latency: list[LatencyRun], throughput: ThroughputRun | None) -> DispatchSide:
+    met = all(r.p50_ok and r.p99_ok for r in latency) and (throughput is None or throughput.ok)
+    return DispatchSide(
+        security=bus.security, security_detail=bus.description, users=bus.users,
         raw_rtt_p50_ms=ms(raw["rtt_p50"]), raw_rtt_p99_ms=ms(raw["rtt_p99"]),
         raw_hop_p50_ms=ms(raw["hop_p50"]), raw_hop_p99_ms=ms(raw["hop_p99"]),
         raw_publish_per_s=round(raw["publish_per_s"]), raw_batch4_p50_ms=ms(raw["batch4_p50"]),
-        raw_seq4_p50_ms=ms(raw["seq4_p50"]), latency=latency, throughput=throughput,
-        targets={"p50_ms": P50_TARGET_MS, "p99_ms": P99_TARGET_MS, "latency_agents": LATENCY_TARGET_AGENTS,
-                 "tasks_per_s": TASKS_PER_S_TARGET},
-        targets_met=met, profiles=profiles,
+        raw_seq4_p50_ms=ms(raw["seq4_p50"]), latency=latency, throughput=throughput, targets_met=met,
     )

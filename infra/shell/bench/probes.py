@@ -16,6 +16,7 @@ from events.agent import AgentEventBase
 from events.codec import decode_event
 from events.issue import IssueOpened
 from events.subjects import Namespace
+from events.trust import OPERATOR
 
 from infra.shell.bench.report import (
     REPO,
@@ -54,7 +55,7 @@ def opened(i: int, tag: str) -> IssueOpened:
         event_id=f"bench-{tag}:{REPO}#{i}", repo=REPO, number=i, occurred_at=utcnow(),
         title=f"Fix the API endpoint returning 500 for user {i}",
         body="The handler crashes when the user has no profile.", labels=("backend",),
-        author="bench",
+        author="bench", author_association=OPERATOR,  # the bench runs as the operator
     )
 
 

@@ -83,11 +83,13 @@ class ThroughputRun(msgspec.Struct, kw_only=True):
     cpu: CpuUse  # first publish -> last completion
 
 
-class DispatchBench(msgspec.Struct, kw_only=True):
-    sync_interval: str
-    coordinator_process: bool
-    cpus: int
-    loadavg: list[float]  # 1-minute load average before and after: other work on the machine
+class DispatchSide(msgspec.Struct, kw_only=True):
+    """One server's measurements: security off or on, raw floors included (the floors of
+    the secure side are raw nats-py on the secure server, as its admin user)."""
+
+    security: str = "off"  # "off" | "on"
+    security_detail: str = ""  # what that means (transport, users, store encryption)
+    users: int = 0  # nkey users on the server: admin, 4 service users per namespace, one per agent
     raw_rtt_p50_ms: float
     raw_rtt_p99_ms: float
     raw_hop_p50_ms: float
@@ -97,14 +99,76 @@ class DispatchBench(msgspec.Struct, kw_only=True):
     raw_seq4_p50_ms: float = 0.0  # the same four as awaited single publishes (the intake's write)
     latency: list[LatencyRun]
     throughput: ThroughputRun | None
+    targets_met: bool  # this side's figures met every target
+
+
+class OnOff(msgspec.Struct, kw_only=True):
+    """One figure with security off and on, measured in the same run."""
+
+    metric: str
+    unit: str
+    off: float
+    on: float
+    ratio: float  # on / off: > 1 for a latency means security costs time, < 1 for a rate
+
+
+class DispatchBench(DispatchSide, kw_only=True):
+    """The run. Its own measurement fields are the first side measured: security off
+    (the reference of the ratios), or on when only that was asked for (``security``
+    says which); ``secure`` holds the same measurements with security on when both
+    were run, ``on_vs_off`` the ratios."""
+
+    sync_interval: str
+    coordinator_process: bool
+    cpus: int
+    loadavg: list[float]  # 1-minute load average before and after: other work on the machine
     targets: dict
-    targets_met: bool
     profiles: list[str] = []
+    secure: DispatchSide | None = None
+    on_vs_off: list[OnOff] = []
+
+    def sides(self) -> list[DispatchSide]:
+        return [self] if self.secure is None else [self, self.secure]
 
 
+def compare(off: DispatchSide, on: DispatchSide) -> list[OnOff]:
+    """Every figure measured on both sides, with on/off."""
+    pairs: list[tuple[str, str, float, float]] = [
+        ("raw round trip p50", "ms", off.raw_rtt_p50_ms, on.raw_rtt_p50_ms),
+        ("raw round trip p99", "ms", off.raw_rtt_p99_ms, on.raw_rtt_p99_ms),
+        ("raw hop p50", "ms", off.raw_hop_p50_ms, on.raw_hop_p50_ms),
+        ("raw pipelined publish", "msgs/s", off.raw_publish_per_s, on.raw_publish_per_s),
+    ]
+    on_latency = {r.agents: r for r in on.latency}
+    for a in off.latency:
+        b = on_latency.get(a.agents)
+        if b is not None:
+            pairs += [(f"dispatch p50, {a.agents} agents", "ms", a.p50_ms, b.p50_ms),
+                      (f"dispatch p99, {a.agents} agents", "ms", a.p99_ms, b.p99_ms)]
+    if off.throughput is not None and on.throughput is not None:
+        t, u = off.throughput, on.throughput
+        pairs += [(f"throughput, {t.agents} null agents", "tasks/s", t.tasks_per_s, u.tasks_per_s),
+                  ("throughput, events", "events/s", t.events_per_s, u.events_per_s)]
+    return [OnOff(metric=m, unit=unit, off=x, on=y, ratio=round(y / x, 3) if x else 0.0)
+            for m, unit, x, y in pairs]
 
-def rows(result: DispatchBench) -> list[tuple[str, str, str, str, str, str]]:
-    """The table: metric, value, baseline, ratio, target, ok."""
+
+def title(side: DispatchSide) -> str:
+    users = f" ({side.users:,} nkey users)" if side.users else ""
+    return f"security {side.security}: {side.security_detail}{users}"
+
+
+def comparison_rows(result: DispatchBench) -> list[tuple[str, str, str, str]]:
+    """The on-vs-off table: metric, off, on, on/off."""
+    def fmt(v: float, unit: str) -> str:
+        return f"{v:.2f} {unit}" if unit == "ms" else f"{v:,.0f} {unit}"
+
+    return [(c.metric, fmt(c.off, c.unit), fmt(c.on, c.unit), f"{c.ratio:.2f}x") for c in result.on_vs_off]
+
+
+def rows(result: DispatchSide) -> list[tuple[str, str, str, str, str, str]]:
+    """One side's table: metric, value, baseline (the same side's raw floor), ratio,
+    target, ok."""
     out = []
     rtt50, rtt99 = result.raw_rtt_p50_ms, result.raw_rtt_p99_ms
     for r in result.latency:
@@ -121,11 +185,23 @@ def rows(result: DispatchBench) -> list[tuple[str, str, str, str, str, str]]:
     return out
 
 
-def footer(result: DispatchBench) -> list[str]:
+def run_footer(result: DispatchBench) -> list[str]:
+    """What holds for the whole run (every side)."""
+    lines = [f"sync_interval {result.sync_interval}; coordinator in its own process; {result.cpus} cpus "
+             f"(load {result.loadavg[0]:.1f} -> {result.loadavg[1]:.1f})"]
+    if result.secure is not None:
+        lines.append("security off and on measured in the same run, alternating step by step "
+                     "(raw, each latency run, throughput), each on its own server; on/off > 1 for a "
+                     "latency, < 1 for a rate, is what security costs")
+    if result.profiles:
+        lines.append("coordinator profiles (figures inflated by profiling): " + " ".join(result.profiles))
+    return lines
+
+
+def footer(result: DispatchSide) -> list[str]:
+    """One side's details: its raw floors, where the time goes, CPU."""
     lines = [
-        (f"sync_interval {result.sync_interval}; coordinator in its own process; {result.cpus} cpus "
-         f"(load {result.loadavg[0]:.1f} -> {result.loadavg[1]:.1f}); "
-         f"raw round trip p50 {result.raw_rtt_p50_ms:.3f} / p99 {result.raw_rtt_p99_ms:.3f} ms, "
+        (f"raw round trip p50 {result.raw_rtt_p50_ms:.3f} / p99 {result.raw_rtt_p99_ms:.3f} ms, "
          f"raw hop (publish->delivery) p50 {result.raw_hop_p50_ms:.3f} / p99 {result.raw_hop_p99_ms:.3f} ms"),
         (f"raw write of 4 events p50: one atomic batch {result.raw_batch4_p50_ms:.3f} ms, "
          f"4 awaited publishes {result.raw_seq4_p50_ms:.3f} ms (the intake writes its 4 one by one)"),
@@ -152,6 +228,4 @@ def footer(result: DispatchBench) -> list[str]:
                      f"{c.cores(c.machine):.2f}; cpu pressure {c.pressure:.0%}")
         lines.append(f"  merges resent {t.merges_resent}; "
                      f"null agents' reports {'paced by the coordinator' if t.reports_paced else 'back to back'}")
-    if result.profiles:
-        lines.append("coordinator profiles (figures inflated by profiling): " + " ".join(result.profiles))
     return lines

@@ -8,6 +8,13 @@ baseline measured alongside are meaningful).
 * rebuild:     the project's full projection rebuild (replay + decode + fold)
 
 Each pair is measured in alternating rounds; the figure is the median round.
+
+Security off beside on (``security="both"``, the default): each round runs on a plain
+server and then on a secured one (mutual TLS, nkey users with their role's permissions,
+the store encrypted; see :mod:`infra.shell.bench.bus`): the writes as the namespace's
+``coordinator`` (the one role that appends task events), the replays as its read-only
+``status`` user, provisioning as ``admin``. ``on_vs_off`` is each rate's on/off, the
+median over rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import statistics
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import msgspec
 from nats.js import api
@@ -38,24 +46,36 @@ from events.task_state import (
 )
 from projections.read_model import ReadModel
 
-from infra.adapters.nats.connection import connect
-from infra.adapters.nats.server import EmbeddedServer
 from infra.adapters.nats.provisioning import provision
+from infra.shell.bench.bus import BenchBus, sides_of
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-class StoreBench(msgspec.Struct, kw_only=True):
-    events: int
-    rounds: int
+class StoreSide(msgspec.Struct, kw_only=True):
+    """One server's figures: security off or on (medians over rounds)."""
+
+    security: str = "off"
+    security_detail: str = ""
     raw_publish_per_s: float
     append_per_s: float
     append_ratio: float
     raw_replay_per_s: float
     rebuild_per_s: float
     rebuild_ratio: float
+
+
+class StoreBench(StoreSide, kw_only=True):
+    """The run. Its own figures are the first side measured (security off, the
+    reference, or on when only that was asked for); ``secure`` holds the figures with
+    security on when both were run, ``on_vs_off`` each rate's on/off."""
+
+    events: int
+    rounds: int
     avg_event_bytes: float
     sync_interval: str
+    secure: StoreSide | None = None
+    on_vs_off: dict[str, float] = {}
 
 
 def task_histories(n_events: int, prefix: str = "bench") -> list[list]:
@@ -143,41 +163,80 @@ async def _rebuild(store: EventStore, n: int) -> float:
     return rate
 
 
+async def _round(bus: BenchBus, admin, r: int, histories: list[list], flat: list) -> dict[str, float]:
+    """One round on one server: raw publish and append, raw replay and rebuild."""
+    ns_raw, ns = Namespace(f"raw{r}"), Namespace(f"proj{r}")
+    await provision(admin, ns_raw)
+    await provision(admin, ns)
+    writer_raw = await bus.connect("coordinator", ns_raw, name="ccc-bench-raw")
+    writer = await bus.connect("coordinator", ns, name="ccc-bench-store")
+    reader = await bus.connect("status", ns, name="ccc-bench-reader")
+    try:
+        n = len(flat)
+        out = {"raw_publish": await _raw_publish(writer_raw.jetstream(timeout=30), ns_raw, flat),
+               "append": await _append(EventStore(writer, ns, timeout=30), histories)}
+        # replay the project's own stream both ways (same bytes, same headers)
+        out["raw_replay"] = await _raw_replay(reader.jetstream(timeout=30), ns, n)
+        out["rebuild"] = await _rebuild(EventStore(reader, ns, timeout=30), n)
+        return out
+    finally:
+        for nc in (writer_raw, writer, reader):
+            await nc.close()
+
+
 async def run_store_bench(
-    n_events: int = 20000, rounds: int = 3, sync_interval: str = "always", progress=None
+    n_events: int = 20000, rounds: int = 3, sync_interval: str = "always", progress=None,
+    security: str = "both",
 ) -> StoreBench:
+    sides = sides_of(security)
+    per_side: list[list[dict[str, float]]] = [[] for _ in sides]
     with tempfile.TemporaryDirectory(prefix="ccc-bench-") as tmp:
-        server = EmbeddedServer(tmp, sync_interval=sync_interval)
-        server.start()
-        try:
-            nc = await connect(server.url, name="ccc-bench")
-            js = nc.jetstream(timeout=30)
-            raw_pub, app, raw_rep, reb = [], [], [], []
-            size = 0.0
+        buses = [BenchBus(Path(tmp) / side, side, sync_interval) for side in sides]
+        for bus in buses:
             for r in range(rounds):
-                ns_raw, ns = Namespace(f"raw{r}"), Namespace(f"proj{r}")
-                await provision(nc, ns_raw)
-                await provision(nc, ns)
+                bus.register(Namespace(f"raw{r}"))
+                bus.register(Namespace(f"proj{r}"))
+        admins: list = []
+        try:
+            for bus in buses:
+                bus.start()
+                admins.append(await bus.connect("admin", name="ccc-bench-admin"))
+            for r in range(rounds):  # a round: the same data on every side, one after the other
                 histories = task_histories(n_events, prefix=f"b{r}")
                 flat = [e for h in histories for e in h]
                 size = sum(len(encode(e)) for e in flat) / len(flat)
-                n = len(flat)
-                raw_pub.append(await _raw_publish(js, ns_raw, flat))
-                app.append(await _append(EventStore(nc, ns, timeout=30), histories))
-                # replay the project's own stream both ways (same bytes, same headers)
-                raw_rep.append(await _raw_replay(js, ns, n))
-                reb.append(await _rebuild(EventStore(nc, ns, timeout=30), n))
+                for k, (bus, admin) in enumerate(zip(buses, admins)):
+                    per_side[k].append(await _round(bus, admin, r, histories, flat))
                 if progress:
                     progress(r + 1, rounds)
-            await nc.close()
         finally:
-            server.stop()
+            for admin in admins:
+                await admin.close()
+            for bus in buses:
+                bus.stop()
     med = statistics.median
+    results = [_side(bus, figures) for bus, figures in zip(buses, per_side)]
+    first = results[0]
+    secure = results[1] if len(results) > 1 else None
+    on_vs_off = {}
+    if secure is not None:
+        for key in ("raw_publish", "append", "raw_replay", "rebuild"):
+            on_vs_off[key] = round(med(on[key] / off[key] for off, on in zip(*per_side)), 3)
     return StoreBench(
-        events=n, rounds=rounds,
-        raw_publish_per_s=round(med(raw_pub)), append_per_s=round(med(app)),
-        append_ratio=round(med(a / b for a, b in zip(app, raw_pub)), 3),
-        raw_replay_per_s=round(med(raw_rep)), rebuild_per_s=round(med(reb)),
-        rebuild_ratio=round(med(a / b for a, b in zip(reb, raw_rep)), 3),
-        avg_event_bytes=round(size, 1), sync_interval=sync_interval,
+        **{f: getattr(first, f) for f in StoreSide.__struct_fields__},
+        events=len(flat), rounds=rounds, avg_event_bytes=round(size, 1), sync_interval=sync_interval,
+        secure=secure, on_vs_off=on_vs_off,
+    )
+
+
+def _side(bus: BenchBus, rounds: list[dict[str, float]]) -> StoreSide:
+    med = statistics.median
+    return StoreSide(
+        security=bus.security, security_detail=bus.description,
+        raw_publish_per_s=round(med(f["raw_publish"] for f in rounds)),
+        append_per_s=round(med(f["append"] for f in rounds)),
+        append_ratio=round(med(f["append"] / f["raw_publish"] for f in rounds), 3),
+        raw_replay_per_s=round(med(f["raw_replay"] for f in rounds)),
+        rebuild_per_s=round(med(f["rebuild"] for f in rounds)),
+        rebuild_ratio=round(med(f["rebuild"] / f["raw_replay"] for f in rounds), 3),
     )

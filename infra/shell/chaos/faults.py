@@ -168,24 +168,32 @@ async def poison(w: World) -> None:
     in_flight = [t for t, _, _ in w.tracker.in_flight()]
     tid_assigned = next(iter(held))
     tid_cancel = next((t for t in in_flight if t != tid_assigned), tid_assigned)
-    targets = {  # subject -> (kind, consumed by a durable consumer that dead-letters)
-        ns.subject(f"issue.local.{repo_token(REPO)}.1.opened"): ("issue", True),
-        ns.subject(f"agent.{agent}.task_started"): ("agent", True),
-        ns.subject(f"task.{tid_assigned}.assigned.{agent}"): ("task", True),
-        ns.subject(f"task.{tid_cancel}.cancel_requested"): ("task", False),
-        ns.subject(f"hb.{agent}"): ("hb", False),
+    # subject -> (kind, who takes it off its durable consumer): "dlq" the coordinator,
+    # which parks it as a dead letter; "agent" the agent, whose credentials may not write
+    # dead letters (it logs actor.message_dropped and terms it; the original stays in
+    # the log, where `ccc bad-events` finds it); None: no durable consumer reads it
+    targets = {
+        ns.subject(f"issue.local.{repo_token(REPO)}.1.opened"): ("issue", "dlq"),
+        ns.subject(f"agent.{agent}.task_started"): ("agent", "dlq"),
+        ns.subject(f"task.{tid_assigned}.assigned.{agent}"): ("task", "agent"),
+        ns.subject(f"task.{tid_cancel}.cancel_requested"): ("task", None),
+        ns.subject(f"hb.{agent}"): ("hb", None),
     }
     expected: set[tuple[str, int]] = set()
-    for subject, (kind, durable) in targets.items():
+    dropped: set[tuple[str, int]] = set()
+    for subject, (kind, handler) in targets.items():
         for payload in poison_payloads(kind).values():
             ack = await js.publish(subject, payload, headers={"Nats-Msg-Id": f"poison-{uuid.uuid4().hex}"})
             w.fault.count += 1
             if ack.stream == ns.events_stream:
                 w.fault.injected.add(ack.seq)
-            if durable:
+            if handler == "dlq":
                 expected.add((ack.stream, ack.seq))
-    w.fault.notes.append(f"{w.fault.count} poison messages ({len(expected)} on durable-consumed subjects: "
-                         f"{agent}, assigned {tid_assigned}, cancel {tid_cancel})")
+            elif handler == "agent":
+                dropped.add((ack.stream, ack.seq))
+    w.fault.notes.append(f"{w.fault.count} poison messages ({len(expected)} for the coordinator to dead-letter, "
+                         f"{len(dropped)} for {agent} to drop: {agent}, assigned {tid_assigned}, "
+                         f"cancel {tid_cancel})")
     # leave time to look at the letters, and do not wait for tasks that are stuck
     await w.tracker.wait(lambda: w.done() or w.tracker.quiet_for() > w.sb.options.stall,
                          w.sb.options.timeout * 0.6)
@@ -193,12 +201,15 @@ async def poison(w: World) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         letters = await read_dead_letters(w.nc, ns.dlq_stream)
-        if expected <= {(d.stream, d.seq) for d in letters}:
+        if expected <= {(d.stream, d.seq) for d in letters} and dropped <= _dropped_by(w, agent):
             break
         await asyncio.sleep(0.5)
     parked = {(d.stream, d.seq) for d in letters}
     for stream, seq in sorted(expected - parked):
         w.fault.violations.append(f"poison: {stream} seq {seq} was not dead-lettered")
+    logged = _dropped_by(w, agent)
+    for stream, seq in sorted(dropped - logged):
+        w.fault.violations.append(f"poison: {agent} did not drop {stream} seq {seq} (no actor.message_dropped)")
     for d in letters:
         if (d.stream, d.seq) not in expected:
             w.fault.violations.append(f"poison: unexpected dead letter {d.stream}:{d.seq} {d.subject} "
@@ -206,12 +217,31 @@ async def poison(w: World) -> None:
     listed = await asyncio.to_thread(_cli_dead_letters, w)
     if listed != len(letters):
         w.fault.violations.append(f"poison: `ccc dead-letters --json` listed {listed}, the stream has {len(letters)}")
-    w.fault.notes.append(f"dead letters: {len(letters)} parked, {len(expected)} expected, CLI lists {listed}")
+    w.fault.notes.append(f"dead letters: {len(letters)} parked, {len(expected)} expected, CLI lists {listed}; "
+                         f"{len(dropped & logged)} of {len(dropped)} dropped by {agent}")
+
+
+def _dropped_by(w: World, agent: str) -> set[tuple[str, int]]:
+    """(stream, seq) of every message ``agent`` logged as dropped (``actor.message_dropped``,
+    JSON log lines on its stderr)."""
+    out = set()
+    try:
+        lines = w.sb.procs[agent].err_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        if "actor.message_dropped" not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            rec = json.loads(line)
+            out.add((rec["stream"], int(rec["seq"])))
+    return out
 
 
 def _cli_dead_letters(w: World) -> int:
+    creds = w.sb.security.creds_args("cli") if w.sb.security is not None else []  # reads everything, writes none
     result = subprocess.run(
-        [*CCC, "--nats-url", w.url, "--namespace", w.sb.ns.prefix, "--data-dir", str(w.sb.root / "cli"),
+        [*CCC, "--nats-url", w.url, "--namespace", w.sb.ns.prefix, "--data-dir", str(w.sb.root / "cli"), *creds,
          "dead-letters", "--json"], check=False, env=clean_env(w.sb.env), capture_output=True, text=True, timeout=60,
         stdin=subprocess.DEVNULL)
     if result.returncode != 0:

@@ -21,6 +21,8 @@ class ChaosOptions(msgspec.Struct, kw_only=True):
     heartbeat_timeout: float = 2.0
     work_seconds: float = 2.5  # each recorded session sleeps this long: tasks stay in flight
     run_timeout: float | None = None
+    # no TLS, no users, no encryption: the suite as it ran before issue 10 (secure by default)
+    insecure: bool = False
 
     @property
     def n_tasks(self) -> int:
@@ -85,6 +87,7 @@ class ScenarioResult(msgspec.Struct, kw_only=True):
     ok: bool
     target_met: bool | None
     expected_failure: str = ""  # a known bug, reported loudly; see Spec in .scenarios
+    secure: bool = True  # run with TLS, users and an encrypted store (False: --insecure)
     notes: list[str] = []
     violations: list[str] = []
     sandboxes: list[str] = []

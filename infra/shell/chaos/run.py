@@ -13,7 +13,6 @@ import msgspec
 from nats.aio.client import Client
 
 from infra.adapters.nats.cluster import NatsCluster, wait_for_jetstream
-from infra.adapters.nats.connection import connect
 from infra.adapters.nats.provisioning import provision
 from infra.adapters.nats.server import EmbeddedServer
 from infra.shell.chaos.checks import LogRecord, check_log, forge_holds_the_pr, read_log
@@ -32,21 +31,31 @@ async def standard_run(
     server: EmbeddedServer | None = None
     nodes: NatsCluster | None = None
     nc: Client | None = None
+    sec = sb.security
+    secure, js_key = (sec.secure, sec.js_key) if sec is not None else (None, "")
+    replicas = 3 if cluster else 1
     try:
         if cluster:
-            nodes = NatsCluster(sb.root / "nats", name="ccc-chaos")
+            nodes = NatsCluster(sb.server_dir, name="ccc-chaos", secure=secure, js_key=js_key)
             url = await asyncio.to_thread(nodes.start)
-            sb.env["CCC_REPLICAS"] = "3"  # every process provisions: all must ask for R3
+            reload: Callable[[], object] = nodes.reload
+            sb.env["CCC_REPLICAS"] = "3"  # whoever provisions (ccc up, as admin) must ask for R3
         else:
-            server = EmbeddedServer(sb.root / "nats", sync_interval="always", name="chaos")
+            server = EmbeddedServer(sb.server_dir, sync_interval="always", name="chaos", secure=secure,
+                                    js_key=js_key)
             url = await asyncio.to_thread(server.start)
-        nc = await connect(url, name="ccc-chaos", quiet=True)
+            reload = server.reload
+        nc = await sb.connect(url)
         if cluster:
             await wait_for_jetstream(nc)
-        await provision(nc, sb.ns, replicas=3 if cluster else 1)
+        refused = await sec.strangers_refused(url) if sec is not None else []
+        await provision(nc, sb.ns, replicas=replicas)
+        agent_ids = [f"agent-{i + 1}" for i in range(agents or sb.options.agents)]
+        if sec is not None:
+            for agent_id in agent_ids:  # added to the running cluster, as `ccc secure add-agent` does
+                await sec.register_agent(nc, url, agent_id, replicas=replicas, reload=reload)
         names = [sb.coordinator(f"coordinator-{i + 1}", url).name for i in range(coordinators)]
-        names += [sb.agent(f"agent-{i + 1}", url, capacity=capacity, grace=agent_grace).name
-                  for i in range(agents or sb.options.agents)]
+        names += [sb.agent(agent_id, url, capacity=capacity, grace=agent_grace).name for agent_id in agent_ids]
         await sb.start(*names)
         tracker = Tracker(nc, sb.ns)
         tracker.start()
@@ -59,6 +68,11 @@ async def standard_run(
         await tracker.wait(lambda: (world.done() and injected()) or stuck(), sb.options.timeout)
         finished = world.done() and injected()
         f = world.fault
+        f.violations += refused
+        note = security_note(sb, cluster)
+        if sec is not None and not refused:
+            note += "; strangers (no certificate, no user, plain text) refused"
+        f.notes.append(note)
         if injector is not None:
             if not injector.done():
                 injector.cancel()
@@ -73,6 +87,7 @@ async def standard_run(
         await tracker.stop()
         f.end = time.time()  # events after this are the shutdown's, not a recovery
         f.notes += await sb.close(keep_servers=True)
+        f.violations += sb.denials()
         records = await read_log(nc, sb.ns)
         f.checks.append(lambda recs: forge_holds_the_pr(sb.forge, recs, sb.ns.prefix))
         return judge(sb, run, name, records, f, tracker.seen)
@@ -84,6 +99,13 @@ async def standard_run(
             server.stop()
         if nodes is not None:
             nodes.stop()
+
+
+def security_note(sb: Sandbox, cluster: bool = False) -> str:
+    if sb.security is None:
+        return "security: OFF (--insecure: no TLS, no users, plain store)"
+    return ("security: on (mutual TLS, nkey users with per-role permissions, encrypted store"
+            + (", TLS routes" if cluster else "") + ")")
 
 
 def judge(sb: Sandbox, run: int, name: str, records: list[LogRecord], f: Fault, seen: dict[int, str | None],

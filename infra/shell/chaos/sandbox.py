@@ -25,8 +25,10 @@ from projections.read_model import ReadModel
 
 from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.issue_publisher import new_issue
+from infra.adapters.nats.connection import connect
 from infra.shell.chaos.model import ChaosOptions
 from infra.shell.chaos.processes import CCC, READY, Proc, clean_env, processes_under
+from infra.shell.chaos.security import ChaosSecurity
 
 REPO = "chaos/calc"
 CALC = "def add(a, b):\n    return a - b\n"
@@ -60,6 +62,19 @@ class Sandbox:
         self.issues: dict[str, tuple[str, int]] = {}
         self.published: dict[str, float] = {}  # issue event id -> when it was published
         self.env: dict[str, str] = {}
+        # the run's credentials (None: --insecure); the server's data dir is <root>/nats
+        self.security = None if options.insecure else ChaosSecurity(self.server_dir, ns)
+
+    @property
+    def server_dir(self) -> Path:
+        """The data dir of the run's nats-server (or the root of its 3-node cluster)."""
+        return self.root / "nats"
+
+    async def connect(self, url: str, name: str = "ccc-chaos") -> Client:
+        """The harness's own connection: admin on a secure run."""
+        if self.security is not None:
+            return await self.security.connect_admin(url, name)
+        return await connect(url, name=name, quiet=True)
 
     def write_script(self, number: int, work_seconds: float | None = None) -> None:
         seconds = self.options.work_seconds if work_seconds is None else work_seconds
@@ -81,6 +96,8 @@ class Sandbox:
     def coordinator(self, name: str, url: str) -> Proc:
         data = self.root / name
         data.mkdir(exist_ok=True)
+        if self.security is not None:  # admin to provision, the coordinator's own user to run
+            self.security.share_with(data)
         return self.add(name, self._ccc(
             url, data, "up", "--agents", "0", "--no-api", "--heartbeat-timeout", str(self.options.heartbeat_timeout),
             "--retry-base", "0.2", "--max-attempts", "10", "--shutdown-grace", "1"))
@@ -88,8 +105,10 @@ class Sandbox:
     def agent(self, agent_id: str, url: str, *, capacity: int | None = None, grace: float = 0.5) -> Proc:
         data = self.root / agent_id
         data.mkdir(exist_ok=True)
+        # its own kit (registered by the run before it starts: ChaosSecurity.register_agent)
+        creds = self.security.creds_args("agent", agent_id) if self.security is not None else []
         return self.add(agent_id, self._ccc(
-            url, data, "agent", "--specialty", "backend", "--agent-id", agent_id,
+            url, data, *creds, "agent", "--specialty", "backend", "--agent-id", agent_id,
             "--capacity", str(capacity or self.options.capacity), "--script-dir", str(self.scripts),
             "--forge-root", str(self.forge_root), "--workspace-root", str(self.workspaces),
             "--heartbeat-interval", "0.3", "--shutdown-grace", str(grace)))
@@ -121,6 +140,26 @@ class Sandbox:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         return notes
+
+    def denials(self, *names: str) -> list[str]:
+        """What the server refused the actor processes (``names``; default: all), from
+        their logs: a ``nats.error`` line naming a permissions or authorization
+        violation. On a secure run each process has only its role's rights, and a right
+        a role lacks may show only here (a refused publish is an error callback, the
+        actor may carry on without it), so every denial is a violation of the run."""
+        out = []
+        for name in names or tuple(self.procs):
+            try:
+                text = self.procs[name].err_path.read_text(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                low = line.lower()
+                if "permissions violation" in low or "authorization violation" in low:
+                    out.append(f"security: {name} was refused: {line.strip()[:240]}")
+                    if len(out) >= 20:
+                        return out
+        return out
 
     # -- issues --
     async def publish_issues(self, nc: Client, numbers: list[int], copies: int = 1) -> int:

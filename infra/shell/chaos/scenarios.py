@@ -29,6 +29,7 @@ import msgspec
 
 from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.connection import connect
+from infra.adapters.nats.secure import SecureDir
 from infra.adapters.nats.server import EmbeddedServer
 from infra.shell.chaos.checks import read_log
 from infra.shell.chaos.faults import kill_agent, kill_coordinator, kill_leader, poison, restart_nats, sigterm_agent
@@ -57,14 +58,18 @@ async def up_leaves_no_orphans(sb: Sandbox) -> RunResult:
     in flight: it must exit 0 and leave no process behind, with its tasks handed back."""
     data = sb.root / "up"
     LocalForge(data / "forge").create_repo(REPO, REPO_FILES)
-    proc = Proc("up", [*CCC, "--data-dir", str(data), "--namespace", sb.ns.prefix, "--log-level", "info", "up",
-                       "--agents", "2", "--specialties", "backend", "--no-api", "--script-dir", str(sb.scripts),
-                       "--heartbeat-timeout", "2", "--shutdown-grace", "0.2"], sb.logs, clean_env())
+    # secure by default, as `ccc up` is: it makes <data>/secure itself at its first start
+    insecure = ["--insecure"] if sb.security is None else []
+    proc = Proc("up", [*CCC, "--data-dir", str(data), "--namespace", sb.ns.prefix, "--log-level", "info", *insecure,
+                       "up", "--agents", "2", "--specialties", "backend", "--no-api", "--script-dir",
+                       str(sb.scripts), "--heartbeat-timeout", "2", "--shutdown-grace", "0.2"], sb.logs, clean_env())
     sb.procs["up"] = proc
     proc.start()
     await proc.wait_for_output(READY["up"], 60)
     url = (data / "nats.url").read_text().strip()
-    nc = await connect(url, name="ccc-chaos-up", quiet=True)
+    secure = SecureDir.of(data)
+    kit = secure.kit("admin") if sb.security is not None else None  # what `ccc up` generated
+    nc = await connect(url, name="ccc-chaos-up", quiet=True, kit=kit)
     numbers = list(range(1001, 1005))
     f = Fault()
     try:
@@ -89,11 +94,16 @@ async def up_leaves_no_orphans(sb: Sandbox) -> RunResult:
     if left:
         f.violations.append(f"orphans: {len(left)} processes left after ccc up exited: {left}")
     f.notes.append(f"ccc up had {len(tree)} descendants; exit {code}; {len(left)} left")
-    # the log, read back with a server on the same data dir: nothing may be left held
-    server = EmbeddedServer(data, sync_interval="always")
+    f.violations += sb.denials("up")
+    if sb.security is not None and not url.startswith("tls://"):
+        f.violations.append(f"orphans: ccc up served {url}, not TLS: it did not start secure by default")
+    # the log, read back with a server on the same data dir (its users, its store key):
+    # nothing may be left held
+    key = secure.js_key() if secure.js_key_file.is_file() else ""
+    server = EmbeddedServer(data, sync_interval="always", secure=secure if kit is not None else None, js_key=key)
     url = await asyncio.to_thread(server.start)
     try:
-        nc = await connect(url, name="ccc-chaos-up-check", quiet=True)
+        nc = await connect(url, name="ccc-chaos-up-check", quiet=True, kit=kit)
         records = await read_log(nc, sb.ns)
         await nc.close()
     finally:

@@ -5,6 +5,9 @@ Each scenario run builds a throwaway world under a temp dir: its own nats-server
 3-node JetStream cluster), a tiny sample repository on the local forge, recorded
 sessions for the scripted coder, and the real actors as real processes
 (``ccc up --agents 0 --no-api`` for a coordinator, ``ccc agent`` for each agent).
+Secure by default, as the cluster is deployed: mutual TLS, per-role nkey users, an
+encrypted store and TLS routes, each process with its own role's credentials
+(:mod:`.security`); ``--insecure`` runs the old way.
 It publishes N issues at once, injects its fault at random moments while they are in
 flight, waits (bounded) until every task is in review, stops everything and then
 judges the run from the event log alone (:mod:`.checks`).
@@ -43,7 +46,7 @@ log = structlog.get_logger("ccc.chaos")
 
 
 def summarise(name: str, runs: list[RunResult], target: float | None, what: str,
-              expected_failure: str = "") -> ScenarioResult:
+              expected_failure: str = "", secure: bool = True) -> ScenarioResult:
     rec = [r for run in runs for r in run.recoveries]
     p50, worst = percentile(rec, 0.5), (max(rec) if rec else None)
     lost = sum(r.lost for r in runs)
@@ -57,7 +60,7 @@ def summarise(name: str, runs: list[RunResult], target: float | None, what: str,
         recovery_what=what, seconds=round(sum(r.seconds for r in runs), 1),
         ok=lost == 0 and dup == 0 and other == 0,
         target_met=None if target is None or worst is None else worst <= target,
-        expected_failure=expected_failure,
+        expected_failure=expected_failure, secure=secure,
         notes=[f"run {r.run}: {n}" for r in runs for n in r.notes],
         violations=[f"run {r.run}: {v}" for r in runs for v in r.violations][:100],
         sandboxes=[r.sandbox for r in runs if r.sandbox],
@@ -104,5 +107,6 @@ async def run_chaos(names: list[str], options: ChaosOptions,
                 progress(f"{name} run {i}/{n_runs}: {result.tasks} tasks, lost {result.lost}, "
                          f"duplicated {result.duplicated}, other {result.other}, "
                          f"{result.seconds}s")
-        results.append(summarise(name, runs, spec.target, spec.recovery, spec.expected_failure))
+        results.append(summarise(name, runs, spec.target, spec.recovery, spec.expected_failure,
+                                 secure=not options.insecure))
     return results

@@ -11,6 +11,10 @@ from infra.shell.cli.context import CliState, run_async
 from infra.shell.cli.output import console, emit_json, print_table
 
 APPEND_TARGET, REBUILD_TARGET = 0.5, 0.75
+SECURITY_OPTION = click.option(
+    "--security", type=click.Choice(["both", "off", "on"]), default="both", show_default=True,
+    help="Measure with security off (plain, no auth, unencrypted store), on (mutual TLS, nkey users "
+         "with role permissions, encrypted store, as `ccc up` runs), or both in the same run.")
 
 
 @click.group("bench")
@@ -22,18 +26,20 @@ def bench_group() -> None:
 @click.option("--events", "n_events", type=click.IntRange(min=7), default=20000, show_default=True,
               help="Events per round.")
 @click.option("--rounds", type=click.IntRange(1, 50), default=3, show_default=True)
+@SECURITY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.pass_obj
-def bench_store(obj: CliState, n_events: int, rounds: int, as_json: bool) -> None:
-    """Event store append and rebuild vs raw nats-py.
+def bench_store(obj: CliState, n_events: int, rounds: int, security: str, as_json: bool) -> None:
+    """Event store append and rebuild vs raw nats-py, security off beside on.
 
     Targets: append >= 0.5 of raw pipelined publish, rebuild >= 0.75 of a raw
-    ordered-consumer replay. Uses its own temporary nats-server."""
+    ordered-consumer replay (each against the raw figure on the same server). Uses its
+    own temporary nats-servers."""
     from infra.shell.bench.store import run_store_bench
 
     sync_interval = obj.settings().sync_interval
     result = _with_progress(rounds, lambda progress: run_async(run_store_bench(
-        n_events=n_events, rounds=rounds, sync_interval=sync_interval, progress=progress)))
+        n_events=n_events, rounds=rounds, sync_interval=sync_interval, progress=progress, security=security)))
     if as_json:
         emit_json({**msgspec.to_builtins(result), "append_target": APPEND_TARGET,
                    "rebuild_target": REBUILD_TARGET})
@@ -43,13 +49,22 @@ def bench_store(obj: CliState, n_events: int, rounds: int, as_json: bool) -> Non
         return (name, f"{raw:,.0f}/s", f"{ours:,.0f}/s", f"{ratio:.3f}", f">= {target}",
                 "ok" if ratio >= target else "BELOW")
 
-    print_table(
-        ("METRIC", "RAW", "PROJECT", "RATIO", "TARGET", "RESULT"),
-        [row("append", result.raw_publish_per_s, result.append_per_s, result.append_ratio, APPEND_TARGET),
-         row("rebuild", result.raw_replay_per_s, result.rebuild_per_s, result.rebuild_ratio, REBUILD_TARGET)],
-        footer=[f"{result.events} events x {result.rounds} rounds (median), "
-                f"{result.avg_event_bytes} B/event, sync_interval {result.sync_interval}"],
-    )
+    table = []
+    for side in [result] + ([result.secure] if result.secure is not None else []):
+        table += [
+            (side.security, *row("append", side.raw_publish_per_s, side.append_per_s, side.append_ratio,
+                                 APPEND_TARGET)),
+            (side.security, *row("rebuild", side.raw_replay_per_s, side.rebuild_per_s, side.rebuild_ratio,
+                                 REBUILD_TARGET)),
+        ]
+    footer = [f"{result.events} events x {result.rounds} rounds (median), "
+              f"{result.avg_event_bytes} B/event, sync_interval {result.sync_interval}"]
+    for side in [result] + ([result.secure] if result.secure is not None else []):
+        footer.append(f"security {side.security}: {side.security_detail}")
+    if result.on_vs_off:
+        footer.append("security on/off: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x"
+                                                     for k, v in result.on_vs_off.items()))
+    print_table(("SECURITY", "METRIC", "RAW", "PROJECT", "RATIO", "TARGET", "RESULT"), table, footer=footer)
 
 
 @bench_group.command("dispatch")
@@ -67,30 +82,40 @@ def bench_store(obj: CliState, n_events: int, rounds: int, as_json: bool) -> Non
               help="Null agents report back to back instead of after the coordinator's previous reaction.")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Run the coordinator under cProfile; write its stats to DIR (inflates the figures).")
+@SECURITY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def bench_dispatch(agents: int | None, tasks: int, throughput_tasks: int, throughput_agents: int,
-                   sync_interval: str, immediate_reports: bool, profile_dir: str | None, as_json: bool) -> None:
-    """Coordinator dispatch latency and orchestration throughput vs raw JetStream.
+                   sync_interval: str, immediate_reports: bool, profile_dir: str | None, security: str,
+                   as_json: bool) -> None:
+    """Coordinator dispatch latency and orchestration throughput vs raw JetStream,
+    security off beside on.
 
     Latency: issue published -> TaskAssigned observed, one issue at a time, with N idle
     agents. Throughput: issues -> completed through the whole task state machine with
     null agents that do no work. Targets: p50 <= 3 ms, p99 <= 10 ms (100 agents),
-    >= 1,000 tasks/s. Uses its own temporary nats-server; the coordinator runs in its
-    own process."""
+    >= 1,000 tasks/s. Uses its own temporary nats-servers (one per security setting,
+    measured alternately in the same run); the coordinator runs in its own process."""
     from infra.shell.bench.dispatch import run_dispatch_bench
-    from infra.shell.bench.report import footer, rows
+    from infra.shell.bench.report import comparison_rows, footer, rows, run_footer, title
 
     counts = (agents,) if agents else (10, 100, 1000)
-    steps = 1 + len(counts) + (1 if throughput_tasks else 0)
+    steps = (2 if security == "both" else 1) * (1 + len(counts) + (1 if throughput_tasks else 0))
     result = _with_progress(steps, lambda progress: run_async(run_dispatch_bench(
         agent_counts=counts, tasks=tasks, throughput_tasks=throughput_tasks, sync_interval=sync_interval,
         progress=progress, throughput_agents=throughput_agents, profile_dir=profile_dir,
-        immediate_reports=immediate_reports)))
+        immediate_reports=immediate_reports, security=security)))
     if as_json:
         emit_json(msgspec.to_builtins(result))
         return
-    print_table(("METRIC", "VALUE", "BASELINE", "RATIO", "TARGET", "RESULT"), rows(result),
-                footer=footer(result))
+    for side in result.sides():
+        print_table(("METRIC", "VALUE", "BASELINE", "RATIO", "TARGET", "RESULT"), rows(side),
+                    title=title(side), footer=footer(side))
+        click.echo()
+    if result.on_vs_off:
+        print_table(("METRIC", "SECURITY OFF", "SECURITY ON", "ON/OFF"), comparison_rows(result),
+                    title="security on vs off (same run)")
+    for line in run_footer(result):
+        click.echo(line)
 
 
 def _with_progress(rounds: int, fn):

@@ -26,7 +26,11 @@ def _fmt(v: float | None) -> str:
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Where sandboxes go [default: the temp dir].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per scenario.")
-def chaos_cmd(quick, scenarios, tasks, runs, seed, keep, work_dir, as_json) -> None:
+@click.option("--insecure", is_flag=True,
+              help="Run the servers without TLS, users or store encryption (the global --insecure does too). "
+                   "Default: secure, as `ccc up` is.")
+@click.pass_obj
+def chaos_cmd(obj, quick, scenarios, tasks, runs, seed, keep, work_dir, as_json, insecure) -> None:
     """The fault suite: crashes, restarts, duplicates, poison messages, a 3-node cluster.
 
     Starts its own throwaway NATS servers and actor processes, runs each scenario with
@@ -41,7 +45,13 @@ def chaos_cmd(quick, scenarios, tasks, runs, seed, keep, work_dir, as_json) -> N
     if unknown:
         raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
                                  param_hint="--scenario")
-    options = ChaosOptions(quick=quick, tasks=tasks, runs=runs, seed=seed, keep=keep, work_dir=work_dir)
+    # `ccc --insecure chaos` (or CCC_INSECURE=1) means it too; the global flag has warned already
+    global_insecure = obj is not None and obj.settings().insecure
+    if insecure and not global_insecure:
+        click.echo("warning: --insecure: the chaos suite runs its servers without TLS, users or store "
+                   "encryption", err=True)
+    options = ChaosOptions(quick=quick, tasks=tasks, runs=runs, seed=seed, keep=keep, work_dir=work_dir,
+                           insecure=insecure or global_insecure)
     results = run_async(run_chaos(names, options, progress=lambda line: click.echo(f"chaos: {line}", err=True)))
     assert isinstance(results, list)
     if as_json:
@@ -57,6 +67,8 @@ def chaos_cmd(quick, scenarios, tasks, runs, seed, keep, work_dir, as_json) -> N
             rows.append((r.scenario, r.runs, r.tasks, r.lost, r.duplicated, r.other, r.faults,
                          _fmt(r.recovery_p50), _fmt(r.recovery_max), target, verdict))
         footer = [f"recovery: {r.scenario}: {r.recovery_what}" for r in results if r.recovery_what]
+        footer.insert(0, "security: on (mutual TLS, per-role nkey users, encrypted store; TLS routes in the cluster)"
+                      if all(r.secure for r in results) else "security: OFF (--insecure)")
         for r in results:
             if r.expected_failure:
                 footer.append(f"KNOWN BUG ({r.scenario}): {r.expected_failure}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import msgspec
 
-from events.errors import ConfigError
+from events.errors import ConfigError, StoreUnavailable
 from events.subjects import check_id
 
 from infra.shell.app.cluster import (
@@ -51,6 +51,30 @@ def coder_options(fn):
     return fn
 
 
+def api_access_options(fn):
+    """The status API's access options, shared by `up` and `api`; each overrides its
+    setting (None: the environment variable, then the default)."""
+    fn = click.option("--rate-burst", type=click.IntRange(1, 1_000_000), default=None,
+                      help="Status API: requests a client may burst "
+                           "[env CCC_API_RATE_BURST; default: 100].")(fn)
+    fn = click.option("--rate-limit", type=click.FloatRange(0), default=None,
+                      help="Status API: requests/s per client address, or per token once authenticated; "
+                           "0 turns it off [env CCC_API_RATE_LIMIT; default: 20].")(fn)
+    fn = click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+                      help="A Host name the status API answers to, beside localhost and its bind address "
+                           "(repeatable; *.example.com, or * for any) [env CCC_API_ALLOWED_HOSTS].")(fn)
+    fn = click.option("--require-token", is_flag=True, default=None,
+                      help="Status API: require a bearer token even on localhost (always required beyond "
+                           "it; tokens from `ccc secure init` or CCC_API_TOKEN) "
+                           "[env CCC_API_REQUIRE_TOKEN].")(fn)
+    return fn
+
+
+def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict:
+    return {"api_require_token": require_token, "api_allowed_hosts": allowed_hosts or None,
+            "api_rate_limit": rate_limit, "api_rate_burst": rate_burst}
+
+
 # -- ccc up ------------------------------------------------------------------------------
 @click.command("up")
 @click.option("--agents", type=click.IntRange(0, 64), default=3, show_default=True)
@@ -61,6 +85,10 @@ def coder_options(fn):
 @click.option("--api-port", type=click.IntRange(0, 65535), default=None,
               help="Status API port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
 @click.option("--no-api", is_flag=True, help="Do not serve the status API.")
+@click.option("--api-host", default=None,
+              help="Status API bind address [env CCC_API_HOST; default: 127.0.0.1]; beyond localhost "
+                   "it requires a token.")
+@api_access_options
 @coder_options
 @click.option("--analyser", type=click.Choice(ANALYSERS), default="rules", show_default=True,
               help="claude: ask Claude for specialty, complexity, dependencies and a plan (falls back "
@@ -77,11 +105,13 @@ def coder_options(fn):
               help="Attempts per task (new tasks).")
 @shutdown_grace_option
 @click.pass_obj
-def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, model, forge, analyser, script_dir,
+def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, require_token, allowed_hosts,
+           rate_limit, rate_burst, coder, model, forge, analyser, script_dir,
            heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
-    settings = obj.settings()
+    settings = obj.settings(api_host=api_host, **_api_overrides(require_token, allowed_hosts, rate_limit,
+                                                                  rate_burst))
     if heartbeat_interval is None:
         # several beats per timeout: one late beat must not get a healthy agent declared lost
         heartbeat_interval = min(2.0, heartbeat_timeout / 4)
@@ -92,10 +122,15 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, coder, model, f
         heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=heartbeat_interval, retry_base=retry_base, max_attempts=max_attempts,
         shutdown_grace=shutdown_grace, agent_prefix=_agent_prefix(settings.nats_url),
+        repos=settings.repos,
     )
     options.validate()
     make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
     make_forge(forge, settings.data_dir / "forge")
+    if options.api_port is not None:  # as does a status API that needs a token and has none
+        from infra.adapters.http.auth import ApiAccess
+
+        ApiAccess.from_settings(settings).check(settings.api_host)
 
     async def main() -> None:
         cluster = LocalCluster(settings, obj.ns, options)
@@ -130,14 +165,19 @@ def _agent_prefix(nats_url: str | None) -> str:
 
 
 def _print_up(cluster: LocalCluster, ns) -> None:
+    from infra.adapters.obs.masking import redact_url
+
+    url = redact_url(cluster.url)  # NATS_URL may carry a password: not on the screen
     click.echo(f"claude-code-cluster is up ({len(cluster.agents)} agents)")
-    click.echo(f"  NATS        {cluster.url}")
+    click.echo(f"  NATS        {url}")
     if cluster.api is not None:
         click.echo(f"  status API  {cluster.api.url}/api/v1/tasks   (OpenAPI: {cluster.api.url}/schema)")
     click.echo(f"  local forge {cluster.forge_root}   (add a repo: ccc repo import OWNER/NAME PATH)")
     click.echo("  publish an issue:")
     click.echo("    ccc issue publish --repo OWNER/NAME --title 'Fix the bug' --label backend")
-    click.echo(f"  watch:       ccc events --follow    |   nats --server {cluster.url} sub '{ns.prefix}.>'")
+    click.echo(f"  watch:       ccc events --follow    |   nats --server {url} sub '{ns.prefix}.>'")
+    if cluster.options.repos:
+        click.echo(f"  repos       {', '.join(cluster.options.repos)} (issue facts about others are refused)")
     click.echo("Ctrl-C to stop.")
 
 
@@ -197,7 +237,10 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
                 await agent.start()
                 click.echo(f"agent {agent_id} ({', '.join(specialties)}) registered; "
                            "Ctrl-C / SIGTERM to stop")
-                await signals.wait()
+                while not await signals.wait(0.5):
+                    if nc.is_closed:  # given up after the server refused its credentials
+                        raise StoreUnavailable(f"agent {agent_id}: the cluster refused its credentials "
+                                               "(revoked?); stopped")
             except asyncio.CancelledError:
                 if not signals.received:
                     raise  # not a signal of ours
@@ -206,7 +249,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
                 if metrics_server is not None:
                     await metrics_server.stop()
 
-    obj.run(run)
+    obj.run(run, role="agent", agent_id=agent_id)
 
 
 # -- ccc demo -----------------------------------------------------------------------------
@@ -281,27 +324,38 @@ def demo_cmd(obj, keep, timeout, as_json) -> None:
 
 # -- ccc api ---------------------------------------------------------------------------
 @click.command("api")
-@click.option("--host", default=None, help="Bind address [default: settings api_host, 127.0.0.1].")
+@click.option("--host", default=None,
+              help="Bind address [env CCC_API_HOST; default: 127.0.0.1]; beyond localhost it "
+                   "requires a token.")
 @click.option("--port", type=click.IntRange(0, 65535), default=None,
               help="Port [default: CCC_API_PORT or 8080]; 0 picks a free one.")
+@api_access_options
 @click.pass_obj
-def api_cmd(obj, host: str | None, port: int | None) -> None:
+def api_cmd(obj, host: str | None, port: int | None, require_token, allowed_hosts, rate_limit,
+            rate_burst) -> None:
     """Serve the status API.
 
-    Task, agent and cluster views over a live projection of the event log."""
+    Task, agent and cluster views over a live projection of the event log. Callers
+    send `Authorization: Bearer <token>` (read scope; tokens from `ccc secure init` or
+    CCC_API_TOKEN), required beyond localhost or with --require-token; /health is open."""
     try:
         from infra.adapters.http.status_server import ApiServer
     except ModuleNotFoundError as e:
         if e.name not in ("infra.adapters.http.status_server", "uvicorn", "litestar"):
             raise
         raise ConfigError(f"the status API is not available: {e}") from None
-    settings = obj.settings()
-    host = host or settings.api_host
-    port = settings.api_port if port is None else port
+    from infra.adapters.http.auth import ApiAccess
+
+    settings = obj.settings(api_host=host,
+                            **_api_overrides(require_token, allowed_hosts, rate_limit, rate_burst))
+    host, port = settings.api_host, settings.api_port if port is None else port
+    access = ApiAccess.from_settings(settings)
+    access.check(host)  # needs a token and has none: say so before looking for a cluster
     require_running_nats(obj)
 
     async def serve(nc) -> None:
-        server = ApiServer(obj.store(nc), host, port, materialize=True)
+        # read-only credentials on a secure cluster: the KV views are the coordinator's to write
+        server = ApiServer(obj.store(nc), host, port, materialize=settings.insecure, access=access)
         with StopSignals() as signals:  # a second Ctrl-C must not cut the shutdown short
             serving = stopped = None
             try:
@@ -322,7 +376,7 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
                         t.cancel()
                 await signals.cleanup(settle(serving, server.stop()))
 
-    obj.run(serve)
+    obj.run(serve, role="status")
 
 
 # -- ccc webhook -------------------------------------------------------------------------
@@ -336,13 +390,15 @@ def api_cmd(obj, host: str | None, port: int | None) -> None:
 def webhook_cmd(obj, host, port, trigger_label, bot_name) -> None:
     """Receive GitHub webhooks (HMAC-verified with CCC_WEBHOOK_SECRET) and publish
     them as issue facts; a redelivered webhook is a no-op."""
+    from events.trust import TrustPolicy
     from infra.adapters.http.webhook import WebhookServer, webhook_secret
 
     secret = webhook_secret()  # a ConfigError before anything starts
+    trust = TrustPolicy(repos=obj.settings().repos)  # the same policy the intake re-checks
 
     async def serve(nc) -> None:
         server = WebhookServer(nc, obj.ns, host, port, secret=secret, trigger_label=trigger_label,
-                               bot_name=bot_name)
+                               bot_name=bot_name, trust=trust)
         try:
             await server.start()
         except OSError as e:
@@ -350,7 +406,7 @@ def webhook_cmd(obj, host, port, trigger_label, bot_name) -> None:
         click.echo(f"webhook receiver at {server.url}/webhook  (Ctrl-C to stop)")
         await until_signal(server.serve_forever())
 
-    obj.run(serve)
+    obj.run(serve, role="webhook")
 
 
 CLUSTER_COMMANDS = (up_cmd, agent_cmd, demo_cmd, api_cmd, webhook_cmd)

@@ -18,7 +18,12 @@ from events.errors import ConfigError, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 
+from infra.adapters.nats.permissions import Role
 from infra.adapters.nats.settings import Settings, load_settings
+
+
+INSECURE_WARNING = ("warning: --insecure: the embedded nats-server runs without TLS and without users; "
+                    "anyone who reaches its port can read and write every event")
 
 
 class CliState:
@@ -28,8 +33,10 @@ class CliState:
     variable and default (:func:`~infra.adapters.nats.settings.load_settings`)."""
 
     def __init__(self, *, nats_url: str | None, data_dir: str | None, namespace: str | None,
-                 log_level: str) -> None:
-        self._overrides = {"nats_url": nats_url, "data_dir": data_dir, "namespace": namespace}
+                 log_level: str, repos: str | None = None, creds: str | None = None,
+                 insecure: bool | None = None) -> None:
+        self._overrides = {"nats_url": nats_url, "data_dir": data_dir, "namespace": namespace,
+                           "repos": repos, "creds": creds, "insecure": insecure}
         self.log_level = log_level
         self._settings: Settings | None = None
 
@@ -47,10 +54,10 @@ class CliState:
     def store(self, nc) -> EventStore:
         return EventStore(nc, self.ns, timeout=self.settings().request_timeout)
 
-    def run(self, fn: Callable[[object], Awaitable]) -> object:
-        """Connect (``NATS_URL`` or the embedded server), provision, ``await fn(nc)``."""
+    def run(self, fn: Callable[[object], Awaitable], *, role: Role = "cli", agent_id: str | None = None) -> object:
+        """Connect as ``role`` (``NATS_URL`` or the embedded server; the role's credentials),
+        make sure the streams are there, ``await fn(nc)``."""
         from infra.adapters.nats.connection import open_nats
-        from infra.adapters.nats.provisioning import provision
 
         settings, ns = self.settings(), self.ns
 
@@ -59,8 +66,7 @@ class CliState:
                 await probe(settings.nats_url, settings)
             else:
                 await _drop_stale_url_file(settings)
-            async with open_nats(settings) as nc:
-                await provision(nc, ns, replicas=settings.replicas)
+            async with open_nats(settings, role=role, ns=ns, agent_id=agent_id) as nc:
                 return await fn(nc)
 
         return run_async(go())
@@ -72,7 +78,9 @@ def run_async(coro: Awaitable) -> object:
     try:
         return asyncio.run(coro)
     except (nats.errors.Error, asyncio.TimeoutError) as e:
-        raise StoreUnavailable(f"NATS: {type(e).__name__}: {e}") from None
+        from infra.adapters.obs.masking import mask  # the error may quote a URL with credentials
+
+        raise StoreUnavailable(f"NATS: {type(e).__name__}: {mask(str(e))}") from None
 
 
 async def probe(url: str, settings: Settings | None = None, timeout: float = 3.0) -> None:
@@ -80,7 +88,7 @@ async def probe(url: str, settings: Settings | None = None, timeout: float = 3.0
     from infra.adapters.nats.connection import connect
 
     nc = await connect(url, name="ccc-probe", settings=settings, connect_timeout=timeout,
-                       reconnect=False, quiet=True)
+                       reconnect=False, quiet=True, role="cli")
     await nc.close()
 
 

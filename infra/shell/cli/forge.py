@@ -15,6 +15,7 @@ from events.codec import encode
 from events.errors import ConfigError
 from events.issue import IssueCancelRequested, IssuePullRequestClosed, IssuePullRequestMerged
 from events.subjects import check_id
+from events.trust import OPERATOR
 from projections.read_model import ReadModel
 
 from infra.shell.cli.read import emit_json, print_table, tasks_cmd
@@ -56,7 +57,8 @@ def tasks_cancel(obj, task_id, reason) -> None:
             raise ConfigError(f"task {task_id} is already {task.status}")
         seq = await _publish(nc, obj.ns, IssueCancelRequested(
             event_id=f"cli:{task_id}:cancel:{uuid.uuid4().hex}", source=task.issue.source,
-            repo=task.issue.repo, number=task.issue.number, occurred_at=_now(), reason=reason))
+            repo=task.issue.repo, number=task.issue.number, occurred_at=_now(), reason=reason,
+            actor="cli", author="cli", author_association=OPERATOR))  # the operator: trusted by role
         click.echo(f"cancellation of {task_id} requested (seq {seq})")
 
     obj.run(go)

@@ -13,6 +13,7 @@ else. Click's own usage errors keep click's format and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -20,6 +21,7 @@ import click
 
 from events.errors import CccError, ConfigError
 
+from infra.adapters.obs.masking import mask
 from infra.adapters.nats.settings import (
     DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL,
@@ -31,10 +33,11 @@ from infra.adapters.nats.settings import (
 from infra.shell.cli.bench import bench_group
 from infra.shell.cli.chaos import chaos_cmd
 from infra.shell.cli.cluster import CLUSTER_COMMANDS
-from infra.shell.cli.context import CliState
+from infra.shell.cli.context import INSECURE_WARNING, CliState
 from infra.shell.cli.forge import FORGE_COMMANDS
 from infra.shell.cli.issue import issue_group
 from infra.shell.cli.read import READ_COMMANDS
+from infra.shell.cli.secure import secure_group
 from infra.shell.cli.server import server_cmd
 
 
@@ -47,7 +50,9 @@ class CccGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise  # click's own (Exit and Abort are RuntimeErrors)
         except CccError as e:
-            click.echo(f"error: {e}", err=True)
+            # the last line of defence for credentials (a NATS URL with a password, a
+            # token in a server's answer): every error line goes through the masker
+            click.echo(f"error: {mask(str(e))}", err=True)
             ctx.exit(2 if isinstance(e, ConfigError) else 1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -59,8 +64,8 @@ class CccGroup(click.Group):
         except Exception as e:  # noqa: BLE001 - a bug or an unwrapped library error
             if isinstance(ctx.obj, CliState) and ctx.obj.log_level == "debug":
                 raise
-            click.echo(f"error: unexpected {type(e).__name__}: {e} (--log-level debug shows the traceback)",
-                       err=True)
+            click.echo(f"error: unexpected {type(e).__name__}: {mask(str(e))} (--log-level debug shows the "
+                       "traceback)", err=True)
             ctx.exit(1)
 
 
@@ -85,6 +90,15 @@ class SettingOption(click.Option):
               help="State dir of the embedded server [env CCC_DATA_DIR].")
 @click.option("--namespace", cls=SettingOption, setting_default=DEFAULT_NAMESPACE, metavar="NAME",
               help="Subject prefix / stream names: several clusters can share one NATS [env CCC_NAMESPACE].")
+@click.option("--repos", cls=SettingOption, setting_default="all", metavar="OWNER/NAME,...",
+              help="Repositories the cluster serves, 'owner/name' or 'owner/*', comma-separated; issue "
+                   "facts about others are refused at intake and by the webhook [env CCC_REPOS].")
+@click.option("--creds", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Connect with this credentials kit (user nkey, client certificate, CA; `ccc secure "
+                   "add-agent` writes one) [env CCC_CREDS]. Default: the data dir's, for its secure server.")
+@click.option("--insecure", is_flag=True, default=None,
+              help="No TLS and no authentication for the embedded server: anyone who reaches its port "
+                   "may read and write everything [env CCC_INSECURE=1].")
 @click.option("--log-level", cls=SettingOption, setting_default=DEFAULT_LOG_LEVEL,
               type=click.Choice(LOG_LEVELS, case_sensitive=False),
               help="Log level (logs go to stderr) [env CCC_LOG_LEVEL].")
@@ -93,7 +107,7 @@ class SettingOption(click.Option):
               help="auto: JSON lines unless stderr is a terminal [env CCC_LOG_FORMAT].")
 @click.version_option(package_name="claude-code-cluster", prog_name="ccc")
 @click.pass_context
-def cli(ctx: click.Context, nats_url, data_dir, namespace, log_level, log_format) -> None:
+def cli(ctx: click.Context, nats_url, data_dir, namespace, repos, creds, insecure, log_level, log_format) -> None:
     """claude-code-cluster: coding agents coordinated through an event log on NATS
     JetStream."""
     from infra.adapters.obs.logs import configure_logging
@@ -104,10 +118,14 @@ def cli(ctx: click.Context, nats_url, data_dir, namespace, log_level, log_format
     # spans are always created (so context flows through NATS headers); exported only
     # when OTEL_* says where (OTLP endpoint, or console)
     setup_tracing(f"ccc-{ctx.invoked_subcommand or 'cli'}")
-    ctx.obj = CliState(nats_url=nats_url, data_dir=data_dir, namespace=namespace, log_level=logs.level)
+    ctx.obj = CliState(nats_url=nats_url, data_dir=data_dir, namespace=namespace, log_level=logs.level,
+                       repos=repos, creds=creds, insecure=insecure)
+    with contextlib.suppress(ConfigError):  # a bad setting is reported by the command itself
+        if ctx.obj.settings().insecure:
+            click.echo(INSECURE_WARNING, err=True)
 
 
-for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS, *FORGE_COMMANDS, server_cmd, issue_group, bench_group,
+for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS, *FORGE_COMMANDS, server_cmd, issue_group, bench_group, secure_group,
                  chaos_cmd):
     cli.add_command(_command)
 

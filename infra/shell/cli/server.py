@@ -17,12 +17,20 @@ from infra.shell.cli.context import CliState, reachable, run_async
 
 
 async def _provision_at(url: str, settings: Settings, ns: Namespace) -> None:
+    """Provisioning is the admin's step: the streams and buckets, and the artifact bucket
+    of every agent registered in the secure directory."""
     from infra.adapters.nats.connection import connect
-    from infra.adapters.nats.provisioning import provision
+    from infra.adapters.nats.provisioning import provision, provision_agent
+    from infra.adapters.nats.secure import SecureDir
 
-    nc = await connect(url, name="ccc-server", settings=settings)
+    nc = await connect(url, name="ccc-server", settings=settings, role="admin")
     try:
         await provision(nc, ns, replicas=settings.replicas)
+        secure = SecureDir.of(settings.data_dir)
+        if not settings.insecure and secure.exists():
+            for kit in secure.agents():
+                if kit.namespace == ns.prefix and kit.agent_id:
+                    await provision_agent(nc, ns, kit.agent_id, replicas=settings.replicas)
     finally:
         await nc.close()
 
@@ -51,10 +59,11 @@ def server_cmd(obj: CliState, port: int, server_data_dir: str | None, http_port:
     if url_file.is_file():
         existing = url_file.read_text().strip()
         if existing and run_async(reachable(existing, settings)):
-            raise ConfigError(f"a server for {data_dir} is already running at {existing}")
+            from infra.adapters.obs.masking import redact_url
 
-    server = EmbeddedServer(data_dir, port=port or None, http_port=http_port,
-                            sync_interval=settings.sync_interval)
+            raise ConfigError(f"a server for {data_dir} is already running at {redact_url(existing)}")
+
+    server = EmbeddedServer.for_settings(settings, ns, port=port or None, http_port=http_port)
     url = ""
 
     def stop_server() -> None:
@@ -88,16 +97,26 @@ def server_cmd(obj: CliState, port: int, server_data_dir: str | None, http_port:
 
 
 def _print_server_hints(url: str, data_dir: Path, settings: Settings, ns: Namespace, http_port: int) -> None:
+    from infra.adapters.obs.masking import redact_url
+
+    url = redact_url(url)  # startup lines never show a credential (the nats.url file may)
+    secure = data_dir / "secure"
+    nats_auth = "" if settings.insecure else f" --tlsca {secure}/ca.pem --tlscert {{kit}}/cert.pem " \
+        f"--tlskey {{kit}}/key.pem --nkey {{kit}}/user.nk --inbox-prefix _INBOX_cli"
+    cli_kit = secure / "users" / f"{ns.prefix}.cli"
     lines = [
-        f"nats-server ready at {url}",
+        f"nats-server ready at {url}" + ("  (INSECURE: no TLS, no users)" if settings.insecure else
+                                         "  (mutual TLS, nkey users, encrypted store)"),
         f"  data dir       {data_dir}  (sync_interval {settings.sync_interval})",
         f"  streams        {ns.events_stream}, {ns.issues_stream}, {ns.heartbeats_stream}",
         "  other ccc commands with the same data dir find this server by themselves;",
         f"  elsewhere:     export NATS_URL={url}",
-        f"  watch events:  nats --server {url} sub '{ns.prefix}.>'",
-        f"  the log:       nats --server {url} stream view {ns.events_stream}",
-        f"  task view:     nats --server {url} kv ls {ns.tasks_bucket}",
+        f"  watch events:  nats --server {url}{nats_auth.format(kit=cli_kit)} sub '{ns.prefix}.>'",
+        f"  the log:       nats --server {url}{nats_auth.format(kit=cli_kit)} stream view {ns.events_stream}",
+        f"  task view:     nats --server {url}{nats_auth.format(kit=cli_kit)} kv ls {ns.tasks_bucket}",
     ]
+    if not settings.insecure:
+        lines.append(f"  credentials:   {secure}  (a remote agent: ccc secure add-agent ID)")
     if http_port:
         lines.append(f"  monitoring:    http://127.0.0.1:{http_port}/jsz")
     lines.append("Ctrl-C to stop.")

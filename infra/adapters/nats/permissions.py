@@ -1,0 +1,154 @@
+"""Who may do what on the bus: one role per kind of process, its permissions as nats-server
+enforces them (DESIGN.md §10). Pure: a table from (role, namespace, agent id) to the
+subjects a user may publish and subscribe to; :mod:`infra.adapters.nats.secure` writes
+them into the server's configuration.
+
+JetStream is an API over subjects, so the permissions name JetStream's own subjects too:
+``$JS.API.CONSUMER.CREATE.<stream>.<consumer>.<filter>`` carries the filter (nats-server
+≥ 2.10 checks it against the request), so an agent may create exactly one durable
+consumer, on its own assignments; ``$JS.API.CONSUMER.MSG.NEXT`` / ``$JS.ACK`` are scoped to
+that consumer. Reads that are not work (replaying a task's history, the cancel watch)
+use ephemeral ordered consumers (``$JS.API.CONSUMER.CREATE.<stream>`` with no name: the
+server refuses a durable name there) and direct gets.
+
+Nobody but ``admin`` may create, update, delete or purge a stream, a bucket or a
+consumer's configuration of another role: those API subjects are denied to every other
+role, whatever its allow list says (a deny wins in nats-server).
+
+Every role has its own inbox prefix (``_INBOX_<role>``, ``_INBOX_agent_<id>``) and may
+subscribe only below it (and to its ordered consumers' deliver subjects, which nats-py
+takes from the same prefix), so no role can read another's replies.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from events.subjects import Namespace, check_id
+
+Role = Literal["admin", "coordinator", "agent", "webhook", "cli", "status"]
+ROLES: tuple[Role, ...] = ("admin", "coordinator", "agent", "webhook", "cli", "status")
+
+# Stream, bucket and consumer administration: only admin (deny wins over any allow).
+ADMIN_ONLY = (
+    "$JS.API.STREAM.CREATE.>",
+    "$JS.API.STREAM.UPDATE.>",
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.PURGE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+    "$JS.API.STREAM.SNAPSHOT.>",
+    "$JS.API.STREAM.RESTORE.>",
+    "$JS.API.STREAM.PEER.>",
+    "$JS.API.STREAM.LEADER.>",
+    "$JS.API.CONSUMER.DELETE.>",
+    "$JS.API.CONSUMER.DURABLE.CREATE.>",  # the legacy endpoint carries no filter to check
+    "$JS.API.CONSUMER.PAUSE.>",
+    "$JS.API.CONSUMER.LEADER.>",
+    "$JS.API.CONSUMER.UNPIN.>",
+    "$JS.API.META.>",
+    "$JS.API.SERVER.>",
+    "$JS.API.ACCOUNT.>",
+    "$SYS.>",
+)
+
+
+class Permissions(msgspec.Struct, frozen=True, kw_only=True):
+    """A user's permissions, as the server config's ``permissions`` block holds them."""
+
+    publish_allow: tuple[str, ...]
+    publish_deny: tuple[str, ...] = ()
+    subscribe_allow: tuple[str, ...]
+    subscribe_deny: tuple[str, ...] = ()
+
+
+def inbox_prefix(role: Role, agent_id: str | None = None) -> str:
+    """The role's own inbox prefix (nats-py's ``inbox_prefix``)."""
+    if role == "agent":
+        return f"_INBOX_agent_{_agent(agent_id)}"
+    return f"_INBOX_{role}"
+
+
+def user_name(role: Role, agent_id: str | None = None) -> str:
+    """How the user is named in the registry and the server's logs."""
+    return f"agent:{_agent(agent_id)}" if role == "agent" else role
+
+
+def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> Permissions:
+    """The permissions of ``role`` in the cluster of namespace ``ns``."""
+    p = ns.prefix
+    events, issues, hbs = ns.events_stream, ns.issues_stream, ns.heartbeats_stream
+    own_inbox = (f"{inbox_prefix(role, agent_id)}.>",)
+    match role:
+        case "admin":
+            return Permissions(publish_allow=(">",), subscribe_allow=(">",))
+        case "coordinator":
+            return Permissions(
+                publish_allow=(
+                    *read_subjects("*"),
+                    # its durable consumers on the issues, the agents' reports, the task
+                    # events (forge sync) and the heartbeats, named in the subject
+                    *(f"$JS.API.CONSUMER.{op}.{s}.>" for op in ("CREATE", "MSG.NEXT", "INFO")
+                      for s in (issues, events, hbs)),
+                    *(f"$JS.ACK.{s}.>" for s in (issues, events, hbs)),
+                    f"{p}.task.>", f"{p}.agent.*.offline", f"{p}.dlq.>",
+                    f"$KV.{ns.tasks_bucket}.>", f"$KV.{ns.agents_bucket}.>",
+                ),
+                publish_deny=ADMIN_ONLY,
+                subscribe_allow=own_inbox,
+            )
+        case "agent":
+            a = _agent(agent_id)
+            durable, bucket = f"agent-{a}", ns.agent_artifacts_bucket(a)
+            return Permissions(
+                publish_allow=(
+                    *read_subjects(events), *read_subjects(hbs),
+                    f"{p}.agent.{a}.>", ns.heartbeat_subject(a),
+                    f"$JS.API.CONSUMER.CREATE.{events}.{durable}.{ns.assignments_filter(a)}",
+                    f"$JS.API.CONSUMER.INFO.{events}.{durable}",
+                    f"$JS.API.CONSUMER.MSG.NEXT.{events}.{durable}",
+                    f"$JS.ACK.{events}.{durable}.>",
+                    f"$O.{bucket}.>", *read_subjects(f"OBJ_{bucket}"),  # its own artifacts
+                ),
+                # (it may say it goes offline itself; dead letters are the coordinator's)
+                publish_deny=ADMIN_ONLY,
+                subscribe_allow=own_inbox,
+            )
+        case "webhook":
+            return Permissions(
+                publish_allow=(f"{p}.issue.github.>", "$JS.API.INFO", f"$JS.API.STREAM.INFO.{issues}"),
+                publish_deny=ADMIN_ONLY,
+                subscribe_allow=own_inbox,
+            )
+        case "cli":
+            # reads everything, live too (`nats sub '<ns>.>'`); writes local issue facts only
+            return Permissions(
+                publish_allow=(*read_subjects("*"), f"{p}.issue.local.>"),
+                publish_deny=ADMIN_ONLY,
+                subscribe_allow=(*own_inbox, f"{p}.>"),
+            )
+        case "status":
+            return Permissions(publish_allow=read_subjects("*"), publish_deny=ADMIN_ONLY,
+                               subscribe_allow=(*own_inbox, f"{p}.>"))
+    raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+
+
+def read_subjects(stream: str) -> tuple[str, ...]:
+    """Reading ``stream`` (``*``: every stream): its info, direct gets, message gets and
+    ephemeral ordered consumers (whose flow-control replies go to ``$JS.FC``)."""
+    return (
+        "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", "$JS.FC.>",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",  # ephemeral only: no consumer name in the subject
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+    )
+
+
+def _agent(agent_id: str | None) -> str:
+    if not agent_id:
+        raise ValueError("the agent role needs an agent id")
+    return check_id(agent_id, "agent id")
