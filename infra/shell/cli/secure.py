@@ -32,6 +32,28 @@ def _secure(obj: CliState):
     return SecureDir.of(settings.data_dir), Namespace(settings.namespace)
 
 
+async def _provision_if_running(obj: CliState, ns: Namespace) -> bool:
+    """With the embedded server of this data dir running: reload its users and provision
+    the namespace's streams as admin (a new namespace's roles can work at once)."""
+    from infra.adapters.nats.connection import connect, embedded_url_file
+    from infra.adapters.nats.provisioning import provision
+    from infra.adapters.nats.secure import reload_server
+
+    settings = obj.settings()
+    if not reload_server(settings.data_dir):
+        return False
+    url_file = embedded_url_file(settings.data_dir)
+    url = url_file.read_text().strip() if url_file.is_file() else ""
+    if not url:
+        return False
+    nc = await connect(url, name="ccc-secure", settings=settings, role="admin", reconnect=False)
+    try:
+        await provision(nc, ns, replicas=settings.replicas)
+    finally:
+        await nc.close()
+    return True
+
+
 async def _provision_agent_if_running(obj: CliState, ns: Namespace, agent_id: str) -> bool:
     """With the embedded server of this data dir running: reload its users and, as admin,
     create the agent's artifact bucket. Otherwise the next ``ccc server``/``up`` does."""
@@ -71,13 +93,15 @@ def secure_init(obj: CliState, hosts: tuple[str, ...], as_json: bool) -> None:
 
     secure, ns = _secure(obj)
     created = secure.init(ns, hosts=hosts)
+    running = run_async(_provision_if_running(obj, ns))  # new users admitted, streams there
     tokens: dict[str, str] = {}
     try:
         tokens = create_api_tokens(secure.path)
     except ConfigError:
         pass  # the tokens exist and may be deployed: never replaced behind the operator's back
     if as_json:
-        emit_json({"secure_dir": str(secure.path), "users_created": created, "api_tokens": tokens})
+        emit_json({"secure_dir": str(secure.path), "users_created": created, "api_tokens": tokens,
+                   "server_reloaded": running})
         return
     click.echo(f"credentials in {secure.path} (mode 0700)")
     for user in created:
