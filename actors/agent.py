@@ -106,7 +106,8 @@ class Agent:
         c = self.config
         await self._append(ag.RegisterAgent(
             at=utcnow(), actor=self.id, agent_id=self.id, specialties=c.specialties,
-            capacity=c.capacity, clearance=c.clearance, host=c.host, coder=self.coder.name))
+            capacity=c.capacity, clearance=c.clearance, host=c.host, coder=self.coder.name,
+            sandbox=self.workbench.sandbox_name))
         log.info("agent.registered", agent_id=self.id, specialties=list(c.specialties), capacity=c.capacity)
 
     # -- lifecycle -------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
+from events.errors import ConfigError
 from events.subjects import task_id_for
 from events.task import PRIORITIES, SECURITY_LEVELS, Analysis, IssueRef
 
@@ -163,7 +164,10 @@ def analyse_issue(issue: IssueRef) -> Analysis:
             repo = ref.group(1) or issue.repo
             number = int(ref.group(2))
             if (repo, number) != (issue.repo, issue.number):
-                deps.append(task_id_for(repo, number))
+                try:  # "#12" is an issue of the same forge as this one: its task id says which
+                    deps.append(task_id_for(repo, number, issue.source))
+                except ConfigError:
+                    reasons.append(f"ignored dependency {repo}#{number}: no task of this cluster can have it")
     deps = list(dict.fromkeys(deps))
     if deps:
         reasons.append(f"depends on {', '.join(deps)}")

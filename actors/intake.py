@@ -11,6 +11,13 @@ Nothing is trusted for arriving here: every fact is checked against the trust po
 write) before it can create or drive a task, whoever published it. The webhook checks
 the same policy, but the issue subjects have other writers (the CLI, ``nats pub``). A
 refused fact is parked as a dead letter with the reason (:class:`events.errors.Refused`).
+
+Which task a fact is about is derived from its source, repository and number
+(:func:`events.subjects.task_id_for`): a local issue and a GitHub issue never share a
+task. Whether that task exists is what the log's *task events* say, not whether
+anything at all sits on its subjects: a message there that is no valid ``TaskCreated``
+(junk, published by whoever could) does not make the intake drop the real issue; the
+task is created after it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from nats.aio.msg import Msg
 
 from events import task_state as ts
 from events.codec import decode_issue
-from events.errors import ConcurrencyConflict, DomainError, Refused
+from events.errors import ConcurrencyConflict, ConfigError, DomainError, InfrastructureError, Refused
 from events.issue import (
     IssueCancelRequested,
     IssueChangesRequested,
@@ -35,12 +42,15 @@ from events.issue import (
     IssuePullRequestMerged,
     IssueRetryRequested,
 )
-from events.subjects import task_id_for
+from events.subjects import check_repo, repo_token, task_id_for
 from events.task import IssueRef
+from projections.read_model import ReadModel
 
 from actors.scheduling import plan_assignments
 
 log = structlog.get_logger("ccc.coordinator")
+
+CREATE_TRIES = 3  # a conflict on creation means someone wrote on the task's subjects: look, retry
 
 
 def utcnow() -> datetime:
@@ -52,7 +62,7 @@ class Intake:
         event = decode_issue(self.ns.rel(msg.subject), msg.data)
         if why := self.config.trust.refusal(event):
             raise Refused(why)
-        task_id = task_id_for(event.repo, event.number)
+        task_id = self._task_id_of(event)
         at = utcnow()
         actor = self.config.name
         match event:
@@ -70,7 +80,16 @@ class Intake:
                     at=at, actor=actor, reason="pull request merged", causation_id=event.event_id))
             case IssueChangesRequested():
                 # the reviewer's request fails this attempt; the retry carries it, and the
-                # next attempt pushes to the same branch (the PR stays the same)
+                # next attempt pushes to the same branch (the PR stays the same). Only a
+                # review of the pull request under review counts: after the first fact of
+                # a review has failed the attempt, the task is no longer in review, so a
+                # straggler of the same review (past the dedup window, or published by
+                # another writer) cannot fail the next attempt, and a review of another
+                # branch (an old PR, someone else's) never fails this one
+                if why := await self._not_under_review(task_id, event):
+                    log.info("coordinator.changes_ignored", task_id=task_id, reason=why,
+                             review_id=event.review_id, comment_id=event.comment_id)
+                    return
                 feedback = f"Changes requested by {event.author or 'a reviewer'}: {event.body}".strip()
                 after = await self._with_fresh_state(task_id, ts.FailTask(
                     at=at, actor=actor, reason=feedback[:500], phase="review", retryable=True,
@@ -91,6 +110,55 @@ class Intake:
                 await self._maybe_retry(task_id, after)
             case _:
                 log.info("coordinator.issue_ignored", type=type(event).__name__, task_id=task_id)
+
+    def _task_id_of(self, event: IssueEvent) -> str:
+        """The task a fact is about. A fact naming no valid repository, or a source the
+        cluster does not know, is refused (it could not be told apart from another's).
+
+        Tasks of GitHub issues created before ids carried their source have the bare
+        id (``acme_app-7``); a fact about such an issue finds its task there, but only a
+        task of that same source: a local issue's task is never a GitHub issue's."""
+        try:
+            check_repo(event.repo)
+            if event.number < 1:
+                raise ConfigError(f"invalid issue number {event.number}")
+            task_id = task_id_for(event.repo, event.number, event.source)
+        except ConfigError as e:
+            raise Refused(f"{event.source}:{event.repo}#{event.number}: {e}") from None
+        if task_id not in self.model.tasks:
+            legacy = f"{repo_token(event.repo)}-{event.number}"
+            old = self.model.tasks.get(legacy) if legacy != task_id else None
+            if old is not None and old.issue.source == event.source:
+                return legacy
+        return task_id
+
+    async def _task_in_log(self, task_id: str) -> tuple[ts.TaskState | None, int]:
+        """The task as its events in the log make it, and the last sequence on its
+        subjects (what an append must expect). Folded like the read model folds: a
+        message that is no event, or an event the state machine rejects (a ``created``
+        of another task, a transition of a task that does not exist) is skipped, but
+        counts for the sequence."""
+        view = ReadModel(self.ns.prefix)
+        last = await self.store.replay(view.apply, filter_subject=self.ns.task_filter(task_id))
+        return view.tasks.get(task_id), max(last, 0)
+
+    async def _not_under_review(self, task_id: str, event: IssueChangesRequested) -> str:
+        """Why a changes-requested fact must not fail the task's attempt, or "" if it
+        must: the task is in review, on the branch (and pull request) the review is of."""
+        if task_id not in self.model.tasks:
+            await self.live.catch_up()
+        await self._fresh(task_id, from_log=True)  # decided on the log's latest, not a lagging view
+        state = self.model.tasks.get(task_id)
+        if state is None:
+            return "no such task"
+        if state.status != "review":
+            return f"the task is {state.status}, not in review: no pull request of this attempt to review"
+        if not event.branch or event.branch != state.branch:
+            return (f"the review is of branch {event.branch or '(none)'}, "
+                    f"the task's is {state.branch or '(none)'}")
+        if event.pr_number is not None and state.pr_number is not None and event.pr_number != state.pr_number:
+            return f"the review is of pull request #{event.pr_number}, the task's is #{state.pr_number}"
+        return ""
 
     async def _with_fresh_state(
         self, task_id: str, command: ts.Command
@@ -113,21 +181,23 @@ class Intake:
         state, last = self._view(task_id)
         create = ts.CreateTask(at=at, actor=self.config.name, task_id=task_id, issue=issue,
                                max_attempts=self.config.max_attempts, causation_id=event.event_id)
-        if state is None and getattr(self.analyser, "instant", False):
-            # the rules answer at once: creation, analysis and (if an agent is free) the
-            # assignment are written back to back, with no hop through the log between
+        for _ in range(CREATE_TRIES):
+            if state is not None:
+                break
             try:
-                await self._analyse(task_id, None, 0, event.event_id, create=create, issue=issue)
-                return
+                if getattr(self.analyser, "instant", False):
+                    # the rules answer at once: creation, analysis and (if an agent is free)
+                    # the assignment are written back to back, with no hop through the log
+                    await self._analyse(task_id, None, last, event.event_id, create=create, issue=issue)
+                    return
+                state, last = await self._run(task_id, create, start=(None, last))
             except ConcurrencyConflict:
-                state, last = await self.store.load_task(task_id)  # a repeat, or another coordinator
-        elif state is None:
-            try:
-                state, last = await self._run(task_id, create, start=(None, 0))
-            except ConcurrencyConflict:
-                state, last = await self.store.load_task(task_id)
+                # a repeat, another coordinator, or something on the task's subjects that
+                # is no task (the model does not track those for a task it does not
+                # know): the log decides, and junk only moves the sequence to expect
+                state, last = await self._task_in_log(task_id)
         if state is None:
-            raise DomainError(f"task {task_id} could not be created")
+            raise InfrastructureError(f"task {task_id} could not be created: its subjects keep moving")
         await self._analyse(task_id, state, last, event.event_id)
 
     async def _analyse(self, task_id: str, state: ts.TaskState | None, last: int, cause: str | None, *,

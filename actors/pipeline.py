@@ -1,13 +1,20 @@
 """An agent's work pipeline for one task attempt. Every phase ends in a report on
 the agent's own aggregate; the coordinator turns reports into task transitions.
 
-    workspace (clone) -> analyse codebase -> implement (coder) -> run tests
-      -> branch + commit + push -> open pull request
+    workspace (clone) -> analyse codebase -> implement (coder) + commit -> run tests
+      -> push -> open pull request
 
 Large outputs (the diff, the test log, the coder's transcript) go to the artifacts
-store (the JetStream object store); reports carry a reference and a digest. A phase
-that fails reports ``agent.work_failed`` with the phase, the reason and whether a
-retry may help. Everything outside the process comes in through the Protocols of
+store (the JetStream object store), masked (:mod:`events.secrets`); reports carry a
+reference and a digest.
+
+What the coder left is committed as soon as it is done (the repository's tests then run
+on exactly that, and cannot add to it), by the workbench's own git, never the
+workspace's; the push checks it first, and a change that holds a secret or anything but
+ordinary files of the repository fails the attempt (not retried: that is for a human).
+
+A phase that fails reports ``agent.work_failed`` with the phase, the reason and whether
+a retry may help. Everything outside the process comes in through the Protocols of
 :mod:`actors.ports`; the reports are typed values (:mod:`events.work_reports`).
 """
 
@@ -22,6 +29,7 @@ import msgspec
 import structlog
 
 from events.errors import CccError
+from events.secrets import process_masker
 from events.task_state import TaskState
 from events.work import Budget, CodeRequest
 from events.work_reports import (
@@ -47,6 +55,7 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     author_name: str = "claude-code-cluster"
     author_email: str = "ccc@localhost"
     budget: Budget = msgspec.field(default_factory=Budget)
+    max_file_bytes: int = 5 * 1024 * 1024  # a pushed change with a bigger file is refused
 
 
 class Superseded(Exception):
@@ -66,13 +75,24 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def instructions_of(repo_dir: Path) -> str:
-    """The repository's own instructions for coding agents, if it has any."""
+INSTRUCTION_FILES = ("CLAUDE.md", "AGENTS.md", ".ccc/instructions.md")
+MAX_INSTRUCTIONS_BYTES = 20_000  # per file
+
+
+def instructions_of(workbench: Workbench, repo_dir: Path) -> str:
+    """The repository's own instructions for coding agents, if it has any: regular files
+    only, never through a symlink (a committed ``CLAUDE.md -> /proc/self/environ`` would
+    put the agent's environment into the prompt), at most :data:`MAX_INSTRUCTIONS_BYTES`
+    each."""
     parts = []
-    for name in ("CLAUDE.md", "AGENTS.md", ".ccc/instructions.md"):
-        p = repo_dir / name
-        if p.is_file():
-            parts.append(f"# {name}\n{p.read_text(errors='replace')[:20000]}")
+    for name in INSTRUCTION_FILES:
+        data = workbench.repo_file(repo_dir, name, max_bytes=MAX_INSTRUCTIONS_BYTES)
+        if data is None:
+            continue
+        text = data[:MAX_INSTRUCTIONS_BYTES].decode("utf-8", "replace")
+        if len(data) > MAX_INSTRUCTIONS_BYTES:
+            text += f"\n[... cut at {MAX_INSTRUCTIONS_BYTES} bytes]"
+        parts.append(f"# {name}\n{text}")
     return "\n\n".join(parts)
 
 
@@ -93,6 +113,7 @@ async def run_pipeline(
     issue = task.issue
     attempt = task.attempt
     prefix = f"{task.task_id}/{attempt}"
+    masker = process_masker()
 
     # 1. workspace
     phase = "workspace"
@@ -116,14 +137,11 @@ async def run_pipeline(
         phase = "implementation"
         branch = workbench.branch_name(task.task_id, issue.title)
         workbench.create_branch(ws.repo_dir, branch)
-        body = issue.body
-        if task.guidance:
-            body += f"\n\n## Requested for this attempt\n{task.guidance}"
         outcome = await coder.implement(CodeRequest(
-            task_id=task.task_id, attempt=attempt, title=issue.title, body=body,
+            task_id=task.task_id, attempt=attempt, title=issue.title, body=issue.body, guidance=task.guidance,
             specialty=task.specialty, labels=issue.labels, repo=issue.repo,
             repo_dir=str(ws.repo_dir), issue_number=issue.number,
-            instructions=instructions_of(ws.repo_dir), budget=settings.budget,
+            instructions=instructions_of(workbench, ws.repo_dir), budget=settings.budget,
         ), ws)
         transcript_ref = ""
         if outcome.transcript:
@@ -133,7 +151,13 @@ async def run_pipeline(
         files = await asyncio.to_thread(workbench.changed_files, ws.repo_dir)
         if not files:
             raise PhaseFailed("implementation", "the coder made no change", retryable=True)
-        diff = (await asyncio.to_thread(workbench.diff, ws.repo_dir)).encode()
+        message = masker.text(f"{issue.title}\n\n{outcome.summary}\n\nResolves {issue.repo}#{issue.number} "
+                              f"(task {task.task_id}, attempt {attempt})")
+        commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, message,
+                                         settings.author_name, settings.author_email)
+        # the work is kept, masked, whatever the push decides about it below: the digest
+        # is of the bytes stored
+        diff = masker.text(await asyncio.to_thread(workbench.diff, ws.repo_dir)).encode()
         diff_ref = await artifacts.put(f"diffs/{prefix}.diff", diff)
         await report(ImplementationProduced(
             coder=coder.name, summary=outcome.summary[:2000], files_changed=tuple(files),
@@ -162,13 +186,14 @@ async def run_pipeline(
                     f"{failed} test(s) failed" if failed else f"test command exited {result.exit_code}")
                 raise PhaseFailed("testing", why, retryable=True, log_ref=log_ref)
 
-        # 5. commit + push
+        # 5. push (the commit of step 3, checked first)
         phase = "push"
-        message = f"{issue.title}\n\n{outcome.summary}\n\nResolves {issue.repo}#{issue.number} (task {task.task_id}, attempt {attempt})"
-        commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, message,
-                                         settings.author_name, settings.author_email)
-        await asyncio.to_thread(workbench.push, ws.repo_dir, branch,
-                                env=await asyncio.to_thread(forge.git_env, issue.repo))
+        try:
+            await asyncio.to_thread(workbench.push, ws.repo_dir, branch,
+                                    env=await asyncio.to_thread(forge.git_env, issue.repo),
+                                    max_file_bytes=settings.max_file_bytes)
+        except CccError as e:  # e.g. "the change contains a secret (…): not pushed"
+            raise PhaseFailed(phase, str(e), retryable=e.retryable, log_ref=diff_ref) from e
         await report(ChangesPushed(branch=branch, commit=commit))
 
         # 6. pull request (a draft when the budget ran out or tests did not pass)
@@ -181,8 +206,8 @@ async def run_pipeline(
             + f"\n_Opened by claude-code-cluster agent `{agent_id}` (task `{task.task_id}`, attempt {attempt})._"
         )
         url, number = await forge.open_pull_request(
-            repo=issue.repo, branch=branch, base=base_branch, title=issue.title, body=body,
-            draft=draft, issue_number=issue.number,
+            repo=issue.repo, branch=branch, base=base_branch, title=masker.text(issue.title),
+            body=masker.text(body), draft=draft, issue_number=issue.number,
         )
         await report(PullRequestOpened(branch=branch, pr_url=url, pr_number=number, draft=draft,
                                        tests_passed=passed, tests_failed=failed))

@@ -54,10 +54,21 @@ class TaskWorkspace(Protocol):
 class Workbench(Protocol):
     """Where an agent works on repositories: task workspaces under its root, git on
     their clones, and the repository's own tests. The git and file-system calls block
-    (git is a subprocess): the pipeline runs the slow ones in a thread."""
+    (git is a subprocess): the pipeline runs the slow ones in a thread.
+
+    The workspace's ``.git`` is the coder's to rewrite: after :meth:`clone`, what the
+    change is, its commit and its push are the agent's business alone (the workspace's
+    files, compared with the commit the task started from, by git that never reads the
+    workspace's git config), and nothing is pushed that is not ordinary files of the
+    repository, or that holds a secret."""
 
     def prepare(self) -> None:
         """Make sure workspaces can be created (before the agent takes work)."""
+        ...
+
+    @property
+    def sandbox_name(self) -> str:
+        """Where its commands run ("bwrap", "none", ...): on the agent's registration."""
         ...
 
     def create_workspace(self, agent_id: str, task_id: str, metadata: Mapping[str, Any]) -> TaskWorkspace:
@@ -74,7 +85,15 @@ class Workbench(Protocol):
 
     def default_branch(self, repo_dir: Path) -> str: ...
 
-    def head_sha(self, repo_dir: Path) -> str | None: ...
+    def head_sha(self, repo_dir: Path) -> str | None:
+        """The commit the task starts from (as cloned, whatever the coder does later)."""
+        ...
+
+    def repo_file(self, repo_dir: Path, path: str, *, max_bytes: int) -> bytes | None:
+        """A file of the repository for the agent itself to read (instructions): at most
+        ``max_bytes + 1`` bytes, and None unless it is a regular file reached without
+        following a symlink (a committed ``CLAUDE.md -> /proc/self/environ`` is not)."""
+        ...
 
     def languages(self, repo_dir: Path) -> dict[str, int]: ...
 
@@ -84,15 +103,25 @@ class Workbench(Protocol):
 
     def create_branch(self, repo_dir: Path, name: str) -> None: ...
 
-    def changed_files(self, repo_dir: Path) -> list[str]: ...
+    def changed_files(self, repo_dir: Path) -> list[str]:
+        """The paths the workspace's files change, against the commit the task started from."""
+        ...
 
     def diff(self, repo_dir: Path) -> str: ...
 
     def diff_stat(self, repo_dir: Path) -> str: ...
 
-    def commit_all(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> str: ...
+    def commit_all(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> str:
+        """Commit the workspace's files as the branch of :meth:`create_branch`; the sha."""
+        ...
 
-    def push(self, repo_dir: Path, branch: str, *, env: Mapping[str, str] | None = None) -> str: ...
+    def push(self, repo_dir: Path, branch: str, *, env: Mapping[str, str] | None = None,
+             max_file_bytes: int = ...) -> str:
+        """Check the committed change, then push it with ``env``'s credentials; the sha.
+        A change that is not only ordinary files of the repository (git's own files, a
+        submodule, a symlink out of the tree, a file above ``max_file_bytes``) or that
+        holds a secret raises a non-retryable :class:`~events.errors.CccError` saying why."""
+        ...
 
     def test_counts(self, output: str) -> TestCounts:
         """The counts of the summary a test runner printed in ``output``."""
@@ -141,7 +170,7 @@ class Artifacts(Protocol):
     """Large outputs, stored outside the events; an event carries the reference."""
 
     async def put(self, name: str, data: bytes) -> str:
-        """Store ``data`` as it is; returns its reference."""
+        """Store ``data`` (text as bytes: a diff) with secrets masked; returns its reference."""
         ...
 
     async def put_text(self, name: str, text: str) -> str:

@@ -36,10 +36,10 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from events.aio import cancel_and_wait
-from events.codec import encode
 from events.dead_letter import DeadLetter
 from events.errors import BadEventError, CccError, DomainError, Refused
 from events.retry import backoff
+from events.secrets import masked_json
 
 from actors.ports import NO_TELEMETRY, Telemetry
 
@@ -239,7 +239,8 @@ class ConsumerLoop:
         )
         self.dead_letters += 1
         try:
-            await self.js.publish(self.dlq_subject, encode(letter), headers={"Nats-Msg-Id": letter.dedup_id})
+            # masked like every event: its preview is the message's own text
+            await self.js.publish(self.dlq_subject, masked_json(letter), headers={"Nats-Msg-Id": letter.dedup_id})
         except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as e:
             # keep the message for redelivery rather than lose the reason
             log.error("actor.dead_letter_failed", actor=self.name, seq=letter.seq, error=str(e))

@@ -50,6 +50,9 @@ class AgentRegistered(AgentEventBase, tag="agent.registered"):
     clearance: SecurityLevel = "internal"
     host: str = ""
     coder: str = "scripted"
+    # where its commands run: "bwrap", "podman", "docker" or "none" (the operator's
+    # --sandbox none, on record); "" on events from before there was a sandbox
+    sandbox: str = ""
 
 
 class AgentTaskStarted(AgentEventBase, tag="agent.task_started"):

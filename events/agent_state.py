@@ -171,6 +171,7 @@ class RegisterAgent(Command, frozen=True, kw_only=True):
     clearance: str = "internal"
     host: str = ""
     coder: str = "scripted"
+    sandbox: str = ""
 
 
 class StartAgentTask(Command, frozen=True, kw_only=True):
@@ -237,7 +238,7 @@ def decide(state: AgentState | None, command: Command) -> list[AgentEvent]:
         events.append(AgentRegistered(
             **_env(command, command.agent_id, version + 1), specialties=command.specialties,
             capacity=command.capacity, clearance=command.clearance, host=command.host,
-            coder=command.coder,
+            coder=command.coder, sandbox=command.sandbox,
         ))
         return _checked(state, events)
     if state is None:

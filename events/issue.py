@@ -9,6 +9,11 @@ plain ``nats pub`` cannot start work by leaving the field out (the intake re-che
 :mod:`events.trust`). Until issue 10 the default of ``IssueOpened`` was ``OWNER``; old
 messages that relied on it now read as ``NONE`` (:mod:`events.trust` says why that is
 the intended reading of an old log).
+
+They may also carry ``author_permission``: the author's permission on the repository
+as the forge's API reported it when the fact was received (GitHub's collaborator
+permission: ``admin``, ``maintain``, ``write``, ``triage``, ``read`` or ``none``). Empty
+means not looked up; the trust policy says when that is enough (:mod:`events.trust`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class IssueOpened(IssueEventBase, tag="issue.opened"):
     url: str = ""
     author: str = ""
     author_association: str = "NONE"  # missing: trusted with nothing (events.trust)
+    author_permission: str = ""  # the forge's answer when received; "" not looked up
 
 
 class IssueEdited(IssueEventBase, tag="issue.edited"):
@@ -83,12 +89,14 @@ class IssueCancelRequested(IssueEventBase, tag="issue.cancel_requested"):
     reason: str = ""
     author: str = ""  # who asked: a comment's author, or the CLI's operator
     author_association: str = "NONE"
+    author_permission: str = ""
 
 
 class IssueRetryRequested(IssueEventBase, tag="issue.retry_requested"):
     reason: str = ""
     author: str = ""
     author_association: str = "NONE"
+    author_permission: str = ""
 
 
 class IssueCommented(IssueEventBase, tag="issue.commented"):
@@ -101,6 +109,7 @@ class IssueCommented(IssueEventBase, tag="issue.commented"):
     request: str = ""
     author: str = ""
     author_association: str = "NONE"
+    author_permission: str = ""
     url: str = ""
 
 
@@ -115,6 +124,7 @@ class IssueChangesRequested(IssueEventBase, tag="issue.changes_requested"):
     body: str = ""
     author: str = ""
     author_association: str = "NONE"
+    author_permission: str = ""
     review_id: int | None = None
     comment_id: int | None = None
     path: str = ""

@@ -12,6 +12,12 @@
 
 A message that does not decode is never fatal: it comes out as a
 :class:`~events.codec.BadMessage` with its stream sequence, and reading continues after it.
+
+Secrets never reach the log: every event is masked on its way in (every string field, at
+any depth, by the process's masker, :mod:`events.secrets`), here at the one boundary every
+writer passes, rather than trusted to each writer. The cost is a few substring searches
+over the encoded bytes per event (~5 us for 500 bytes); only an event that may hold a
+secret is walked and re-encoded.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from opentelemetry import propagate
 from events.agent import AgentEvent
 from events.agent_state import AgentState
 from events.agent_state import fold as fold_agent
-from events.codec import MAX_EVENT_BYTES, BadMessage, Event, bad_message, decode_or_bad, encode, event_decoder
+from events.codec import MAX_EVENT_BYTES, BadMessage, Event, bad_message, decode_or_bad, event_decoder
 from events.errors import CccError, ConcurrencyConflict, StoreUnavailable
 from events.retry import backoff
+from events.secrets import Masker, masked_json
 from events.store_pipeline import WRONG_LAST_SEQUENCE, AckPipeline
 from events.subjects import DEFAULT_NS, Namespace
 from events.task import TaskEvent
@@ -69,8 +76,10 @@ class EventStore:
     appending (one aggregate with optimistic concurrency, or many independent ones)."""
 
     def __init__(self, nc: Client, ns: Namespace = DEFAULT_NS, *, timeout: float = 5.0,
-                 retry_for: float = 15.0) -> None:
+                 retry_for: float = 15.0, masker: Masker | None = None) -> None:
         self.nc = nc
+        # None: the process's masker as it is at each append (it learns secrets at run time)
+        self.masker = masker
         self.retry_for = retry_for  # an R3 leader election stalls writes ~5 s (DESIGN §9)
         self.ns = ns
         self.timeout = timeout
@@ -267,7 +276,12 @@ class EventStore:
         if expected is not None:
             headers[EXPECTED_SEQ] = str(expected)
             headers[EXPECTED_SEQ_SUBJECT] = self.ns.scope_of(subject) or subject
-        return subject, encode(event), headers
+        return subject, self.masked(event), headers
+
+    def masked(self, event: Event) -> bytes:
+        """The bytes stored for ``event``: with every secret in its strings masked (its
+        identity fields, which its subject and dedup id are made of, excepted)."""
+        return masked_json(event, self.masker)
 
     async def append(self, events: Sequence[Event], *, expected_last_seq: int | None) -> list[int]:
         """Append events of one aggregate, all or nothing, retrying across a lost

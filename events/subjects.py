@@ -83,10 +83,46 @@ def repo_token(repo: str) -> str:
     return f"{token(owner)}_{token(name)}"
 
 
-def task_id_for(repo: str, number: int) -> str:
+SOURCE_PREFIXES: dict[str, str] = {"local": "", "github": "gh"}
+"""The issue sources the cluster knows, and the prefix each one's task ids carry.
+
+The local forge's ids have none (``acme_app-7``: what the demo, the README and the golden
+log show), every other source has one (``gh-acme_app-7``), so the task of a GitHub issue
+is not the task of the local issue with the same repository and number: whoever may
+publish local issue facts (``ccc issue publish``, ``nats pub``) cannot create, ahead of
+time, the task a GitHub issue will need, and so cannot decide what it looks like."""
+
+
+def task_id_stem(repo: str, source: str = "local") -> str:
+    """Everything of a task id but the issue number: ``gh-acme_app`` for GitHub's
+    ``acme/app``, ``acme_app`` for the local forge's; branch names start with it too.
+
+    Injective across sources: a local id starts with an owner's token, and owners may
+    not start with a source's prefix and ``-`` (``gh-acme/app`` cannot be a local
+    repository: its ids would be GitHub's ``acme/app``'s), so no local repository's id
+    is a GitHub repository's. Raises :class:`ConfigError` for an unknown source (its ids
+    could not be told apart) and for such an owner."""
+    if source not in SOURCE_PREFIXES:
+        raise ConfigError(f"unknown issue source {source!r}: one of {', '.join(SOURCE_PREFIXES)}")
+    stem = repo_token(repo)
+    prefix = SOURCE_PREFIXES[source]
+    if prefix:
+        return f"{prefix}-{stem}"
+    for reserved in filter(None, SOURCE_PREFIXES.values()):
+        if stem.startswith(f"{reserved}-"):
+            raise ConfigError(f"repository {repo!r}: owners starting with '{reserved}-' are reserved "
+                              f"(task ids starting with '{reserved}-' are those of another source)")
+    return stem
+
+
+def task_id_for(repo: str, number: int, source: str = "local") -> str:
     """One task per issue: the id is derived, so a repeated issue event maps to the
-    same task and its creation deduplicates."""
-    return f"{repo_token(repo)}-{int(number)}"
+    same task and its creation deduplicates. The source is part of it
+    (:data:`SOURCE_PREFIXES`): ``acme_app-7`` locally, ``gh-acme_app-7`` on GitHub.
+
+    Ids are derived here only for new facts; a task keeps the id it was created with
+    (ids come from the events), so old logs replay unchanged."""
+    return f"{task_id_stem(repo, source)}-{int(number)}"
 
 
 # -- subjects relative to the namespace ----------------------------------------------

@@ -10,6 +10,18 @@ else that can reach NATS publishes there too. Trust is therefore a property of t
 (``author_association`` travels with it), checked where work is decided, and a fact
 that does not say who wrote it is trusted with nothing (``NONE``).
 
+Associations are not permissions. GitHub's ``MEMBER`` is anyone in the organisation,
+``COLLABORATOR`` includes people invited with read or triage access: none of them need
+be able to push. What "trusted" means is write permission on the repository, which only
+the forge's API knows (GitHub: ``GET /repos/{owner}/{repo}/collaborators/{user}/permission``).
+The webhook receiver asks it when it has GitHub credentials and writes the answer on the
+fact (``author_permission``); where a permission is on a fact, it must be write or above,
+*and* the association must pass (a cheap first filter that spares the API the spam).
+For the sources in ``permission_required_for`` a fact without a permission is refused:
+the cluster's own forge (``--forge github``) has the credentials, so a GitHub fact that
+does not carry one did not come through a receiver that checked. Without credentials
+the receiver falls back to the associations alone, and says so when it starts.
+
 Which facts carry an author: the ones a person writes (opened, a free-text request, a
 retry/cancel request, changes requested). The others are the forge's own observations
 (closed, reopened, merged, a pull request closed, edited, labeled): they have no author
@@ -44,6 +56,11 @@ from events.issue import (
 from events.subjects import check_repo, repo_parts
 
 NONE = "NONE"  # GitHub's "no association with the repository"; what a missing field means
+GITHUB = "github"  # the source whose facts can carry a permission
+PERMISSIONS: tuple[str, ...] = ("none", "read", "triage", "write", "maintain", "admin")
+"""GitHub's repository roles, weakest first (the REST API's ``permission`` field says
+``admin``, ``write``, ``read`` or ``none``; ``role_name`` the finer ones)."""
+WRITE_PERMISSIONS: frozenset[str] = frozenset({"write", "maintain", "admin"})
 TRUSTED_ASSOCIATIONS: frozenset[str] = frozenset({"OWNER", "MEMBER", "COLLABORATOR"})
 OPERATOR = "OWNER"
 """The association of the local operator's facts (``ccc issue publish``, ``ccc tasks
@@ -57,6 +74,15 @@ AUTHORED = (IssueOpened, IssueCommented, IssueChangesRequested, IssueCancelReque
 def association(value: str | None) -> str:
     """The association as GitHub spells it (upper case); empty or missing is ``NONE``."""
     return (value or "").strip().upper() or NONE
+
+
+def permission(value: str | None) -> str:
+    """The permission as GitHub spells it (lower case); empty or missing is ``""``, not
+    looked up; anything GitHub does not define is ``none``."""
+    value = (value or "").strip().lower()
+    if not value:
+        return ""
+    return value if value in PERMISSIONS else "none"
 
 
 def parse_repos(text: str | None, setting: str = REPOS_SETTING) -> tuple[str, ...]:
@@ -92,11 +118,15 @@ def _key(repo: str) -> tuple[str, str]:
 class TrustPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """Which author associations are trusted, and which repositories are served.
 
-    The default trusts the repository's owner, members and collaborators (GitHub's
-    write-access roles) on every repository."""
+    The default trusts the repository's owner, members and collaborators on every
+    repository, by association; with ``permission_required_for`` (or a permission on
+    the fact) only those of them who may write to it."""
 
     associations: frozenset[str] = TRUSTED_ASSOCIATIONS
     repos: tuple[str, ...] = ()  # "owner/name" or "owner/*"; empty: every repository
+    # sources whose authored facts must carry the author's permission (write or above);
+    # {"github"} when the cluster has GitHub credentials to look it up
+    permission_required_for: frozenset[str] = frozenset()
 
     def allows_repo(self, repo: str) -> bool:
         if not self.repos:
@@ -114,13 +144,22 @@ class TrustPolicy(msgspec.Struct, frozen=True, kw_only=True):
             return ""
         return f"repository {repo} is not in {REPOS_SETTING} ({', '.join(self.repos)})"
 
-    def author_refusal(self, author: str, assoc: str | None) -> str:
-        """Why this author is not listened to, or "" if they are."""
-        assoc = association(assoc)
-        if assoc in self.associations:
-            return ""
-        return (f"untrusted author: {author or '(unnamed)'} is {assoc}, "
-                f"not one of {', '.join(sorted(self.associations))}")
+    def author_refusal(self, author: str, assoc: str | None, perm: str | None = None, *,
+                       source: str = "") -> str:
+        """Why this author is not listened to, or "" if they are: the association
+        first, then the permission (``perm``, as the forge reported it; ``""`` or None:
+        not looked up, which is refused only for the sources that require it)."""
+        assoc, perm = association(assoc), permission(perm)
+        who = author or "(unnamed)"
+        if assoc not in self.associations:
+            return f"untrusted author: {who} is {assoc}, not one of {', '.join(sorted(self.associations))}"
+        if perm and perm not in WRITE_PERMISSIONS:
+            return f"untrusted author: {who} has {perm} permission on the repository, not write"
+        if not perm and source in self.permission_required_for:
+            return (f"untrusted author: {who}'s permission on the repository is not on the fact "
+                    f"(required for {source} facts: write or above; is the webhook receiver "
+                    "running without GitHub credentials?)")
+        return ""
 
     def refusal(self, event: IssueEvent) -> str:
         """Why the intake must not act on ``event``, or "" if it may: the repository
@@ -128,9 +167,10 @@ class TrustPolicy(msgspec.Struct, frozen=True, kw_only=True):
         if why := self.repo_refusal(event.repo):
             return why
         if isinstance(event, AUTHORED):
-            return self.author_refusal(event.author or event.actor, event.author_association)
+            return self.author_refusal(event.author or event.actor, event.author_association,
+                                       event.author_permission, source=event.source)
         return ""
 
 
-__all__ = ["AUTHORED", "NONE", "OPERATOR", "REPOS_SETTING", "TRUSTED_ASSOCIATIONS", "TrustPolicy",
-           "association", "parse_repos"]
+__all__ = ["AUTHORED", "GITHUB", "NONE", "OPERATOR", "PERMISSIONS", "REPOS_SETTING", "TRUSTED_ASSOCIATIONS",
+           "TrustPolicy", "WRITE_PERMISSIONS", "association", "parse_repos", "permission"]

@@ -45,11 +45,14 @@ class CodeRequest(msgspec.Struct, frozen=True, kw_only=True):
     issue_number: int | None = None
     instructions: str = ""
     budget: Budget = msgspec.field(default_factory=Budget)
+    # what a reviewer or a commenter asked for this attempt: like the body, text from the
+    # issue tracker, kept apart so the prompt can frame it as a comment (events.untrusted)
+    guidance: str = ""
 
     @property
     def number(self) -> int | None:
         """The issue number: explicit, else the digits after the last ``-`` of the task
-        id (task ids are ``<repo_token>-<number>``, see ``events.subjects.task_id_for``)."""
+        id (task ids end in ``<repo_token>-<number>``, see ``events.subjects.task_id_for``)."""
         if self.issue_number is not None:
             return self.issue_number
         tail = self.task_id.rsplit("-", 1)[-1]

@@ -248,8 +248,10 @@ class ClaudeCodeHarness(CoderHarness):
         monkeypatch.setenv("PATH", os.pathsep.join([str(FAKE_CLAUDE_DIR), str(bin_dir),
                                                     os.environ.get("PATH", "")]))
         monkeypatch.setenv("ANTHROPIC_API_KEY", self.API_KEY)
-        self.scenario = tmp_path / "scenario.json"
-        self.argv = tmp_path / "argv.json"
+        # in the workspace's home: the CLI runs in the workspace's sandbox, which shows
+        # nothing of tmp_path but the workspace's own repo, home and tmp
+        self.scenario = ws.home_dir / "scenario.json"
+        self.argv = ws.home_dir / "argv.json"
         monkeypatch.setenv("FAKE_CLAUDE_SCENARIO", str(self.scenario))
         monkeypatch.setenv("FAKE_CLAUDE_ARGV", str(self.argv))
         self._coder = ClaudeCodeCoder(env_allow=("FAKE_CLAUDE_SCENARIO", "FAKE_CLAUDE_ARGV"))

@@ -26,7 +26,10 @@ from tests.integration.test_coordinator import opened, publish_issue
 pytestmark = pytest.mark.timeout(90)
 
 CALC = "def add(a, b):\n    return a - b\n"
-TEST = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+# unittest, not pytest: the repository's tests run in the agent's sandbox, which shows the
+# system's Python but not the agent's virtualenv (a repository brings its own packages)
+TEST = ("import unittest\n\nfrom calc import add\n\n\nclass AddTest(unittest.TestCase):\n"
+        "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n")
 
 
 def script(*attempts) -> str:
@@ -41,7 +44,7 @@ BROKEN = [{"edit": {"path": "calc.py", "old": "return a - b", "new": "return a *
 def forge(tmp_path) -> LocalForge:
     f = LocalForge(tmp_path / "forge")
     f.create_repo("acme/calc", {"calc.py": CALC, "tests/test_calc.py": TEST,
-                                ".ccc/test-command": "python -m pytest -q\n"})
+                                ".ccc/test-command": "python -m unittest discover -s tests -v\n"})
     return f
 
 

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anthropic
@@ -29,6 +30,7 @@ from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
 from infra.adapters.obs.masking import mask_secrets
 from events.codec import encode
+from events.trust import TrustPolicy
 from infra.adapters.http.webhook import WebhookServer
 from tests.conftest import eventually
 from tests.fakes.anthropic_api import fake_anthropic, tool_call  # noqa: F401 - fixture
@@ -49,8 +51,23 @@ FILES = {
 }
 
 
+def fresh(node) -> None:
+    """The payload's own times set to now: the receiver refuses deliveries older than its
+    freshness window, and the fixtures are GitHub's examples from 2019."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("created_at", "updated_at", "closed_at", "merged_at", "submitted_at") and value:
+                node[key] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            else:
+                fresh(value)
+    elif isinstance(node, list):
+        for item in node:
+            fresh(item)
+
+
 def payload(name: str, **changes) -> dict:
     data = copy.deepcopy(json.loads((HOOKS / f"{name}.json").read_text()))
+    fresh(data)
     owner, repo = REPO.split("/")
     data["repository"].update(full_name=REPO, name=repo)
     data["repository"]["owner"]["login"] = owner
@@ -88,14 +105,17 @@ async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_gith
                         git_url_template=f"{fake_github.root}/git/{{repo}}.git")
     coder = AnthropicCoder(client=anthropic.AsyncAnthropic(api_key="test-key", base_url=base_url),
                            default_model="claude-sonnet-4-6")
-    coordinator = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=10))
+    # trusted = write access, as GitHub's permission API says: the receiver asks, the intake re-checks
+    trust = TrustPolicy(permission_required_for=frozenset({"github"}))
+    fake_github.set_permission(REPO, "Codertocat", "write")  # the payloads' author
+    coordinator = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=10, trust=trust))
     agent = Agent(nc, ns, AgentConfig(
         agent_id="gh-agent", specialties=("general",), heartbeat_interval=0.5,
         pipeline=PipelineSettings(test_timeout=60)),
         workbench=GitWorkbench(tmp_path / "ws"), coder=coder, forge=forge,
         artifacts=ObjectStoreArtifacts(nc, ns.artifacts_bucket))
     sync = ForgeSync(nc, ns, forge, mask=mask_secrets, live=coordinator.live)
-    hooks = WebhookServer(nc, ns, port=0, secret=SECRET)
+    hooks = WebhookServer(nc, ns, port=0, secret=SECRET, trust=trust, permissions=forge.author_permission)
     await coordinator.start()
     await agent.start()
     await sync.start()
@@ -106,7 +126,8 @@ async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_gith
             "issue.labels": [{"name": "ccc", "color": "ededed"}], "issue.author_association": "OWNER"})
         r = await deliver(hooks.url, "issues", opened)
         assert r.status_code == 200, r.text
-        task_id = f"octo_calc-{number}"
+        task_id = f"gh-octo_calc-{number}"  # a GitHub issue's task
+        assert len(fake_github.permission_requests(REPO, "Codertocat")) == 1
 
         def task():
             return coordinator.model.tasks.get(task_id)

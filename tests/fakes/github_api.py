@@ -3,7 +3,8 @@ so the real PyGithub client can be exercised without the internet.
 
 State lives in memory (repos, issues, labels, comments, pull requests); every request
 is recorded (method, raw path, query, headers, body) so tests can check where the
-token travels. Error injection: ``fail(method, path_regex, status)``.
+token travels. Error injection: ``fail(method, path_regex, status)``. Authors'
+permissions (the collaborator-permission endpoint): ``set_permission``.
 
 With ``git_root`` it also serves real git repositories over smart HTTP
 (``/git/<owner>/<name>.git``, through ``git http-backend``) behind HTTP Basic auth,
@@ -58,6 +59,7 @@ class FakeGitHub:
         self.apps: dict[str, str] = {}  # app id -> public key (PEM)
         self.requests: list[Recorded] = []
         self.repos: dict[str, dict] = {}
+        self.permissions: dict[tuple[str, str], str] = {}  # (repo, login lowercased) -> role
         self.failures: list[list] = []  # [method, regex, status, message, times_left]
         self.lock = threading.RLock()
         self._ids = itertools.count(1000)
@@ -97,6 +99,14 @@ class FakeGitHub:
             r["issues"][n] = {"number": n, "title": title, "body": body, "labels": list(labels),
                               "user": user, "state": "open", "id": next(self._ids)}
             return n
+
+    def set_permission(self, repo: str, login: str, permission: str) -> None:
+        """``login``'s role on ``repo`` (admin, maintain, write, triage, read, none), as the
+        collaborator-permission endpoint reports it. Unset: the owner is admin, a user
+        called ``ghost`` does not exist (404), anyone else may read (a public repository)."""
+        self.add_repo(repo)
+        with self.lock:
+            self.permissions[(repo, login.lower())] = permission
 
     def add_app(self, app_id: int | str, public_key_pem: str) -> None:
         self.apps[str(app_id)] = public_key_pem
@@ -140,6 +150,12 @@ class FakeGitHub:
     def writes(self) -> list[Recorded]:
         return [r for r in self.requests if r.method != "GET"]
 
+    def permission_requests(self, repo: str | None = None, login: str | None = None) -> list[Recorded]:
+        """The calls made to the collaborator-permission endpoint (to check a cache)."""
+        want = re.compile(rf"/repos/{re.escape(repo) if repo else '[^/]+/[^/]+'}/collaborators/"
+                          rf"{re.escape(login) if login else '[^/]+'}/permission$", re.IGNORECASE)
+        return [r for r in self.requests if want.search(unquote(r.path))]
+
     # -- JSON shapes ----------------------------------------------------------------
     def _user(self, login: str) -> dict:
         return {"login": login, "id": abs(hash(login)) % 10**7, "node_id": f"U_{login}",
@@ -176,6 +192,18 @@ class FakeGitHub:
             out["pull_request"] = {"url": f"{self.base_url}/repos/{r['full_name']}/pulls/{n}",
                                    "html_url": f"{self.root}/{r['full_name']}/pull/{n}"}
         return out
+
+    def _permission_json(self, r: dict, login: str) -> dict:
+        # GET /repos/{owner}/{repo}/collaborators/{username}/permission: "permission" is the
+        # legacy base role (maintain reads as write, triage as read), "role_name" the real one
+        owner = r["full_name"].split("/")[0]
+        role = self.permissions.get((r["full_name"], login.lower()))
+        if role is None:
+            if login.lower() == "ghost":
+                raise HttpError(404, f"{login} is not a user")
+            role = "admin" if login.lower() == owner.lower() else "read"
+        legacy = {"maintain": "write", "triage": "read"}.get(role, role)
+        return {"permission": legacy, "role_name": role, "user": self._user(login)}
 
     def _comment_json(self, r: dict, c: dict) -> dict:
         return {"id": c["id"], "node_id": f"IC_{c['id']}", "body": c["body"], "user": self._user(c["user"]),
@@ -289,6 +317,8 @@ class FakeGitHub:
                 del r["comments"][c["id"]]
                 return 204, None, {}
             return 200, self._comment_json(r, c), {}
+        if (m := re.fullmatch(r"/collaborators/([^/]+)/permission", rest)) and method == "GET":
+            return 200, self._permission_json(r, m[1]), {}
         if rest == "/pulls" and method == "POST":
             return 201, self._create_pull(r, body), {}
         if rest == "/pulls" and method == "GET":

@@ -13,6 +13,7 @@ import pytest
 
 from events.errors import CccError, ConfigError
 from infra.adapters.git.cleanup import cleanup_expired
+from infra.adapters.git.sandbox import NoSandbox
 from infra.adapters.git.workspace import Workspace, WorkspaceEscape
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
-    return Workspace.create(tmp_path / "ws", "agent-1", "acme_app-7", {"attempt": 1})
+    # the runner's own mechanics (process groups, seen from outside by pid; the agent's
+    # interpreter): no sandbox here. The same guarantees inside one: tests/integration/test_sandbox.py
+    return Workspace.create(tmp_path / "ws", "agent-1", "acme_app-7", {"attempt": 1}, sandbox=NoSandbox())
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -3,7 +3,6 @@ real ``anthropic`` client: tool loop, confinement, budgets, retries, errors, mas
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -68,7 +67,8 @@ async def test_full_fix_of_a_small_repo(ws: Workspace, fake: FakeAnthropic) -> N
         tool_call("read_file", {"path": "calc.py"}, use=turn_usage[1]),
         tool_call("edit_file", {"path": "calc.py", "old_string": "return a - b", "new_string": "return a + b"},
                   use=turn_usage[2]),
-        tool_call("run_command", {"command": f"{sys.executable} -m unittest -v"}, use=turn_usage[3]),
+        # python3: the system's, the one a sandboxed command sees (not the agent's virtualenv)
+        tool_call("run_command", {"command": "python3 -m unittest -v"}, use=turn_usage[3]),
         tool_call("finish", {"summary": "add() now adds; the unittest suite passes."}, use=turn_usage[4]),
     )
     coder = coder_for(fake)

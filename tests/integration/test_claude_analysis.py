@@ -46,7 +46,8 @@ async def test_good_structured_result(fake: FakeAnthropic) -> None:
     a = await analyser.analyse(ISSUE)
     assert a.reasons[0] == f"analysed by Claude ({MODEL})"
     assert (a.specialty, a.complexity, a.priority, a.security_level) == ("backend", "small", "high", "public")
-    assert a.dependencies == (task_id_for("acme/shop", 40), task_id_for("acme/shop", 41))  # not itself
+    # not itself; "#40" is an issue of the same forge (GitHub): its task's id says so
+    assert a.dependencies == (task_id_for("acme/shop", 40, "github"), task_id_for("acme/shop", 41, "github"))
     assert a.requirements == ("fastapi", "python") and a.plan.startswith("1. Reproduce")
     assert "API handler bug" in a.reasons
     assert a.usage is not None and a.usage.model == MODEL and a.usage.input_tokens == 800
@@ -63,7 +64,7 @@ async def test_rules_stay_authoritative_for_security_and_written_dependencies(fa
                      body="Blocked by #5.", labels=("restricted",))
     fake.add(tool_call(TOOL_NAME, {**GOOD, "dependencies": [], "security_level": "internal"}))
     a = await analyser_for(fake).analyse(issue)
-    assert a.security_level == "restricted" and a.dependencies == (task_id_for("acme/shop", 5),)
+    assert a.security_level == "restricted" and a.dependencies == (task_id_for("acme/shop", 5, "github"),)
     assert any("raised from internal to restricted" in r for r in a.reasons)
 
 

@@ -18,6 +18,7 @@ from events.task import Usage
 from actors.ports import Coder
 from events.work import Budget, CodeRequest
 from infra.adapters.coders.claude_cli import ClaudeCodeCoder
+from infra.adapters.git.sandbox import NoSandbox
 from infra.adapters.git.workspace import Workspace
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,7 +90,9 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
 
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
-    ws = Workspace.create(tmp_path / "ws", "agent-1", task_id_for(REPO, 7), {})
+    # the CLI's launch, stream and process group, seen from outside (pids, files in
+    # tmp_path): no sandbox here. The CLI in its sandbox: tests/integration/test_sandbox.py
+    ws = Workspace.create(tmp_path / "ws", "agent-1", task_id_for(REPO, 7), {}, sandbox=NoSandbox())
     (ws.repo_dir / "app.py").write_text("def add(a, b):\n    return a - b\n")
     return ws
 
@@ -154,6 +157,7 @@ async def test_success_edits_parses_usage_and_passes_flags(fake: Fake, ws: Works
     assert flag(argv, "--max-turns") == "12" and flag(argv, "--model") == MODEL
     assert flag(argv, "--allowedTools") == "Read,Edit,Write,Glob,Grep,Bash"
     assert flag(argv, "--permission-mode") == "acceptEdits"
+    assert flag(argv, "--max-budget-usd") == "5"  # the CLI enforces the dollar budget during the run
     system = flag(argv, "--append-system-prompt")
     assert "Run `pytest -q` before finishing." in system and "python" in system and "Do not commit" in system
     assert [e["kind"] for e in events] == ["init", "text", "tool_use", "text"]

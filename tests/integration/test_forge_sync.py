@@ -26,7 +26,7 @@ class Task:
     """Drives one task through the state machine the way the coordinator does."""
 
     def __init__(self, store, repo: str, number: int, source: str = "github") -> None:
-        self.store, self.id = store, task_id_for(repo, number)
+        self.store, self.id = store, task_id_for(repo, number, source)
         self.issue = IssueRef(source=source, repo=repo, number=number, title="Fix the login",
                               url=f"https://github.com/{repo}/issues/{number}")
 

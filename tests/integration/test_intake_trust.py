@@ -161,12 +161,12 @@ async def test_the_webhook_and_the_intake_apply_one_policy(nc, ns, store):
 
     from infra.adapters.http.webhook import WebhookServer
     from infra.adapters.http.webhook_translate import sign
-    from tests.support.webhooks import REPO, SECRET, comment, triggered
+    from tests.support.webhooks import REPO, SECRET, comment, delivered_at, triggered
 
     trust = TrustPolicy(repos=("codertocat/*",))  # REPO is Codertocat/Hello-World: names are case-blind
     c = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=60, trust=trust))
     await c.start()
-    server = WebhookServer(nc, ns, "127.0.0.1", 0, secret=SECRET, trust=trust)
+    server = WebhookServer(nc, ns, "127.0.0.1", 0, secret=SECRET, trust=trust, clock=delivered_at)
     await server.start()
 
     async def deliver(client, event: str, payload: dict, delivery: str) -> httpx.Response:
@@ -179,7 +179,7 @@ async def test_the_webhook_and_the_intake_apply_one_policy(nc, ns, store):
         async with httpx.AsyncClient(base_url=server.url) as client:
             r = await deliver(client, "issues", triggered(), "d-1")
             assert r.status_code == 200, r.text
-            task_id = "Codertocat_Hello-World-1"
+            task_id = "gh-Codertocat_Hello-World-1"  # a GitHub issue's task
             await eventually(lambda: task_id in c.model.tasks)
             r = await deliver(client, "issue_comment", comment("@ccc cancel"), "d-2")  # trusted: OWNER
             assert r.status_code == 200, r.text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,7 +48,8 @@ async def test_script_dir_lookup_and_steps(ws: Workspace, tmp_path: Path) -> Non
         {"write": {"path": "tests/test_app.py", "content": "from app import add\n"}},
         {"write": {"path": "obsolete.txt", "content": "bye"}},
         {"delete": {"path": "obsolete.txt"}},
-        {"run": {"command": [sys.executable, "-c", "print('ran fine')"], "timeout": 30}},
+        # python3: the system's, the one a sandboxed command sees (not the agent's virtualenv)
+        {"run": {"command": ["python3", "-c", "print('ran fine')"], "timeout": 30}},
     ]}])
     coder = ScriptedCoder(scripts)
     assert isinstance(coder, Coder) and coder.name == "scripted"
@@ -176,8 +176,11 @@ async def test_pipeline_flow_with_local_forge(tmp_path: Path) -> None:
     forge = LocalForge(tmp_path / "forge")
     forge.create_repo(REPO, {
         "calc.py": "def add(a, b):\n    return a - b\n",
-        "test_calc.py": "from calc import add\n\ndef test_add():\n    assert add(2, 2) == 4\n",
-        ".ccc/test-command": f"{sys.executable} -m pytest -q -p no:cacheprovider\n",
+        # the tests run in the sandbox, where the agent's virtualenv (and its pytest) is not:
+        # a repository brings its own tools; the standard library's unittest is always there
+        "test_calc.py": ("import unittest\n\nfrom calc import add\n\n\nclass AddTest(unittest.TestCase):\n"
+                         "    def test_add(self):\n        self.assertEqual(add(2, 2), 4)\n"),
+        ".ccc/test-command": "python3 -m unittest -v\n",
         ".ccc/scripts/7.json": json.dumps({"attempts": [{"summary": "fix add", "steps": [
             {"edit": {"path": "calc.py", "old": "a - b", "new": "a + b"}}]}]}),
     })
@@ -192,7 +195,7 @@ async def test_pipeline_flow_with_local_forge(tmp_path: Path) -> None:
     result = await ws.run(command, timeout=60, log_name="tests")
     counts = parse_test_counts(result.output, result.exit_code)
     assert result.ok, result.output
-    assert (counts.passed, counts.failed, counts.framework) == (1, 0, "pytest")
+    assert (counts.passed, counts.failed, counts.framework) == (1, 0, "unittest")
     assert gitops.changed_files(ws.repo_dir) == ["calc.py"]
     sha = gitops.commit_all(ws.repo_dir, f"{out.summary}\n\nFixes #7", "ccc agent-1", "agent-1@ccc.local")
     gitops.push(ws.repo_dir, branch)

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from events.subjects import Namespace
-from infra.adapters.nats.connection import connect
+from infra.adapters.nats.connection import connect, connect_when_admitted
 from infra.adapters.nats.permissions import ROLES, inbox_prefix, permissions_for
 from infra.adapters.nats.pki import CertificateAuthority
 from infra.adapters.nats.provisioning import provision, provision_agent
@@ -45,7 +45,10 @@ class Secured:
         return await self.connect_kit(kit, **kw)
 
     async def connect_kit(self, kit: KitFiles, **kw):
-        nc = await connect(self.url, name=f"test-{kit.kit.user}", kit=kit, reconnect=False, quiet=True, **kw)
+        # a connection made while the server reloads its users may be cut: asked again, as
+        # the cluster's own connections are (connect_when_admitted)
+        nc = await connect_when_admitted(self.url, name=f"test-{kit.kit.user}", kit=kit, reconnect=False,
+                                         quiet=True, **kw)
 
         async def record(e: Exception) -> None:
             self.errors.append(f"{kit.kit.user}: {e}")

@@ -19,7 +19,7 @@ from events.issue import IssuePullRequestMerged, IssueRetryRequested
 from infra.adapters.nats.provisioning import provision
 from infra.adapters.http.webhook import WebhookServer, create_webhook_app, nats_publisher
 from infra.adapters.http.webhook_translate import sign, translate
-from tests.support.webhooks import REPO, SECRET, comment, on_task_branch, only, real, triggered
+from tests.support.webhooks import REPO, SECRET, comment, delivered_at, on_task_branch, only, real, triggered
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +41,8 @@ def dumps(payload: Any) -> bytes:
 @pytest.fixture
 async def hook(nc, ns):
     await provision(nc, ns)
-    app = create_webhook_app(nats_publisher(nc, ns), secret=SECRET, is_connected=lambda: nc.is_connected)
+    app = create_webhook_app(nats_publisher(nc, ns), secret=SECRET, is_connected=lambda: nc.is_connected,
+                             clock=delivered_at)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hook") as client:
         yield client
 
@@ -157,7 +158,8 @@ async def test_publish_failures_answer_503_and_oversize_bodies_413():
     async def down(_event):
         raise StoreUnavailable("publish: no responders")
 
-    app = create_webhook_app(down, secret=SECRET, max_body_bytes=64 * 1024, is_connected=lambda: False)
+    app = create_webhook_app(down, secret=SECRET, max_body_bytes=64 * 1024, is_connected=lambda: False,
+                             clock=delivered_at)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hook") as client:
         body = dumps(triggered())
         r = await client.post("/webhook", content=body, headers=headers("issues", body, "d-503"))
@@ -174,7 +176,7 @@ async def test_real_server_on_a_free_port(nc, ns, monkeypatch):
     with pytest.raises(ConfigError):
         WebhookServer(nc, ns)
     monkeypatch.setenv("CCC_WEBHOOK_SECRET", SECRET)
-    server = WebhookServer(nc, ns, "127.0.0.1", 0)
+    server = WebhookServer(nc, ns, "127.0.0.1", 0, clock=delivered_at)
     port = await server.start()
     try:
         assert port > 0 and server.url == f"http://127.0.0.1:{port}"
@@ -186,7 +188,7 @@ async def test_real_server_on_a_free_port(nc, ns, monkeypatch):
             assert r.status_code == 200, r.text
             assert (await client.post("/webhook", content=body, headers={})).status_code == 401
         merged = await last_issue(nc, ns, "issue.github.Codertocat_Hello-World.1.pr_merged")
-        assert isinstance(merged, IssuePullRequestMerged) and merged.event_id == "gh:d-srv:0"
+        assert isinstance(merged, IssuePullRequestMerged) and merged.event_id == f"github:{REPO}#1:pr2:merged"
         with pytest.raises(nats.js.errors.NotFoundError):
             await nc.jetstream().get_last_msg(ns.issues_stream, ns.subject("issue.*.*.*.pr_closed"))
     finally:

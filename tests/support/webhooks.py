@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,16 @@ WEBHOOKS = Path(__file__).resolve().parents[1] / "fixtures" / "webhooks"
 
 SECRET = "It's a Secret to Everybody"
 REPO = "Codertocat/Hello-World"
-BRANCH = branch_name(task_id_for(REPO, 1), "Spelling error in the README file")
+BRANCH = branch_name(task_id_for(REPO, 1, "github"), "Spelling error in the README file")
 _LOADED: dict[str, dict] = {}
+DELIVERED_AT = datetime(2019, 5, 15, 15, 25, tzinfo=UTC)
+"""When the receivers in the tests "receive" the real payloads: minutes after they were
+made (2019-05-15, 15:20-15:21), so they are fresh; the fixtures stay as GitHub sent them."""
+
+
+def delivered_at() -> datetime:
+    """A receiver's clock (``clock=``) for the real payloads."""
+    return DELIVERED_AT
 
 
 def real(name: str) -> dict:

@@ -28,5 +28,11 @@ def test_title_and_number_validation():
         new_issue(repo="a/b", title="t", number=1, source="no.dots")
     with pytest.raises(ConfigError, match="label"):
         new_issue(repo="a/b", title="t", number=1, labels=("ok", " "))
-    e = new_issue(repo="a/b", title="t", number=3, source="gh")
-    assert e.event_id == "gh:a/b#3:opened" and e.rel_subject == "issue.gh.a_b.3.opened"
+    e = new_issue(repo="a/b", title="t", number=3, source="github")
+    assert e.event_id == "github:a/b#3:opened" and e.rel_subject == "issue.github.a_b.3.opened"
+    # a source whose task ids could not be told apart from another's, and an owner whose
+    # local ids would be a GitHub repository's (gh-acme/app's #3 would be acme/app's)
+    with pytest.raises(ConfigError, match="unknown issue source 'gh'"):
+        new_issue(repo="a/b", title="t", number=3, source="gh")
+    with pytest.raises(ConfigError, match="reserved"):
+        new_issue(repo="gh-acme/app", title="t", number=3)

@@ -129,3 +129,53 @@ def test_parse_repos_refuses_what_it_cannot_match_exactly(text):
 def test_parse_repos_names_the_setting_it_read():
     with pytest.raises(ConfigError, match="^--repos: "):
         parse_repos("*", "--repos")
+
+
+# -- permissions: what "trusted" means where the forge can say ------------------------------
+def with_permission(cls, assoc, perm, source="github"):
+    extra = {"title": "t"} if cls is IssueOpened else {}
+    return cls(**{**BASE, "source": source}, **extra, author="alice", author_association=assoc,
+               author_permission=perm)
+
+
+@pytest.mark.parametrize("cls", AUTHORED)
+@pytest.mark.parametrize("perm", ["write", "maintain", "admin", "WRITE"])
+def test_write_permission_and_a_trusted_association_pass(cls, perm):
+    strict = TrustPolicy(permission_required_for=frozenset({"github"}))
+    assert strict.refusal(with_permission(cls, "MEMBER", perm)) == ""
+    assert TrustPolicy().refusal(with_permission(cls, "MEMBER", perm)) == ""
+
+
+@pytest.mark.parametrize("cls", AUTHORED)
+@pytest.mark.parametrize("perm", ["read", "triage", "none", "owner-ish"])
+def test_a_member_without_write_access_is_not_trusted(cls, perm):
+    """MEMBER and COLLABORATOR include people with read or triage access: where the
+    permission is on the fact it decides, whatever the policy says about missing ones."""
+    expected = "none" if perm == "owner-ish" else perm  # what GitHub does not define is none
+    for policy in (TrustPolicy(), TrustPolicy(permission_required_for=frozenset({"github"}))):
+        assert policy.refusal(with_permission(cls, "COLLABORATOR", perm)) == \
+            f"untrusted author: alice has {expected} permission on the repository, not write"
+
+
+def test_write_access_does_not_lift_an_untrusted_association():
+    assert TrustPolicy().refusal(with_permission(IssueOpened, "CONTRIBUTOR", "write")) == \
+        "untrusted author: alice is CONTRIBUTOR, not one of COLLABORATOR, MEMBER, OWNER"
+
+
+def test_a_missing_permission_is_refused_only_for_the_sources_that_require_it():
+    strict = TrustPolicy(permission_required_for=frozenset({"github"}))
+    unchecked = with_permission(IssueCommented, "OWNER", "")
+    assert TrustPolicy().refusal(unchecked) == ""  # no credentials anywhere: associations decide
+    why = strict.refusal(unchecked)
+    assert why.startswith("untrusted author: alice's permission on the repository is not on the fact")
+    assert "required for github facts" in why
+    # the operator's local facts carry no permission: trusted by role, as before
+    assert strict.refusal(with_permission(IssueOpened, OPERATOR, "", source="local")) == ""
+    # the forge's own facts have no author at all
+    assert all(strict.refusal(f) == "" for f in FORGE_FACTS)
+
+
+def test_the_permission_survives_the_wire_and_old_facts_have_none():
+    fact = with_permission(IssueChangesRequested, "MEMBER", "write")
+    assert decode_issue(fact.rel_subject, encode(fact)).author_permission == "write"
+    assert b"author_permission" not in encode(with_permission(IssueOpened, "OWNER", ""))  # as before

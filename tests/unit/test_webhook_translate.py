@@ -38,6 +38,14 @@ from infra.adapters.nats.issue_publisher import opened_event_id
 from tests.support.webhooks import BRANCH, REPO, SECRET, comment, on_task_branch, only, real, triggered
 
 
+def stamp(*at: int) -> int:
+    """A UTC time as the facts' ids carry it (epoch seconds)."""
+    return int(datetime(*at, tzinfo=UTC).timestamp())
+
+
+T_ISSUE = stamp(2019, 5, 15, 15, 20, 18)  # the issue's updated_at in the issues.* payloads
+
+
 # -- the real payloads as they are ---------------------------------------------------------
 @pytest.mark.parametrize(("event", "name", "reason"), [
     ("issues", "issues.opened", "no 'ccc' label and no @ccc mention"),
@@ -116,7 +124,8 @@ def test_trigger_label_added_later_starts_work():
     opened, labeled = translate("issues", p, "d-7")
     assert isinstance(opened, IssueOpened) and opened.event_id == f"github:{REPO}#1:opened"
     assert opened.labels == ("bug", "CCC")
-    assert labeled == IssueLabeled(event_id="gh:d-7:1", source="github", repo=REPO, number=1,
+    assert labeled == IssueLabeled(event_id=f"github:{REPO}#1:labeled:CCC:{T_ISSUE}", source="github",
+                                   repo=REPO, number=1,
                                    occurred_at=opened.occurred_at, actor="github:Codertocat",
                                    label="CCC", labels=("bug", "CCC"))
 
@@ -124,7 +133,7 @@ def test_trigger_label_added_later_starts_work():
 def test_another_label_on_a_triggered_issue_is_only_a_label():
     p = triggered("issues.labeled")  # the "bug" label added to an issue that has "ccc"
     assert only(translate("issues", p, "d-8")) == IssueLabeled(
-        event_id="gh:d-8:0", source="github", repo=REPO, number=1,
+        event_id=f"github:{REPO}#1:labeled:bug:{T_ISSUE}", source="github", repo=REPO, number=1,
         occurred_at=datetime(2019, 5, 15, 15, 20, 18, tzinfo=UTC), actor="github:Codertocat",
         label="bug", labels=("bug", "ccc"))
 
@@ -133,7 +142,9 @@ def test_edited_closed_reopened():
     edited = only(translate("issues", triggered("issues.edited"), "d-1"))
     assert isinstance(edited, IssueEdited) and edited.title == "Spelling error in the README file"
     reopened = only(translate("issues", real("issues.reopened"), "d-2"))
-    assert isinstance(reopened, IssueReopened) and reopened.event_id == "gh:d-2:0"
+    assert isinstance(reopened, IssueReopened)
+    at = stamp(2021, 10, 11, 16, 40, 56)  # the reopened issue's updated_at
+    assert reopened.event_id == f"github:{reopened.repo}#{reopened.number}:reopened:{at}"
     p = real("issues.reopened")  # the package has no "closed" example: derive it
     p.update(action="closed")
     p["issue"].update(state="closed", closed_at="2019-05-15T15:30:00Z")
@@ -154,14 +165,14 @@ def test_edited_closed_reopened():
 def test_comment_commands(body, cls, reason):
     event = only(translate("issue_comment", comment(body), "d-c"))
     assert type(event) is cls and event.reason == reason
-    assert (event.repo, event.number, event.event_id) == (REPO, 1, "gh:d-c:0")
+    assert (event.repo, event.number, event.event_id) == (REPO, 1, f"github:{REPO}#1:comment:492700400")
 
 
 def test_comment_with_a_free_text_request():
     body = "Looks good so far.\n@ccc please also update the docs"
     event = only(translate("issue_comment", comment(body), "d-c"))
     assert event == IssueCommented(
-        event_id="gh:d-c:0", source="github", repo=REPO, number=1,
+        event_id=f"github:{REPO}#1:comment:492700400", source="github", repo=REPO, number=1,
         occurred_at=datetime(2019, 5, 15, 15, 20, 21, tzinfo=UTC), actor="github:Codertocat",
         comment_id=492700400, body=body, request="please also update the docs", author="Codertocat",
         author_association="OWNER",
@@ -193,21 +204,28 @@ def test_comments_on_pull_requests_are_ignored():
 
 # -- pull requests and reviews ---------------------------------------------------------------
 def test_task_branch_parsing_matches_the_branches_the_cluster_pushes():
-    for repo, number in [(REPO, 1), ("octo-org/my-app-2", 7), ("a/b", 123)]:
-        branch = branch_name(task_id_for(repo, number), "Fix 42 things - now")
+    for repo, number in [(REPO, 1), ("octo-org/my-app-2", 7), ("a/b", 123), ("gh-x/app", 5)]:
+        branch = branch_name(task_id_for(repo, number, "github"), "Fix 42 things - now")
+        assert branch.startswith("ccc/task-gh-")
         assert task_issue_number(branch, repo) == number
-    assert task_issue_number("ccc/task-octo-org_my-app-2-7", "octo-org/my-app-2") == 7
+    assert task_issue_number("ccc/task-gh-octo-org_my-app-2-7", "octo-org/my-app-2") == 7
     # the same name in repo my-app is its issue 2 (titled "7 x"): the payload's repo decides
-    assert task_issue_number("ccc/task-octo-org_my-app-2-7-x", "octo-org/my-app") == 2
-    assert task_issue_number("ccc/task-octo-org_my-app-2-7", "octo-org/other") is None
+    assert task_issue_number("ccc/task-gh-octo-org_my-app-2-7-x", "octo-org/my-app") == 2
+    assert task_issue_number("ccc/task-gh-octo-org_my-app-2-7", "octo-org/other") is None
     assert task_issue_number("changes", REPO) is None
-    assert task_issue_number("ccc/task-Codertocat_Hello-World-fix", REPO) is None
+    assert task_issue_number("ccc/task-gh-Codertocat_Hello-World-fix", REPO) is None
+    # branches of tasks created before ids carried their source: their PRs may be open still
+    assert task_issue_number("ccc/task-octo-org_my-app-2-7-fix", "octo-org/my-app-2") == 7
+    assert task_issue_number("ccc/task-gh-x_app-5-fix", "gh-x/app") == 5  # old id of gh-x/app
+    # a local task's branch names the local id, and the local forge's own facts read it
+    assert task_issue_number(branch_name(task_id_for("a/b", 3), "t"), "a/b", "local") == 3
 
 
 def test_pull_request_closed_unmerged_and_merged():
     p = on_task_branch("pull_request.closed")
     assert only(translate("pull_request", p, "d-p")) == IssuePullRequestClosed(
-        event_id="gh:d-p:0", source="github", repo=REPO, number=1,
+        event_id=f"github:{REPO}#1:pr2:closed:{stamp(2019, 5, 15, 15, 21, 18)}", source="github",
+        repo=REPO, number=1,
         occurred_at=datetime(2019, 5, 15, 15, 21, 18, tzinfo=UTC), actor="github:Codertocat",
         pr_number=2, branch=BRANCH)
     p["pull_request"].update(merged=True, merged_at="2019-05-15T15:21:17Z")  # derived: merged
@@ -230,7 +248,7 @@ def test_review_requesting_changes():
     p["review"].update(state="changes_requested", body="Please add a test.")  # derived
     event = only(translate("pull_request_review", p, "d-r"))
     assert event == IssueChangesRequested(
-        event_id="gh:d-r:0", source="github", repo=REPO, number=1,
+        event_id=f"github:{REPO}#1:pr2:review:237895671", source="github", repo=REPO, number=1,
         occurred_at=datetime(2019, 5, 15, 15, 20, 38, tzinfo=UTC), actor="github:Codertocat",
         pr_number=2, branch=BRANCH, body="Please add a test.", author="Codertocat",
         author_association="OWNER", review_id=237895671,
@@ -325,3 +343,94 @@ def test_the_authors_the_webhook_trusts_are_the_policys():
     assert translate("issues", p, "d") != []
     result = interpret("issues", p, "d", trust=owners_only)
     assert result.events == [] and result.reason == "untrusted author: Codertocat is MEMBER, not one of OWNER"
+
+
+# -- ids from the content, freshness ---------------------------------------------------------
+def _review(state: str = "changes_requested") -> dict:
+    p = on_task_branch("pull_request_review.submitted")
+    p["review"].update(state=state, body="Three things, inline.")
+    return p
+
+
+def _inline(comment_id: int, review_id: int | None = 237895671) -> dict:
+    p = on_task_branch("pull_request_review_comment.created")
+    p["comment"].update(id=comment_id, body=f"comment {comment_id}", pull_request_review_id=review_id)
+    return p
+
+
+DELIVERIES = [  # every kind of fact the receiver publishes, from the real payloads
+    ("issues", triggered),
+    ("issues", lambda: triggered("issues.labeled")),
+    ("issues", lambda: triggered("issues.edited")),
+    ("issue_comment", lambda: comment("@ccc retry")),
+    ("issue_comment", lambda: comment("@ccc please add docs")),
+    ("pull_request", lambda: on_task_branch("pull_request.closed")),
+    ("pull_request_review", _review),
+    ("pull_request_review_comment", lambda: _inline(284312630)),
+]
+
+
+@pytest.mark.parametrize(("event", "payload"), DELIVERIES)
+def test_fact_ids_come_from_the_content_not_the_delivery(event, payload):
+    """A captured body replayed with a new X-GitHub-Delivery makes the same facts, ids and
+    all: NATS deduplicates them."""
+    first, replayed = translate(event, payload(), "72d3162e-1"), translate(event, payload(), "ffff-2")
+    assert first and [e.event_id for e in first] == [e.event_id for e in replayed]
+    assert all(e.event_id.startswith(f"github:{REPO}#1:") and "72d3162e" not in e.event_id for e in first)
+
+
+def test_distinct_happenings_have_distinct_ids():
+    ids = {only(translate("issue_comment", comment("@ccc retry", id=n), "d")).event_id for n in (1, 2)}
+    closed = on_task_branch("pull_request.closed")
+    again = on_task_branch("pull_request.closed")
+    again["pull_request"]["closed_at"] = "2019-05-16T09:00:00Z"  # reopened, closed once more
+    ids |= {only(translate("pull_request", p, "d")).event_id for p in (closed, again)}
+    edited = triggered("issues.edited")
+    edited["issue"]["body"] = "another text, within the same second"
+    ids |= {only(translate("issues", p, "d")).event_id for p in (triggered("issues.edited"), edited)}
+    assert len(ids) == 6
+
+
+def test_a_review_and_its_inline_comments_are_one_fact_by_id():
+    """GitHub sends the review and one delivery per inline comment; they share the
+    review's id, so whichever comes first is the fact and the others are duplicates."""
+    facts = [only(translate("pull_request_review", _review(), "d-0")),
+             *(only(translate("pull_request_review_comment", _inline(n), f"d-{n}")) for n in (11, 12, 13))]
+    assert {f.review_id for f in facts} == {237895671}
+    assert {f.event_id for f in facts} == {f"github:{REPO}#1:pr2:review:237895671"}
+    # a comment GitHub puts in no review is a review of its own
+    lone = only(translate("pull_request_review_comment", _inline(14, review_id=None), "d"))
+    assert lone.event_id == f"github:{REPO}#1:pr2:review-comment:14"
+
+
+AGES = {  # the delivery's own time in each payload
+    "issues": datetime(2019, 5, 15, 15, 20, 18, tzinfo=UTC),
+    "issue_comment": datetime(2019, 5, 15, 15, 20, 21, tzinfo=UTC),
+    "pull_request": datetime(2019, 5, 15, 15, 21, 18, tzinfo=UTC),
+    "pull_request_review": datetime(2019, 5, 15, 15, 20, 38, tzinfo=UTC),
+    "pull_request_review_comment": datetime(2019, 5, 15, 15, 20, 37, tzinfo=UTC),
+}
+
+
+@pytest.mark.parametrize(("event", "payload"), DELIVERIES)
+def test_deliveries_older_than_the_window_are_stale(event, payload):
+    from datetime import timedelta
+
+    at, window = AGES[event], timedelta(minutes=15)
+    fresh = interpret(event, payload(), "d", now=at + timedelta(minutes=14), max_age=window)
+    assert fresh.events and not fresh.stale
+    early = interpret(event, payload(), "d", now=at - timedelta(minutes=3), max_age=window)
+    assert early.events  # clocks differ a little; a replay is never from the future
+    late = interpret(event, payload(), "d", now=at + timedelta(minutes=16), max_age=window)
+    assert late.events == [] and late.stale
+    assert late.reason.startswith("stale: ") and "16 min old, more than the 15 min allowed" in late.reason
+    assert translate(event, payload(), "d", now=at + timedelta(days=400)) != []  # no max_age: no check
+
+
+def test_a_delivery_without_its_timestamp_is_stale():
+    from datetime import timedelta
+
+    p = comment("@ccc retry")
+    p["comment"]["created_at"] = None
+    result = interpret("issue_comment", p, "d", max_age=timedelta(minutes=15))
+    assert result.stale and "no timestamp" in result.reason

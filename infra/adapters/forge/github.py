@@ -1,6 +1,7 @@
 """GitHub as the forge, through PyGithub: what an agent needs (clone URL, git
 credentials, opening a pull request) and what the forge sync needs (read an issue,
-one ``ccc:*`` state label, one tracking comment per task, a pull request's state).
+one ``ccc:*`` state label, one tracking comment per task, a pull request's state), and
+what the webhook receiver needs (an author's permission on a repository, cached).
 
 Credentials: a token (``GITHUB_TOKEN``) or a GitHub App installation
 (``GITHUB_APP_ID`` + ``GITHUB_APP_PRIVATE_KEY``/``_PATH`` + ``GITHUB_APP_INSTALLATION_ID``),
@@ -41,6 +42,7 @@ from urllib.parse import urlsplit
 from github import Auth, Github, GithubException, GithubRetry
 
 from events.errors import ConfigError
+from events.secrets import add_secrets
 from events.subjects import repo_parts
 
 from infra.adapters.forge.github_api import check_github_repo, error_message
@@ -114,6 +116,7 @@ class GitHubForge(IssueSync):
         seconds_between_writes: float | None = 1.0,
         max_rate_limit_wait: float = 30.0,
         max_workers: int = 4,
+        permission_ttl: float = 300.0,
     ) -> None:
         env = os.environ if env is None else env
         self.api_url = (api_url or env.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
@@ -132,9 +135,10 @@ class GitHubForge(IssueSync):
                                       ("GITHUB_APP_INSTALLATION_ID", installation_id)) if not v]
             if missing:
                 raise ConfigError(f"GitHub App {app_id}: {' and '.join(missing)} not set")
+            key = _read_key(app_private_key)
+            add_secrets(key)
             try:
-                auth = Auth.AppAuth(app_id, _read_key(app_private_key)).get_installation_auth(
-                    int(installation_id))
+                auth = Auth.AppAuth(app_id, key).get_installation_auth(int(installation_id))
             except ValueError:
                 raise ConfigError(f"GITHUB_APP_INSTALLATION_ID: not a number: {installation_id!r}") from None
         elif env.get("GITHUB_TOKEN"):
@@ -144,6 +148,8 @@ class GitHubForge(IssueSync):
             raise ConfigError("GitHub: no credentials; set GITHUB_TOKEN, or GITHUB_APP_ID, "
                               "GITHUB_APP_PRIVATE_KEY(_PATH) and GITHUB_APP_INSTALLATION_ID")
         self._auth = auth
+        if self._token:
+            add_secrets(self._token)  # masked everywhere from now on (events, artifacts, logs)
         # a rate limit that resets soon is waited out on the thread; a longer one (and
         # every secondary limit: GitHub asks for a minute) becomes ForgeUnavailable
         # with retry_after, so the caller's retry policy decides, not a blocked thread
@@ -157,6 +163,12 @@ class GitHubForge(IssueSync):
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="github")
         self._known_labels: set[tuple[str, str]] = set()
         self._comments: OrderedDict[tuple[str, int, str], tuple[int, str]] = OrderedDict()
+        # authors' permissions, for the webhook receiver: how long an answer is trusted
+        # (a revoked write access counts after at most this long)
+        self.permission_ttl = permission_ttl
+        self.permission_lookups = 0
+        self._permissions: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._permission_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._askpass_dir: str | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -189,6 +201,7 @@ class GitHubForge(IssueSync):
         env["GIT_CONFIG_COUNT"] = str(count)
         with self._translating(f"get a token for git on {repo}"):
             password = self._auth.token
+        add_secrets(password)  # an App's installation token is minted at run time
         env.update({
             "GIT_ASKPASS": self._askpass(),
             "GIT_TERMINAL_PROMPT": "0",

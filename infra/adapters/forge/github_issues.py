@@ -1,10 +1,15 @@
 """What the forge sync needs from GitHub: read an issue, keep one ``ccc:*`` state
-label on it, keep one tracking comment per task, read a pull request's state.
+label on it, keep one tracking comment per task, read a pull request's state; and what
+the webhook receiver needs: an author's permission on a repository.
 :class:`IssueSync` holds those calls; :class:`~infra.adapters.forge.github.GitHubForge`
 inherits them."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
+import weakref
 from collections import OrderedDict
 
 import msgspec
@@ -12,7 +17,7 @@ from github import Github, GithubException, UnknownObjectException
 
 from events.task import IssueRef
 
-from infra.adapters.forge.errors import ForgeError
+from infra.adapters.forge.errors import ForgeError, ForgeNotFound
 from infra.adapters.forge.github_api import GitHubCalls, check_github_repo
 
 STATE_LABELS: dict[str, tuple[str, str]] = {  # name -> (colour, description)
@@ -24,6 +29,8 @@ STATE_LABELS: dict[str, tuple[str, str]] = {  # name -> (colour, description)
     "ccc:cancelled": ("cfd3d7", "claude-code-cluster: cancelled"),
 }
 LABEL_PREFIX = "ccc:"
+_LOGIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$")  # GitHub's rule for a user's login
+MAX_PERMISSIONS_CACHED = 10_000
 
 
 class PullRequestInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +56,56 @@ class IssueSync(GitHubCalls):
     _gh: Github
     _known_labels: set[tuple[str, str]]
     _comments: OrderedDict[tuple[str, int, str], tuple[int, str]]
+    permission_ttl: float
+    permission_lookups: int  # API calls made for permissions (the cache's misses)
+    _permissions: OrderedDict[tuple[str, str], tuple[str, float]]
+    _permission_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock]
+
+    # -- what the webhook receiver uses -----------------------------------------------
+    async def author_permission(self, repo: str, login: str) -> str:
+        """``login``'s permission on ``repo`` as GitHub's collaborator-permission API
+        says it (``admin``, ``write``, ``read`` or ``none``; ``maintain`` and ``triage``
+        where GitHub reports them), remembered for ``permission_ttl`` seconds.
+
+        The cache is what keeps a busy repository (or someone posting comments to make
+        us call GitHub) from spending the rate limit: one call per author and repository
+        per TTL, and concurrent lookups of one author share the call. A revoked
+        permission is therefore honoured after at most the TTL. An answer of "not
+        found" (no such user, or a repository these credentials cannot see) is
+        ``none``, and cached like any other; a failure (network, 5xx, rate limit,
+        rejected credentials) raises and is not cached, so nobody is trusted on it."""
+        repo = check_github_repo(repo)
+        if not _LOGIN.match(login or ""):
+            return "none"  # not a user's login (a bot's "x[bot]", or nothing): no one to ask about
+        key = (repo.lower(), login.lower())
+        if (cached := self._cached_permission(key)) is not None:
+            return cached
+        lock = self._permission_locks.get(key)
+        if lock is None:
+            lock = self._permission_locks[key] = asyncio.Lock()
+        async with lock:  # the first caller asks; the others find its answer in the cache
+            if (cached := self._cached_permission(key)) is not None:
+                return cached
+            answer = await self._ask_permission(repo, login)
+            self._permissions[key] = (answer, time.monotonic() + self.permission_ttl)
+            self._permissions.move_to_end(key)
+            while len(self._permissions) > MAX_PERMISSIONS_CACHED:
+                self._permissions.popitem(last=False)
+            return answer
+
+    def _cached_permission(self, key: tuple[str, str]) -> str | None:
+        hit = self._permissions.get(key)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    async def _ask_permission(self, repo: str, login: str) -> str:
+        def run() -> str:
+            return str(self._gh.get_repo(repo).get_collaborator_permission(login) or "none").lower()
+
+        self.permission_lookups += 1
+        try:
+            return await self._run(f"read {login}'s permission on {repo}", run)
+        except ForgeNotFound:
+            return "none"
 
     # -- what the forge sync uses ---------------------------------------------------
     async def read_issue(self, repo: str, number: int) -> IssueRef:

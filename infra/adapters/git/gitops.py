@@ -9,21 +9,29 @@ Every git process started here:
   just modified by a coder and by the repository's own tests, both untrusted: a
   ``.git/hooks/pre-commit`` they wrote must not run with the agent's credentials.
 
+Those overrides cover what we know of, not everything a ``.git/config`` can say (an
+``http.proxy``, a ``credential.helper``, a ``filter.<x>.clean`` that ``git add`` runs):
+the functions that work in a checkout (``changed_files``, ``diff``, ``commit_all``,
+``push``) are for repositories only the agent wrote. After a coder has run in a
+workspace, git goes through the agent's own clone (:mod:`infra.adapters.git.agent_clone`).
+
 The functions block (git is a subprocess); async callers use ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shlex
 import shutil
+import stat
 import tempfile
 import unicodedata
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import git
 
@@ -249,6 +257,64 @@ def push(
     return sha
 
 
+# -- reading the repository's own files ------------------------------------------------
+def read_regular_file(root: Path | str, path: str, *, max_bytes: int) -> bytes | None:
+    """The first ``max_bytes + 1`` bytes of ``root/path`` (so a caller sees whether there
+    was more) when it is a regular file reached without following a symlink; None when it
+    is absent, a symlink (at any component), a directory, a FIFO or a device.
+
+    For files a repository controls and the agent reads for itself (instructions for the
+    coder, the test command): a committed ``CLAUDE.md -> /proc/self/environ`` must not put
+    the agent's environment into a prompt. Each component is opened with ``O_NOFOLLOW``
+    relative to its parent's descriptor, so a link swapped in between is not followed
+    either; a FIFO does not block the open (``O_NONBLOCK``)."""
+    rel = PurePosixPath(path)
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{path!r}: a path inside the repository is needed")
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(root, nofollow | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        for part in rel.parts[:-1]:
+            parent, fd = fd, -1
+            try:
+                fd = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=parent)
+            finally:
+                os.close(parent)
+        parent, fd = fd, -1
+        try:
+            fd = os.open(rel.parts[-1], nofollow | os.O_NONBLOCK, dir_fd=parent)
+        finally:
+            os.close(parent)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EACCES, errno.ENXIO):
+            return None  # absent, a symlink (ELOOP), under a non-directory, unreadable
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+_MAX_CONFIG_FILE = 256 * 1024  # a test command, a pyproject.toml: far less
+
+
+def _text(repo: Path, path: str) -> str | None:
+    data = read_regular_file(repo, path, max_bytes=_MAX_CONFIG_FILE)
+    return None if data is None else data[:_MAX_CONFIG_FILE].decode("utf-8", "replace")
+
+
 # -- what kind of repository is this -------------------------------------------------
 _LANGUAGES = {
     ".py": "Python", ".pyi": "Python", ".js": "JavaScript", ".mjs": "JavaScript",
@@ -307,8 +373,8 @@ def _has_python_tests(repo: Path) -> bool:
         return True
     for name, marker in (("pyproject.toml", "[tool.pytest"), ("setup.cfg", "[tool:pytest]"),
                          ("tox.ini", "[pytest]")):
-        f = repo / name
-        if f.is_file() and marker in f.read_text(encoding="utf-8", errors="replace"):
+        text = _text(repo, name)
+        if text is not None and marker in text:
             return True
     return any(p.suffix == ".py" and (p.name.startswith("test_") or p.name.endswith("_test.py"))
                for p in _walk_files(repo))
@@ -319,27 +385,27 @@ def detect_test_command(repo_dir: Path | str) -> list[str] | None:
 
     An explicit ``.ccc/test-command`` (one line, shell words) wins; then conventions:
     pytest, ``npm test`` (unless it is npm's "no test specified" placeholder),
-    ``make test``, ``go test ./...``, ``cargo test``."""
+    ``make test``, ``go test ./...``, ``cargo test``. The files are read as regular
+    files only (:func:`read_regular_file`): a symlinked ``.ccc/test-command`` is ignored."""
     repo = Path(repo_dir)
-    explicit = repo / ".ccc" / "test-command"
-    if explicit.is_file():
-        for line in explicit.read_text(encoding="utf-8").splitlines():
+    explicit = _text(repo, ".ccc/test-command")
+    if explicit is not None:
+        for line in explicit.splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 return shlex.split(line)
     if _has_python_tests(repo):
         return ["python", "-m", "pytest", "-q"]
-    pkg = repo / "package.json"
-    if pkg.is_file():
+    pkg = _text(repo, "package.json")
+    if pkg is not None:
         try:
-            script = json.loads(pkg.read_text(encoding="utf-8")).get("scripts", {}).get("test")
+            script = json.loads(pkg).get("scripts", {}).get("test")
         except (ValueError, AttributeError):
             script = None
         if isinstance(script, str) and script.strip() and _NPM_PLACEHOLDER not in script:
             return ["npm", "test", "--silent"]
     for name in ("GNUmakefile", "makefile", "Makefile"):
-        mk = repo / name
-        if mk.is_file() and re.search(r"^test\s*:(?!=)", mk.read_text(encoding="utf-8", errors="replace"),
-                                      re.MULTILINE):
+        mk = _text(repo, name)
+        if mk is not None and re.search(r"^test\s*:(?!=)", mk, re.MULTILINE):
             return ["make", "test"]
     if (repo / "go.mod").is_file():
         return ["go", "test", "./..."]

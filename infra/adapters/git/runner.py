@@ -11,7 +11,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +85,14 @@ async def run_command(
     log_path: Path | None = None,
     max_output: int = 200_000,
     log_limit: int = 50_000_000,
+    preexec: Callable[[], None] = die_with_parent,
 ) -> CommandResult:
     """Run ``argv`` in ``cwd`` with exactly ``env``, in a new session (its own process
     group). On timeout the whole group is killed and ``timed_out`` is set; on
     cancellation the group is killed and ``CancelledError`` propagates. Never raises
-    for a failing command, nor for one that cannot be started (exit code 127)."""
+    for a failing command, nor for one that cannot be started (exit code 127).
+    ``preexec`` runs in the child before exec: it must include :func:`die_with_parent`
+    (the sandbox's adds entering a cgroup)."""
     head = max_output // 2
     loop = asyncio.get_running_loop()
     started = time.monotonic()
@@ -105,7 +108,7 @@ async def run_command(
                 cwd=cwd,
                 env=dict(env),
                 start_new_session=True,
-                preexec_fn=die_with_parent,  # a SIGKILLed agent must not leave commands running
+                preexec_fn=preexec,  # die_with_parent: a SIGKILLed agent must not leave commands running
             )
         except OSError as exc:  # not found, not executable: a result, not a crash
             message = f"cannot start {argv[0]!r}: {exc}"

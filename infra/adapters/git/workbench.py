@@ -2,71 +2,148 @@
 task workspaces under one root directory, git on their clones (:mod:`gitops`), and the
 repository's own tests (how to run them, and the counts their output reports).
 
-Only the root is state here; every call goes to the module that owns the concept.
-The git and file-system calls block: the pipeline runs the slow ones in a thread.
+Only the root and the sandbox are state here; every call goes to the module that owns
+the concept. The git and file-system calls block: the pipeline runs the slow ones in a
+thread.
+
+The sandbox (:mod:`infra.adapters.git.sandbox`) is probed when the agent starts
+(:meth:`GitWorkbench.prepare`); if none can be made, the agent still starts, and every
+command of every attempt is refused with the reason (fail closed). The repository's
+network setting is read when it is cloned, from the commit the task starts on, before
+the coder or any command could change it.
+
+Git after the clone goes through the agent's own clone of each workspace
+(:mod:`infra.adapters.git.agent_clone`, kept under ``<root>/.agent-clones``, outside every
+task directory and so outside every sandbox): the change is the workspace's files as
+that clone's git sees them, and it is committed, checked and pushed there, never with
+the workspace's ``.git`` (the model's to rewrite).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from events.errors import ConfigError
 from events.work import TestCounts
 
 from infra.adapters.git import gitops
-from infra.adapters.git.cleanup import cleanup_expired
+from infra.adapters.git.agent_clone import DEFAULT_MAX_FILE_BYTES, AgentClone, remove_orphans
+from infra.adapters.git.cleanup import cleanup_expired, remove_tree
+from infra.adapters.git.sandbox import (
+    MAX_SANDBOX_FILE,
+    NO_NETWORK,
+    SANDBOX_FILES,
+    NetworkPolicy,
+    Sandbox,
+    SandboxUnavailable,
+    default_sandbox,
+    parse_sandbox_file,
+)
 from infra.adapters.git.test_output import parse_test_counts
 from infra.adapters.git.workspace import Workspace
 
+log = structlog.get_logger("ccc.workbench")
+
 
 class GitWorkbench:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, sandbox: Sandbox | None = None) -> None:
         self.root = Path(root)
+        self.sandbox = sandbox if sandbox is not None else default_sandbox()
+
+    @property
+    def sandbox_name(self) -> str:
+        return self.sandbox.name
 
     # -- task workspaces ---------------------------------------------------------------
     def prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.chmod(0o700)  # workspaces hold clones of private repositories: the agent's only
+        try:
+            self.sandbox.check()  # once, at start: the failure is logged with its reason here
+        except SandboxUnavailable:
+            pass  # and every command refused with it later (fail closed, per attempt)
 
     def create_workspace(self, agent_id: str, task_id: str, metadata: Mapping[str, Any]) -> Workspace:
-        return Workspace.create(self.root, agent_id, task_id, metadata)
+        return Workspace.create(self.root, agent_id, task_id, metadata, sandbox=self.sandbox)
 
     def finish_workspace(self, agent_id: str, task_id: str, outcome: str) -> None:
-        Workspace.open(self.root, agent_id, task_id).mark_finished(outcome=outcome)
+        ws = Workspace.open(self.root, agent_id, task_id)
+        ws.mark_finished(outcome=outcome)
+        remove_tree(self._agent_clone(ws.repo_dir).git_dir)  # the push is over: not needed
 
     def remove_expired(self, agent_id: str, retention: float) -> list[Path]:
-        return cleanup_expired(self.root, agent_id, retention)
+        removed = cleanup_expired(self.root, agent_id, retention)
+        remove_orphans(self.root / ".agent-clones", max(retention, 3600.0))
+        return removed
+
+    def _agent_clone(self, repo_dir: Path) -> AgentClone:
+        """The agent's clone of the workspace at ``repo_dir``: one per workspace, named
+        by its path as given, symlinks not resolved (a retry's fresh workspace replaces it;
+        a workspace swapped for a link is still found, and refused)."""
+        key = hashlib.sha256(os.path.abspath(repo_dir).encode()).hexdigest()[:20]
+        return AgentClone(self.root / ".agent-clones" / f"{key}.git", repo_dir)
+
+    def _cloned(self, repo_dir: Path) -> AgentClone:
+        clone = self._agent_clone(repo_dir)
+        if not clone.exists():
+            raise ConfigError(f"{repo_dir} was not cloned by this workbench: no agent clone to work with")
+        return clone
 
     # -- git on a workspace's clone --------------------------------------------------------
     def clone(self, url: str, dest: Path, *, env: Mapping[str, str] | None = None) -> object:
-        return gitops.clone(url, dest, env=env)
+        """Clone, then fix the network the workspace's commands get from the repository's
+        ``.ccc/sandbox.toml`` at the cloned commit (refused here, with the reason, when the
+        operator does not allow what it asks for)."""
+        repo = gitops.clone(url, dest, env=env)
+        # before the coder or any command runs: the agent's own clone, for all git from now on
+        AgentClone.take(self._agent_clone(dest).git_dir, dest)
+        ws = Workspace.containing(dest, sandbox=self.sandbox)
+        if ws is not None:
+            policy = repo_network_policy(dest)
+            self.sandbox.admit(policy)
+            ws.set_network(policy)
+        return repo
 
     def default_branch(self, repo_dir: Path) -> str:
-        return gitops.default_branch(repo_dir)
+        return self._cloned(repo_dir).default_branch()
 
     def head_sha(self, repo_dir: Path) -> str | None:
-        return gitops.head_sha(repo_dir)
+        return self._cloned(repo_dir).base()
 
     def branch_name(self, task_id: str, title: str) -> str:
         return gitops.branch_name(task_id, title)
 
     def create_branch(self, repo_dir: Path, name: str) -> None:
-        gitops.create_branch(repo_dir, name)
+        self._cloned(repo_dir).start_branch(name)
+        gitops.create_branch(repo_dir, name)  # the coder sees it checked out (its .git is still ours)
 
     def changed_files(self, repo_dir: Path) -> list[str]:
-        return gitops.changed_files(repo_dir)
+        return self._cloned(repo_dir).changed_files()
 
     def diff(self, repo_dir: Path) -> str:
-        return gitops.diff(repo_dir)
+        return self._cloned(repo_dir).diff()
 
     def diff_stat(self, repo_dir: Path) -> str:
-        return gitops.diff_stat(repo_dir)
+        return self._cloned(repo_dir).diff_stat()
 
     def commit_all(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> str:
-        return gitops.commit_all(repo_dir, message, author_name, author_email)
+        return self._cloned(repo_dir).commit(message, author_name, author_email)
 
-    def push(self, repo_dir: Path, branch: str, *, env: Mapping[str, str] | None = None) -> str:
-        return gitops.push(repo_dir, branch, env=env)
+    def push(self, repo_dir: Path, branch: str, *, env: Mapping[str, str] | None = None,
+             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
+        clone = self._cloned(repo_dir)
+        if clone.branch() != branch:
+            raise ConfigError(f"the change was committed as {clone.branch()!r}, not {branch!r}")
+        return clone.push(env=env, max_file_bytes=max_file_bytes)
+
+    def repo_file(self, repo_dir: Path, path: str, *, max_bytes: int) -> bytes | None:
+        return gitops.read_regular_file(repo_dir, path, max_bytes=max_bytes)
 
     # -- what kind of repository this is, and its own tests --------------------------------
     def languages(self, repo_dir: Path) -> dict[str, int]:
@@ -77,3 +154,26 @@ class GitWorkbench:
 
     def test_counts(self, output: str) -> TestCounts:
         return parse_test_counts(output)
+
+
+def repo_network_policy(repo_dir: Path) -> NetworkPolicy:
+    """The repository's sandbox setting at HEAD, read from git's object store rather than
+    the working tree: a regular file of the commit (a symlink would read whatever it
+    points at on the agent's host), at most :data:`MAX_SANDBOX_FILE` bytes."""
+    found = []
+    for name in SANDBOX_FILES:
+        status, out, _ = gitops.run_git(repo_dir, "ls-tree", "-z", "HEAD", "--", name, check=False)
+        entry = out.decode("utf-8", "replace").strip("\0")
+        if status != 0 or not entry:
+            continue
+        meta, _, _path = entry.partition("\t")
+        mode, kind, sha = meta.split()
+        if kind != "blob" or mode not in ("100644", "100755"):
+            raise ConfigError(f"{name}: must be a regular file in the repository (found mode {mode})")
+        size = int(gitops.git_output(repo_dir, "cat-file", "-s", sha))
+        if size > MAX_SANDBOX_FILE:
+            raise ConfigError(f"{name}: {size} bytes, more than the {MAX_SANDBOX_FILE} a sandbox setting may have")
+        found.append((name, gitops.run_git(repo_dir, "cat-file", "blob", sha)[1].decode("utf-8", "replace")))
+    if len(found) > 1:
+        raise ConfigError(f"both {' and '.join(n for n, _ in found)} exist: keep one")
+    return parse_sandbox_file(found[0][1], found[0][0]) if found else NO_NETWORK

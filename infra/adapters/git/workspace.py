@@ -11,10 +11,21 @@ Why a scrubbed environment: the commands run code from the repository under chan
 (its tests, its build scripts). That code must not see the cluster's credentials, so a
 child gets only PATH, HOME, LANG/LC_ALL, TMPDIR plus what the caller names explicitly.
 
+Why a sandbox (:mod:`infra.adapters.git.sandbox`): a scrubbed environment is not enough.
+A child could still read the agent's environment from ``/proc/$PPID/environ``, the data
+dir, other workspaces and ``~``, reach the NATS port and outlive the task. Every command
+therefore runs in the workspace's sandbox (bubblewrap by default), which sees the
+system read-only and only ``repo/``, ``home/`` and ``tmp/`` of this workspace writable:
+not ``logs/`` (the agent writes them) nor ``metadata.json`` (the network policy and the
+cleanup mark live there). The network the repository asked for (``.ccc/sandbox.toml``)
+is read from its base commit when it is cloned and kept in the metadata, out of the
+reach of the commands and the coder.
+
 Why process groups: a test runner forks (``make`` → ``sh`` → ``pytest`` → workers).
 Killing only the direct child leaves the grandchildren running and holding the output
 pipe open; each command therefore starts a new session and the whole group is killed on
 timeout, on cancellation, and once the command itself has exited (nothing outlives it).
+In a sandbox the PID namespace does the same for processes that left the group.
 
 The filesystem calls here are blocking but short; ``create``/``cleanup_expired`` may be
 wrapped in ``asyncio.to_thread`` by a caller that deletes large trees.
@@ -22,14 +33,17 @@ wrapped in ``asyncio.to_thread`` by a caller that deletes large trees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from events.errors import CccError, ConfigError
 from events.subjects import check_id
@@ -37,6 +51,15 @@ from events.work import CommandResult
 
 from infra.adapters.git.cleanup import remove_tree
 from infra.adapters.git.runner import run_command
+from infra.adapters.git.sandbox import (
+    NO_NETWORK,
+    Launch,
+    Limits,
+    NetworkPolicy,
+    Sandbox,
+    default_sandbox,
+    parse_network,
+)
 from infra.adapters.obs.masking import secret_env_name
 
 __all__ = ["Workspace", "WorkspaceEscape", "scrubbed_env_name"]
@@ -63,38 +86,59 @@ def scrubbed_env_name(name: str) -> bool:
 
 class Workspace:
     """One task attempt's directory. Construct with :meth:`create` (fresh) or
-    :meth:`open` (existing)."""
+    :meth:`open` (existing). ``sandbox``: where its commands run (default: the process's
+    bubblewrap sandbox; never none unless someone asks for :class:`NoSandbox`)."""
 
-    def __init__(self, root: Path | str, agent_id: str, task_id: str) -> None:
+    def __init__(self, root: Path | str, agent_id: str, task_id: str, *, sandbox: Sandbox | None = None) -> None:
         check_id(agent_id, "agent id")  # ids are path components here: the one id check
         check_id(task_id, "task id")
         self.root = Path(root).resolve()
         self.agent_id = agent_id
         self.task_id = task_id
         self.path = self.root / agent_id / "tasks" / f"task-{task_id}"
+        self.sandbox = sandbox if sandbox is not None else default_sandbox()
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
     def create(
-        cls, root: Path | str, agent_id: str, task_id: str, metadata: Mapping[str, Any] | None = None
+        cls, root: Path | str, agent_id: str, task_id: str, metadata: Mapping[str, Any] | None = None,
+        *, sandbox: Sandbox | None = None,
     ) -> Workspace:
         """A fresh workspace. A directory left by an earlier attempt is removed first:
         a retry must not inherit half-applied edits or a dirty clone."""
-        ws = cls(root, agent_id, task_id)
+        ws = cls(root, agent_id, task_id, sandbox=sandbox)
         remove_tree(ws.path)
+        # 0700 down from the agent's directory: clones of private repositories, their
+        # logs, the coder's transcript (mkdir's mode covers only the last component)
+        ws.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (ws.root / agent_id, ws.root / agent_id / "tasks", ws.path):
+            d.mkdir(mode=0o700, exist_ok=True)
+            d.chmod(0o700)
         for d in (ws.repo_dir, ws.logs_dir, ws.home_dir, ws.tmp_dir):
-            d.mkdir(parents=True)
+            d.mkdir(mode=0o700)
         meta = {"agent_id": agent_id, "task_id": task_id,
                 "created_at": datetime.now(UTC).isoformat(), **(metadata or {})}
         ws.write_metadata(meta)
         return ws
 
     @classmethod
-    def open(cls, root: Path | str, agent_id: str, task_id: str) -> Workspace:
-        ws = cls(root, agent_id, task_id)
+    def open(cls, root: Path | str, agent_id: str, task_id: str, *, sandbox: Sandbox | None = None) -> Workspace:
+        ws = cls(root, agent_id, task_id, sandbox=sandbox)
         if not ws.metadata_path.is_file():
             raise ConfigError(f"no workspace at {ws.path}")
         return ws
+
+    @classmethod
+    def containing(cls, repo_dir: Path | str, *, sandbox: Sandbox | None = None) -> Workspace | None:
+        """The workspace whose clone is ``repo_dir``, or None when it is not one."""
+        task_dir = Path(repo_dir).resolve().parent
+        tasks, name = task_dir.parent, task_dir.name
+        if tasks.name != "tasks" or not name.startswith("task-") or Path(repo_dir).resolve().name != "repo":
+            return None
+        try:
+            return cls.open(tasks.parent.parent, tasks.parent.name, name.removeprefix("task-"), sandbox=sandbox)
+        except CccError:
+            return None
 
     @property
     def repo_dir(self) -> Path:
@@ -116,6 +160,11 @@ class Workspace:
     def metadata_path(self) -> Path:
         return self.path / "metadata.json"
 
+    @property
+    def writable_dirs(self) -> list[Path]:
+        """What a sandboxed command may write: the clone, its HOME and its TMPDIR."""
+        return [self.repo_dir.resolve(), self.home_dir.resolve(), self.tmp_dir.resolve()]
+
     # -- metadata -------------------------------------------------------------------
     def read_metadata(self) -> dict[str, Any]:
         return json.loads(self.metadata_path.read_text(encoding="utf-8"))
@@ -136,6 +185,19 @@ class Workspace:
     def mark_finished(self, when: datetime | None = None, **fields: Any) -> None:
         """Make the workspace eligible for :func:`cleanup_expired` after the retention."""
         self.update_metadata(finished_at=(when or datetime.now(UTC)).isoformat(), **fields)
+
+    def set_network(self, policy: NetworkPolicy) -> None:
+        """Record the network the repository asked for (read at clone time)."""
+        self.update_metadata(sandbox_network=policy.setting())
+
+    def network(self) -> NetworkPolicy:
+        """The network this workspace's commands get: what :meth:`set_network` recorded,
+        none when nothing was (read each time: the metadata is the one place it lives)."""
+        try:
+            value = self.read_metadata().get("sandbox_network", "none")
+        except (OSError, ValueError):
+            return NO_NETWORK
+        return parse_network(value, f"{self.metadata_path}: sandbox_network")
 
     # -- confinement ----------------------------------------------------------------
     def confine(self, path: str | os.PathLike[str]) -> Path:
@@ -219,17 +281,47 @@ class Workspace:
         log_limit: int = 50_000_000,
     ) -> CommandResult:
         """Run a command (a list is exec'd, a string goes through ``/bin/sh -c``) in
-        its own process group with a scrubbed environment. On timeout the whole group
-        is killed and ``timed_out`` is set; on cancellation the group is killed and
-        ``CancelledError`` propagates. Never raises for a failing command."""
+        the workspace's sandbox, in its own process group, with a scrubbed environment.
+        On timeout the whole group is killed and ``timed_out`` is set; on cancellation
+        the group is killed and ``CancelledError`` propagates. Never raises for a failing
+        command; raises :class:`SandboxUnavailable` when no sandbox can be made (fail
+        closed). A limit that stopped the command, or a host the proxy refused, is said
+        at the end of the output."""
         workdir = self._cwd(cwd)
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
         if not argv:
             raise ConfigError("empty command")
         shown = cmd if isinstance(cmd, str) else shlex.join(argv)
-        return await run_command(argv, shown=shown, cwd=workdir, env=self.environment(env_allow, env),
-                                 timeout=timeout, log_path=self._log_path(log_name) if log_name else None,
-                                 max_output=max_output, log_limit=log_limit)
+        log_path = self._log_path(log_name) if log_name else None
+        async with self.sandboxed(argv, cwd=workdir, env=self.environment(env_allow, env)) as launch:
+            result = await run_command(launch.argv, shown=shown, cwd=workdir, env=launch.env, timeout=timeout,
+                                       log_path=log_path, max_output=max_output, log_limit=log_limit,
+                                       preexec=launch.preexec)
+            notes = launch.notes(None if result.timed_out else result.exit_code)
+        if not notes:
+            return result
+        text = "".join(f"\n[sandbox: {n}]" for n in notes)
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as f:  # noqa: ASYNC230 (a local file)
+                f.write(text)
+        return msgspec.structs.replace(result, output=result.output + text)
+
+    @contextlib.asynccontextmanager
+    async def sandboxed(
+        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None = None,
+        network: NetworkPolicy | None = None, read_only: Sequence[Path] = (), limits: Limits | None = None,
+    ) -> AsyncIterator[Launch]:
+        """``argv`` prepared to run in this workspace's sandbox (for callers that start
+        the process themselves, like the Claude Code CLI coder): writable ``repo``,
+        ``home`` and ``tmp``, the repository's network unless ``network`` is given,
+        ``read_only`` extra paths (an executable's installation), other workspaces hidden."""
+        self.sandbox.check()  # fail closed, with the reason, before anything starts
+        async with self.sandbox.launch(
+            argv, cwd=cwd or self.repo_dir.resolve(), env=env, writable=self.writable_dirs,
+            read_only=read_only, hide=(self.root,), network=self.network() if network is None else network,
+            limits=limits,
+        ) as launch:
+            yield launch
 
     def _log_path(self, log_name: str) -> Path:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", log_name).lstrip(".") or "command"

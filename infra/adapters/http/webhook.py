@@ -11,11 +11,20 @@ Order of checks, each answered before the next is attempted:
 2. ``X-GitHub-Event`` and ``X-GitHub-Delivery`` present and sane: else 400.
 3. The body is JSON (or GitHub's form encoding, ``payload=<json>``): else 400.
 4. :func:`~infra.adapters.http.webhook_translate.interpret` turns it into zero or more issue facts
-   (pure; trust policy there). Nothing to do -> 202 with the reason; ``ping`` -> 200
-   ``{"status": "pong"}``.
-5. Each fact is published with ``Nats-Msg-Id`` = its ``event_id`` (derived from the
-   delivery), so a redelivered webhook is a no-op: 200, ``duplicate: true``. NATS
-   unreachable -> 503; GitHub does not retry by itself, the operator redelivers.
+   (pure; trust policy and freshness there: a delivery older than ``max_age`` by its own
+   timestamp is stale). Nothing to do -> 202 with the reason; ``ping`` -> 200
+   ``{"status": "pong"}`` (a ping starts nothing, so its age does not matter).
+5. With ``permissions`` (a lookup of an author's permission on the repository: GitHub's
+   collaborator-permission API, cached, see
+   :meth:`infra.adapters.forge.github.GitHubForge.author_permission`), every fact a person
+   wrote must come from someone with write access: the answer is written on the fact
+   (``author_permission``, which the intake checks again), and a delivery from anyone
+   else is answered 202 with the reason. The lookup failing -> 503 (nobody is trusted on
+   a guess). Without it the association alone decides; the receiver says so when it starts.
+6. Each fact is published with ``Nats-Msg-Id`` = its ``event_id`` (derived from what
+   happened, not from the delivery), so a redelivered webhook, or a captured one replayed
+   with a new delivery id, is a no-op: 200, ``duplicate: true``. NATS unreachable -> 503;
+   GitHub does not retry by itself, the operator redelivers.
 
 Secrets: the shared secret comes from ``CCC_WEBHOOK_SECRET`` and is never logged; nor
 are signatures or payloads (only event, delivery, action and the outcome).
@@ -26,6 +35,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -34,20 +44,29 @@ import structlog
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 
-from events.errors import ConfigError, StoreUnavailable
+from events.errors import CccError, ConfigError, StoreUnavailable
 from events.issue import IssueEvent
-from events.trust import TrustPolicy
+from events.trust import AUTHORED, TrustPolicy
 
 from infra.adapters.http.ratelimit import RateLimit, RateLimitMiddleware, TokenBuckets
 from infra.adapters.http.service import HttpService, Served
-from infra.adapters.http.webhook_translate import DEFAULT_TRUST, BadPayload, interpret, is_signed
+from infra.adapters.http.webhook_translate import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_TRUST,
+    BadPayload,
+    interpret,
+    is_signed,
+)
 from infra.adapters.nats.issue_publisher import publish_issue
 
 __all__ = [
+    "MAX_MAX_AGE",
     "Outcome",
+    "PermissionLookup",
     "Published",
     "Publisher",
     "WEBHOOK_RATE_LIMIT",
+    "ASSOCIATION_ONLY",
     "WebhookServer",
     "create_webhook_app",
     "nats_publisher",
@@ -57,17 +76,30 @@ __all__ = [
 log = structlog.get_logger("ccc.webhook")
 
 SECRET_ENV = "CCC_WEBHOOK_SECRET"
+ASSOCIATION_ONLY = ("no GitHub credentials: authors are trusted by author_association alone "
+                    "(MEMBER and COLLABORATOR include people without write access); set GITHUB_TOKEN "
+                    "or GITHUB_APP_* so the receiver checks each author's permission on the repository")
 # GitHub sends a delivery per event, in bursts when many issues change at once; far
 # below what would be an attack, far above what a repository's activity produces
 WEBHOOK_RATE_LIMIT = RateLimit(rate=20.0, burst=100)
 MAX_BODY_BYTES = 5 * 1024 * 1024  # real deliveries are tens of KB; GitHub caps at 25 MB
 _DELIVERY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")  # a GUID; it goes into a NATS header
 _EVENT = re.compile(r"^[a-z_]{1,64}$")
+MAX_MAX_AGE = timedelta(hours=12)
+"""The widest freshness window allowed: it must stay inside the issue stream's 24 h
+dedup window, or a replay could be too old for dedup and still young enough to count."""
 
 
 # -- the HTTP app -------------------------------------------------------------------------
 Publisher = Callable[[IssueEvent], Awaitable[tuple[int, bool]]]
 """Publishes one fact with ``Nats-Msg-Id`` = ``event.event_id``; returns ``(seq, duplicate)``."""
+PermissionLookup = Callable[[str, str], Awaitable[str]]
+"""``(repo, login) -> permission`` (``admin``, ``maintain``, ``write``, ``triage``, ``read``
+or ``none``); raises a :class:`~events.errors.CccError` when it cannot tell."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class Published(msgspec.Struct, frozen=True):
@@ -117,13 +149,33 @@ def create_webhook_app(
     publisher: Publisher, *, secret: str, trigger_label: str = "ccc", bot_name: str = "ccc",
     source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
     is_connected: Callable[[], bool] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-    rate_limit: RateLimit = WEBHOOK_RATE_LIMIT,
+    rate_limit: RateLimit = WEBHOOK_RATE_LIMIT, max_age: timedelta = DEFAULT_MAX_AGE,
+    permissions: PermissionLookup | None = None, clock: Callable[[], datetime] = utcnow,
 ) -> Litestar:
     """The receiver. ``secret`` is the webhook's shared secret (never empty); ``trust``
-    says whose facts, on which repositories, are published (the rest: 202 with why)."""
+    says whose facts, on which repositories, are published (the rest: 202 with why);
+    ``max_age`` how old a delivery may be (by ``clock``); ``permissions`` looks up an
+    author's permission on the repository (None: the association alone decides)."""
     if not secret:
         raise ConfigError(f"{SECRET_ENV}: a webhook secret is required (unsigned deliveries are refused)")
+    if not timedelta(0) < max_age <= MAX_MAX_AGE:
+        raise ConfigError(f"webhook max age {max_age}: must be more than 0 and at most {MAX_MAX_AGE} "
+                          "(inside the issue stream's 24 h dedup window)")
     key = secret.encode()
+
+    async def with_permissions(facts: list[IssueEvent]) -> tuple[list[IssueEvent], str]:
+        """The facts with their authors' permissions on them, or why the delivery is refused.
+        One refused author refuses the delivery: its facts are one person's doing."""
+        out: list[IssueEvent] = []
+        for fact in facts:
+            if permissions is not None and isinstance(fact, AUTHORED):
+                perm = await permissions(fact.repo, fact.author)
+                fact = msgspec.structs.replace(fact, author_permission=perm)
+                why = trust.author_refusal(fact.author, fact.author_association, perm, source=fact.source)
+                if why:
+                    return [], why
+            out.append(fact)
+        return out, ""
 
     @post(["/", "/webhook"], status_code=200, summary="Receive a GitHub webhook delivery")
     async def webhook(request: Request) -> Response:
@@ -148,16 +200,24 @@ def create_webhook_app(
             return Response(Outcome(status="pong", event=event, delivery=delivery,
                                     zen=zen if isinstance(zen, str) else None), status_code=200)
         try:
-            result = interpret(event, payload, delivery, trigger_label=trigger_label,
-                               bot_name=bot_name, source=source, trust=trust)
+            result = interpret(event, payload, delivery, trigger_label=trigger_label, bot_name=bot_name,
+                               source=source, trust=trust, now=clock(), max_age=max_age)
         except BadPayload as e:
             return _error(400, "bad_request", str(e), **ctx)
-        if not result.events:
-            log.info("webhook.ignored", action=action, reason=result.reason, **ctx)
+        facts, reason = result.events, result.reason
+        if facts:
+            try:
+                facts, reason = await with_permissions(facts)
+            except CccError as e:
+                return _error(503, "service_unavailable", f"cannot check the author's permission: {e}", **ctx)
+        if not facts:
+            # a stale delivery is worth a warning: a replay, or a redelivery after an outage
+            level = log.warning if result.stale else log.info
+            level("webhook.ignored", action=action, reason=reason, **ctx)
             return Response(Outcome(status="ignored", event=event, delivery=delivery, action=action,
-                                    reason=result.reason), status_code=202)
+                                    reason=reason), status_code=202)
         done: list[Published] = []
-        for fact in result.events:
+        for fact in facts:
             try:
                 seq, duplicate = await publisher(fact)
             except StoreUnavailable as e:
@@ -210,16 +270,22 @@ class WebhookServer(Served):
     def __init__(self, nc: Any, ns: Any, host: str = "127.0.0.1", port: int = 0, *,
                  secret: str | None = None, trigger_label: str = "ccc", bot_name: str = "ccc",
                  source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
-                 publish_timeout: float = 5.0, rate_limit: RateLimit = WEBHOOK_RATE_LIMIT) -> None:
+                 publish_timeout: float = 5.0, rate_limit: RateLimit = WEBHOOK_RATE_LIMIT,
+                 max_age: timedelta = DEFAULT_MAX_AGE, permissions: PermissionLookup | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self.http = HttpService(host, port, name="webhook receiver")
+        self.checks_permissions = permissions is not None
         self.app = create_webhook_app(
             nats_publisher(nc, ns, timeout=publish_timeout), secret=secret or webhook_secret(),
             trigger_label=trigger_label, bot_name=bot_name, source=source, trust=trust,
-            is_connected=lambda: bool(nc.is_connected), rate_limit=rate_limit,
+            is_connected=lambda: bool(nc.is_connected), rate_limit=rate_limit, max_age=max_age,
+            permissions=permissions, clock=clock,
         )
 
     async def start(self) -> int:
         """Bind (a port in use is an ``OSError`` here), start serving; returns the port."""
+        if not self.checks_permissions:
+            log.warning("webhook.trust_by_association", detail=ASSOCIATION_ONLY)
         return await self.http.start(self.app)
 
     async def stop(self) -> None:

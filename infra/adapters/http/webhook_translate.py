@@ -13,11 +13,28 @@ listened to, so the cluster cannot talk to itself in a loop. Pull-request facts 
 the cluster pushes (``ccc/task-<task_id>-<slug>``, see ``infra.adapters.git.gitops.branch_name``) in
 the repository itself: a fork cannot close or review its way into a task.
 
-Dedup ids: every fact's ``event_id`` (the ``Nats-Msg-Id``) is ``gh:<delivery>:<n>``, so
-a redelivered webhook is a no-op. ``IssueOpened`` is the exception: its id is the
-issue's own (``github:<repo>#<n>:opened``, as :func:`infra.adapters.nats.issue_publisher.opened_event_id`),
+Dedup ids come from the content, never from the delivery: every fact's ``event_id``
+(the ``Nats-Msg-Id``) names what happened, ``<source>:<repo>#<n>:<what>`` (the issue
+opened; closed, reopened or edited at a time; a label added at a time; the comment
+with that id; the pull request's number and action; the review with that id), so a
+redelivered webhook is a no-op, and so is a captured body replayed with a new
+``X-GitHub-Delivery``. ``IssueOpened``'s id is the issue's own
+(``github:<repo>#<n>:opened``, as :func:`infra.adapters.nats.issue_publisher.opened_event_id`),
 because GitHub sends ``opened`` *and* ``labeled`` for an issue created with the
-trigger label, and both should collapse into one fact.
+trigger label, and both should collapse into one fact. The comments of one review
+share the review's id (``…:pr<m>:review:<id>``), with the review itself: a review with
+several inline comments is one fact, and fails at most one attempt.
+
+Freshness: dedup holds for the issue stream's window (24 h). With ``max_age`` (the
+receiver always passes one, :data:`DEFAULT_MAX_AGE`) a delivery whose own timestamp
+(the issue's ``updated_at``, the comment's ``created_at``, the review's
+``submitted_at``, the pull request's ``closed_at``) is older than that is refused as
+stale, so a body captured yesterday does nothing today either. A delivery without the
+timestamp is refused too: its age cannot be told.
+
+Associations are only the first filter: the receiver
+(:mod:`infra.adapters.http.webhook`) asks GitHub for the author's permission on the
+repository when it can, and writes it on the fact.
 """
 
 from __future__ import annotations
@@ -27,7 +44,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import msgspec
@@ -47,12 +64,18 @@ from events.issue import (
     IssueReopened,
     IssueRetryRequested,
 )
-from events.subjects import repo_token
+from events.subjects import repo_token, task_id_stem
 from events.trust import TRUSTED_ASSOCIATIONS, TrustPolicy
 
 TRUSTED: frozenset[str] = TRUSTED_ASSOCIATIONS  # the default policy's associations
 DEFAULT_TRUST = TrustPolicy()
 TASK_BRANCH_PREFIX = "ccc/task-"  # gitops.branch_name: ccc/task-<task_id>-<slug>
+DEFAULT_MAX_AGE = timedelta(minutes=15)
+"""How old a delivery may be. GitHub delivers within seconds, and queues some for a few
+minutes when it is busy; a redelivery after a longer outage is refused as stale (widen
+the window with ``ccc webhook --max-age`` for it). Far inside the issue stream's 24 h
+dedup window, so a replay is either a duplicate or stale, never new."""
+_ID_TEXT = re.compile(r"[^A-Za-z0-9_.=-]")
 _FENCED = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
@@ -107,6 +130,7 @@ class _PullRequest(msgspec.Struct, frozen=True):
     html_url: str = ""
     closed_at: datetime | None = None
     merged_at: datetime | None = None
+    updated_at: datetime | None = None
 
 
 class _Review(msgspec.Struct, frozen=True):
@@ -161,10 +185,10 @@ class BadPayload(CccError):
 class Translation(NamedTuple):
     events: list[IssueEvent]
     reason: str = ""  # why nothing was emitted, when nothing was
+    stale: bool = False  # refused for its age (a replay, or a very late redelivery)
 
 
 class _Ctx(NamedTuple):
-    delivery: str
     source: str
     trigger_label: str
     bot_name: str
@@ -202,49 +226,87 @@ def _unquoted(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(">"))
 
 
-def task_issue_number(branch: str, repo: str) -> int | None:
-    """The issue number of a cluster branch of ``repo``, else None. Anchored on the
-    repository's token, so ids with ``-`` in them (``octo-org_my-app-7``) parse exactly."""
-    prefix = f"{TASK_BRANCH_PREFIX}{repo_token(repo)}-"
-    if not branch.startswith(prefix):
-        return None
-    m = re.match(r"(\d+)(?:-|$)", branch[len(prefix):])
-    return int(m.group(1)) if m else None
+def task_issue_number(branch: str, repo: str, source: str = "github") -> int | None:
+    """The issue number of a cluster branch of ``repo``'s issues from ``source``, else
+    None. Anchored on the task ids' stem (:func:`events.subjects.task_id_stem`), so ids
+    with ``-`` in them (``gh-octo-org_my-app-7``) parse exactly. The branches of tasks
+    created before task ids carried their source (``ccc/task-octo-org_my-app-7-…``) are
+    recognised too: their pull requests may still be open."""
+    for stem in dict.fromkeys((task_id_stem(repo, source), repo_token(repo))):
+        prefix = f"{TASK_BRANCH_PREFIX}{stem}-"
+        if branch.startswith(prefix) and (m := re.match(r"(\d+)(?:-|$)", branch[len(prefix):])):
+            return int(m.group(1))
+    return None
 
 
 def translate(event_name: str, payload: Any, delivery_id: str, *, trigger_label: str = "ccc",
               bot_name: str = "ccc", source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
-              now: datetime | None = None) -> list[IssueEvent]:
+              now: datetime | None = None, max_age: timedelta | None = None) -> list[IssueEvent]:
     """The issue facts one delivery stands for (often none). Raises :class:`BadPayload`."""
     return interpret(event_name, payload, delivery_id, trigger_label=trigger_label,
-                     bot_name=bot_name, source=source, trust=trust, now=now).events
+                     bot_name=bot_name, source=source, trust=trust, now=now, max_age=max_age).events
 
 
 def interpret(event_name: str, payload: Any, delivery_id: str, *, trigger_label: str = "ccc",
               bot_name: str = "ccc", source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
-              now: datetime | None = None) -> Translation:
-    """Like :func:`translate`, with the reason when the delivery is ignored."""
+              now: datetime | None = None, max_age: timedelta | None = None) -> Translation:
+    """Like :func:`translate`, with the reason when the delivery is ignored.
+
+    ``max_age``: refuse a delivery whose own timestamp is older than that (relative to
+    ``now``); None checks no age (the pure translation, as tests use it)."""
     if not isinstance(payload, dict):
         raise BadPayload("the payload is not a JSON object")
     action = payload.get("action")
     handler = _HANDLERS.get((event_name, action if isinstance(action, str) else ""))
     if handler is None:
         return Translation([], f"not handled: {event_name}" + (f".{action}" if action else ""))
-    shape, fn = handler
+    shape, fn, stamp = handler
     try:
         hook = msgspec.convert(payload, shape)
     except msgspec.ValidationError as e:
         raise BadPayload(f"{event_name}.{action}: {e}") from None
     if why := trust.repo_refusal(hook.repository.full_name):
         return Translation([], why)  # every hook names its repository
-    ctx = _Ctx(delivery_id, source, trigger_label.lower(), bot_name, trust,
-               now or datetime.now(UTC))
-    return fn(hook, ctx)
+    now = now or datetime.now(UTC)
+    if max_age is not None and (why := _staleness(stamp(hook), now, max_age, f"{event_name}.{action}")):
+        return Translation([], why, stale=True)
+    # (the delivery id is not used: the facts' ids come from their content)
+    return fn(hook, _Ctx(source, trigger_label.lower(), bot_name, trust, now))
 
 
-def _base(ctx: _Ctx, repo: str, number: int, n: int, at: datetime | None, sender: _User) -> dict:
-    return {"event_id": f"gh:{ctx.delivery}:{n}", "source": ctx.source, "repo": repo, "number": number,
-            "occurred_at": at or ctx.now, "actor": f"github:{sender.login}" if sender.login else "github"}
+def _staleness(at: datetime | None, now: datetime, max_age: timedelta, what: str) -> str:
+    """Why a delivery made at ``at`` is too old to act on, or "". A time in the future is
+    accepted: a replay is always of the past, and clocks differ by a little."""
+    if at is None:
+        return f"stale: {what} carries no timestamp, so its age cannot be checked"
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)  # GitHub writes UTC ("Z"); never compare naive with aware
+    age = now - at
+    if age <= max_age:
+        return ""
+    return (f"stale: {what} of {at.isoformat()} is {_minutes(age)} old, more than the "
+            f"{_minutes(max_age)} allowed (a replayed delivery, or redelivered too late)")
+
+
+def _minutes(d: timedelta) -> str:
+    return f"{d.total_seconds() / 60:.0f} min" if d < timedelta(days=2) else f"{d.days} days"
+
+
+def _at(at: datetime | None) -> str:
+    """A timestamp as an id's part: epoch seconds (what GitHub's timestamps resolve)."""
+    return "-" if at is None else str(int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()))
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _base(ctx: _Ctx, repo: str, number: int, what: str, at: datetime | None, sender: _User) -> dict:
+    """The envelope of a fact; its id says what happened (``what``), not which delivery
+    said so (the module docstring)."""
+    return {"event_id": f"{ctx.source}:{repo}#{number}:{what}", "source": ctx.source, "repo": repo,
+            "number": number, "occurred_at": at or ctx.now,
+            "actor": f"github:{sender.login}" if sender.login else "github"}
 
 
 def _is_bot(user: _User, ctx: _Ctx) -> bool:
@@ -267,8 +329,7 @@ def _triggered(issue: _Issue, ctx: _Ctx) -> bool:
 def _opened(hook: _IssuesHook, ctx: _Ctx) -> IssueOpened:
     issue, repo = hook.issue, hook.repository.full_name
     return IssueOpened(  # the id as issue_publisher.opened_event_id derives it
-        **{**_base(ctx, repo, issue.number, 0, issue.updated_at, hook.sender),
-           "event_id": f"{ctx.source}:{repo}#{issue.number}:opened"},
+        **_base(ctx, repo, issue.number, "opened", issue.updated_at, hook.sender),
         title=issue.title, body=issue.body or "", labels=tuple(lbl.name for lbl in issue.labels),
         url=issue.html_url, author=issue.user.login, author_association=issue.author_association,
     )
@@ -280,27 +341,32 @@ def _on_issue(hook: _IssuesHook, ctx: _Ctx, action: str) -> Translation:
         return Translation([], "a pull request, not an issue")
     if why := _untrusted(issue.user, issue.author_association, ctx):
         return Translation([], why)
-    base = _base(ctx, repo, issue.number, 0, issue.updated_at, hook.sender)
     if action == "opened":
         if not _triggered(issue, ctx):
             return Translation([], f"no {ctx.trigger_label!r} label and no @{ctx.bot_name} mention")
         return Translation([_opened(hook, ctx)])
+
+    def base(what: str, at: datetime | None = issue.updated_at) -> dict:
+        return _base(ctx, repo, issue.number, what, at, hook.sender)
+
     if action == "closed":  # no trigger check: the label may be gone by now
-        return Translation([IssueClosed(**{**base, "occurred_at": issue.closed_at or base["occurred_at"]})])
+        at = issue.closed_at or issue.updated_at
+        return Translation([IssueClosed(**base(f"closed:{_at(at)}", at))])
     if action == "reopened":
-        return Translation([IssueReopened(**base)])
+        return Translation([IssueReopened(**base(f"reopened:{_at(issue.updated_at)}"))])
     if not _triggered(issue, ctx):
         return Translation([], f"issue #{issue.number} is not for @{ctx.bot_name}")
-    if action == "edited":
-        return Translation([IssueEdited(**base, title=issue.title, body=issue.body or "")])
+    if action == "edited":  # the text in the id too: two edits within one second are two facts
+        what = f"edited:{_at(issue.updated_at)}:{_digest(issue.title, issue.body or '')}"
+        return Translation([IssueEdited(**base(what), title=issue.title, body=issue.body or "")])
     # labeled: the trigger added later starts work too; the IssueOpened id is the issue's,
     # so with the "opened" of an issue created with the label it is one fact, not two
     label = hook.label.name if hook.label else ""
-    labeled = IssueLabeled(**{**base, "event_id": f"gh:{ctx.delivery}:1"}, label=label,
-                           labels=tuple(lbl.name for lbl in issue.labels))
+    what = f"labeled:{_ID_TEXT.sub('=', label)[:64]}:{_at(issue.updated_at)}"
+    labeled = IssueLabeled(**base(what), label=label, labels=tuple(lbl.name for lbl in issue.labels))
     if label.lower() == ctx.trigger_label:
         return Translation([_opened(hook, ctx), labeled])
-    return Translation([IssueLabeled(**base, label=label, labels=labeled.labels)])
+    return Translation([labeled])
 
 
 def _on_comment(hook: _IssueCommentHook, ctx: _Ctx) -> Translation:
@@ -317,7 +383,7 @@ def _on_comment(hook: _IssueCommentHook, ctx: _Ctx) -> Translation:
     request = text[m.end():].strip()
     verb, rest = [*request.split(maxsplit=1), "", ""][:2]
     verb, who = verb.strip(".,:;!").lower(), comment.user.login
-    base = _base(ctx, repo, issue.number, 0, comment.created_at, hook.sender)
+    base = _base(ctx, repo, issue.number, f"comment:{comment.id}", comment.created_at, hook.sender)
     # the author travels with the request: the intake checks it again
     author = {"author": who, "author_association": comment.author_association}
     if verb == "retry":
@@ -345,10 +411,11 @@ def _on_pr_closed(hook: _PullRequestHook, ctx: _Ctx) -> Translation:
     number = _task_pr(pr, repo)
     if number is None:
         return Translation([], f"branch {pr.head.ref!r} is not a task branch of {repo}")
-    if pr.merged:
-        base = _base(ctx, repo, number, 0, pr.merged_at or pr.closed_at, hook.sender)
+    if pr.merged:  # once only: a merged pull request stays merged
+        base = _base(ctx, repo, number, f"pr{pr.number}:merged", pr.merged_at or pr.closed_at, hook.sender)
         return Translation([IssuePullRequestMerged(**base, pr_number=pr.number, branch=pr.head.ref)])
-    base = _base(ctx, repo, number, 0, pr.closed_at, hook.sender)
+    # closed, reopened, closed again: each closing is a fact of its own
+    base = _base(ctx, repo, number, f"pr{pr.number}:closed:{_at(pr.closed_at)}", pr.closed_at, hook.sender)
     return Translation([IssuePullRequestClosed(**base, pr_number=pr.number, branch=pr.head.ref)])
 
 
@@ -360,8 +427,13 @@ def _changes(hook: _ReviewHook | _ReviewCommentHook, ctx: _Ctx, author: _User, a
     number = _task_pr(pr, repo)
     if number is None:
         return Translation([], f"branch {pr.head.ref!r} is not a task branch of {repo}")
+    # grouped by review: the review and each of its inline comments carry one id, so the
+    # first to arrive is the fact and the rest are duplicates (one review, one failed
+    # attempt); a comment GitHub gives no review is a review of its own
+    review, comment = fields.get("review_id"), fields.get("comment_id")
+    what = f"pr{pr.number}:" + (f"review:{review}" if review is not None else f"review-comment:{comment}")
     return Translation([IssueChangesRequested(
-        **_base(ctx, repo, number, 0, at, hook.sender), pr_number=pr.number, branch=pr.head.ref,
+        **_base(ctx, repo, number, what, at, hook.sender), pr_number=pr.number, branch=pr.head.ref,
         author=author.login, author_association=association, **fields,
     )])
 
@@ -381,11 +453,15 @@ def _on_review_comment(hook: _ReviewCommentHook, ctx: _Ctx) -> Translation:
                     url=c.html_url)
 
 
-_HANDLERS: dict[tuple[str, str], tuple[type, Callable[[Any, _Ctx], Translation]]] = {
-    **{("issues", a): (_IssuesHook, lambda h, c, a=a: _on_issue(h, c, a))
+# (event, action) -> (payload shape, translation, the delivery's own time: what its age is)
+_HANDLERS: dict[tuple[str, str], tuple[type, Callable[[Any, _Ctx], Translation],
+                                       Callable[[Any], datetime | None]]] = {
+    **{("issues", a): (_IssuesHook, lambda h, c, a=a: _on_issue(h, c, a), lambda h: h.issue.updated_at)
        for a in ("opened", "edited", "labeled", "closed", "reopened")},
-    ("issue_comment", "created"): (_IssueCommentHook, _on_comment),
-    ("pull_request", "closed"): (_PullRequestHook, _on_pr_closed),
-    ("pull_request_review", "submitted"): (_ReviewHook, _on_review),
-    ("pull_request_review_comment", "created"): (_ReviewCommentHook, _on_review_comment),
+    ("issue_comment", "created"): (_IssueCommentHook, _on_comment, lambda h: h.comment.created_at),
+    ("pull_request", "closed"): (_PullRequestHook, _on_pr_closed,
+                                 lambda h: h.pull_request.closed_at or h.pull_request.updated_at),
+    ("pull_request_review", "submitted"): (_ReviewHook, _on_review, lambda h: h.review.submitted_at),
+    ("pull_request_review_comment", "created"): (_ReviewCommentHook, _on_review_comment,
+                                                 lambda h: h.comment.created_at),
 }

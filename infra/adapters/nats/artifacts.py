@@ -17,8 +17,10 @@ from infra.adapters.obs.masking import mask_secrets
 
 class ObjectStoreArtifacts:
     """A put is retried with short timeouts, so a leader election costs seconds, not a
-    30 s stall. Text (logs, transcripts) is masked before it is stored: artifacts are
-    kept, and shown to whoever reads the task."""
+    30 s stall. Everything is masked before it is stored (the one masker,
+    :mod:`events.secrets`): artifacts are kept, and shown to whoever reads the task.
+    Bytes are masked as the text they are (diffs, logs): read as UTF-8, any bytes that
+    are not UTF-8 kept as they are, so nothing but a secret changes."""
 
     def __init__(self, nc: Client, bucket: str, *, timeout: float = 5.0, tries: int = 4,
                  mask: Callable[[str], str] = mask_secrets) -> None:
@@ -29,6 +31,13 @@ class ObjectStoreArtifacts:
         self._obs = None
 
     async def put(self, name: str, data: bytes) -> str:
+        text = data.decode("utf-8", "surrogateescape")
+        masked = self.mask(text)
+        if masked != text:
+            data = masked.encode("utf-8", "surrogateescape")
+        return await self._put(name, data)
+
+    async def _put(self, name: str, data: bytes) -> str:
         for attempt in range(1, self.tries + 1):
             try:
                 if self._obs is None:
@@ -43,4 +52,4 @@ class ObjectStoreArtifacts:
         raise AssertionError("unreachable")
 
     async def put_text(self, name: str, text: str) -> str:
-        return await self.put(name, self.mask(text).encode())
+        return await self._put(name, self.mask(text).encode())

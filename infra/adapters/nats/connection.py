@@ -21,7 +21,7 @@ from events.subjects import Namespace
 from infra.adapters.nats.permissions import Role
 from infra.adapters.nats.secure import KitFiles, SecureDir, reload_server
 from infra.adapters.nats.settings import Settings
-from infra.adapters.obs.masking import mask, redact_url
+from infra.adapters.obs.masking import add_secrets, mask, redact_url
 
 log = structlog.get_logger("ccc.nats")
 AUTH_REFUSALS_BEFORE_CLOSING = 3
@@ -104,6 +104,7 @@ async def connect(
         # client certificate (mutual TLS), the cluster's CA, and its own inbox prefix
         # (its permissions allow replies there only)
         kwargs["nkeys_seed_str"] = kit.seed.read_text().strip()  # kept in memory: a revoked kit is deleted
+        add_secrets(kwargs["nkeys_seed_str"])  # masked everywhere, whatever its shape
         kwargs["inbox_prefix"] = kit.kit.inbox_prefix
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(kit.ca))
         ctx.load_cert_chain(str(kit.cert), str(kit.key))
@@ -166,11 +167,32 @@ async def register_local_agent(settings: Settings, url: str, ns: Namespace, agen
     if not any(k.agent_id == agent_id and k.namespace == ns.prefix for k in secure.agents()):
         secure.add_agent(ns, agent_id)
         reload_server(settings.data_dir)
-    admin = await connect(url, name="ccc-agent-admin", settings=settings, role="admin", reconnect=False)
+    admin = await connect_when_admitted(url, name="ccc-agent-admin", settings=settings, role="admin",
+                                        reconnect=False)
     try:
         await provision_agent(admin, ns, agent_id, replicas=settings.replicas)
     finally:
         await admin.close()
+
+
+async def server_alive(url: str, settings: Settings, *, name: str = "ccc-probe", attempts: int = 4) -> bool:
+    """Is a server listening at ``url``? Only a refused connection means no: a connection
+    cut during a config reload (an agent was just added or revoked) or a slow handshake on
+    a loaded machine is asked again, since "no" makes the caller start a server of its own."""
+    for attempt in range(attempts):
+        try:
+            nc = await connect(url, name=name, settings=settings, connect_timeout=2.0, reconnect=False,
+                               quiet=True, role="cli")  # any reader will do
+        except StoreUnavailable as e:
+            if "refused" in str(e).lower() or "connect call failed" in str(e).lower():
+                return False
+            if attempt == attempts - 1:
+                return False
+            await asyncio.sleep(0.25 * (attempt + 1))
+        else:
+            await nc.close()
+            return True
+    return False
 
 
 async def _close_quietly(nc: Client) -> None:
@@ -178,7 +200,7 @@ async def _close_quietly(nc: Client) -> None:
         await nc.close()
 
 
-async def connect_when_admitted(url: str, *, timeout: float = 5.0, **kwargs) -> Client:
+async def connect_when_admitted(url: str, *, timeout: float = 10.0, **kwargs) -> Client:
     """Connect, retrying while the server refuses the user for a few seconds: a user just
     added is admitted once the server has reloaded its config (SIGHUP is asynchronous)."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -187,7 +209,8 @@ async def connect_when_admitted(url: str, *, timeout: float = 5.0, **kwargs) -> 
             return await connect(url, **kwargs)
         except StoreUnavailable as e:
             # refused (not reloaded yet), or cut off by the reload itself
-            transient = any(w in str(e).lower() for w in ("authorization", "connection lost", "eof", "reset"))
+            transient = any(w in str(e).lower() for w in ("authorization", "connection lost", "eof", "reset",
+                                                          "timeout"))
             if not transient or asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.1)
@@ -215,13 +238,8 @@ async def open_nats(
         url_file = embedded_url_file(settings.data_dir)
         if url_file.is_file():
             url = url_file.read_text().strip()
-            try:
-                nc = await connect(url, name=name, settings=settings, connect_timeout=1.0,
-                                   reconnect=False, role="cli")  # is it alive? any reader will do
-            except StoreUnavailable:
+            if not await server_alive(url, settings, name=name):
                 url = None  # stale file: the server is gone
-            else:
-                await nc.close()
         if url is None:
             own = ns or Namespace(settings.namespace)
             server = EmbeddedServer.for_settings(settings, own)

@@ -23,9 +23,9 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 
-from events.codec import encode
 from events.errors import ConcurrencyConflict, ConfigError, StoreUnavailable
 from events.issue import IssueOpened
+from events.secrets import masked_json
 from events.store import EXPECTED_SEQ, EXPECTED_SEQ_SUBJECT, MSG_ID, WRONG_LAST_SEQUENCE
 from events.subjects import Namespace, check_id, check_repo, repo_token, task_id_for, token
 from events.trust import OPERATOR
@@ -48,7 +48,7 @@ class Published(NamedTuple):
 
     @property
     def task_id(self) -> str:
-        return task_id_for(self.event.repo, self.event.number)
+        return task_id_for(self.event.repo, self.event.number, self.event.source)
 
 
 # -- validation ---------------------------------------------------------------------
@@ -85,6 +85,7 @@ def new_issue(
     check_id(source, "source")
     if number < 1:
         raise ConfigError(f"invalid issue number {number}: must be 1 or more")
+    task_id_for(repo, number, source)  # a source the cluster knows, an owner its task ids allow
     labels = tuple(lbl.strip() for lbl in labels)
     if any(not lbl for lbl in labels):
         raise ConfigError("labels must be non-empty")
@@ -112,7 +113,8 @@ async def publish_issue(
         headers[EXPECTED_SEQ] = str(expect.expected_last_seq)
         headers[EXPECTED_SEQ_SUBJECT] = expect.scope
     try:
-        ack = await js.publish(subject, encode(event), headers=headers, stream=ns.issues_stream)
+        # masked like every event (events.secrets): an issue body may carry a pasted token
+        ack = await js.publish(subject, masked_json(event), headers=headers, stream=ns.issues_stream)
     except nats.js.errors.APIError as e:
         if e.err_code == WRONG_LAST_SEQUENCE:
             raise ConcurrencyConflict(f"{expect.scope if expect else subject}: {e.description}") from None

@@ -104,7 +104,9 @@ class EmbeddedServer:
         return self.data_dir / "nats-server.log"
 
     def start(self, timeout: float = 15.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # the store (encrypted or not), the URL file, the workspaces: the operator's only
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         ports_dir = self.data_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
         for f in ports_dir.glob("*.ports"):

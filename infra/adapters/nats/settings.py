@@ -32,6 +32,15 @@ raise :class:`ConfigError` with one line that names the setting.
 ``CCC_JS_PREV_KEY``  ``<data-dir>/secure/js.key``; the previous key, to rotate
 ``CCC_LOG_LEVEL``,  log level and format (:func:`load_log_settings`: read
 ``CCC_LOG_FORMAT``  before anything else, to configure logging)
+``CCC_SANDBOX``    where an agent's commands run: bwrap (default), podman,
+                   docker, none (no sandbox: a warning, and on the events)
+``CCC_SANDBOX_NETWORK``  what repositories may ask for: none, allow-list
+                   (default: hosts through the filtering proxy), allow-full
+``CCC_SANDBOX_BIN``,  the bwrap/podman/docker binary (default: on PATH);
+``CCC_SANDBOX_IMAGE``  the container backends' image
+``CCC_SANDBOX_LIMITS``  e.g. ``cpu=600,memory=4G,procs=512,file=1G``
+``CCC_SANDBOX_READ_ONLY``  more paths commands see read-only (toolchains
+                   outside /usr: ``/opt/jdk,/home/ci/.rustup``), comma-separated
 ==================  ==================================================
 """
 
@@ -48,6 +57,7 @@ import platformdirs
 from events.errors import ConfigError
 from events.trust import REPOS_SETTING, parse_repos
 
+from infra.adapters.git.sandbox import NETWORK_MODES, SANDBOXES, parse_limits
 from infra.adapters.obs.masking import redact_url
 
 DEFAULT_NAMESPACE = "ccc"
@@ -83,6 +93,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     insecure: bool = False  # no TLS, no users: only with --insecure / CCC_INSECURE=1
     js_key: str | None = None  # JetStream encryption key (default: <data-dir>/secure/js.key)
     js_prev_key: str = ""  # the key being rotated away from (one start with both)
+    # where an agent's commands run (infra.adapters.git.sandbox); fail closed by default
+    sandbox: str = "bwrap"
+    sandbox_network: str = "allow-list"  # what a repository's .ccc/sandbox.toml may ask for
+    sandbox_bin: str | None = None  # the bwrap/podman/docker binary; None: found on PATH
+    sandbox_image: str | None = None  # podman/docker: the image commands run in
+    sandbox_limits: str = ""  # overrides of the default limits, "cpu=600,memory=4G,..."
+    sandbox_read_only: tuple[str, ...] = ()  # toolchains outside the system paths, shown read-only
 
     @property
     def embedded(self) -> bool:
@@ -155,6 +172,13 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
     values["insecure"] = _flag("CCC_INSECURE", env.get("CCC_INSECURE", ""))
     values["js_key"] = _secret_value(env, "CCC_JS_KEY")
     values["js_prev_key"] = _secret_value(env, "CCC_JS_PREV_KEY") or ""
+    for key, var in (("sandbox", "CCC_SANDBOX"), ("sandbox_network", "CCC_SANDBOX_NETWORK"),
+                     ("sandbox_bin", "CCC_SANDBOX_BIN"), ("sandbox_image", "CCC_SANDBOX_IMAGE"),
+                     ("sandbox_limits", "CCC_SANDBOX_LIMITS")):
+        if env.get(var):
+            values[key] = env[var].strip()
+    if env.get("CCC_SANDBOX_READ_ONLY"):
+        values["sandbox_read_only"] = tuple(p.strip() for p in env["CCC_SANDBOX_READ_ONLY"].split(",") if p.strip())
     for key, value in overrides.items():
         if value is not None:
             values[key] = Path(value) if key == "data_dir" else value
@@ -179,7 +203,19 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
                 shown = redact_url(part.strip())  # a mistyped URL may still hold a password
                 raise ConfigError(f"NATS_URL: {shown!r} is not a nats:// or tls:// URL")
     _check_api_access(values)
+    _check_sandbox(values)
     return Settings(**values)
+
+
+def _check_sandbox(values: dict) -> None:
+    if values.get("sandbox", "bwrap") not in SANDBOXES:
+        raise ConfigError(f"CCC_SANDBOX: {values['sandbox']!r} (use {', '.join(SANDBOXES)})")
+    if values.get("sandbox_network", "allow-list") not in NETWORK_MODES:
+        raise ConfigError(f"CCC_SANDBOX_NETWORK: {values['sandbox_network']!r} (use {', '.join(NETWORK_MODES)})")
+    parse_limits(values.get("sandbox_limits", ""))  # a bad limit fails at start, naming itself
+    for path in values.get("sandbox_read_only", ()):
+        if not Path(path).is_absolute() or not Path(path).exists():
+            raise ConfigError(f"CCC_SANDBOX_READ_ONLY: {path!r} is not an existing absolute path")
 
 
 MIN_API_TOKEN_LENGTH = 16  # generated ones are 43 characters (secrets.token_urlsafe(32))

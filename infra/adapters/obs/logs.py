@@ -190,8 +190,11 @@ def _lead_keys(_logger: Any, _method: str, event_dict: dict) -> dict:
 
 
 def _mask_processor(logger: Any, method: str, event_dict: dict) -> dict:
-    # the process's masker as it is now: also after a reconfigure or add_secrets
-    return masking.process_masker()(logger, method, event_dict)
+    # the process's masker as it is now: also after a reconfigure or add_secrets.
+    # (``timestamp`` is TimeStamper's own: not masked.)
+    masker = masking.process_masker()
+    return {k: v if k == "timestamp" else masking.MASK if masking.secret_key(k, v) else masker.value(v)
+            for k, v in event_dict.items()}
 
 
 get_logger = structlog.get_logger

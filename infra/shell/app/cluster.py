@@ -32,10 +32,11 @@ from events.errors import ConfigError, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
 from events.task import SPECIALTIES
-from events.trust import TrustPolicy
+from events.trust import GITHUB, TrustPolicy
 
 from infra.adapters.coders.scripted import ScriptedCoder
 from infra.adapters.forge.local import LocalForgeClient
+from infra.adapters.git.sandbox import Sandbox, make_sandbox, parse_limits
 from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
 from infra.adapters.nats.connection import connect, embedded_url_file
@@ -137,6 +138,19 @@ def make_forge(kind: str, forge_root: Path):
     raise ConfigError(f"--forge {kind!r}: choose one of {', '.join(FORGES)}")
 
 
+def make_agent_sandbox(settings: Settings) -> Sandbox:
+    """Where agents run commands (``--sandbox``, ``CCC_SANDBOX``), not probed yet. Beside
+    the agent's home and virtualenv (always hidden), the data dir and every credential
+    file the settings name are hidden from commands even when they lie under a system
+    path the sandbox shows."""
+    s = settings
+    hide = [s.data_dir, *(p for p in (s.nats_creds, s.nats_tls_ca, s.nats_tls_cert, s.nats_tls_key, s.creds,
+                                      s.api_tokens_file) if p)]
+    return make_sandbox(s.sandbox, executable=s.sandbox_bin, image=s.sandbox_image,
+                        network_mode=s.sandbox_network, limits=parse_limits(s.sandbox_limits), hide=hide,
+                        read_only=s.sandbox_read_only)
+
+
 def build_agent(
     nc: Client,
     ns: Namespace,
@@ -152,15 +166,18 @@ def build_agent(
     shutdown_grace: float = 10.0,
     test_timeout: float = 600.0,
     metrics: AgentMetrics | None = None,
+    sandbox: Sandbox | None = None,
 ) -> Agent:
-    """One agent with its adapters: task workspaces under ``workspace_root``, artifacts in
-    the namespace's object store, spans (and ``metrics``, if this process serves them)."""
+    """One agent with its adapters: task workspaces under ``workspace_root`` whose
+    commands run in ``sandbox`` (default: bubblewrap; see :func:`make_agent_sandbox`),
+    artifacts in the namespace's object store, spans (and ``metrics``, if this process
+    serves them)."""
     config = AgentConfig(
         agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
         heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
         pipeline=PipelineSettings(test_timeout=test_timeout),
     )
-    return Agent(nc, ns, config, workbench=GitWorkbench(workspace_root), coder=coder, forge=forge,
+    return Agent(nc, ns, config, workbench=GitWorkbench(workspace_root, sandbox=sandbox), coder=coder, forge=forge,
                  artifacts=ObjectStoreArtifacts(nc, ns.agent_artifacts_bucket(agent_id)), telemetry=OtelTelemetry(metrics))
 
 
@@ -187,7 +204,17 @@ class LocalCluster:
         self._lock_fd: int | None = None
         self.forge = None
         self.forge_sync = None
+        self.sandbox = make_agent_sandbox(settings)  # one for all local agents: one probe
         self._connections: list[Client] = []  # one per role (and per agent)
+
+    def trust_policy(self) -> TrustPolicy:
+        """What the intake acts on. With ``--forge github`` the cluster has GitHub
+        credentials, and ``ccc webhook`` run with them asks GitHub for each author's
+        permission: a GitHub fact must then carry it (events.trust), so one that did not
+        come through a receiver that asked starts nothing (a dead letter says why)."""
+        o = self.options
+        return TrustPolicy(repos=o.repos,
+                           permission_required_for=frozenset({GITHUB}) if o.forge == "github" else frozenset())
 
     @property
     def forge_root(self) -> Path:
@@ -230,7 +257,7 @@ class LocalCluster:
         coordinator_nc = await self._connect("coordinator", "ccc-coordinator")
         self.coordinator = build_coordinator(coordinator_nc, self.ns, CoordinatorConfig(
             heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
-            max_attempts=o.max_attempts, trust=TrustPolicy(repos=o.repos), materialize_kv=True),
+            max_attempts=o.max_attempts, trust=self.trust_policy(), materialize_kv=True),
             analyser=o.analyser)
         await self.coordinator.start()
         if o.forge == "github":  # labels and the tracking comment follow the task events
@@ -246,7 +273,7 @@ class LocalCluster:
                 specialties=(specialty,), coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge,
                 workspace_root=self.workspace_root, capacity=o.capacity,
                 heartbeat_interval=o.heartbeat_interval, shutdown_grace=o.shutdown_grace,
-                test_timeout=o.test_timeout,
+                test_timeout=o.test_timeout, sandbox=self.sandbox,
             )
             await agent.start()
             self.agents.append(agent)
@@ -282,7 +309,8 @@ class LocalCluster:
         process ends) guards against another ``ccc up``; the URL file against a live
         server started by anything else."""
         data_dir = self.settings.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # the store, the URL file, the workspaces: the operator's only
         fd = os.open(data_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -118,6 +118,35 @@ def bench_dispatch(agents: int | None, tasks: int, throughput_tasks: int, throug
         click.echo(line)
 
 
+@bench_group.command("sandbox")
+@click.option("--runs", type=click.IntRange(1, 10_000), default=50, show_default=True,
+              help="Runs of each command on each side.")
+@click.option("--no-proxy", is_flag=True, help="Skip the side with a network allow-list (proxy + forwarder).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_obj
+def bench_sandbox(obj: CliState, runs: int, no_proxy: bool, as_json: bool) -> None:
+    """What the sandbox costs per command: `true` and a Python start-up, plain beside
+    bubblewrap (and bubblewrap with a network allow-list), through the workspace's real
+    command runner, alternating, in the same run. Needs bubblewrap (CCC_SANDBOX_BIN)."""
+    from infra.shell.bench.sandbox import run_sandbox_bench
+
+    executable = obj.settings().sandbox_bin or "bwrap"
+    total = runs * 2
+    result = _with_progress(total, lambda progress: run_async(run_sandbox_bench(
+        runs=runs, proxy=not no_proxy, executable=executable, progress=progress)))
+    if as_json:
+        emit_json(msgspec.to_builtins(result))
+        return
+    table = []
+    for r in result.results:
+        plain = r.side == "plain"
+        table.append((r.command, r.side, f"{r.median_ms:.2f}", f"{r.mean_ms:.2f}", f"{r.p90_ms:.2f}",
+                      "-" if plain else f"{result.overhead_ms[r.command][r.side]:+.2f}",
+                      "-" if plain else f"{result.ratios[r.command][r.side]:.2f}x"))
+    print_table(("COMMAND", "SIDE", "MEDIAN MS", "MEAN MS", "P90 MS", "OVER PLAIN MS", "RATIO"), table,
+                footer=[f"{result.runs} runs of each, alternating, through Workspace.run"])
+
+
 def _with_progress(rounds: int, fn):
     if sys.stderr.isatty():
         from rich.progress import Progress

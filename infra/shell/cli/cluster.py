@@ -25,10 +25,12 @@ from infra.shell.app.cluster import (
     ClusterOptions,
     LocalCluster,
     build_agent,
+    make_agent_sandbox,
     make_coder,
     make_forge,
     parse_specialties,
 )
+from infra.adapters.git.sandbox import NETWORK_MODES, SANDBOXES
 from infra.adapters.nats.settings import load_settings
 from infra.shell.app.signals import StopSignals, settle, until_signal
 from infra.shell.cli.context import require_running_nats, run_async
@@ -49,6 +51,30 @@ def coder_options(fn):
                       help="scripted: replays recorded sessions (offline); anthropic: the Messages API "
                            "tool loop (ANTHROPIC_API_KEY); claude-code: the `claude` CLI, headless.")(fn)
     return fn
+
+
+def sandbox_options(fn):
+    """--sandbox/--sandbox-network, shared by `up`, `agent` and `demo` (None: the setting)."""
+    fn = click.option("--sandbox-network", type=click.Choice(NETWORK_MODES), default=None,
+                      help="Network a repository may ask for in .ccc/sandbox.toml: none, allow-list (its hosts "
+                           "through a filtering proxy), allow-full [env CCC_SANDBOX_NETWORK; default: "
+                           "allow-list].")(fn)
+    fn = click.option("--sandbox", type=click.Choice(SANDBOXES), default=None,
+                      help="Where the coder's commands and the repositories' tests run: bwrap (bubblewrap), "
+                           "podman, docker, or none (unsandboxed: a warning, and recorded on the agents' "
+                           "events) [env CCC_SANDBOX; default: bwrap].")(fn)
+    return fn
+
+
+def check_sandbox(settings) -> None:
+    """Before anything starts: refuse to run when no sandbox can be made here (the same
+    check every agent makes, fail closed), and say it out loud when the operator chose none."""
+    if settings.sandbox == "none":
+        click.echo("warning: --sandbox none: the coder's commands and the repositories' own tests run "
+                   "unsandboxed, as this user, seeing its files, processes and network (recorded as "
+                   'sandbox "none" on the agents\' agent.registered events)', err=True)
+        return
+    make_agent_sandbox(settings).check()  # SandboxUnavailable: one line naming the way out
 
 
 def api_access_options(fn):
@@ -90,6 +116,7 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
                    "it requires a token.")
 @api_access_options
 @coder_options
+@sandbox_options
 @click.option("--analyser", type=click.Choice(ANALYSERS), default="rules", show_default=True,
               help="claude: ask Claude for specialty, complexity, dependencies and a plan (falls back "
                    "to the rules when it fails or is not configured).")
@@ -106,12 +133,12 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
 @shutdown_grace_option
 @click.pass_obj
 def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, require_token, allowed_hosts,
-           rate_limit, rate_burst, coder, model, forge, analyser, script_dir,
+           rate_limit, rate_burst, coder, model, forge, sandbox, sandbox_network, analyser, script_dir,
            heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
-    settings = obj.settings(api_host=api_host, **_api_overrides(require_token, allowed_hosts, rate_limit,
-                                                                  rate_burst))
+    settings = obj.settings(api_host=api_host, sandbox=sandbox, sandbox_network=sandbox_network,
+                            **_api_overrides(require_token, allowed_hosts, rate_limit, rate_burst))
     if heartbeat_interval is None:
         # several beats per timeout: one late beat must not get a healthy agent declared lost
         heartbeat_interval = min(2.0, heartbeat_timeout / 4)
@@ -127,6 +154,7 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, requi
     options.validate()
     make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
     make_forge(forge, settings.data_dir / "forge")
+    check_sandbox(settings)
     if options.api_port is not None:  # as does a status API that needs a token and has none
         from infra.adapters.http.auth import ApiAccess
 
@@ -190,6 +218,7 @@ def _print_up(cluster: LocalCluster, ns) -> None:
 @click.option("--clearance", type=click.Choice(["public", "internal", "confidential", "restricted"]),
               default="internal", show_default=True)
 @coder_options
+@sandbox_options
 @click.option("--script-dir", type=click.Path(file_okay=False))
 @click.option("--forge-root", type=click.Path(file_okay=False),
               help="Local forge [default: <data-dir>/forge].")
@@ -200,17 +229,18 @@ def _print_up(cluster: LocalCluster, ns) -> None:
               help="Serve this agent's Prometheus metrics on /metrics (0: a free port) [env CCC_METRICS_PORT].")
 @shutdown_grace_option
 @click.pass_obj
-def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, script_dir,
-              forge_root, workspace_root, heartbeat_interval, metrics_port, shutdown_grace) -> None:
+def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, sandbox, sandbox_network,
+              script_dir, forge_root, workspace_root, heartbeat_interval, metrics_port, shutdown_grace) -> None:
     """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
     specialties = parse_specialties(",".join(specialty_list))
-    settings = obj.settings()
+    settings = obj.settings(sandbox=sandbox, sandbox_network=sandbox_network)
     metrics_port = settings.metrics_port if metrics_port is None else metrics_port
     host = os.uname().nodename.split(".")[0]
     agent_id = check_id(agent_id or f"{host}-{specialties[0]}-{uuid.uuid4().hex[:6]}", "agent id")
     forge_client = make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
 
     coder_impl = make_coder(coder, script_dir, model)  # a bad --coder fails before connecting
+    check_sandbox(settings)  # as does a host where no sandbox can be made
     require_running_nats(obj)
 
     async def run(nc) -> None:
@@ -224,7 +254,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
             nc, obj.ns, agent_id=agent_id, specialties=specialties, coder=coder_impl, forge=forge_client,
             workspace_root=workspace_root or settings.data_dir / "workspaces", capacity=capacity,
             clearance=clearance, heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
-            metrics=metrics)
+            metrics=metrics, sandbox=make_agent_sandbox(settings))
         metrics_server = None
         if metrics_port is not None:
             try:
@@ -257,14 +287,17 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
 @click.option("--keep", is_flag=True, help="Keep the demo's data dir (printed at the end).")
 @click.option("--timeout", type=click.FloatRange(10), default=180.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="The summary as JSON lines.")
+@sandbox_options
 @click.pass_obj
-def demo_cmd(obj, keep, timeout, as_json) -> None:
+def demo_cmd(obj, keep, timeout, as_json, sandbox, sandbox_network) -> None:
     """Issues -> pull requests on a sample repository, offline, no API key."""
     from infra.shell.app.demo import run_demo
 
-    data_dir = Path(tempfile.mkdtemp(prefix="ccc-demo-"))
     # the demo always runs its own embedded server, whatever NATS_URL says
-    settings = msgspec.structs.replace(load_settings(data_dir=str(data_dir)), nats_url=None)
+    settings = load_settings(sandbox=sandbox, sandbox_network=sandbox_network)
+    check_sandbox(settings)  # before the temporary data dir exists: nothing to clean up
+    data_dir = Path(tempfile.mkdtemp(prefix="ccc-demo-"))
+    settings = msgspec.structs.replace(settings, data_dir=data_dir, nats_url=None)
     last: list = []
     bar = None  # a rich progress bar on a terminal; plain lines otherwise
     if not as_json and sys.stderr.isatty():
@@ -386,25 +419,47 @@ def api_cmd(obj, host: str | None, port: int | None, require_token, allowed_host
 @click.option("--trigger-label", default="ccc", show_default=True,
               help="Issues with this label (or an @mention of the bot) start work.")
 @click.option("--bot-name", default="ccc", show_default=True)
+@click.option("--max-age", type=click.FloatRange(min=0, max=720, min_open=True), default=15.0, show_default=True,
+              help="Refuse deliveries older than this many minutes (by their own timestamps): a "
+                   "replayed body does nothing. Widen it to redeliver after a long outage.")
 @click.pass_obj
-def webhook_cmd(obj, host, port, trigger_label, bot_name) -> None:
+def webhook_cmd(obj, host, port, trigger_label, bot_name, max_age) -> None:
     """Receive GitHub webhooks (HMAC-verified with CCC_WEBHOOK_SECRET) and publish
-    them as issue facts; a redelivered webhook is a no-op."""
-    from events.trust import TrustPolicy
-    from infra.adapters.http.webhook import WebhookServer, webhook_secret
+    them as issue facts; a redelivered or replayed webhook is a no-op. With GitHub
+    credentials (GITHUB_TOKEN or GITHUB_APP_*) each author's write permission on the
+    repository is checked; without, their association alone decides."""
+    from datetime import timedelta
+
+    from events.trust import GITHUB, TrustPolicy
+    from infra.adapters.http.webhook import ASSOCIATION_ONLY, WebhookServer, webhook_secret
 
     secret = webhook_secret()  # a ConfigError before anything starts
-    trust = TrustPolicy(repos=obj.settings().repos)  # the same policy the intake re-checks
+    forge = None
+    if os.environ.get("GITHUB_TOKEN") or os.environ.get("GITHUB_APP_ID"):
+        from infra.adapters.forge.github import GitHubForge
+
+        forge = GitHubForge()  # incomplete App settings: a ConfigError, not a silent fallback
+    else:
+        click.echo(f"warning: {ASSOCIATION_ONLY}", err=True)
+    # the same policy the intake re-checks (which requires the permission on GitHub facts
+    # when the cluster runs with --forge github)
+    trust = TrustPolicy(repos=obj.settings().repos,
+                        permission_required_for=frozenset({GITHUB}) if forge else frozenset())
 
     async def serve(nc) -> None:
         server = WebhookServer(nc, obj.ns, host, port, secret=secret, trigger_label=trigger_label,
-                               bot_name=bot_name, trust=trust)
+                               bot_name=bot_name, trust=trust, max_age=timedelta(minutes=max_age),
+                               permissions=forge.author_permission if forge else None)
         try:
-            await server.start()
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-        click.echo(f"webhook receiver at {server.url}/webhook  (Ctrl-C to stop)")
-        await until_signal(server.serve_forever())
+            try:
+                await server.start()
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            click.echo(f"webhook receiver at {server.url}/webhook  (Ctrl-C to stop)")
+            await until_signal(server.serve_forever())
+        finally:
+            if forge is not None:
+                forge.close()
 
     obj.run(serve, role="webhook")
 

@@ -93,11 +93,15 @@ async def probe(url: str, settings: Settings | None = None, timeout: float = 3.0
 
 
 async def reachable(url: str, settings: Settings | None = None) -> bool:
-    try:
-        await probe(url, settings, timeout=1.0)
-    except StoreUnavailable:
-        return False
-    return True
+    from infra.adapters.nats.connection import server_alive
+
+    if settings is None:
+        try:
+            await probe(url, settings, timeout=1.0)
+        except StoreUnavailable:
+            return False
+        return True
+    return await server_alive(url, settings)
 
 
 async def _drop_stale_url_file(settings: Settings) -> None:
