@@ -33,7 +33,7 @@ from infra.shell.app.cluster import (
 from infra.adapters.git.sandbox import NETWORK_MODES, SANDBOXES
 from infra.adapters.nats.settings import load_settings
 from infra.shell.app.signals import StopSignals, settle, until_signal
-from infra.shell.cli.context import require_running_nats, run_async
+from infra.shell.cli.context import nats_cli_flags, require_running_nats, run_async
 from infra.shell.cli.output import console, emit_json, print_table
 
 shutdown_grace_option = click.option(
@@ -203,7 +203,8 @@ def _print_up(cluster: LocalCluster, ns) -> None:
     click.echo(f"  local forge {cluster.forge_root}   (add a repo: ccc repo import OWNER/NAME PATH)")
     click.echo("  publish an issue:")
     click.echo("    ccc issue publish --repo OWNER/NAME --title 'Fix the bug' --label backend")
-    click.echo(f"  watch:       ccc events --follow    |   nats --server {url} sub '{ns.prefix}.>'")
+    click.echo(f"  watch:       ccc events --follow    |   nats --server {url}"
+               f"{nats_cli_flags(cluster.settings, ns)} sub '{ns.prefix}.>'")
     if cluster.options.repos:
         click.echo(f"  repos       {', '.join(cluster.options.repos)} (issue facts about others are refused)")
     click.echo("Ctrl-C to stop.")

@@ -134,3 +134,17 @@ def require_running_nats(obj: CliState) -> None:
     if not url or not run_async(reachable(url, settings)):
         raise ConfigError(f"no cluster is running for data dir {settings.data_dir}: start `ccc up` "
                           "(or `ccc server`) with that data dir first, or pass --nats-url")
+
+
+def nats_cli_flags(settings: Settings, ns: Namespace) -> str:
+    """The `nats` CLI's flags to connect as the ``cli`` role of the data dir's secure
+    cluster (its kit: CA, client certificate, nkey, inbox prefix); empty for --insecure."""
+    from infra.adapters.nats.permissions import inbox_prefix
+    from infra.adapters.nats.secure import SecureDir, user_id
+
+    if settings.insecure:
+        return ""
+    secure = SecureDir.of(settings.data_dir)
+    kit = secure.kit_dir(user_id("cli", ns))
+    return (f" --tlsca {secure.ca_cert} --tlscert {kit}/cert.pem --tlskey {kit}/key.pem"
+            f" --nkey {kit}/user.nk --inbox-prefix {inbox_prefix('cli')}")

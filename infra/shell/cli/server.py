@@ -13,7 +13,7 @@ from events.subjects import Namespace
 
 from infra.adapters.nats.settings import Settings
 from infra.shell.app.signals import StopSignals
-from infra.shell.cli.context import CliState, reachable, run_async
+from infra.shell.cli.context import CliState, nats_cli_flags, reachable, run_async
 
 
 async def _provision_at(url: str, settings: Settings, ns: Namespace) -> None:
@@ -100,10 +100,8 @@ def _print_server_hints(url: str, data_dir: Path, settings: Settings, ns: Namesp
     from infra.adapters.obs.masking import redact_url
 
     url = redact_url(url)  # startup lines never show a credential (the nats.url file may)
+    auth = nats_cli_flags(settings, ns)
     secure = data_dir / "secure"
-    nats_auth = "" if settings.insecure else f" --tlsca {secure}/ca.pem --tlscert {{kit}}/cert.pem " \
-        f"--tlskey {{kit}}/key.pem --nkey {{kit}}/user.nk --inbox-prefix _INBOX_cli"
-    cli_kit = secure / "users" / f"{ns.prefix}.cli"
     lines = [
         f"nats-server ready at {url}" + ("  (INSECURE: no TLS, no users)" if settings.insecure else
                                          "  (mutual TLS, nkey users, encrypted store)"),
@@ -111,9 +109,9 @@ def _print_server_hints(url: str, data_dir: Path, settings: Settings, ns: Namesp
         f"  streams        {ns.events_stream}, {ns.issues_stream}, {ns.heartbeats_stream}",
         "  other ccc commands with the same data dir find this server by themselves;",
         f"  elsewhere:     export NATS_URL={url}",
-        f"  watch events:  nats --server {url}{nats_auth.format(kit=cli_kit)} sub '{ns.prefix}.>'",
-        f"  the log:       nats --server {url}{nats_auth.format(kit=cli_kit)} stream view {ns.events_stream}",
-        f"  task view:     nats --server {url}{nats_auth.format(kit=cli_kit)} kv ls {ns.tasks_bucket}",
+        f"  watch events:  nats --server {url}{auth} sub '{ns.prefix}.>'",
+        f"  the log:       nats --server {url}{auth} stream view {ns.events_stream}",
+        f"  task view:     nats --server {url}{auth} kv ls {ns.tasks_bucket}",
     ]
     if not settings.insecure:
         lines.append(f"  credentials:   {secure}  (a remote agent: ccc secure add-agent ID)")
