@@ -70,11 +70,6 @@ def inbox_prefix(role: Role, agent_id: str | None = None) -> str:
     return f"_INBOX_{role}"
 
 
-def user_name(role: Role, agent_id: str | None = None) -> str:
-    """How the user is named in the registry and the server's logs."""
-    return f"agent:{_agent(agent_id)}" if role == "agent" else role
-
-
 def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> Permissions:
     """The permissions of ``role`` in the cluster of namespace ``ns``."""
     p = ns.prefix
