@@ -25,6 +25,8 @@ from infra.adapters.obs.masking import add_secrets, mask, redact_url
 
 log = structlog.get_logger("ccc.nats")
 AUTH_REFUSALS_BEFORE_CLOSING = 3
+TRANSIENT_CONNECT_ERRORS = ("authorization", "connection lost", "eof", "reset", "timeout", "broken pipe",
+                            "ssl", "handshake", "connection closed")
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -208,9 +210,10 @@ async def connect_when_admitted(url: str, *, timeout: float = 10.0, **kwargs) ->
         try:
             return await connect(url, **kwargs)
         except StoreUnavailable as e:
-            # refused (not reloaded yet), or cut off by the reload itself
-            transient = any(w in str(e).lower() for w in ("authorization", "connection lost", "eof", "reset",
-                                                          "timeout"))
+            # refused (not reloaded yet), or cut off by the reload itself: nats-server
+            # reloading its TLS and users drops a handshake in progress, which surfaces as
+            # any of a lost connection, EOF, reset, broken pipe or an SSL error
+            transient = any(w in str(e).lower() for w in TRANSIENT_CONNECT_ERRORS)
             if not transient or asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.1)
