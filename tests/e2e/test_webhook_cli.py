@@ -92,3 +92,17 @@ async def test_without_credentials_it_says_so_and_still_refuses_stale_bodies(nat
     code, err = await asyncio.to_thread(p.stop, signal.SIGTERM)
     assert code == 0, err
     assert "warning: no GitHub credentials: authors are trusted by author_association alone" in err
+
+
+async def test_the_rate_limit_is_set_on_the_command_line(nats_url, nc, ns, procs):  # noqa: F811
+    await provision(nc, ns)
+    p = Proc(*nats_args(nats_url), "--namespace", ns.prefix, "webhook", "--port", "0", "--rate-limit", "0.01",
+             "--rate-burst", "2", env={"CCC_WEBHOOK_SECRET": SECRET, "GITHUB_TOKEN": "", "GITHUB_APP_ID": ""})
+    procs.append(p)
+    line = await asyncio.to_thread(p.next_line)
+    base = line.split()[3].removesuffix("/webhook")
+    codes = [(await asyncio.to_thread(post, base, "ping", {"zen": "hi", "hook_id": 1}, f"r-{i}"))[0]
+             for i in range(3)]
+    assert codes[:2] != [429, 429] and codes[2] == 429, codes  # a burst of 2, then the limit
+    code, err = await asyncio.to_thread(p.stop, signal.SIGTERM)
+    assert code == 0, err

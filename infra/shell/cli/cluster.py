@@ -423,8 +423,13 @@ def api_cmd(obj, host: str | None, port: int | None, require_token, allowed_host
 @click.option("--max-age", type=click.FloatRange(min=0, max=720, min_open=True), default=15.0, show_default=True,
               help="Refuse deliveries older than this many minutes (by their own timestamps): a "
                    "replayed body does nothing. Widen it to redeliver after a long outage.")
+@click.option("--rate-limit", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Requests per second per client address (0: no limit); past it, 429 before any "
+                   "body is read or signature computed.")
+@click.option("--rate-burst", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Requests a client may send at once before the rate applies.")
 @click.pass_obj
-def webhook_cmd(obj, host, port, trigger_label, bot_name, max_age) -> None:
+def webhook_cmd(obj, host, port, trigger_label, bot_name, max_age, rate_limit, rate_burst) -> None:
     """Receive GitHub webhooks (HMAC-verified with CCC_WEBHOOK_SECRET) and publish
     them as issue facts; a redelivered or replayed webhook is a no-op. With GitHub
     credentials (GITHUB_TOKEN or GITHUB_APP_*) each author's write permission on the
@@ -432,6 +437,7 @@ def webhook_cmd(obj, host, port, trigger_label, bot_name, max_age) -> None:
     from datetime import timedelta
 
     from events.trust import GITHUB, TrustPolicy
+    from infra.adapters.http.ratelimit import RateLimit
     from infra.adapters.http.webhook import ASSOCIATION_ONLY, WebhookServer, webhook_secret
 
     secret = webhook_secret()  # a ConfigError before anything starts
@@ -450,7 +456,8 @@ def webhook_cmd(obj, host, port, trigger_label, bot_name, max_age) -> None:
     async def serve(nc) -> None:
         server = WebhookServer(nc, obj.ns, host, port, secret=secret, trigger_label=trigger_label,
                                bot_name=bot_name, trust=trust, max_age=timedelta(minutes=max_age),
-                               permissions=forge.author_permission if forge else None)
+                               permissions=forge.author_permission if forge else None,
+                               rate_limit=RateLimit(rate_limit, rate_burst))
         try:
             try:
                 await server.start()
