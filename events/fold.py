@@ -13,8 +13,21 @@ S = TypeVar("S")
 E = TypeVar("E")
 
 
-def fold(evolve: Callable[[S | None, E], S], events: Iterable[E], state: S | None = None) -> S | None:
-    """``state`` after ``events``, applied in order; ``state`` itself if there are none."""
+def fold(
+    evolve: Callable[[S | None, E], S],
+    events: Iterable[E],
+    state: S | None = None,
+    *,
+    skip: type[Exception] | tuple[type[Exception], ...] = (),
+) -> S | None:
+    """``state`` after ``events``, applied in order; ``state`` itself if there are none.
+
+    ``skip``: an event whose ``evolve`` raises one of these is passed over, as the read
+    model passes over what its state machine rejects (a forged or misplaced event on an
+    aggregate's subject must not make the aggregate unreadable)."""
     for event in events:
-        state = evolve(state, event)
+        try:
+            state = evolve(state, event)
+        except skip:
+            continue
     return state

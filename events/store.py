@@ -37,16 +37,17 @@ from opentelemetry import propagate
 
 from events.agent import AgentEvent
 from events.agent_state import AgentState
-from events.agent_state import fold as fold_agent
+from events.agent_state import evolve as evolve_agent
 from events.codec import MAX_EVENT_BYTES, BadMessage, Event, bad_message, decode_or_bad, event_decoder
-from events.errors import CccError, ConcurrencyConflict, StoreUnavailable
+from events.errors import CccError, ConcurrencyConflict, DomainError, StoreUnavailable
+from events.fold import fold
 from events.retry import backoff
 from events.secrets import Masker, masked_json
 from events.store_pipeline import WRONG_LAST_SEQUENCE, AckPipeline
 from events.subjects import DEFAULT_NS, Namespace
 from events.task import TaskEvent
 from events.task_state import TaskState
-from events.task_state import fold as fold_task
+from events.task_state import evolve as evolve_task
 
 EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
@@ -258,14 +259,20 @@ class EventStore:
         last = await self.replay(apply, filter_subject=scope)
         return Loaded(events, max(last, 0), bad)
 
+    # An event the state machine rejects (a forged or misplaced message on the aggregate's
+    # subjects) is passed over, as the read model passes over it: every reader of the log
+    # sees the same state, and junk on a subject cannot make an aggregate unreadable (its
+    # sequence still counts in ``last_seq``, which an append must expect).
     async def load_task(self, task_id: str) -> tuple[TaskState | None, int]:
         loaded = await self.load(self.ns.task_filter(task_id))
-        state = fold_task(e.event for e in loaded.events if isinstance(e.event, TaskEvent))
+        state = fold(evolve_task, (e.event for e in loaded.events if isinstance(e.event, TaskEvent)),
+                     skip=DomainError)
         return state, loaded.last_seq
 
     async def load_agent(self, agent_id: str) -> tuple[AgentState | None, int]:
         loaded = await self.load(self.ns.agent_filter(agent_id))
-        state = fold_agent(e.event for e in loaded.events if isinstance(e.event, AgentEvent))
+        state = fold(evolve_agent, (e.event for e in loaded.events if isinstance(e.event, AgentEvent)),
+                     skip=DomainError)
         return state, loaded.last_seq
 
     # -- writing -------------------------------------------------------------------

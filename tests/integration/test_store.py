@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timezone
 
+import msgspec
 import pytest
 
 from events.errors import ConcurrencyConflict, StoreUnavailable
@@ -174,3 +175,29 @@ async def test_several_events_append_atomically(store):
         await store.append([other, *decide(evolve(None, other), StartAnalysis(at=NOW, actor="c"))],
                            expected_last_seq=5)
     assert await store.last_seq() == 3
+
+
+async def test_junk_on_a_tasks_subjects_leaves_it_readable_as_the_read_model_sees_it(nc, ns, store):
+    """Decodable events the state machine rejects (a second creation, a transition with
+    the wrong version) on a task's subjects are passed over by ``load_task`` as by the
+    read model; their sequences still count for the next append."""
+    from events.codec import encode
+    from projections.read_model import ReadModel
+
+    await store.append(created("acme_app-1", 1), expected_last_seq=0)
+    state, _ = await store.load_task("acme_app-1")
+    [forged] = decide(None, CreateTask(at=NOW, actor="intruder", task_id="acme_app-1",
+                                       issue=IssueRef(source="local", repo="acme/app", number=1, title="forged")))
+    [skipped] = decide(state, StartAnalysis(at=NOW, actor="intruder"))
+    wrong_version = msgspec.structs.replace(skipped, version=7, event_id="junk-v7")
+    for junk in (forged, wrong_version):
+        await nc.jetstream().publish(ns.subject(junk.rel_subject), encode(junk),
+                                     headers={"Nats-Msg-Id": f"junk-{junk.event_id}-{junk.version}"})
+    loaded, last = await store.load_task("acme_app-1")
+    assert loaded == state  # pending, version 1: both pieces of junk passed over
+    view = ReadModel(ns.prefix)
+    await store.replay(view.apply, filter_subject=ns.task_filter("acme_app-1"))
+    assert view.tasks["acme_app-1"] == loaded
+    # the next append expects the last sequence, junk included, and lands
+    await store.append(decide(loaded, StartAnalysis(at=NOW, actor="c")), expected_last_seq=last)
+    assert (await store.load_task("acme_app-1"))[0].status == "analyzing"
