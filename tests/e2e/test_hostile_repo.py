@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -26,8 +25,9 @@ from infra.adapters.obs.logs import configure_logging
 from infra.shell.app.cluster import build_agent
 from tests.conftest import eventually
 from tests.integration.test_coordinator import opened, publish_issue
+from tests.support.logs import restore_logging  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("restore_logging")]
 
 CANARY = "ghp_" + uuid.uuid4().hex + "CANARY"        # the forge token the agent holds
 API_CANARY = "sk-ant-api03-" + uuid.uuid4().hex + "CANARY"  # the model key the agent holds
@@ -200,18 +200,15 @@ async def test_a_hostile_repository_is_contained_and_leaks_nothing(nc, ns, store
         raw_events[f"event {seq}"] = (await nc.jetstream().get_msg(ns.events_stream, seq)).data
     branch_files = {}
     for branch in world["forge"].branches("evil/repo"):
-        repo = world["forge"].repo_path("evil/repo")
         for path in ("app.py", "attack.py", "tests/test_attack.py"):
             try:
                 branch_files[f"{branch}:{path}"] = world["forge"].read_file("evil/repo", branch, path).encode()
             except Exception:  # noqa: BLE001 - not on that branch
                 pass
-        del repo
     assert scan(raw_events) == []
     assert scan(artifacts) == []
     assert scan(branch_files) == []
     assert CANARY not in log.getvalue() and API_CANARY not in log.getvalue()
-    logging.getLogger().handlers.clear()
 
 
 def _processes_with(marker: str) -> list[int]:

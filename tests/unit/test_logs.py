@@ -12,11 +12,12 @@ import pytest
 import structlog
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from infra.adapters.obs.logs import ROUTED_LOGGERS, bind, configure_logging
+from infra.adapters.obs.logs import bind, configure_logging
 from infra.adapters.obs.masking import add_secrets, mask
 from infra.adapters.obs.tracing import setup_tracing
+from tests.support.logs import restore_logging  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("restore_logging")]
 
 ENV_SECRETS = {
     "ANTHROPIC_API_KEY": "sk-" "ant-api03-Zx9kQ2mW7pL4vB8nR1tY6uE3oI5aS0dF-abcdef",
@@ -37,20 +38,6 @@ SHAPES = {  # known token shapes, masked even when nobody configured them
 }
 URL_PASSWORD = "pa55w0rd-in-url"
 ALL = [*ENV_SECRETS.values(), CONFIGURED, *SHAPES.values(), URL_PASSWORD]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    config = structlog.get_config()
-    loggers = [logging.getLogger(), *map(logging.getLogger, ROUTED_LOGGERS)]
-    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
-    yield
-    structlog.configure(**config)
-    for lg, (handlers, level, propagate) in zip(loggers, saved):
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
-    structlog.contextvars.clear_contextvars()
 
 
 @pytest.fixture

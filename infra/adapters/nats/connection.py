@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,18 @@ from infra.adapters.nats.settings import Settings
 from infra.adapters.obs.masking import add_secrets, mask, redact_url
 
 log = structlog.get_logger("ccc.nats")
+
+
+def _drop_tls_eof_noise(record: logging.LogRecord) -> bool:
+    """asyncio warns "returning true from eof_received() has no effect when using ssl"
+    each time a nats-py TLS connection closes (its protocol asks to keep the transport
+    half-open, which TLS cannot): on a secure cluster that is every connection (a bench
+    closes a thousand at once), and it says nothing anyone can act on. Filtered where
+    the TLS connections are made, on asyncio's logger, whatever handlers log it."""
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_drop_tls_eof_noise)
 AUTH_REFUSALS_BEFORE_CLOSING = 3
 TRANSIENT_CONNECT_ERRORS = ("authorization", "connection lost", "eof", "reset", "timeout", "broken pipe",
                             "ssl", "handshake", "connection closed")

@@ -142,7 +142,6 @@ def configure_logging(
     )
     handler = _Handler(stream)
     handler.setFormatter(formatter)
-    handler.addFilter(_drop_tls_eof_noise)
     handler._ccc = True  # type: ignore[attr-defined]  # ours: replaced on reconfigure
 
     root = logging.getLogger()
@@ -169,14 +168,6 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         cache_logger_on_first_use=False,
     )
-
-
-def _drop_tls_eof_noise(record: logging.LogRecord) -> bool:
-    """asyncio warns "returning true from eof_received() has no effect when using ssl"
-    each time a TLS connection of nats-py closes (its protocol asks to keep the transport
-    half-open, which TLS cannot): on a secure cluster that is every connection, and it
-    says nothing an operator can act on."""
-    return not (record.name == "asyncio" and "eof_received()" in record.getMessage())
 
 
 _LEAD = ("timestamp", "level", "logger", "event")

@@ -238,9 +238,8 @@ class LocalCluster:
         if s.nats_url is None:
             await self._claim_data_dir()
             self.server = EmbeddedServer.for_settings(s, self.ns)  # secure unless --insecure
-            if self.server.secure is not None:
-                for agent_id in agent_ids:  # registered before the server reads its users
-                    self.server.secure.add_agent(self.ns, agent_id)
+            if self.server.secure is not None:  # registered before the server reads its users
+                self.server.secure.add_agents(self.ns, agent_ids)
             self.url = self.server.start()
             self._url_file = embedded_url_file(s.data_dir)
             tmp = self._url_file.with_suffix(".tmp")

@@ -17,7 +17,6 @@ window.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,20 +34,6 @@ DESCRIPTION = {
     "off": "plain TCP, no authentication, store unencrypted",
     "on": "mutual TLS, nkey users with role permissions, store encrypted (chachapoly)",
 }
-
-
-class _EofNoise(logging.Filter):
-    """asyncio warns "returning true from eof_received() has no effect when using ssl"
-    each time a nats-py TLS connection sees the end of its stream, i.e. at every close:
-    harmless (the connection is closing anyway), but the secure side closes a thousand
-    idle agents' connections, which would bury the bench's output under a thousand
-    copies. Only that message is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "eof_received() has no effect when using ssl" not in record.getMessage()
-
-
-_EOF_NOISE = _EofNoise()
 
 
 def sides_of(security: str) -> tuple[str, ...]:
@@ -98,8 +83,6 @@ class BenchBus:
 
     def start(self) -> str:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.secure is not None:
-            logging.getLogger("asyncio").addFilter(_EOF_NOISE)  # idempotent: one filter object
         if self.secure is not None and not self.secure.exists():
             self.secure.init(Namespace())  # at least the admin user (raw baselines)
         key = self.secure.js_key() if self.secure is not None else ""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,10 +32,9 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
-from events.errors import StoreUnavailable
 from events.subjects import Namespace
 
-from infra.adapters.nats.connection import connect
+from infra.adapters.nats.connection import connect, connect_when_admitted
 from infra.adapters.nats.permissions import Role
 from infra.adapters.nats.provisioning import provision_agent
 from infra.adapters.nats.secure import KitFiles, SecureDir, user_id
@@ -83,7 +81,10 @@ class ChaosSecurity:
         await provision_agent(admin, self.ns, agent_id, replicas=replicas)
         reload()
         for node in url.split(","):
-            await _wait_admitted(node, kit, f"chaos-admit-{agent_id}")
+            # every node, so the agent process never races the (asynchronous) reload
+            nc = await connect_when_admitted(node, timeout=ADMISSION_TIMEOUT, name=f"chaos-admit-{agent_id}",
+                                             kit=kit, reconnect=False, quiet=True)
+            await nc.close()
         return kit
 
     async def strangers_refused(self, url: str) -> list[str]:
@@ -104,23 +105,6 @@ class ChaosSecurity:
                 if await _admitted(server, **kwargs):
                     out.append(f"security: {node} admitted {what}")
         return out
-
-
-async def _wait_admitted(url: str, kit: KitFiles, name: str, timeout: float = ADMISSION_TIMEOUT) -> None:
-    """Connect as ``kit`` until ``url`` lets it in. Not only "authorization violation"
-    (the reload not applied yet) is retried: a handshake that overlaps the reload can
-    also be cut ("connection lost") while the server re-checks its clients."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            nc = await connect(url, name=name, kit=kit, reconnect=False, quiet=True)
-        except StoreUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-        else:
-            await nc.close()
-            return
 
 
 async def _admitted(url: str, **kwargs) -> bool:

@@ -92,15 +92,9 @@ async def probe(url: str, settings: Settings | None = None, timeout: float = 3.0
     await nc.close()
 
 
-async def reachable(url: str, settings: Settings | None = None) -> bool:
+async def reachable(url: str, settings: Settings) -> bool:
     from infra.adapters.nats.connection import server_alive
 
-    if settings is None:
-        try:
-            await probe(url, settings, timeout=1.0)
-        except StoreUnavailable:
-            return False
-        return True
     return await server_alive(url, settings)
 
 

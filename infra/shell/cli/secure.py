@@ -32,33 +32,13 @@ def _secure(obj: CliState):
     return SecureDir.of(settings.data_dir), Namespace(settings.namespace)
 
 
-async def _provision_if_running(obj: CliState, ns: Namespace) -> bool:
-    """With the embedded server of this data dir running: reload its users and provision
-    the namespace's streams as admin (a new namespace's roles can work at once)."""
-    from infra.adapters.nats.connection import connect, embedded_url_file
-    from infra.adapters.nats.provisioning import provision
-    from infra.adapters.nats.secure import reload_server
-
-    settings = obj.settings()
-    if not reload_server(settings.data_dir):
-        return False
-    url_file = embedded_url_file(settings.data_dir)
-    url = url_file.read_text().strip() if url_file.is_file() else ""
-    if not url:
-        return False
-    nc = await connect(url, name="ccc-secure", settings=settings, role="admin", reconnect=False)
-    try:
-        await provision(nc, ns, replicas=settings.replicas)
-    finally:
-        await nc.close()
-    return True
-
-
-async def _provision_agent_if_running(obj: CliState, ns: Namespace, agent_id: str) -> bool:
+async def _provision_if_running(obj: CliState, ns: Namespace, agent_id: str | None = None) -> bool:
     """With the embedded server of this data dir running: reload its users and, as admin,
-    create the agent's artifact bucket. Otherwise the next ``ccc server``/``up`` does."""
-    from infra.adapters.nats.connection import connect, embedded_url_file
-    from infra.adapters.nats.provisioning import provision_agent
+    provision the namespace's streams (so new roles can work at once), or with
+    ``agent_id`` that agent's artifact bucket. Otherwise the next ``ccc server``/``up``
+    does. True if a server was running."""
+    from infra.adapters.nats.connection import connect_when_admitted, embedded_url_file
+    from infra.adapters.nats.provisioning import provision, provision_agent
     from infra.adapters.nats.secure import reload_server
 
     settings = obj.settings()
@@ -68,9 +48,12 @@ async def _provision_agent_if_running(obj: CliState, ns: Namespace, agent_id: st
     url = settings.nats_url or (url_file.read_text().strip() if url_file.is_file() else "")
     if not url:
         return False
-    nc = await connect(url, name="ccc-secure", settings=settings, role="admin", reconnect=False)
+    nc = await connect_when_admitted(url, name="ccc-secure", settings=settings, role="admin", reconnect=False)
     try:
-        await provision_agent(nc, ns, agent_id, replicas=settings.replicas)
+        if agent_id is None:
+            await provision(nc, ns, replicas=settings.replicas)
+        else:
+            await provision_agent(nc, ns, agent_id, replicas=settings.replicas)
     finally:
         await nc.close()
     return True
@@ -128,7 +111,7 @@ def secure_add_agent(obj: CliState, agent_id: str, out: str | None, as_json: boo
     if not secure.exists():
         secure.init(ns)
     kit = secure.add_agent(ns, agent_id)
-    live = run_async(_provision_agent_if_running(obj, ns, agent_id))
+    live = run_async(_provision_if_running(obj, ns, agent_id))
     kit_dir = kit.seed.parent
     if out:
         dest = Path(out)
