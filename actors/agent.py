@@ -1,5 +1,7 @@
 """An agent: registers, heartbeats, consumes only its own assignments, runs the
-pipeline and reports every phase on its own aggregate.
+pipeline (the round the task asks for: its implementation, or a CI fix or a rebase on
+its pull request's branch, see :mod:`actors.pipeline`) and reports every phase on its
+own aggregate.
 
 The agent is the only writer of ``<ns>.agent.<id>.*`` besides the coordinator's
 supervision event (``agent.offline`` on a missed heartbeat). All its appends carry
@@ -313,7 +315,8 @@ class Agent:
             self.completed += 1
         except PhaseFailed as e:
             outcome = "failed"
-            log.info("agent.task_failed", agent_id=self.id, task_id=tid, phase=e.phase, reason=e.reason)
+            log.info("agent.task_failed", agent_id=self.id, task_id=tid, work=task.work, phase=e.phase,
+                     reason=e.reason)
             await report(WorkFailed(phase=e.phase, reason=e.reason, retryable=e.retryable, log_ref=e.log_ref))
         except asyncio.CancelledError:
             outcome = self._stop_reason.pop(tid, "handed_back")

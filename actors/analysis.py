@@ -172,12 +172,38 @@ def analyse_issue(issue: IssueRef) -> Analysis:
     if deps:
         reasons.append(f"depends on {', '.join(deps)}")
 
+    predicted = predicted_paths(paths)
+    if predicted:
+        reasons.append(f"predicted to touch {', '.join(predicted)}")
     requirements = tuple(sorted(set(s for s in scores if scores[s] > 0) | languages))
     return Analysis(
         specialty=specialty, requirements=requirements, complexity=complexity,
         priority=priority, security_level=security, dependencies=tuple(deps),
-        reasons=tuple(reasons),
+        reasons=tuple(reasons), paths=predicted,
     )
+
+
+# what a named file must look like to be predicted as touched (so "e.g." or "v1.2" are not)
+_SOURCE_EXTENSIONS = frozenset(
+    "py pyi js jsx ts tsx mjs cjs css scss sass less html htm vue svelte md rst txt go rs java kt "
+    "rb php c h cc cpp hpp cs swift m scala sql sh bash yml yaml json toml ini cfg conf xml "
+    "proto graphql tf lock gradle".split())
+MAX_PREDICTED_PATHS = 20
+
+
+def predicted_paths(named: list[str]) -> tuple[str, ...]:
+    """The files an issue names that look like files of a repository, normalised
+    (``./a.py`` -> ``a.py``), in order, at most :data:`MAX_PREDICTED_PATHS`."""
+    out: list[str] = []
+    for raw in named:
+        path = raw.strip().removeprefix("./").strip("/")
+        name = path.rsplit("/", 1)[-1]
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if not path or ".." in path.split("/"):
+            continue
+        if name in ("Dockerfile", "Makefile") or ext in _SOURCE_EXTENSIONS:
+            out.append(path)
+    return tuple(dict.fromkeys(out))[:MAX_PREDICTED_PATHS]
 
 
 class RuleAnalyser:

@@ -203,4 +203,5 @@ class ClaudeAnalyser:
             specialty=answer.specialty, requirements=requirements, complexity=answer.complexity,
             priority=answer.priority, security_level=security, dependencies=tuple(deps),
             reasons=tuple(reasons), plan=answer.plan.strip()[:4000], usage=usage,
+            paths=rules.paths,  # the files the issue names (the leases' prediction)
         )

@@ -52,7 +52,8 @@ from projections.live import LiveReadModel
 from actors.analysis import Analyser, RuleAnalyser
 from actors.health import HealthMonitor
 from actors.intake import Intake, utcnow
-from actors.ports import NO_TELEMETRY, Telemetry
+from actors.ports import NO_TELEMETRY, PullRequestBranches, Telemetry
+from actors.pull_requests import PullRequests
 from actors.runtime import ConsumerLoop
 from actors.scheduling import plan_assignments
 
@@ -80,6 +81,10 @@ class CoordinatorConfig:
         concurrency: int = 64,
         trust: TrustPolicy | None = None,
         materialize_kv: bool = False,
+        max_ci_fixes: int = 2,
+        max_rebases: int = 3,
+        checks_timeout: float = 1800.0,
+        merge_queue: bool | frozenset[str] = False,
     ) -> None:
         self.name = name
         # keep the KV views (<ns>_tasks, <ns>_agents) for `nats kv get`: the coordinator's
@@ -93,9 +98,18 @@ class CoordinatorConfig:
         # whose issue facts the intake acts on, and for which repositories (every fact is
         # re-checked here: the webhook is not the only writer of the issue subjects)
         self.trust = trust or TrustPolicy()
+        # the pull request's way to green: CI fix rounds per task (apart from its
+        # attempts), rebase rounds, how long checks may take, and which repositories
+        # merge through the queue (True: all of them)
+        if max_ci_fixes < 0 or max_rebases < 0 or checks_timeout <= 0:
+            raise ValueError("max_ci_fixes and max_rebases must be >= 0 and checks_timeout > 0")
+        self.max_ci_fixes = max_ci_fixes
+        self.max_rebases = max_rebases
+        self.checks_timeout = checks_timeout
+        self.merge_queue = merge_queue
 
 
-class Coordinator(Intake):
+class Coordinator(Intake, PullRequests):
     def __init__(
         self,
         nc: Client,
@@ -104,8 +118,10 @@ class Coordinator(Intake):
         *,
         analyser: Analyser | None = None,
         telemetry: Telemetry = NO_TELEMETRY,
+        branches: PullRequestBranches | None = None,
     ) -> None:
         self.nc = nc
+        self.branches = branches  # conflicts and the merge queue (None: not followed)
         self.ns = ns
         self.config = config or CoordinatorConfig()
         self.analyser = analyser or RuleAnalyser()
@@ -113,8 +129,10 @@ class Coordinator(Intake):
         self.store = EventStore(nc, ns)
         self.live = LiveReadModel(self.store, materialize=self.config.materialize_kv)
         self.live.observers.append(self._wake_scheduler)
+        self.live.observers.append(self._wake_pull_requests)
         self.model = self.live.model
         self._kick = asyncio.Event()
+        self._pr_kick = asyncio.Event()
         self._loops: list[ConsumerLoop] = []
         self._tasks: list[asyncio.Task] = []
         self._agent_locks: dict[str, asyncio.Lock] = {}
@@ -142,8 +160,10 @@ class Coordinator(Intake):
         ]
         for loop in self._loops:
             await loop.start()
-        self._tasks = [asyncio.create_task(self._schedule_loop(), name="scheduler")]
+        self._tasks = [asyncio.create_task(self._schedule_loop(), name="scheduler"),
+                       asyncio.create_task(self._pull_request_loop(), name="pull-requests")]
         self.kick()
+        self.kick_pull_requests()
         log.info("coordinator.started", name=name, last_seq=self.model.last_seq,
                  tasks=len(self.model.tasks), agents=len(self.model.agents))
 
@@ -287,7 +307,8 @@ class Coordinator(Intake):
                 await self._run(task_id, ts.OpenPullRequest(
                     at=at, actor=actor, agent_id=aid, branch=event.branch, pr_url=event.pr_url,
                     pr_number=event.pr_number, draft=event.draft, tests_passed=event.tests_passed,
-                    tests_failed=event.tests_failed, causation_id=cause))
+                    tests_failed=event.tests_failed, head_sha=event.head_sha,
+                    base_branch=event.base_branch, causation_id=cause))
             case AgentWorkFailed():
                 after = await self._run(task_id, ts.FailTask(
                     at=at, actor=actor, agent_id=aid, reason=event.reason, phase=event.phase,

@@ -27,6 +27,7 @@ import asyncio
 import re
 import weakref
 from collections import OrderedDict
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import structlog
@@ -36,7 +37,7 @@ from nats.aio.msg import Msg
 from events.errors import CccError, StoreUnavailable
 from events.store import EventStore
 from events.subjects import Namespace
-from events.task_state import WITH_AGENT, TaskState
+from events.task_state import AWAITING_CHECKS, PR_OPEN, WITH_AGENT, TaskState
 from projections.live import LiveReadModel
 
 from actors.ports import NO_TELEMETRY, IssueForge, SecretMasker, Telemetry
@@ -47,7 +48,10 @@ log = structlog.get_logger("ccc.forge_sync")
 LABEL_OF_STATUS: dict[str, str] = {
     "pending": "ccc:queued", "analyzing": "ccc:queued", "queued": "ccc:queued",
     "assigned": "ccc:in-progress", "in_progress": "ccc:in-progress", "testing": "ccc:in-progress",
-    "review": "ccc:review", "completed": "ccc:done", "failed": "ccc:failed", "cancelled": "ccc:cancelled",
+    "checking": "ccc:checking", "checks_failed": "ccc:checks-failed", "review": "ccc:review",
+    "needs_human": "ccc:needs-human", "conflicted": "ccc:conflicted",
+    "merge_queued": "ccc:merge-queue", "merging": "ccc:merge-queue",
+    "completed": "ccc:done", "failed": "ccc:failed", "cancelled": "ccc:cancelled",
 }
 _PHASE: dict[str, str] = {
     "pending": "received, waiting for analysis",
@@ -56,12 +60,30 @@ _PHASE: dict[str, str] = {
     "assigned": "assigned to an agent",
     "in_progress": "in progress: implementing",
     "testing": "in progress: running the tests",
-    "review": "pull request open, waiting for review",
+    "checking": "pull request open, checks running",
+    "checks_failed": "pull request open, checks failed",
+    "review": "checks passed, waiting for review",
+    "needs_human": "needs a human",
+    "conflicted": "the pull request conflicts with its base branch",
+    "merge_queued": "approved, in the merge queue",
+    "merging": "in the merge queue: testing the merge with the latest base",
     "completed": "done",
     "failed": "failed",
     "cancelled": "cancelled",
 }
+_CLASSIFIED: dict[str, str] = {  # events.checks.CLASSIFICATIONS, in words
+    "change": "caused by the change",
+    "flaky": "flaky (passed on the base commit, or on a re-run)",
+    "infrastructure": "the CI infrastructure (runner lost, never started)",
+    "base": "the base branch is red too",
+    "action_required": "a workflow waits for a maintainer's approval",
+}
+# task.requeued's reasons: the Attempt row says it already
+_QUIET_REASONS = frozenset({"retry", "agent_lost", "handed_back"})
 MAX_REASON = 600
+MAX_CHECK_ROWS = 20
+MAX_FILES = 10
+_SAFE_URL = re.compile(r"https?://[^\s()<>\[\]`'\"\\|]+")
 
 
 # -- pure rendering ----------------------------------------------------------------
@@ -82,24 +104,109 @@ def _text(value: str, mask: SecretMasker, limit: int = MAX_REASON) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
+def _code(value: str, mask: SecretMasker, limit: int = 128) -> str:
+    """A name or commit as inline code (a backtick in it cannot end the span)."""
+    return f"`{_text(value.replace('`', ''), mask, limit)}`"
+
+
+def _url(value: str, mask: SecretMasker) -> str:
+    """``value`` if it is a plain http(s) URL, masked, that cannot break out of a
+    Markdown link; else "" (the caller shows no link)."""
+    url = mask(value)
+    return url if len(url) <= 2000 and _SAFE_URL.fullmatch(url) else ""
+
+
+def _when(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _fixes(s: TaskState) -> str:
+    return f"{s.ci_fixes} of {s.max_ci_fixes}" if s.max_ci_fixes >= s.ci_fixes else str(s.ci_fixes)
+
+
+def _round(s: TaskState) -> str:
+    """What the current (or queued) round on the pull request's branch is, if not the
+    first implementation: shown after the status."""
+    if s.status not in WITH_AGENT and s.status != "queued":
+        return ""
+    if s.work == "ci_fix":
+        return f" (CI fix {_fixes(s)})"
+    if s.work == "rebase":
+        return f" (rebase {s.rebases} on {s.base_branch or 'the base'})"
+    return ""
+
+
+def _rows(s: TaskState, mask: SecretMasker) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    if s.agent_id:
+        rows.append(("Agent", _code(s.agent_id, mask)))
+    rows.append(("Attempt", f"{s.attempt} of {s.max_attempts}"))
+    if s.tests_passed or s.tests_failed or s.status in PR_OPEN or s.status == "completed":
+        rows.append(("Tests", f"{s.tests_passed} passed, {s.tests_failed} failed"))
+    if s.dollars or s.input_tokens or s.output_tokens:
+        rows.append(("Cost", f"${s.dollars:.4f} ({s.input_tokens:,} input / {s.output_tokens:,} "
+                             "output tokens)"))
+    if s.pr_url or s.pr_number:
+        url = _url(s.pr_url, mask)
+        name = f"#{s.pr_number}" if s.pr_number else "pull request"
+        rows.append(("Pull request", (f"[{name}]({url})" if url else name) + (" (draft)" if s.draft else "")))
+    if s.head_sha:
+        rows.append(("Head commit", _code(s.head_sha[:12], mask)))
+    if s.ci_fixes:
+        rows.append(("CI fixes", _fixes(s)))
+    if s.rebases:
+        rows.append(("Rebases", str(s.rebases)))
+    if s.reruns:
+        rows.append(("Check re-runs", str(s.reruns)))
+    if s.classification:
+        word = _CLASSIFIED.get(s.classification, "")
+        rows.append(("Last CI failure", _code(s.classification, mask, 32) + (f": {word}" if word else "")))
+    if s.conflict_files:
+        files = ", ".join(_code(f, mask) for f in s.conflict_files[:MAX_FILES])
+        more = f" and {len(s.conflict_files) - MAX_FILES} more" if len(s.conflict_files) > MAX_FILES else ""
+        rows.append(("Conflicts", f"{files}{more} with {_code(s.base_branch or 'the base', mask)}"))
+    if s.approved:
+        rows.append(("Approved", f"by {_code(s.approved_by, mask)}" if s.approved_by else "yes"))
+    if s.status == "merge_queued":
+        rows.append(("Merge queue", "queued, waiting for its turn"))
+    elif s.status == "merging":
+        latest = _code(s.base_branch or "base", mask)
+        testing = _code(s.queue_sha[:12], mask)
+        rows.append(("Merge queue", f"testing {testing} (the pull request on the latest {latest})"))
+    elif s.merge_sha:
+        rows.append(("Merge queue", f"merged as {_code(s.merge_sha[:12], mask)}"))
+    return rows
+
+
+def _checks(s: TaskState, mask: SecretMasker) -> list[str]:
+    lines: list[str] = []
+    awaiting = s.status in AWAITING_CHECKS and s.checks_since is not None
+    if awaiting:
+        sha = s.queue_sha if s.status == "merging" else s.head_sha
+        rerun = f" (re-run {s.reruns})" if s.reruns else ""
+        commit = _code(sha[:12] or "(no commit)", mask)
+        lines += [f"**Checks** running on {commit} since {_when(s.checks_since)}{rerun}", ""]
+    if not s.checks:
+        return lines
+    lines += ["**Previous checks:**" if awaiting else "**Checks:**", "",
+              "| Check | Result | Details |", "|---|---|---|"]
+    ordered = sorted(s.checks, key=lambda c: c.passed)  # failing first, else in the forge's order
+    for c in ordered[:MAX_CHECK_ROWS]:
+        url = _url(c.url, mask)
+        result = _text(c.conclusion, mask, 32) + ("" if c.started else " (never started)")
+        lines.append(f"| {_text(c.name, mask, 100)} | {result} | {f'[details]({url})' if url else '-'} |")
+    if len(ordered) > MAX_CHECK_ROWS:
+        lines.append(f"| … and {len(ordered) - MAX_CHECK_ROWS} more | | |")
+    return [*lines, ""]
+
+
 def render_comment(state: TaskState, mask: SecretMasker) -> str:
     """The tracking comment for ``state``: deterministic (no clock), so equal states
     give byte-equal bodies. ``mask`` removes secrets from the free text of events."""
     s = state
-    status = _PHASE[s.status]
+    status = _PHASE[s.status] + _round(s)
     if s.cancel_requested and s.status in WITH_AGENT:
         status += " (cancellation requested)"
-    rows: list[tuple[str, str]] = []
-    if s.agent_id:
-        rows.append(("Agent", f"`{_text(s.agent_id, mask, 128)}`"))
-    rows.append(("Attempt", f"{s.attempt} of {s.max_attempts}"))
-    if s.tests_passed or s.tests_failed or s.status in ("review", "completed"):
-        rows.append(("Tests", f"{s.tests_passed} passed, {s.tests_failed} failed"))
-    if s.dollars or s.input_tokens or s.output_tokens:
-        rows.append(("Cost", f"${s.dollars:.4f} ({s.input_tokens:,} input / {s.output_tokens:,} output tokens)"))
-    if s.pr_url:
-        link = f"[#{s.pr_number}]({s.pr_url})" if s.pr_number else f"[pull request]({s.pr_url})"
-        rows.append(("Pull request", link + (" (draft)" if s.draft else "")))
     lines = [
         tracking_marker(s.task_id),
         f"**claude-code-cluster** · task `{s.task_id}`",
@@ -108,15 +215,18 @@ def render_comment(state: TaskState, mask: SecretMasker) -> str:
         "",
         "| | |",
         "|---|---|",
-        *(f"| {k} | {v} |" for k, v in rows),
+        *(f"| {k} | {v} |" for k, v in _rows(s, mask)),
         "",
+        *_checks(s, mask),
     ]
+    if s.status == "needs_human":
+        lines += [f"**Needs a human:** {_text(s.needed or 'see the reason below', mask)}", ""]
     phase = f" in `{_text(s.failure_phase, mask, 64)}`" if s.failure_phase else ""
     if s.status == "failed":
         lines += [f"**Failed**{phase}: {_text(s.failure_reason or s.status_reason, mask)}", ""]
     elif s.failure_reason and s.status != "completed":
         lines += [f"Previous attempt failed{phase}: {_text(s.failure_reason, mask)}", ""]
-    if s.status in ("completed", "cancelled") and s.status_reason:
+    if s.status != "failed" and s.status_reason and s.status_reason not in _QUIET_REASONS:
         lines += [f"Reason: {_text(s.status_reason, mask)}", ""]
     lines.append("<sub>Kept up to date from the task's event log by claude-code-cluster; "
                  "edits to this comment are overwritten.</sub>")

@@ -32,12 +32,16 @@ from events import task_state as ts
 from events.codec import decode_issue
 from events.errors import ConcurrencyConflict, ConfigError, DomainError, InfrastructureError, Refused
 from events.issue import (
+    IssueBaseMoved,
     IssueCancelRequested,
     IssueChangesRequested,
+    IssueChecksCompleted,
+    IssueChecksStarted,
     IssueClosed,
     IssueCommented,
     IssueEvent,
     IssueOpened,
+    IssuePullRequestApproved,
     IssuePullRequestClosed,
     IssuePullRequestMerged,
     IssueRetryRequested,
@@ -62,6 +66,10 @@ class Intake:
         event = decode_issue(self.ns.rel(msg.subject), msg.data)
         if why := self.config.trust.refusal(event):
             raise Refused(why)
+        if isinstance(event, IssueBaseMoved):  # about the repository, not one issue
+            check_repo(event.repo)
+            await self._on_base_moved(event)
+            return
         task_id = self._task_id_of(event)
         at = utcnow()
         actor = self.config.name
@@ -73,11 +81,27 @@ class Intake:
                 await self._with_fresh_state(task_id, ts.CancelTask(at=at, actor=actor, reason=reason,
                                                                     causation_id=event.event_id))
             case IssueRetryRequested():
-                await self._with_fresh_state(task_id, ts.RetryTask(
-                    at=at, actor=actor, backoff_base=0.0, causation_id=event.event_id))
+                state = self.model.tasks.get(task_id)
+                if state is not None and state.status == "needs_human":
+                    # what a human unblocks there is the checks: run them again
+                    await self._with_fresh_state(task_id, ts.RequestRerun(
+                        at=at, actor=actor, reason=event.reason or f"re-run requested by {event.author or 'a person'}",
+                        causation_id=event.event_id))
+                else:
+                    await self._with_fresh_state(task_id, ts.RetryTask(
+                        at=at, actor=actor, backoff_base=0.0, causation_id=event.event_id))
             case IssuePullRequestMerged():
-                await self._with_fresh_state(task_id, ts.CompleteTask(
+                after = await self._with_fresh_state(task_id, ts.CompleteTask(
                     at=at, actor=actor, reason="pull request merged", causation_id=event.event_id))
+                merged = after[0]
+                if merged is not None:  # its base moved: the other open pull requests may conflict now
+                    await self.sweep_conflicts(merged.issue.repo, merged.base_branch, cause=event.event_id)
+            case IssueChecksCompleted():
+                await self._on_checks(task_id, event)
+            case IssueChecksStarted():
+                log.info("checks.started", task_id=task_id, head_sha=event.head_sha[:12], names=list(event.names))
+            case IssuePullRequestApproved():
+                await self._on_approved(task_id, event)
             case IssueChangesRequested():
                 # the reviewer's request fails this attempt; the retry carries it, and the
                 # next attempt pushes to the same branch (the PR stays the same). Only a
@@ -151,8 +175,8 @@ class Intake:
         state = self.model.tasks.get(task_id)
         if state is None:
             return "no such task"
-        if state.status != "review":
-            return f"the task is {state.status}, not in review: no pull request of this attempt to review"
+        if state.status not in ts.PR_OPEN:
+            return f"the task is {state.status}: no open pull request of this attempt to review"
         if not event.branch or event.branch != state.branch:
             return (f"the review is of branch {event.branch or '(none)'}, "
                     f"the task's is {state.branch or '(none)'}")

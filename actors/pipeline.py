@@ -1,8 +1,26 @@
-"""An agent's work pipeline for one task attempt. Every phase ends in a report on
+"""An agent's work pipeline for one round of a task. Every phase ends in a report on
 the agent's own aggregate; the coordinator turns reports into task transitions.
 
     workspace (clone) -> analyse codebase -> implement (coder) + commit -> run tests
       -> push -> open pull request
+
+The task says which round (``task.work``):
+
+* ``implement``: a new branch from the default branch, and a pull request for it;
+* ``ci_fix``: the pull request's checks failed because of the change. The branch is
+  checked out as it is on the forge, rebased on the latest base first when that applies
+  by itself (after a merge queue ejected it, the combination with the new base is what
+  failed), the coder fixes it with the failing logs as guidance, and the fix is pushed
+  to the same branch: the same pull request, a new head commit;
+* ``rebase``: the base moved and the branch conflicts with it. ``git rebase`` first;
+  only real conflicts go to the coder (the branch's net change on the new base with
+  conflict markers, both sides also in its guidance), and the result is committed as
+  the branch's change on the new base. A rebase that applies by itself is reported as
+  the implementation of coder ``git-rebase``.
+
+A round's change is what the pull request changes (against its base), so the push
+checks see all of it; its push is leased on the branch's head when the round started,
+so a push someone made to the branch since is never overwritten.
 
 Large outputs (the diff, the test log, the coder's transcript) go to the artifacts
 store (the JetStream object store), masked (:mod:`events.secrets`); reports carry a
@@ -31,7 +49,7 @@ import structlog
 from events.errors import CccError
 from events.secrets import process_masker
 from events.task_state import TaskState
-from events.work import Budget, CodeRequest
+from events.work import Budget, CodeOutcome, CodeRequest, Rebase
 from events.work_reports import (
     ChangesPushed,
     CodebaseAnalysed,
@@ -75,6 +93,9 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+REBASE_CODER = "git-rebase"  # the "coder" of a rebase that applied by itself
+MAX_GUIDANCE = 20_000  # characters of guidance a round's coder is given
+
 INSTRUCTION_FILES = ("CLAUDE.md", "AGENTS.md", ".ccc/instructions.md")
 MAX_INSTRUCTIONS_BYTES = 20_000  # per file
 
@@ -96,6 +117,67 @@ def instructions_of(workbench: Workbench, repo_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
+def conflict_guidance(rebase: Rebase, *, branch: str, base_branch: str, guidance: str = "") -> str:
+    """What the coder of a rebase round with conflicts is told: which files collide and
+    how (git's messages), the conflicting regions with both sides between the markers,
+    then the task's own guidance. Framed as data by the coder's prompt builder: the
+    regions are the repository's contents, which the pull request's author wrote."""
+    intro = (f"Rebase of {branch} on the latest {base_branch} ({rebase.base[:12]}): the branch's change is "
+             f"applied on it in the working tree and collides with it in {len(rebase.conflicts)} file(s). "
+             "Resolve each conflict keeping the intent of both sides and remove every marker line "
+             f"(<<<<<<< then {base_branch}'s side, ||||||| then the version both started from, ======= then "
+             "the branch's side up to >>>>>>>); the result is committed as the branch's whole change on the "
+             "new base.")
+    parts = [intro]
+    for f in rebase.conflicts:
+        lines = [f"--- {f.path} ---", *f.messages]
+        if f.regions:
+            lines.append(f.regions)
+        parts.append("\n".join(lines))
+    if guidance.strip():
+        parts.append(guidance.strip())
+    text = "\n\n".join(parts)
+    return text if len(text) <= MAX_GUIDANCE else text[:MAX_GUIDANCE] + "\n[... cut]"
+
+
+def _round_number(task: TaskState) -> int:
+    return {"implement": 0, "ci_fix": task.ci_fixes, "rebase": task.rebases}[task.work]
+
+
+def _round_name(task: TaskState) -> str:
+    return {"implement": f"attempt {task.attempt}", "ci_fix": f"CI fix {task.ci_fixes}",
+            "rebase": f"rebase {task.rebases}"}[task.work]
+
+
+async def _start_round(workbench: Workbench, repo_dir: Path, task: TaskState, base_branch: str, *,
+                       git_env: dict[str, str], squash_message: str, identity: tuple[str, str]) -> Rebase:
+    """Check the pull request's branch out as it is on the forge and rebase it on the
+    latest base where that applies by itself. Where it does not, a CI fix works on the
+    branch as it is; a rebase round gives the coder the conflicts to resolve."""
+    branch = task.branch
+    await asyncio.to_thread(workbench.open_branch, repo_dir, branch, base_branch, env=git_env)
+    rebase = await asyncio.to_thread(workbench.rebase, repo_dir, squash_message, *identity)
+    if rebase.status == "rebased" and rebase.head == rebase.base:
+        raise PhaseFailed("workspace", f"rebased on {base_branch}, {branch} changes nothing: its change is "
+                                       f"already in {base_branch}", retryable=False)
+    if rebase.status == "conflicts":
+        files = ", ".join(f.path for f in rebase.conflicts)
+        log.info("pipeline.rebase_conflicts", task_id=task.task_id, work=task.work, files=files)
+        if task.work == "rebase":
+            await asyncio.to_thread(workbench.check_out_conflicts, repo_dir)
+    return rebase
+
+
+def _commit_message(task: TaskState, summary: str, trailer: str, *, base_branch: str, base_commit: str,
+                    conflicts: tuple[str, ...]) -> str:
+    issue = task.issue
+    if task.work == "ci_fix":
+        return f"Fix the checks: {issue.title}\n\n{summary}\n\nFor {issue.repo}#{issue.number} {trailer}"
+    resolved = (f"Rebased on {base_branch} ({base_commit[:12]}), conflicts resolved in {', '.join(conflicts)}.\n\n"
+                if conflicts else "")
+    return f"{issue.title}\n\n{summary}\n\n{resolved}Resolves {issue.repo}#{issue.number} {trailer}"
+
+
 async def run_pipeline(
     *,
     agent_id: str,
@@ -107,23 +189,44 @@ async def run_pipeline(
     artifacts: Artifacts,
     report: Report,
 ) -> None:
-    """Run one attempt. Raises :class:`PhaseFailed` (not yet reported: the caller reports
-    it) on failure; ``asyncio.CancelledError`` propagates (the caller reports the
-    cancellation)."""
+    """Run one round (``task.work``) of one attempt. Raises :class:`PhaseFailed` (not yet
+    reported: the caller reports it) on failure; ``asyncio.CancelledError`` propagates
+    (the caller reports the cancellation)."""
     issue = task.issue
     attempt = task.attempt
-    prefix = f"{task.task_id}/{attempt}"
+    work = task.work
+    number = _round_number(task)
+    prefix = f"{task.task_id}/{attempt}" + (f"-{work}-{number}" if work != "implement" else "")
     masker = process_masker()
+    identity = (settings.author_name, settings.author_email)
+    trailer = f"(task {task.task_id}, attempt {attempt}" + (
+        f", {_round_name(task)})" if work != "implement" else ")")
+    if work != "implement" and not (task.branch and task.pr_url):
+        raise PhaseFailed("workspace", f"a {work} round needs the pull request's branch, and the task has "
+                                       "no pull request", retryable=False)
 
     # 1. workspace
     phase = "workspace"
     try:
         ws = workbench.create_workspace(agent_id, task.task_id, {
-            "repo": issue.repo, "issue": issue.number, "attempt": attempt, "title": issue.title})
+            "repo": issue.repo, "issue": issue.number, "attempt": attempt, "title": issue.title,
+            "work": work, "round": number})
         url = forge.clone_url(issue.repo)
         git_env = await asyncio.to_thread(forge.git_env, issue.repo)  # may mint an App token
         await asyncio.to_thread(workbench.clone, url, ws.repo_dir, env=git_env)
-        base_branch = workbench.default_branch(ws.repo_dir)
+        # the instructions come from the default branch as cloned, not from the pull
+        # request's branch (which earlier rounds' coders wrote)
+        instructions = instructions_of(workbench, ws.repo_dir)
+        base_branch = task.base_branch or workbench.default_branch(ws.repo_dir)
+        rebase: Rebase | None = None
+        if work == "implement":
+            branch = workbench.branch_name(task.task_id, issue.title)
+        else:
+            branch = task.branch
+            squash_message = masker.text(f"{issue.title}\n\nThe branch's change, rebased on {base_branch} as one "
+                                         f"commit.\n\nResolves {issue.repo}#{issue.number} {trailer}")
+            rebase = await _start_round(workbench, ws.repo_dir, task, base_branch, git_env=git_env,
+                                        squash_message=squash_message, identity=identity)
         base_commit = workbench.head_sha(ws.repo_dir) or ""
         await report(WorkspacePrepared(path=str(ws.path), base_commit=base_commit))
 
@@ -133,37 +236,56 @@ async def run_pipeline(
         test_command = workbench.detect_test_command(ws.repo_dir)
         await report(CodebaseAnalysed(languages=languages, test_command=tuple(test_command or ())))
 
-        # 3. implement
+        # 3. implement (a rebase that applied by itself needs no coder)
         phase = "implementation"
-        branch = workbench.branch_name(task.task_id, issue.title)
-        workbench.create_branch(ws.repo_dir, branch)
-        outcome = await coder.implement(CodeRequest(
-            task_id=task.task_id, attempt=attempt, title=issue.title, body=issue.body, guidance=task.guidance,
-            specialty=task.specialty, labels=issue.labels, repo=issue.repo,
-            repo_dir=str(ws.repo_dir), issue_number=issue.number,
-            instructions=instructions_of(workbench, ws.repo_dir), budget=settings.budget,
-        ), ws)
+        conflicts = tuple(f.path for f in rebase.conflicts) if rebase and work == "rebase" else ()
         transcript_ref = ""
-        if outcome.transcript:
-            transcript_ref = await artifacts.put_text(f"transcripts/{prefix}.txt", outcome.transcript)
-        if outcome.status == "failed":
-            raise PhaseFailed("implementation", outcome.reason or "the coder failed", retryable=True)
+        if work == "rebase" and not conflicts:
+            assert rebase is not None
+            how = "as one commit" if rebase.squashed else (
+                "already on it" if rebase.status == "up_to_date" else "its commits replayed")
+            outcome = CodeOutcome(summary=f"Rebased on {base_branch} ({rebase.base[:12]}): {how}.", status="done")
+            coder_name, commit = REBASE_CODER, rebase.head
+        else:
+            coder_name = coder.name
+            if work == "implement":
+                workbench.create_branch(ws.repo_dir, branch)
+            guidance = task.guidance
+            if conflicts:
+                assert rebase is not None
+                guidance = conflict_guidance(rebase, branch=branch, base_branch=base_branch, guidance=task.guidance)
+            outcome = await coder.implement(CodeRequest(
+                task_id=task.task_id, attempt=attempt, title=issue.title, body=issue.body, guidance=guidance,
+                specialty=task.specialty, labels=issue.labels, repo=issue.repo,
+                repo_dir=str(ws.repo_dir), issue_number=issue.number,
+                instructions=instructions, budget=settings.budget, work=work, round=number,
+            ), ws)
+            if outcome.transcript:
+                transcript_ref = await artifacts.put_text(f"transcripts/{prefix}.txt", outcome.transcript)
+            if outcome.status == "failed":
+                raise PhaseFailed("implementation", outcome.reason or "the coder failed", retryable=True)
+            if conflicts:  # the coder's part is the resolution: no marker may be left
+                left = await asyncio.to_thread(workbench.conflict_markers, ws.repo_dir, conflicts)
+                if left:
+                    raise PhaseFailed("implementation", f"conflict markers left in {', '.join(left)}",
+                                      retryable=True)
+            elif not await asyncio.to_thread(workbench.edited_files, ws.repo_dir):
+                raise PhaseFailed("implementation", "the coder made no change", retryable=True)
+            message = _commit_message(task, outcome.summary, trailer, base_branch=base_branch,
+                                      base_commit=base_commit, conflicts=conflicts)
+            commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, masker.text(message), *identity)
         files = await asyncio.to_thread(workbench.changed_files, ws.repo_dir)
-        if not files:
-            raise PhaseFailed("implementation", "the coder made no change", retryable=True)
-        message = masker.text(f"{issue.title}\n\n{outcome.summary}\n\nResolves {issue.repo}#{issue.number} "
-                              f"(task {task.task_id}, attempt {attempt})")
-        commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, message,
-                                         settings.author_name, settings.author_email)
+        if not files:  # (a round's coder made a change, but it undid the branch's)
+            raise PhaseFailed("implementation", f"{branch} changes nothing against {base_branch}", retryable=True)
         # the work is kept, masked, whatever the push decides about it below: the digest
-        # is of the bytes stored
+        # is of the bytes stored; for a round it is all the pull request changes
         diff = masker.text(await asyncio.to_thread(workbench.diff, ws.repo_dir)).encode()
         diff_ref = await artifacts.put(f"diffs/{prefix}.diff", diff)
         await report(ImplementationProduced(
-            coder=coder.name, summary=outcome.summary[:2000], files_changed=tuple(files),
+            coder=coder_name, summary=outcome.summary[:2000], files_changed=tuple(files),
             diff_stat=await asyncio.to_thread(workbench.diff_stat, ws.repo_dir),
-            diff_ref=diff_ref, diff_digest=_digest(diff), turns=outcome.turns, usage=outcome.usage,
-            transcript_ref=transcript_ref,
+            diff_ref=diff_ref, diff_digest=_digest(diff), turns=outcome.turns,
+            usage=outcome.usage if coder_name != REBASE_CODER else None, transcript_ref=transcript_ref,
         ))
         budget_hit = outcome.status == "budget_exhausted"
 
@@ -186,31 +308,37 @@ async def run_pipeline(
                     f"{failed} test(s) failed" if failed else f"test command exited {result.exit_code}")
                 raise PhaseFailed("testing", why, retryable=True, log_ref=log_ref)
 
-        # 5. push (the commit of step 3, checked first)
+        # 5. push (the commit of step 3, checked first; a round's, leased on the branch's
+        # head when the round started)
         phase = "push"
         try:
-            await asyncio.to_thread(workbench.push, ws.repo_dir, branch,
-                                    env=await asyncio.to_thread(forge.git_env, issue.repo),
-                                    max_file_bytes=settings.max_file_bytes)
+            pushed = await asyncio.to_thread(workbench.push, ws.repo_dir, branch,
+                                             env=await asyncio.to_thread(forge.git_env, issue.repo),
+                                             max_file_bytes=settings.max_file_bytes)
         except CccError as e:  # e.g. "the change contains a secret (…): not pushed"
             raise PhaseFailed(phase, str(e), retryable=e.retryable, log_ref=diff_ref) from e
-        await report(ChangesPushed(branch=branch, commit=commit))
+        await report(ChangesPushed(branch=branch, commit=pushed or commit))
 
-        # 6. pull request (a draft when the budget ran out or tests did not pass)
+        # 6. pull request (a draft when the budget ran out or tests did not pass); a
+        # round's is the one already open: the push updated it
         phase = "pull_request"
-        draft = budget_hit or not tests_ok
-        body = (
-            f"Resolves #{issue.number}\n\n{outcome.summary}\n\n"
-            f"Tests: {passed} passed, {failed} failed\n"
-            + (f"\nDraft: {outcome.reason or 'budget exhausted'}\n" if draft else "")
-            + f"\n_Opened by claude-code-cluster agent `{agent_id}` (task `{task.task_id}`, attempt {attempt})._"
-        )
-        url, number = await forge.open_pull_request(
-            repo=issue.repo, branch=branch, base=base_branch, title=masker.text(issue.title),
-            body=masker.text(body), draft=draft, issue_number=issue.number,
-        )
-        await report(PullRequestOpened(branch=branch, pr_url=url, pr_number=number, draft=draft,
-                                       tests_passed=passed, tests_failed=failed))
+        if work == "implement":
+            draft = budget_hit or not tests_ok
+            body = (
+                f"Resolves #{issue.number}\n\n{outcome.summary}\n\n"
+                f"Tests: {passed} passed, {failed} failed\n"
+                + (f"\nDraft: {outcome.reason or 'budget exhausted'}\n" if draft else "")
+                + f"\n_Opened by claude-code-cluster agent `{agent_id}` (task `{task.task_id}`, attempt {attempt})._"
+            )
+            pr_url, pr_number = await forge.open_pull_request(
+                repo=issue.repo, branch=branch, base=base_branch, title=masker.text(issue.title),
+                body=masker.text(body), draft=draft, issue_number=issue.number,
+            )
+        else:
+            draft, pr_url, pr_number = task.draft, task.pr_url, task.pr_number
+        await report(PullRequestOpened(branch=branch, pr_url=pr_url, pr_number=pr_number, draft=draft,
+                                       tests_passed=passed, tests_failed=failed, head_sha=pushed or commit,
+                                       base_branch=base_branch))
         ws.mark_finished(outcome="pr_opened")
     except (PhaseFailed, Superseded, asyncio.CancelledError):
         raise

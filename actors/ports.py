@@ -8,7 +8,8 @@ built by the one composition root (``infra.shell.app.cluster``). The values that
   and the repository's tests (infra: ``GitWorkbench`` over ``Workspace`` and gitops);
 - :class:`Coder`: implements a change in a workspace (scripted, Anthropic, Claude Code);
 - :class:`ForgeClient`: where to clone from and where a pull request opens (an agent's
-  view), :class:`IssueForge`: labels and the tracking comment on an issue (forge sync);
+  view), :class:`IssueForge`: labels and the tracking comment on an issue (forge sync),
+  :class:`PullRequestBranches`: conflicts and the merge queue's git (the coordinator);
 - :class:`Artifacts`: large outputs (diffs, logs, transcripts) kept outside the events;
 - :class:`SecretMasker`: the one masker, for text the actors write where others read it;
 - :class:`Telemetry`: spans (a consumer span per message, in the trace its headers
@@ -27,7 +28,7 @@ from typing import Any, ContextManager, Protocol, runtime_checkable
 
 from nats.aio.msg import Msg
 
-from events.work import CodeOutcome, CodeRequest, CommandResult, TestCounts
+from events.work import BranchRound, CodeOutcome, CodeRequest, CommandResult, Rebase, TestCounts
 
 
 # -- the agent's local work --------------------------------------------------------------
@@ -60,7 +61,15 @@ class Workbench(Protocol):
     change is, its commit and its push are the agent's business alone (the workspace's
     files, compared with the commit the task started from, by git that never reads the
     workspace's git config), and nothing is pushed that is not ordinary files of the
-    repository, or that holds a secret."""
+    repository, or that holds a secret.
+
+    A CI fix or a rebase works on the pull request's existing branch: after
+    :meth:`clone`, :meth:`open_branch` checks it out as it is on the forge,
+    :meth:`rebase` moves it onto its base's latest commit, :meth:`check_out_conflicts`
+    gives the coder what does not rebase by itself. The change is then measured against
+    the base (what the pull request changes, all of it, is what the push checks see),
+    its commit goes on the branch's head, and the push is refused if the branch moved on
+    the forge since the round began."""
 
     def prepare(self) -> None:
         """Make sure workspaces can be created (before the agent takes work)."""
@@ -86,7 +95,38 @@ class Workbench(Protocol):
     def default_branch(self, repo_dir: Path) -> str: ...
 
     def head_sha(self, repo_dir: Path) -> str | None:
-        """The commit the task starts from (as cloned, whatever the coder does later)."""
+        """The commit the change is measured against (the default branch as cloned; in a
+        round, where the branch leaves its base), whatever the coder does later."""
+        ...
+
+    def open_branch(self, repo_dir: Path, branch: str, base_branch: str, *,
+                    env: Mapping[str, str] | None = None) -> BranchRound:
+        """Fetch the pull request's ``branch`` and ``base_branch`` from the forge as they
+        are now (``env``: its credentials) and check the branch out in the workspace; its
+        head is where the round's commit goes and what the push is leased on. Before the
+        coder or any command ran."""
+        ...
+
+    def rebase(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> Rebase:
+        """Rebase the opened branch on its base's latest commit, mechanically (``message``
+        is for when its net change has to become one commit); when it rebased, the
+        workspace has the result checked out. On real conflicts nothing changes and the
+        conflicting files are returned, both sides shown."""
+        ...
+
+    def check_out_conflicts(self, repo_dir: Path) -> None:
+        """After a :meth:`rebase` with conflicts: the workspace gets the branch's net
+        change applied on the new base, conflict markers where it collides; the round's
+        commit then goes on the base, as the branch's whole change."""
+        ...
+
+    def conflict_markers(self, repo_dir: Path, paths: list[str] | tuple[str, ...]) -> list[str]:
+        """Which of ``paths`` still hold conflict markers in the workspace's files."""
+        ...
+
+    def edited_files(self, repo_dir: Path) -> list[str]:
+        """The paths the workspace's files change against the commit the round's commit
+        goes on (for a new branch, the base): what the coder changed in this round."""
         ...
 
     def repo_file(self, repo_dir: Path, path: str, *, max_bytes: int) -> bytes | None:
@@ -104,7 +144,8 @@ class Workbench(Protocol):
     def create_branch(self, repo_dir: Path, name: str) -> None: ...
 
     def changed_files(self, repo_dir: Path) -> list[str]:
-        """The paths the workspace's files change, against the commit the task started from."""
+        """The paths the workspace's files change against :meth:`head_sha`: all that the
+        branch changes."""
         ...
 
     def diff(self, repo_dir: Path) -> str: ...
@@ -112,7 +153,8 @@ class Workbench(Protocol):
     def diff_stat(self, repo_dir: Path) -> str: ...
 
     def commit_all(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> str:
-        """Commit the workspace's files as the branch of :meth:`create_branch`; the sha."""
+        """Commit the workspace's files as the branch of :meth:`create_branch` (or
+        :meth:`open_branch`); the sha."""
         ...
 
     def push(self, repo_dir: Path, branch: str, *, env: Mapping[str, str] | None = None,
@@ -120,7 +162,8 @@ class Workbench(Protocol):
         """Check the committed change, then push it with ``env``'s credentials; the sha.
         A change that is not only ordinary files of the repository (git's own files, a
         submodule, a symlink out of the tree, a file above ``max_file_bytes``) or that
-        holds a secret raises a non-retryable :class:`~events.errors.CccError` saying why."""
+        holds a secret raises a non-retryable :class:`~events.errors.CccError` saying why;
+        a branch that moved on the forge since :meth:`open_branch` a retryable one."""
         ...
 
     def test_counts(self, output: str) -> TestCounts:
@@ -163,6 +206,38 @@ class IssueForge(Protocol):
     async def set_state_label(self, repo: str, number: int, label: str) -> object: ...
 
     async def upsert_tracking_comment(self, repo: str, number: int, marker: str, body: str) -> object: ...
+
+
+class PullRequestBranches(Protocol):
+    """What the coordinator needs from the repositories' git to follow open pull
+    requests: whether a branch still merges into its moved base (``git merge-tree``),
+    and the merge queue's steps. Implemented over git against the forge's clone URL,
+    so it is the same for the local forge and GitHub (infra: ``GitBranches``). Every
+    call blocks on git and network; the implementation runs them off the event loop."""
+
+    async def base_sha(self, repo: str, base: str) -> str:
+        """The base branch's head commit now."""
+        ...
+
+    async def conflicts(self, repo: str, base: str, branch: str) -> tuple[str, list[str]]:
+        """``(base sha, conflicting files)`` of merging ``branch`` into ``base`` as they
+        are now; no files when it merges cleanly."""
+        ...
+
+    async def prepare_merge(self, repo: str, base: str, branch: str, ref: str) -> tuple[str, str, list[str]]:
+        """Merge ``branch`` into the latest ``base`` and push the result to ``ref`` (the
+        merge queue's candidate, which CI then tests): ``(candidate sha, base sha,
+        conflicting files)``; with conflicts nothing is pushed and the sha is ""."""
+        ...
+
+    async def fast_forward(self, repo: str, base: str, sha: str) -> bool:
+        """Move ``base`` to ``sha`` (the tested candidate) if that is a fast-forward;
+        False when ``base`` moved meanwhile (the candidate must be tested again)."""
+        ...
+
+    async def delete_ref(self, repo: str, ref: str) -> None:
+        """Remove a merge-queue candidate ref (idempotent)."""
+        ...
 
 
 # -- outputs -----------------------------------------------------------------------------

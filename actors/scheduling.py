@@ -8,7 +8,11 @@ generalists, then least loaded, then id (deterministic).
 
 Load counts the tasks the *task view* says an agent holds (assigned, in progress,
 testing): that view includes our own assignments as soon as they are applied, so
-it never lags behind the agent's own reports."""
+it never lags behind the agent's own reports.
+
+File leases (:mod:`projections.leases`): a task predicted to touch files that a task of
+the same repository holds (it runs, or its pull request is open) waits; the first one
+assigned in a pass takes the lease for the rest of the pass."""
 
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from datetime import datetime
 from events.agent_state import ACCEPTING, AgentState
 from events.task import PRIORITIES
 from events.task_state import WITH_AGENT, TaskState
+
+from projections.leases import LeaseIndex
 
 from actors.analysis import SECURITY_RANK
 
@@ -75,7 +81,12 @@ def plan_assignments(
     plan: list[tuple[str, str]] = []
     if not free:
         return plan
-    for task in eligible_tasks(tasks, now, queued):
+    ready = eligible_tasks(tasks, now, queued)
+    # leases only matter when a candidate names files: the index costs a pass over the tasks
+    leases = LeaseIndex.of(tasks) if any(t.paths for t in ready) else None
+    for task in ready:
+        if leases is not None and leases.blocker(task) is not None:
+            continue  # waits for the holder's pull request (see why_waiting)
         best = None
         best_key = None
         for agent_id in free:
@@ -92,6 +103,8 @@ def plan_assignments(
         if best is None:
             continue  # waits in Queued until an agent frees up
         plan.append((task.task_id, best))
+        if leases is not None:
+            leases.take(task)
         held[best] = held.get(best, 0) + 1
         free[best] -= 1
         if free[best] == 0:

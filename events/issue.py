@@ -22,7 +22,10 @@ from datetime import datetime
 
 import msgspec
 
+from events.checks import CheckRun
 from events.subjects import issue_subject
+
+REPOSITORY = 0  # the issue number of a fact about the repository itself (its base moved)
 
 
 class IssueEventBase(
@@ -132,6 +135,50 @@ class IssueChangesRequested(IssueEventBase, tag="issue.changes_requested"):
     url: str = ""
 
 
+class IssueChecksCompleted(IssueEventBase, tag="issue.checks_completed"):
+    """Every check of one commit of the issue's pull request has finished (forge fact:
+    the local forge's CI, or GitHub's check suites and workflow runs). ``base`` holds
+    the same checks' conclusions on the base commit, where the forge knows them."""
+
+    head_sha: str
+    branch: str = ""
+    pr_number: int | None = None
+    checks: tuple[CheckRun, ...] = ()
+    base_sha: str = ""
+    base: dict[str, str] = {}
+
+
+class IssueChecksStarted(IssueEventBase, tag="issue.checks_started"):
+    """Checks began on a commit of the issue's pull request (informational: the task
+    already waits for them from the push on)."""
+
+    head_sha: str
+    branch: str = ""
+    names: tuple[str, ...] = ()
+
+
+class IssuePullRequestApproved(IssueEventBase, tag="issue.pr_approved"):
+    """A reviewer approved the issue's pull request (GitHub: a review submitted as
+    "approved"; locally: ``ccc pr approve``). Only a trusted reviewer's counts."""
+
+    pr_number: int | None = None
+    branch: str = ""
+    author: str = ""
+    author_association: str = "NONE"
+    author_permission: str = ""
+
+
+class IssueBaseMoved(IssueEventBase, tag="issue.base_moved"):
+    """A branch of the repository moved (a push to it, or a merge): the open pull
+    requests based on it are checked for conflicts. A fact about the repository, not an
+    issue: its ``number`` is :data:`REPOSITORY` (0)."""
+
+    number: int = REPOSITORY
+    branch: str = ""
+    sha: str = ""
+    before: str = ""
+
+
 IssueEvent = (
     IssueOpened
     | IssueEdited
@@ -144,6 +191,10 @@ IssueEvent = (
     | IssueRetryRequested
     | IssueCommented
     | IssueChangesRequested
+    | IssueChecksCompleted
+    | IssueChecksStarted
+    | IssuePullRequestApproved
+    | IssueBaseMoved
 )
 
 issue_decoder = msgspec.json.Decoder(IssueEvent)

@@ -34,6 +34,12 @@ _NS = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _REPO = re.compile(r"^([A-Za-z0-9][A-Za-z0-9.-]{0,98}/)?[A-Za-z0-9_.-]{1,100}$")
 
 
+QUEUE_BRANCH_PREFIX = "ccc-queue/"
+"""The merge queue's candidate branches: ``ccc-queue/<task_id>`` holds the merge of the
+task's pull request into the latest base while its checks run (the coordinator makes
+it; the forges' CI and webhooks recognise it)."""
+
+
 def token(value: str) -> str:
     """Make any string a safe subject token (lossy for exotic characters)."""
     out = _UNSAFE.sub("=", value.strip())

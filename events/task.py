@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 import msgspec
 
+from events.checks import CheckRun, Classification
 from events.payload import flat, payload_of
 from events.subjects import task_subject
 
@@ -67,6 +68,9 @@ class Analysis(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     reasons: tuple[str, ...] = ()
     plan: str = ""
     usage: Usage | None = None  # when a model was asked
+    # files the change is predicted to touch (named in the issue, or by the model): tasks
+    # of one repository predicted to touch the same file do not run at the same time
+    paths: tuple[str, ...] = ()
 
 
 class TaskEventBase(
@@ -126,6 +130,9 @@ class TaskTestsStarted(TaskEventBase, tag="task.testing"):
 
 
 class TaskPullRequestOpened(TaskEventBase, tag="task.pr_opened"):
+    """The change is pushed and its pull request open (after a fix or a rebase round:
+    the same pull request, a new head commit). Its checks are awaited next."""
+
     agent_id: str
     branch: str
     pr_url: str = ""
@@ -133,6 +140,8 @@ class TaskPullRequestOpened(TaskEventBase, tag="task.pr_opened"):
     draft: bool = False
     tests_passed: int = 0
     tests_failed: int = 0
+    head_sha: str = ""  # the commit pushed: the checks that count are this commit's
+    base_branch: str = ""
 
 
 class TaskCompleted(TaskEventBase, tag="task.completed"):
@@ -166,6 +175,103 @@ class TaskCancelled(TaskEventBase, tag="task.cancelled"):
     reason: str = ""
 
 
+WorkKind = Literal["implement", "ci_fix", "rebase"]
+
+
+class TaskChecksPassed(TaskEventBase, tag="task.checks_passed"):
+    """Every check of the head commit (or, in the merge queue, of the commit that
+    would become the base) passed."""
+
+    head_sha: str
+    checks: tuple[CheckRun, ...] = ()
+
+
+class TaskChecksFailed(TaskEventBase, tag="task.checks_failed"):
+    """Checks of the head commit failed: which ones (each with a masked log tail), and
+    why, as classified (:func:`events.checks.classify`). What happens next follows in
+    the same write: a re-run, a fix round, a human, or the end."""
+
+    head_sha: str
+    classification: Classification
+    reason: str
+    checks: tuple[CheckRun, ...] = ()
+
+
+class TaskChecksRerun(TaskEventBase, tag="task.checks_rerun"):
+    """The forge is asked to run the failing checks of the head commit again."""
+
+    head_sha: str
+    checks: tuple[str, ...] = ()
+    reason: str = ""
+    rerun: int = 1  # re-runs of this commit so far, this one included
+
+
+class TaskNeedsHuman(TaskEventBase, tag="task.needs_human"):
+    """Nothing the cluster runs can move the task on: ``needed`` says what would."""
+
+    reason: str
+    needed: str = ""
+
+
+class TaskFixQueued(TaskEventBase, tag="task.fix_queued"):
+    """Back to the queue for a round of work on the pull request's own branch: a CI fix
+    (``ci_fix``, counted against ``--max-ci-fixes``, not against the task's attempts) or
+    a rebase on the moved base (``rebase``)."""
+
+    kind: WorkKind
+    number: int  # the CI fix (or rebase) number, this one included
+    guidance: str = ""
+    reason: str = ""
+    of: int = 0  # how many such rounds the task may have (0: not said)
+
+
+class TaskConflicted(TaskEventBase, tag="task.conflicted"):
+    """The base branch moved and the pull request no longer merges cleanly
+    (``git merge-tree`` of the branch against the new base)."""
+
+    base_branch: str = ""
+    base_sha: str = ""
+    files: tuple[str, ...] = ()
+
+
+class TaskApproved(TaskEventBase, tag="task.approved"):
+    """A trusted reviewer approved the pull request."""
+
+    by: str = ""
+
+
+class TaskMergeQueued(TaskEventBase, tag="task.merge_queued"):
+    """Entered the repository's merge queue (approved, checks green)."""
+
+    position: int = 0  # tasks ahead of it when it entered
+
+
+class TaskMergeTesting(TaskEventBase, tag="task.merge_testing"):
+    """At the head of the queue: the pull request combined with the latest base is
+    ``queue_sha`` (on ``queue_ref``); its checks decide whether it merges."""
+
+    queue_ref: str
+    queue_sha: str
+    base_sha: str = ""
+
+
+class TaskMergeDequeued(TaskEventBase, tag="task.merge_dequeued"):
+    """Left the merge queue without merging: ejected because the combination with the
+    latest base fails its checks (``checks`` and ``classification`` then say how), or
+    taken out (base moved under it and it conflicts, approval withdrawn, ...)."""
+
+    reason: str
+    checks: tuple[CheckRun, ...] = ()
+    classification: Classification | None = None
+
+
+class TaskMerged(TaskEventBase, tag="task.merged"):
+    """The merge queue merged the tested commit into the base branch: done."""
+
+    base_branch: str = ""
+    merge_sha: str = ""
+
+
 TaskEvent = (
     TaskCreated
     | TaskAnalysisStarted
@@ -179,4 +285,15 @@ TaskEvent = (
     | TaskRequeued
     | TaskCancellationRequested
     | TaskCancelled
+    | TaskChecksPassed
+    | TaskChecksFailed
+    | TaskChecksRerun
+    | TaskNeedsHuman
+    | TaskFixQueued
+    | TaskConflicted
+    | TaskApproved
+    | TaskMergeQueued
+    | TaskMergeTesting
+    | TaskMergeDequeued
+    | TaskMerged
 )

@@ -8,6 +8,7 @@ from typing import Literal
 
 import msgspec
 
+from events.checks import MAX_INFRA_RERUNS, CheckRun
 from events.task import Analysis, IssueRef, Usage
 
 
@@ -56,6 +57,8 @@ class OpenPullRequest(Command, frozen=True, kw_only=True):
     draft: bool = False
     tests_passed: int = 0
     tests_failed: int = 0
+    head_sha: str = ""
+    base_branch: str = ""
 
 
 class CompleteTask(Command, frozen=True, kw_only=True):
@@ -84,3 +87,55 @@ class RequeueTask(Command, frozen=True, kw_only=True):
 class CancelTask(Command, frozen=True, kw_only=True):
     reason: str = ""
     force: bool = False  # skip asking the agent (it acknowledged, or it is gone)
+
+
+# -- pull request to green (checks, conflicts, the merge queue) ---------------------------
+class RecordChecks(Command, frozen=True, kw_only=True):
+    """Every check of ``head_sha`` finished. The state machine records them and, when
+    some failed, classifies the failure and decides the next step (re-run, fix round,
+    a human, or Failed) in the same write."""
+
+    head_sha: str
+    checks: tuple[CheckRun, ...]
+    base: dict[str, str] = {}  # the same checks' conclusions on the base commit
+    max_ci_fixes: int = 2
+    max_infra_reruns: int = MAX_INFRA_RERUNS
+    merge_queue: bool = False  # the repository merges through the queue
+
+
+class ChecksTimedOut(Command, frozen=True, kw_only=True):
+    waited: float  # seconds since the checks were awaited
+
+
+class RequestRerun(Command, frozen=True, kw_only=True):
+    """A person asked to run the checks again (``issue.retry_requested`` on a task that
+    needs a human)."""
+
+    reason: str = "re-run requested"
+
+
+class RecordConflict(Command, frozen=True, kw_only=True):
+    base_branch: str
+    base_sha: str = ""
+    files: tuple[str, ...] = ()
+    max_rebases: int = 3
+
+
+class ApprovePullRequest(Command, frozen=True, kw_only=True):
+    by: str = ""
+    merge_queue: bool = False
+
+
+class StartMergeTest(Command, frozen=True, kw_only=True):
+    queue_ref: str
+    queue_sha: str
+    base_sha: str = ""
+
+
+class DequeueMerge(Command, frozen=True, kw_only=True):
+    reason: str
+
+
+class CompleteMerge(Command, frozen=True, kw_only=True):
+    base_branch: str = ""
+    merge_sha: str = ""

@@ -2,10 +2,20 @@
 ``evolve(state, event) -> state``. No clock, no ids, no I/O: time and actor come in
 on the command, and every event's id is its aggregate position.
 
-    Pending -> Analyzing -> Queued -> Assigned -> InProgress -> Testing -> Review -> Completed
-    Testing/Review (and Assigned/InProgress on an agent's error) -> Failed -> Queued (retry)
+    Pending -> Analyzing -> Queued -> Assigned -> InProgress -> Testing -> Checking
+    Checking --checks passed--> Review --approved, merge queue--> MergeQueued -> Merging -> Completed
+    Checking --checks failed--> ChecksFailed -> Checking (re-run) | Queued (CI fix round)
+                                             | NeedsHuman | Failed (fixes exhausted)
+    Checking/Review/NeedsHuman/MergeQueued --base moved, conflicts--> Conflicted -> Queued (rebase)
+    Merging --the combination fails--> ChecksFailed (ejected from the queue)
+    a pull request merged by a person: any state with an open pull request -> Completed
+    Testing/Review... (and Assigned/InProgress on an agent's error) -> Failed -> Queued (retry)
     Assigned/InProgress/Testing -> Queued (agent lost or handed back)
     any non-final -> Cancelled
+
+A CI fix or a rebase is a *round* on the pull request's own branch: the task goes
+through Queued -> ... -> Testing again (``work`` says which kind of round) and back to
+Checking with the new head commit. CI fixes are counted apart from the attempts.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
+from events.checks import MAX_FLAKY_RERUNS, CheckRun, classify, failing, guidance_for
 from events.errors import DomainError, IllegalTransition, VersionMismatch
 from events.fold import fold as fold_events
 from events.retry import backoff
@@ -26,46 +37,72 @@ from events.task import (
     IssueRef,
     TaskAnalysisStarted,
     TaskAnalyzed,
+    TaskApproved,
     TaskAssigned,
     TaskCancellationRequested,
     TaskCancelled,
+    TaskChecksFailed,
+    TaskChecksPassed,
+    TaskChecksRerun,
     TaskCompleted,
+    TaskConflicted,
     TaskCreated,
     TaskEvent,
     TaskFailed,
+    TaskFixQueued,
+    TaskMergeDequeued,
+    TaskMerged,
+    TaskMergeQueued,
+    TaskMergeTesting,
+    TaskNeedsHuman,
     TaskPullRequestOpened,
     TaskRequeued,
     TaskStarted,
     TaskTestsStarted,
     Usage,
+    WorkKind,
 )
 from events.task_commands import (  # callers use them as task_state.X
+    ApprovePullRequest,
     AssignTask,
     CancelTask,
+    ChecksTimedOut,
     Command,
+    CompleteMerge,
     CompleteTask,
     CreateTask,
+    DequeueMerge,
     FailTask,
     OpenPullRequest,
     RecordAnalysis,
+    RecordChecks,
+    RecordConflict,
+    RequestRerun,
     RequeueTask,
     RetryTask,
     StartAnalysis,
+    StartMergeTest,
     StartTask,
     StartTests,
 )
 
 TaskStatus = Literal[
-    "pending", "analyzing", "queued", "assigned", "in_progress", "testing", "review",
+    "pending", "analyzing", "queued", "assigned", "in_progress", "testing", "checking",
+    "checks_failed", "review", "needs_human", "conflicted", "merge_queued", "merging",
     "completed", "failed", "cancelled",
 ]
 TASK_STATUSES: tuple[str, ...] = (
-    "pending", "analyzing", "queued", "assigned", "in_progress", "testing", "review",
+    "pending", "analyzing", "queued", "assigned", "in_progress", "testing", "checking",
+    "checks_failed", "review", "needs_human", "conflicted", "merge_queued", "merging",
     "completed", "failed", "cancelled",
 )
 FINAL: frozenset[str] = frozenset({"completed", "cancelled"})
 WITH_AGENT: frozenset[str] = frozenset({"assigned", "in_progress", "testing"})
 ACTIVE: frozenset[str] = WITH_AGENT
+# the pull request is open and the task follows it (its checks, base and approval)
+PR_OPEN: frozenset[str] = frozenset({"checking", "checks_failed", "review", "needs_human", "conflicted",
+                                     "merge_queued", "merging"})
+AWAITING_CHECKS: frozenset[str] = frozenset({"checking", "merging"})
 
 # event type -> (states it may follow, state it leads to; None = unchanged)
 TRANSITIONS: dict[type, tuple[frozenset[str], str | None]] = {
@@ -74,12 +111,26 @@ TRANSITIONS: dict[type, tuple[frozenset[str], str | None]] = {
     TaskAssigned: (frozenset({"queued"}), "assigned"),
     TaskStarted: (frozenset({"assigned"}), "in_progress"),
     TaskTestsStarted: (frozenset({"in_progress"}), "testing"),
-    TaskPullRequestOpened: (frozenset({"testing"}), "review"),
-    TaskCompleted: (frozenset({"review"}), "completed"),
-    TaskFailed: (frozenset({"assigned", "in_progress", "testing", "review"}), "failed"),
+    TaskPullRequestOpened: (frozenset({"testing"}), "checking"),
+    TaskCompleted: (PR_OPEN, "completed"),
+    TaskFailed: (WITH_AGENT | PR_OPEN, "failed"),
     TaskRequeued: (frozenset({"failed", "assigned", "in_progress", "testing"}), "queued"),
     TaskCancellationRequested: (frozenset(WITH_AGENT), None),
     TaskCancelled: (frozenset(TASK_STATUSES) - FINAL, "cancelled"),
+    # checking -> review; merging stays merging (the merge follows)
+    TaskChecksPassed: (frozenset({"checking", "merging", "needs_human"}), None),
+    TaskChecksFailed: (frozenset({"checking", "needs_human"}), "checks_failed"),
+    # checks_failed/needs_human -> checking; merging stays merging
+    TaskChecksRerun: (frozenset({"checks_failed", "needs_human", "merging"}), None),
+    TaskNeedsHuman: (frozenset({"checking", "checks_failed", "review", "conflicted"}), "needs_human"),
+    TaskFixQueued: (frozenset({"checks_failed", "conflicted"}), "queued"),
+    TaskConflicted: (frozenset({"checking", "checks_failed", "review", "needs_human"}), "conflicted"),
+    TaskApproved: (PR_OPEN, None),
+    TaskMergeQueued: (frozenset({"review"}), "merge_queued"),
+    TaskMergeTesting: (frozenset({"merge_queued"}), "merging"),
+    # -> checks_failed when ejected for failing checks, else back to review
+    TaskMergeDequeued: (frozenset({"merge_queued", "merging"}), None),
+    TaskMerged: (frozenset({"merging"}), "completed"),
 }
 
 
@@ -122,6 +173,27 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     dollars: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    paths: tuple[str, ...] = ()  # (of the analysis: files the change is predicted to touch)
+    # -- the pull request's way to green -------------------------------------------------
+    work: WorkKind = "implement"  # what the current (or next) round does
+    head_sha: str = ""  # the pull request's head commit: whose checks count
+    base_branch: str = ""
+    checks_since: datetime | None = None  # when the awaited checks were asked for
+    checks: tuple[CheckRun, ...] = ()  # the last completed checks
+    classification: str = ""  # of the last failure
+    reruns: int = 0  # of the awaited commit's checks
+    ci_fixes: int = 0
+    max_ci_fixes: int = 0  # as the last fix round was told (for display)
+    rebases: int = 0
+    conflict_files: tuple[str, ...] = ()
+    approved: bool = False
+    approved_by: str = ""
+    needed: str = ""  # what a human must do (needs_human)
+    queue_ref: str = ""
+    queue_sha: str = ""
+    merge_sha: str = ""
+    green_at: datetime | None = None  # first time all checks passed
+    merge_queued_at: datetime | None = None  # when it (last) entered the merge queue: its place
 
     @property
     def final(self) -> bool:
@@ -171,6 +243,8 @@ def _status_only(s: TaskState, e: TaskEvent, status: str) -> TaskState:
 
 
 ANALYSIS_IN_STATE: tuple[str, ...] = tuple(f for f in Analysis.__struct_fields__ if f != "usage")
+# the analysis is flat in the state, in its order, the pull-request fields after it
+# (the golden projection's key order stays the same: paths was added after the others)
 
 
 def _analyzed(s: TaskState, e: TaskAnalyzed, status: str) -> TaskState:
@@ -194,19 +268,87 @@ def _pr_opened(s: TaskState, e: TaskPullRequestOpened, status: str) -> TaskState
         s, version=e.version, updated_at=e.occurred_at, status=status, branch=e.branch,
         pr_url=e.pr_url, pr_number=e.pr_number, draft=e.draft,
         tests_passed=e.tests_passed, tests_failed=e.tests_failed,
+        head_sha=e.head_sha, base_branch=e.base_branch or s.base_branch,
+        checks_since=e.occurred_at, reruns=0, conflict_files=(), queue_ref="", queue_sha="",
     )
+
+
+def _checks_passed(s: TaskState, e: TaskChecksPassed, status: str) -> TaskState:
+    merging = s.status == "merging"
+    return replace(s, version=e.version, updated_at=e.occurred_at,
+                   status="merging" if merging else "review", checks=e.checks,
+                   checks_since=None, needed="", status_reason="",
+                   green_at=s.green_at or e.occurred_at)
+
+
+def _checks_failed(s: TaskState, e: TaskChecksFailed, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status, checks=e.checks,
+                   classification=e.classification, checks_since=None, needed="", status_reason=e.reason)
+
+
+def _checks_rerun(s: TaskState, e: TaskChecksRerun, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at,
+                   status="merging" if s.status == "merging" else "checking",
+                   reruns=e.rerun, checks_since=e.occurred_at, needed="", status_reason=e.reason)
+
+
+def _needs_human(s: TaskState, e: TaskNeedsHuman, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
+                   needed=e.needed, status_reason=e.reason, checks_since=None)
+
+
+def _fix_queued(s: TaskState, e: TaskFixQueued, status: str) -> TaskState:
+    counts = {"ci_fixes": e.number, "max_ci_fixes": e.of or s.max_ci_fixes} if e.kind == "ci_fix" \
+        else {"rebases": e.number}
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status, work=e.kind,
+                   guidance=e.guidance, agent_id=None, not_before=None, status_reason=e.reason,
+                   cancel_requested=False, needed="", **counts)
+
+
+def _conflicted(s: TaskState, e: TaskConflicted, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
+                   conflict_files=e.files, checks_since=None, needed="",
+                   status_reason=f"conflicts with {e.base_branch or 'the base'} in "
+                                 f"{', '.join(e.files) or 'some files'}")
+
+
+def _approved(s: TaskState, e: TaskApproved, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, approved=True, approved_by=e.by)
+
+
+def _merge_queued(s: TaskState, e: TaskMergeQueued, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status, merge_queued_at=e.occurred_at)
+
+
+def _merge_testing(s: TaskState, e: TaskMergeTesting, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status, queue_ref=e.queue_ref,
+                   queue_sha=e.queue_sha, reruns=0, checks_since=e.occurred_at)
+
+
+def _merge_dequeued(s: TaskState, e: TaskMergeDequeued, status: str) -> TaskState:
+    ejected = bool(e.checks)
+    return replace(s, version=e.version, updated_at=e.occurred_at,
+                   status="checks_failed" if ejected else "review", queue_ref="", queue_sha="",
+                   checks=e.checks if ejected else s.checks,
+                   classification=e.classification or s.classification if ejected else s.classification,
+                   checks_since=None, status_reason=e.reason)
+
+
+def _merged(s: TaskState, e: TaskMerged, status: str) -> TaskState:
+    return replace(s, version=e.version, updated_at=e.occurred_at, status=status, merge_sha=e.merge_sha,
+                   status_reason="merged by the merge queue", checks_since=None)
 
 
 def _with_reason(s: TaskState, e: TaskCompleted | TaskCancelled, status: str) -> TaskState:
     return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
-                   status_reason=e.reason)
+                   status_reason=e.reason, checks_since=None, needed="")
 
 
 def _failed(s: TaskState, e: TaskFailed, status: str) -> TaskState:
     return replace(
         s, version=e.version, updated_at=e.occurred_at, status=status,
         failure_reason=e.reason, failure_phase=e.phase, failure_retryable=e.retryable,
-        status_reason=e.reason,
+        status_reason=e.reason, checks_since=None, needed="",
     )
 
 
@@ -235,6 +377,17 @@ _APPLY = {
     TaskRequeued: _requeued,
     TaskCancellationRequested: _cancel_requested,
     TaskCancelled: _with_reason,
+    TaskChecksPassed: _checks_passed,
+    TaskChecksFailed: _checks_failed,
+    TaskChecksRerun: _checks_rerun,
+    TaskNeedsHuman: _needs_human,
+    TaskFixQueued: _fix_queued,
+    TaskConflicted: _conflicted,
+    TaskApproved: _approved,
+    TaskMergeQueued: _merge_queued,
+    TaskMergeTesting: _merge_testing,
+    TaskMergeDequeued: _merge_dequeued,
+    TaskMerged: _merged,
 }
 assert _APPLY.keys() == TRANSITIONS.keys()
 
@@ -314,6 +467,9 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
             else:
                 event = TaskRequeued(**env, reason=command.reason, attempt=state.attempt + 1,
                                      agent_id=command.agent_id)
+        case RecordChecks() | ChecksTimedOut() | RequestRerun() | RecordConflict() | ApprovePullRequest() \
+                | StartMergeTest() | DequeueMerge() | CompleteMerge():
+            return _pull_request(state, command)
         case CancelTask():
             if state.final:
                 raise IllegalTransition("task " + state.task_id, state.status, "cancel")
@@ -330,6 +486,133 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
     event = _validated(event)
     evolve(state, event)  # the transition table is the single source of legality
     return [event]
+
+
+class _Chain:
+    """Events decided one after another from one command, each applied before the next
+    is decided (so the chain is legal by the transition table at every step)."""
+
+    def __init__(self, state: TaskState, command: Command) -> None:
+        self.state = state
+        self.command = command
+        self.events: list[TaskEvent] = []
+
+    def add(self, cls: type, **fields) -> TaskState:
+        env = _env(self.command, self.state.task_id, self.state.version + 1)
+        event = _validated(cls(**env, **fields))
+        self.state = evolve(self.state, event)
+        self.events.append(event)
+        return self.state
+
+
+def _pull_request(state: TaskState, command: Command) -> list[TaskEvent]:
+    """The commands about the open pull request: its checks, its base, its approval and
+    the merge queue. Each may lead to a chain (checks failed -> a fix round)."""
+    chain = _Chain(state, command)
+    sha = state.queue_sha if state.status == "merging" else state.head_sha
+    match command:
+        case RecordChecks():
+            _require_in(state, ("checking", "merging", "needs_human"), "record checks")
+            if command.head_sha != sha:
+                raise DomainError(f"task {state.task_id}: checks of {command.head_sha[:12] or '(no commit)'} "
+                                  f"are stale; the task awaits those of {sha[:12] or '(no commit)'}")
+            _after_checks(chain, command)
+        case ChecksTimedOut():
+            _require_in(state, AWAITING_CHECKS, "time out its checks")
+            minutes = command.waited / 60
+            reason = f"the checks of {sha[:12]} did not finish within {minutes:.0f} min"
+            if state.status == "merging":
+                chain.add(TaskMergeDequeued, reason=f"left the merge queue: {reason}")
+            chain.add(TaskNeedsHuman, reason=reason,
+                      needed="look at the CI: a check is stuck, waits for a runner, or never started")
+        case RequestRerun():
+            _require(state, "needs_human", "re-run its checks")
+            chain.add(TaskChecksRerun, head_sha=state.head_sha, reason=command.reason, rerun=state.reruns + 1)
+        case RecordConflict():
+            _require_in(state, ("checking", "checks_failed", "review", "needs_human", "merge_queued"),
+                        "record a conflict")
+            if state.status == "merge_queued":
+                chain.add(TaskMergeDequeued, reason=f"left the merge queue: {command.base_branch} moved "
+                                                    "and the pull request conflicts with it")
+            chain.add(TaskConflicted, base_branch=command.base_branch, base_sha=command.base_sha,
+                      files=command.files)
+            if state.rebases < command.max_rebases:
+                files = ", ".join(command.files) or "(not named)"
+                chain.add(TaskFixQueued, kind="rebase", number=state.rebases + 1,
+                          reason=f"rebase on {command.base_branch}: conflicts in {files}",
+                          guidance=f"{command.base_branch} moved ({command.base_sha[:12]}) and this branch "
+                                   f"conflicts with it in: {files}. Rebase the change on it, keeping "
+                                   "both sides' intent.")
+            else:
+                chain.add(TaskNeedsHuman, reason=f"still conflicting after {state.rebases} rebase(s)",
+                          needed=f"resolve the conflicts with {command.base_branch} by hand")
+        case ApprovePullRequest():
+            _require_in(state, PR_OPEN, "approve")
+            if not state.approved or state.approved_by != command.by:
+                chain.add(TaskApproved, by=command.by)
+            if command.merge_queue and state.status == "review":
+                chain.add(TaskMergeQueued)
+        case StartMergeTest():
+            _require(state, "merge_queued", "test for the merge queue")
+            chain.add(TaskMergeTesting, queue_ref=command.queue_ref, queue_sha=command.queue_sha,
+                      base_sha=command.base_sha)
+        case DequeueMerge():
+            _require_in(state, ("merge_queued", "merging"), "leave the merge queue")
+            chain.add(TaskMergeDequeued, reason=command.reason)
+        case CompleteMerge():
+            _require(state, "merging", "merge")
+            if state.checks_since is not None or failing(state.checks):
+                raise DomainError(f"task {state.task_id}: the queued commit's checks have not passed")
+            chain.add(TaskMerged, base_branch=command.base_branch, merge_sha=command.merge_sha)
+    return chain.events
+
+
+def _after_checks(chain: _Chain, c: RecordChecks) -> None:
+    state = chain.state
+    in_queue = state.status == "merging"
+    if not failing(c.checks):
+        chain.add(TaskChecksPassed, head_sha=c.head_sha, checks=c.checks)
+        if not in_queue and c.merge_queue and state.approved:
+            chain.add(TaskMergeQueued)
+        return
+    verdict = classify(c.checks, base=c.base, files_changed=state.files_changed, reruns=state.reruns)
+    kind = verdict.classification
+    rerun = ((kind == "infrastructure" and state.reruns < c.max_infra_reruns)
+             or (kind == "flaky" and state.reruns < MAX_FLAKY_RERUNS))
+    names = tuple(sorted(ch.name for ch in failing(c.checks)))
+    if in_queue:
+        if rerun:
+            chain.add(TaskChecksRerun, head_sha=c.head_sha, checks=names, reason=verdict.reason,
+                      rerun=state.reruns + 1)
+            return
+        chain.add(TaskMergeDequeued, reason=f"ejected from the merge queue: {verdict.reason}",
+                  checks=c.checks, classification=kind)
+    else:
+        chain.add(TaskChecksFailed, head_sha=c.head_sha, checks=c.checks, classification=kind,
+                  reason=verdict.reason)
+    if rerun:
+        chain.add(TaskChecksRerun, head_sha=state.head_sha, checks=names, reason=verdict.reason,
+                  rerun=state.reruns + 1)
+    elif kind == "action_required":
+        chain.add(TaskNeedsHuman, reason=verdict.reason,
+                  needed="a maintainer approves the pending workflow run(s) on the pull request")
+    elif kind == "base":
+        chain.add(TaskNeedsHuman, reason=verdict.reason, needed="make the base branch green again")
+    elif kind == "infrastructure":
+        chain.add(TaskNeedsHuman, reason=f"{verdict.reason}; still failing after {state.reruns} re-run(s)",
+                  needed="look at the CI runners")
+    elif state.ci_fixes < c.max_ci_fixes:
+        number = state.ci_fixes + 1
+        chain.add(TaskFixQueued, kind="ci_fix", number=number, of=c.max_ci_fixes, reason=verdict.reason,
+                  guidance=guidance_for(c.checks, verdict, number, c.max_ci_fixes)[:20000])
+    else:
+        chain.add(TaskFailed, reason=f"checks still failing after {state.ci_fixes} CI fix attempt(s): "
+                                     f"{verdict.reason}"[:2000], phase="checks", retryable=False)
+
+
+def _require_in(state: TaskState, statuses, action: str) -> None:
+    if state.status not in statuses:
+        raise IllegalTransition("task " + state.task_id, state.status, action)
 
 
 def _validated(event: TaskEvent) -> TaskEvent:

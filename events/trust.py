@@ -51,6 +51,7 @@ from events.issue import (
     IssueCommented,
     IssueEvent,
     IssueOpened,
+    IssuePullRequestApproved,
     IssueRetryRequested,
 )
 from events.subjects import check_repo, repo_parts
@@ -67,7 +68,8 @@ OPERATOR = "OWNER"
 cancel``): whoever runs the CLI against the cluster's NATS is trusted by role, as the
 repository's owner would be on GitHub (who may publish at all is NATS's permissions)."""
 REPOS_SETTING = "CCC_REPOS"  # named in refusals, so the operator knows what to change
-AUTHORED = (IssueOpened, IssueCommented, IssueChangesRequested, IssueCancelRequested, IssueRetryRequested)
+AUTHORED = (IssueOpened, IssueCommented, IssueChangesRequested, IssueCancelRequested, IssueRetryRequested,
+            IssuePullRequestApproved)
 """The facts a person writes: the only ones with an ``author_association`` to check."""
 
 

@@ -1,6 +1,7 @@
 """Value types of one work attempt that cross between the agent's pipeline and the
 adapters it works through: what a coder is asked and answers, what a workspace command
-did, what a test run counted.
+did, what a test run counted, and where a round on a pull request's existing branch
+starts (:class:`BranchRound`, :class:`Rebase`, :class:`ConflictedFile`).
 
 They live here, below both, because the actors declare the Protocols they need
 (``actors.ports``) and the adapters implement them: neither side may import the other,
@@ -14,9 +15,10 @@ from typing import Literal
 
 import msgspec
 
-from events.task import Usage
+from events.task import Usage, WorkKind
 
 CodeStatus = Literal["done", "budget_exhausted", "failed"]
+RebaseStatus = Literal["rebased", "up_to_date", "conflicts"]
 
 
 # -- the coder's side ------------------------------------------------------------------
@@ -46,8 +48,13 @@ class CodeRequest(msgspec.Struct, frozen=True, kw_only=True):
     instructions: str = ""
     budget: Budget = msgspec.field(default_factory=Budget)
     # what a reviewer or a commenter asked for this attempt: like the body, text from the
-    # issue tracker, kept apart so the prompt can frame it as a comment (events.untrusted)
+    # issue tracker, kept apart so the prompt can frame it as a comment (events.untrusted);
+    # in a CI fix, the failing checks' log tails; in a rebase, the conflicts (both sides)
     guidance: str = ""
+    # which round on the task this is: its first implementation, or a CI fix / a rebase
+    # on the pull request's own branch (``round``: that fix's or rebase's number, from 1)
+    work: WorkKind = "implement"
+    round: int = 0
 
     @property
     def number(self) -> int | None:
@@ -117,3 +124,42 @@ class TestCounts(msgspec.Struct, frozen=True, kw_only=True):
         parts = [f"{n} {word}" for n, word in ((self.passed, "passed"), (self.failed, "failed"),
                                                (self.errors, "errors"), (self.skipped, "skipped")) if n]
         return ", ".join(parts) or "no tests ran"
+
+
+# -- a round on a pull request's existing branch ---------------------------------------
+class BranchRound(msgspec.Struct, frozen=True, kw_only=True):
+    """A pull request's branch and its base as fetched from the forge when a CI fix or a
+    rebase round started. ``head`` is what the push is leased on (it is refused if the
+    branch moved meanwhile); ``fork_point`` is where the branch leaves the base, so what
+    the pull request changes is ``fork_point..head``."""
+
+    branch: str
+    base_branch: str
+    head: str
+    base: str  # the base branch's latest commit
+    fork_point: str
+
+
+class ConflictedFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A file the branch's change and the new base both changed incompatibly: git's
+    messages about it and its conflicting regions as merged, both sides between the
+    markers (``<<<<<<< <base>`` ... ``=======`` ... ``>>>>>>> <branch>``), cut to size."""
+
+    path: str
+    messages: tuple[str, ...] = ()
+    regions: str = ""
+
+
+class Rebase(msgspec.Struct, frozen=True, kw_only=True):
+    """What rebasing a branch on its base's latest commit did: ``rebased`` (its commits
+    replayed on ``base``, or, where only the commit-by-commit replay conflicts, its net
+    change as one commit on it), ``up_to_date`` (it already contains ``base``), or
+    ``conflicts`` (the change and the base collide in ``conflicts``: nothing was changed).
+    ``head`` is the branch's head afterwards: ``base`` itself when nothing of the change
+    is left (it is in the base already)."""
+
+    status: RebaseStatus
+    head: str
+    base: str
+    squashed: bool = False
+    conflicts: tuple[ConflictedFile, ...] = ()

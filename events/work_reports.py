@@ -64,12 +64,17 @@ class ChangesPushed(WorkReportBody):
 
 
 class PullRequestOpened(WorkReportBody):
+    """The change is pushed and its pull request open: opened by this attempt, or (after
+    a CI fix or a rebase round) the same pull request with a new head commit."""
+
     branch: str
     pr_url: str = ""
     pr_number: int | None = None
     draft: bool = False
     tests_passed: int = 0
     tests_failed: int = 0
+    head_sha: str = ""  # the commit pushed: the checks that count are this commit's
+    base_branch: str = ""  # what the pull request is against
 
 
 class WorkFailed(WorkReportBody):

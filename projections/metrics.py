@@ -9,6 +9,19 @@ to the read model. Process-side numbers (HTTP requests of this API process, pipe
 phases of this agent process) are ordinary client metrics kept with the adapters that
 measure them (``infra.adapters.http``, ``infra.adapters.obs.metrics``).
 
+The pull request's way to green (from :class:`LogCounters`): ``claude_pull_requests_opened_total``
+and ``claude_pull_requests_green_total`` (tasks that opened a pull request; those whose pull
+request then had every check pass) and their ratio ``claude_pull_request_green_ratio``;
+``claude_time_to_green_seconds`` (a task's first ``pr_opened`` to its first
+``checks_passed``); ``claude_ci_fix_attempts_started_total`` and
+``claude_ci_fix_attempts_total{outcome}`` (what each CI fix round led to: ``green``,
+``still_failing`` (another round), ``needs_human``, ``failed``, ``cancelled``, ``merged`` by
+a person); ``claude_checks_failures_total{classification,stage}`` (``stage``: the pull
+request's own checks or the merge queue's); ``claude_conflicts_detected_total`` and
+``claude_conflicts_resolved_total`` (a conflicted task whose pull request was pushed again,
+or merged); ``claude_merge_queue_total{step}`` (``entered``, ``merged``, ``ejected`` for
+failing checks, ``left`` otherwise).
+
 Naming follows the seed design (``claude_*``). ``claude_tasks_total`` and
 ``claude_agents_total`` keep the seed's names but are gauges: the number of tasks/agents
 *now* in each status (a task moves between statuses, so they go down too). Monotonic
@@ -23,6 +36,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -32,7 +46,24 @@ from prometheus_client.registry import Collector
 from events.agent import AgentImplementationProduced, AgentTestsRun
 from events.agent_state import AGENT_STATUSES
 from events.codec import BadMessage
-from events.task import TaskAnalyzed, TaskTestsStarted, Usage
+from events.task import (
+    TaskAnalyzed,
+    TaskCancelled,
+    TaskChecksFailed,
+    TaskChecksPassed,
+    TaskCompleted,
+    TaskConflicted,
+    TaskEventBase,
+    TaskFailed,
+    TaskFixQueued,
+    TaskMerged,
+    TaskMergeDequeued,
+    TaskMergeQueued,
+    TaskNeedsHuman,
+    TaskPullRequestOpened,
+    TaskTestsStarted,
+    Usage,
+)
 from events.task_state import ACTIVE, TaskState
 
 if TYPE_CHECKING:
@@ -55,6 +86,7 @@ class LogCounters:
         self.dollars: dict[tuple[str, str], float] = {}  # (model, specialty)
         self.coder_turns: dict[str, int] = {}  # coder -> turns
         self.test_runs: dict[str, int] = {}  # outcome -> runs
+        self.green = GreenCounters()  # the pull requests' way to green
 
     def apply(self, seq: int, item: Any, tasks: Mapping[str, TaskState]) -> bool:
         if seq <= self.last_seq:
@@ -81,6 +113,8 @@ class LogCounters:
         elif isinstance(event, AgentTestsRun):
             outcome = tests_outcome(event)
             self.test_runs[outcome] = self.test_runs.get(outcome, 0) + 1
+        elif isinstance(event, TaskEventBase):
+            self.green.observe(event, tasks)
 
     def _usage(self, usage: Usage | None, specialty: str) -> None:
         if usage is None:
@@ -100,7 +134,108 @@ class LogCounters:
                 "tokens": {"/".join(k): v for k, v in sorted(self.tokens.items())},
                 "dollars": {"/".join(k): round(v, 9) for k, v in sorted(self.dollars.items())},
                 "coder_turns": dict(sorted(self.coder_turns.items())),
-                "test_runs": dict(sorted(self.test_runs.items()))}
+                "test_runs": dict(sorted(self.test_runs.items())),
+                "green": self.green.snapshot()}
+
+
+class GreenCounters:
+    """The pull requests' way to green, folded from the task events (part of
+    :class:`LogCounters`). What it remembers per task is only what an outcome still
+    waits for (an open pull request not yet green, a CI fix round not yet judged, a
+    conflict not yet resolved), and it forgets the task once that is known."""
+
+    def __init__(self) -> None:
+        self.prs_opened = 0  # tasks that opened a pull request
+        self.prs_green = 0  # of those, tasks whose pull request then had every check pass
+        self.time_to_green: list[float] = []  # seconds, first pr_opened -> first checks_passed
+        self.ci_fixes_started = 0
+        self.ci_fix_outcomes: dict[str, int] = {}  # outcome -> CI fix rounds
+        self.checks_failures: dict[tuple[str, str], int] = {}  # (classification, stage)
+        self.conflicts_detected = 0
+        self.conflicts_resolved = 0
+        self.merge_queue: dict[str, int] = {}  # step -> tasks
+        self._not_green: dict[str, datetime] = {}  # task -> its first pr_opened time, until green
+        self._fixing: set[str] = set()  # tasks whose last CI fix round is not judged yet
+        self._conflicts: dict[str, int] = {}  # task -> conflicts detected, not yet resolved
+
+    def observe(self, event: TaskEventBase, tasks: Mapping[str, TaskState]) -> None:
+        tid = event.task_id
+        if isinstance(event, TaskPullRequestOpened):
+            state = tasks.get(tid)
+            if tid not in self._not_green and (state is None or state.green_at is None):
+                self.prs_opened += 1
+                self._not_green[tid] = event.occurred_at
+            self._resolve_conflicts(tid)
+        elif isinstance(event, TaskChecksPassed):
+            opened = self._not_green.pop(tid, None)
+            if opened is not None:
+                self.prs_green += 1
+                self.time_to_green.append(max(0.0, (event.occurred_at - opened).total_seconds()))
+            self._judge_fix(tid, "green")
+        elif isinstance(event, TaskChecksFailed):
+            self._tally(self.checks_failures, (event.classification, "pull_request"))
+        elif isinstance(event, TaskFixQueued):
+            if event.kind == "ci_fix":
+                self._judge_fix(tid, "still_failing")
+                self.ci_fixes_started += 1
+                self._fixing.add(tid)
+        elif isinstance(event, TaskNeedsHuman):
+            self._judge_fix(tid, "needs_human")
+        elif isinstance(event, TaskConflicted):
+            self.conflicts_detected += 1
+            self._conflicts[tid] = self._conflicts.get(tid, 0) + 1
+        elif isinstance(event, TaskMergeQueued):
+            self._tally(self.merge_queue, "entered")
+        elif isinstance(event, TaskMergeDequeued):
+            if event.checks:
+                self._tally(self.merge_queue, "ejected")
+                self._tally(self.checks_failures, (event.classification or UNKNOWN, "merge_queue"))
+            else:
+                self._tally(self.merge_queue, "left")
+        elif isinstance(event, TaskMerged):
+            self._tally(self.merge_queue, "merged")
+            self._resolve_conflicts(tid)
+            self._forget(tid)
+        elif isinstance(event, TaskCompleted):
+            self._judge_fix(tid, "merged")
+            self._resolve_conflicts(tid)
+            self._forget(tid)
+        elif isinstance(event, TaskCancelled):
+            self._judge_fix(tid, "cancelled")
+            self._forget(tid)
+        elif isinstance(event, TaskFailed):
+            state = tasks.get(tid)
+            if state is None or not state.can_retry:  # the end of it, unless a person retries
+                self._judge_fix(tid, "failed")
+
+    def _judge_fix(self, tid: str, outcome: str) -> None:
+        if tid in self._fixing:
+            self._fixing.discard(tid)
+            self._tally(self.ci_fix_outcomes, outcome)
+
+    def _resolve_conflicts(self, tid: str) -> None:
+        self.conflicts_resolved += self._conflicts.pop(tid, 0)
+
+    def _forget(self, tid: str) -> None:  # a final task: nothing of it is awaited any more
+        self._not_green.pop(tid, None)
+        self._fixing.discard(tid)
+        self._conflicts.pop(tid, None)
+
+    @staticmethod
+    def _tally(counts: dict, key: Any) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    @property
+    def green_ratio(self) -> float:
+        return self.prs_green / self.prs_opened if self.prs_opened else 0.0
+
+    def snapshot(self) -> dict:
+        return {"prs_opened": self.prs_opened, "prs_green": self.prs_green,
+                "time_to_green": list(self.time_to_green), "ci_fixes_started": self.ci_fixes_started,
+                "ci_fix_outcomes": dict(sorted(self.ci_fix_outcomes.items())),
+                "checks_failures": {"/".join(k): v for k, v in sorted(self.checks_failures.items())},
+                "conflicts_detected": self.conflicts_detected, "conflicts_resolved": self.conflicts_resolved,
+                "merge_queue": dict(sorted(self.merge_queue.items()))}
 
 
 def tests_outcome(event: AgentTestsRun) -> str:
@@ -188,8 +323,28 @@ class ClusterMetrics(Collector):
         turns = CounterMetricFamily("claude_coder_turns", "Coder turns", labels=["coder"])
         tests = CounterMetricFamily("claude_test_runs", "Test runs of the repos under work",
                                     labels=["outcome"])
+        prs_opened = CounterMetricFamily("claude_pull_requests_opened", "Tasks that opened a pull request")
+        prs_green = CounterMetricFamily(
+            "claude_pull_requests_green", "Tasks whose pull request reached green (every check passed)")
+        green_ratio = GaugeMetricFamily("claude_pull_request_green_ratio",
+                                        "Pull requests that reached green / pull requests opened (by task)")
+        to_green = HistogramMetricFamily("claude_time_to_green_seconds",
+                                         "A task's first pull request opened to its first checks passed")
+        fixes_started = CounterMetricFamily("claude_ci_fix_attempts_started", "CI fix rounds queued")
+        fixes = CounterMetricFamily("claude_ci_fix_attempts", "CI fix rounds, by what they led to",
+                                    labels=["outcome"])
+        check_failures = CounterMetricFamily(
+            "claude_checks_failures", "Failing check runs of a pull request or of the merge queue, by cause",
+            labels=["classification", "stage"])
+        conflicts = CounterMetricFamily("claude_conflicts_detected", "Pull requests found conflicting with "
+                                        "their moved base branch")
+        resolved = CounterMetricFamily("claude_conflicts_resolved", "Conflicts resolved: the pull request "
+                                       "pushed again (rebased) or merged")
+        queue = CounterMetricFamily("claude_merge_queue", "Merge queue steps: entered, merged, ejected, left",
+                                    labels=["step"])
         families = [tasks, active, durations, agents, load, cluster_load, capacity, bad, lag, applied,
-                    events, tokens, dollars, turns, tests]
+                    events, tokens, dollars, turns, tests, prs_opened, prs_green, green_ratio, to_green,
+                    fixes_started, fixes, check_failures, conflicts, resolved, queue]
         if describe:
             yield from families
             return
@@ -235,7 +390,21 @@ class ClusterMetrics(Collector):
                 turns.add_metric([coder], n)
             for outcome, n in sorted(c.test_runs.items()):
                 tests.add_metric([outcome], n)
+            g = c.green
+            prs_opened.add_metric([], g.prs_opened)
+            prs_green.add_metric([], g.prs_green)
+            green_ratio.add_metric([], g.green_ratio)
+            to_green.add_metric([], duration_buckets(g.time_to_green, self.buckets), sum(g.time_to_green))
+            fixes_started.add_metric([], g.ci_fixes_started)
+            for outcome, n in sorted(g.ci_fix_outcomes.items()):
+                fixes.add_metric([outcome], n)
+            for key, n in sorted(g.checks_failures.items()):
+                check_failures.add_metric(list(key), n)
+            conflicts.add_metric([], g.conflicts_detected)
+            resolved.add_metric([], g.conflicts_resolved)
+            for step, n in sorted(g.merge_queue.items()):
+                queue.add_metric([step], n)
         yield from families
 
 
-__all__ = ["ClusterMetrics", "LogCounters"]
+__all__ = ["ClusterMetrics", "GreenCounters", "LogCounters"]

@@ -6,7 +6,10 @@ except ``/tasks/{id}/events``, read from the log itself. Nothing here writes an 
 JSON shapes (all stable; new fields may be added, none removed or retyped):
 
 * task: the :class:`TaskState` fields + ``applied_seq`` (stream sequence of the last
-  event folded into it), exactly what the ``<ns>_tasks`` KV bucket holds;
+  event folded into it), exactly what the ``<ns>_tasks`` KV bucket holds, + ``waiting``:
+  what the task waits for now (checks running, queued for merge, needs a human, a file
+  lease, ...; "" when it is not waiting), computed at the request from the whole board
+  (:mod:`projections.waits`), so it is not in the KV bucket;
   agent: the :class:`AgentState` fields + ``applied_seq``.
 * lists: ``{items, total, limit, offset, next_offset, last_seq}``; ``last_seq`` is the
   log position the page reflects, ``next_offset`` is null on the last page.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -266,13 +270,15 @@ def register_log_metrics(live: LiveReadModel, registry: CollectorRegistry) -> Ca
 
 def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
                route_handlers: Sequence[Any] = (), middleware: Sequence[Any] = (),
-               guards: Sequence[Any] = ()) -> Litestar:
+               guards: Sequence[Any] = (), clock: Callable[[], datetime] | None = None) -> Litestar:
     """The status API over ``live``. The caller owns ``live`` (starts and stops it), and
     adds what is served beside the API: ``route_handlers`` (``/metrics``), ASGI
     ``middleware`` (the request metrics) and app-wide ``guards`` (the server's access
     check; a route states the scope it needs as ``opt={"scope": "write"}``, plain data,
-    so the handlers here need not know how access is checked)."""
-    reader = StatusReader(live, min_seq_timeout=min_seq_timeout)
+    so the handlers here need not know how access is checked). ``clock``: "now" for the
+    tasks' ``waiting`` (the wall clock by default)."""
+    reader = (StatusReader(live, min_seq_timeout=min_seq_timeout) if clock is None
+              else StatusReader(live, min_seq_timeout=min_seq_timeout, clock=clock))
 
     def provide_reader() -> StatusReader:
         return reader

@@ -7,6 +7,8 @@ No HTTP here; the Litestar handlers and app are in :mod:`projections.status_api`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -17,6 +19,7 @@ from events.task_state import TaskState
 
 from projections.live import LiveReadModel
 from projections.read_model import ReadModel
+from projections.waits import Waits
 
 MIN_SEQ_TIMEOUT = 5.0
 
@@ -29,9 +32,11 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class TaskOut(TaskState, frozen=True, kw_only=True):
-    """A task as the projection sees it, at stream sequence ``applied_seq``."""
+    """A task as the projection sees it, at stream sequence ``applied_seq``, and what it
+    waits for now (:func:`projections.waits.why_waiting`; "" when it is not waiting)."""
 
     applied_seq: int
+    waiting: str = ""
 
 
 class AgentOut(AgentState, frozen=True, kw_only=True):
@@ -95,10 +100,13 @@ class StatusReader:
     loop that also applies events, and never await while iterating, so every answer
     is a consistent snapshot at one log position."""
 
-    def __init__(self, live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT) -> None:
+    def __init__(self, live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.live = live
         self.min_seq_timeout = min_seq_timeout
+        self.clock = clock  # "now" for the waiting reasons (backoff left, checks running for)
         self._order: list[str] = []  # task ids by (created_at, task_id)
+        self._waits: tuple[int, Waits] | None = None  # (log position, its leases and merge queues)
 
     @property
     def model(self) -> ReadModel:
@@ -123,11 +131,20 @@ class StatusReader:
             self._order = sorted(tasks, key=lambda t: (tasks[t].created_at, t))
         return self._order
 
+    def waits(self) -> Waits:
+        """The board's leases and merge queues, built once per log position."""
+        if self._waits is None or self._waits[0] != self.model.last_seq:
+            self._waits = (self.model.last_seq, Waits(self.model.tasks))
+        return self._waits[1]
+
+    def _task_out(self, state: TaskState, waits: Waits, now: datetime) -> TaskOut:
+        return _out(TaskOut, state, self.model.task_seq[state.task_id], waiting=waits.why(state, now))
+
     def task_out(self, task_id: str) -> TaskOut:
         state = self.model.tasks.get(task_id)
         if state is None:
             raise ApiError(404, f"no task {task_id!r}", "task_id")
-        return _out(TaskOut, state, self.model.task_seq[task_id])
+        return self._task_out(state, self.waits(), self.clock())
 
     def agent_out(self, agent_id: str) -> AgentOut:
         state = self.model.agents.get(agent_id)
@@ -145,7 +162,8 @@ class StatusReader:
             and (specialties is None or tasks[t].specialty in specialties)
             and (agent is None or tasks[t].agent_id == agent)
         ]
-        items = [_out(TaskOut, tasks[t], self.model.task_seq[t]) for t in chosen[offset:offset + limit]]
+        waits, now = self.waits(), self.clock()
+        items = [self._task_out(tasks[t], waits, now) for t in chosen[offset:offset + limit]]
         return TaskPage(items=items, total=len(chosen), limit=limit, offset=offset,
                         next_offset=_next(offset, limit, len(chosen)), last_seq=self.model.last_seq)
 
@@ -162,8 +180,8 @@ class StatusReader:
                          next_offset=_next(offset, limit, len(chosen)), last_seq=self.model.last_seq)
 
 
-def _out(cls: type, state: msgspec.Struct, seq: int) -> Any:
-    return cls(**msgspec.structs.asdict(state), applied_seq=seq)
+def _out(cls: type, state: msgspec.Struct, seq: int, **extra: Any) -> Any:
+    return cls(**msgspec.structs.asdict(state), applied_seq=seq, **extra)
 
 
 def _next(offset: int, limit: int, total: int) -> int | None:

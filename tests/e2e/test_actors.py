@@ -90,7 +90,7 @@ def state(c, tid):
 async def test_issue_becomes_a_pushed_branch_with_passing_tests(nc, ns, store, cluster, forge):
     coordinator, _ = cluster
     await publish_issue(nc, ns, opened(1, "Fix add in calc.py", labels=["backend"], repo="acme/calc"))
-    await eventually(lambda: state(coordinator, "acme_calc-1") == "review", timeout=30)
+    await eventually(lambda: state(coordinator, "acme_calc-1") == "checking", timeout=30)
     task = coordinator.model.tasks["acme_calc-1"]
     assert task.branch.startswith("ccc/task-acme_calc-1-")
     assert task.branch in forge.branches("acme/calc")
@@ -126,7 +126,7 @@ async def test_an_attempt_is_traced_and_measured_phase_by_phase(nc, ns, store, t
     await agent.start()
     try:
         await publish_issue(nc, ns, opened(1, "Fix add in calc.py", labels=["backend"], repo="acme/calc"))
-        await eventually(lambda: state(coordinator, "acme_calc-1") == "review", timeout=30)
+        await eventually(lambda: state(coordinator, "acme_calc-1") == "checking", timeout=30)
         await eventually(lambda: not agent.running)
     finally:
         await agent.stop()
@@ -160,8 +160,8 @@ async def test_two_issues_in_parallel_on_two_agents(nc, ns, cluster):
                      and coordinator.model.tasks["acme_calc-1"].agent_id is not None
                      and coordinator.model.tasks["acme_calc-2"].agent_id is not None, timeout=30)
     assert coordinator.model.tasks["acme_calc-1"].agent_id != coordinator.model.tasks["acme_calc-2"].agent_id
-    await eventually(lambda: state(coordinator, "acme_calc-1") == "review"
-                     and state(coordinator, "acme_calc-2") == "review", timeout=40)
+    await eventually(lambda: state(coordinator, "acme_calc-1") == "checking"
+                     and state(coordinator, "acme_calc-2") == "checking", timeout=40)
     assert coordinator.model.tasks["acme_calc-2"].attempt == 2  # failed tests first, then a retry
 
 

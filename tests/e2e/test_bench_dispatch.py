@@ -131,8 +131,8 @@ async def test_small_run_security_off_beside_on():
     _check_side(result.secure, "on", 50)
     assert result.users == 0
     assert "mutual TLS" in result.secure.security_detail and "encrypted" in result.secure.security_detail
-    # admin + coordinator/webhook/cli/status of the two namespaces + one user per null agent
-    assert result.secure.users == 1 + 4 * 2 + 3 + 4
+    # admin + coordinator/webhook/cli/status/ci of the two namespaces + one user per null agent
+    assert result.secure.users == 1 + 5 * 2 + 3 + 4
     assert result.sides() == [result, result.secure]
 
     by_metric = {c.metric: c for c in result.on_vs_off}
@@ -154,7 +154,7 @@ async def test_small_run_security_off_beside_on():
     assert set(data["on_vs_off"][0]) == set(OnOff.__struct_fields__)
     assert data["targets"] == {"p50_ms": 3.0, "p99_ms": 10.0, "latency_agents": 100, "tasks_per_s": 1000.0}
     assert [r[0] for r in comparison_rows(result)] == list(by_metric)
-    assert title(result.secure).startswith("security on: mutual TLS") and "(16 nkey users)" in title(result.secure)
+    assert title(result.secure).startswith("security on: mutual TLS") and "(18 nkey users)" in title(result.secure)
     assert any("sync_interval always" in line for line in run_footer(result))
     assert any("alternating step by step" in line for line in run_footer(result))
 
@@ -210,7 +210,7 @@ async def test_secure_bench_server_is_what_ccc_up_runs(tmp_path):
     bus.register(ns, ["null-0", "null-1"])
     url = bus.start()
     try:
-        assert url.startswith("tls://") and bus.users == 1 + 4 + 2
+        assert url.startswith("tls://") and bus.users == 1 + 5 + 2
         with pytest.raises(StoreUnavailable):  # no client certificate, no nkey
             await connect(url.replace("tls://", "nats://"), name="anonymous", reconnect=False, connect_timeout=2)
         admin = await bus.connect("admin", name="admin")

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from events import agent_state as ag
 from events import task_state as ts
+from events.checks import CheckRun
 from events.codec import encode
 from events.task import Analysis, IssueRef, TaskStarted
 from infra.shell.cli.main import cli
@@ -345,10 +346,11 @@ async def test_tasks_and_agents_tables(nats_url, ns, store):
     r = await ccc(nats_url, ns, "tasks")
     assert r.exit_code == 0, r.output
     rows = [ln.split() for ln in r.stdout.splitlines()]
-    assert rows[0] == ["TASK", "STATE", "SPECIALTY", "PRIORITY", "AGENT", "ATTEMPT", "TITLE"]
+    assert rows[0] == ["TASK", "STATE", "SPECIALTY", "PRIORITY", "AGENT", "ATTEMPT", "TITLE", "WAITING"]
     assert rows[1] == ["acme_web-1", "in_progress", "backend", "high", "agent-1", "1/3",
-                       "Fix", "login", "bug"]
-    assert rows[2] == ["acme_web-2", "pending", "general", "normal", "-", "1/3", "Add", "dark", "mode"]
+                       "Fix", "login", "bug", "-"]  # with its agent: not waiting
+    assert rows[2] == ["acme_web-2", "pending", "general", "normal", "-", "1/3", "Add", "dark", "mode",
+                       "waiting", "for", "analysis"]
     assert r.stdout.splitlines()[3] == f"2 tasks: 1 in_progress, 1 pending  (log at seq {marks['last_seq']})"
     assert "bad events" not in r.stdout
     # columns are aligned: every row starts its STATE column at the same offset
@@ -361,7 +363,7 @@ async def test_tasks_and_agents_tables(nats_url, ns, store):
     r = await ccc(nats_url, ns, "tasks", "--specialty", "backend", "--json")
     [obj] = json_lines(r.stdout)
     assert obj["task"]["task_id"] == "acme_web-1" and obj["task"]["status"] == "in_progress"
-    assert obj["seq"] == marks["assigned_seq"] + 1
+    assert obj["seq"] == marks["assigned_seq"] + 1 and obj["waiting"] == ""
 
     r = await ccc(nats_url, ns, "agents")
     assert r.exit_code == 0, r.output
@@ -374,6 +376,49 @@ async def test_tasks_and_agents_tables(nats_url, ns, store):
     assert obj["agent"]["active_tasks"] == ["acme_web-1"] and obj["agent"]["capacity"] == 2
     r = await ccc(nats_url, ns, "agents", "--state", "idle", "--json")
     assert r.exit_code == 0 and r.stdout == ""
+
+
+async def test_tasks_say_why_they_wait(nats_url, ns, store):
+    """The WAITING column (and ``waiting`` in --json): checks running, queued for merge,
+    needs a human, a file lease, from a real log."""
+    at = T0 + timedelta(minutes=1)
+    head = "c0ffee" + "0" * 34
+    green = CheckRun(name="test", conclusion="success")
+
+    def to_pr(n: int, paths: tuple[str, ...] = ()) -> list:
+        return [ts.StartAnalysis(at=at, actor="coordinator"),
+                ts.RecordAnalysis(at=at, actor="coordinator", analysis=Analysis(paths=paths)),
+                ts.AssignTask(at=at, actor="coordinator", agent_id="agent-1"),
+                ts.StartTask(at=at, actor="agent-1", agent_id="agent-1"),
+                ts.StartTests(at=at, actor="agent-1", agent_id="agent-1", files_changed=("app.py",)),
+                ts.OpenPullRequest(at=at, actor="agent-1", agent_id="agent-1", branch=f"ccc/{n}",
+                                   pr_number=n, head_sha=head, base_branch="main")]
+
+    await _task(store, "acme_web-1", [_create("acme_web-1", 1, "Checks"), *to_pr(1, ("app.py",))])
+    approval = CheckRun(name="ci", conclusion="action_required")
+    await _task(store, "acme_web-2", [_create("acme_web-2", 2, "Approval"), *to_pr(2), ts.RecordChecks(
+        at=at, actor="coordinator", head_sha=head, checks=(approval,))])
+    await _task(store, "acme_web-3", [_create("acme_web-3", 3, "Queue"), *to_pr(3), ts.RecordChecks(
+        at=at, actor="coordinator", head_sha=head, checks=(green,)),
+        ts.ApprovePullRequest(at=at, actor="coordinator", by="alice", merge_queue=True)])
+    await _task(store, "acme_web-4", [
+        _create("acme_web-4", 4, "Lease"), ts.StartAnalysis(at=at, actor="coordinator"),
+        ts.RecordAnalysis(at=at, actor="coordinator", analysis=Analysis(paths=("app.py", "b.py")))])
+
+    r = await ccc(nats_url, ns, "tasks")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    column = lines[0].index("WAITING")
+    waiting = {ln.split()[0]: ln[column:] for ln in lines[1:5]}
+    assert waiting["acme_web-1"].startswith("checks running on c0ffee0 since ")
+    assert waiting["acme_web-2"] == ("needs a human: a maintainer approves the pending workflow run(s) "
+                                     "on the pull request")
+    assert waiting["acme_web-3"] == "queued for merge (position 1 of 1)"
+    assert waiting["acme_web-4"] == "file lease: app.py held by acme_web-1"
+    objs = {o["task"]["task_id"]: o for o in json_lines((await ccc(nats_url, ns, "tasks", "--json")).stdout)}
+    assert {tid: o["waiting"] for tid, o in objs.items()} == {
+        tid: text.rstrip() for tid, text in waiting.items()}
+    assert objs["acme_web-3"]["task"]["status"] == "merge_queued"
 
 
 async def test_bad_events_are_counted_not_fatal(nats_url, ns, store):

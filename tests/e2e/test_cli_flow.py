@@ -80,14 +80,19 @@ def test_demo_completes_every_task(tmp_path):
     header = lines[0].split()
     assert header[:5] == ["TASK", "ISSUE", "AGENT", "STATE", "ATTEMPT"]
     rows = [line for line in lines if line.startswith("demo_shop-")]
-    assert len(rows) == 4 and all(" completed " in r for r in rows), result.stdout
+    assert len(rows) == 5 and all(" completed " in r for r in rows), result.stdout
+    assert header[-1] == "CI" and "1 CI fix, merged by the queue" in rows[0], result.stdout
+    # the PR to green: a CI fix round, a file lease, the merge queue, the prediction's score
+    assert "CI fix round made it green: demo_shop-1" in result.stdout
+    assert "waited for a file lease: demo_shop-5 (file lease: shop/cart.py held by demo_shop-1)" in result.stdout
+    assert "merged by the merge queue, in order:" in result.stdout and "hit rate" in result.stdout
     assert "Traceback" not in result.stderr
 
     result = ccc(None, "demo", "--json", timeout=100, env=env)
     assert result.returncode == 0, result.stderr
     out = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(out) == 4
-    assert {r["task"] for r in out} == {f"demo_shop-{n}" for n in (1, 2, 3, 4)}
+    assert len(out) == 5
+    assert {r["task"] for r in out} == {f"demo_shop-{n}" for n in (1, 2, 3, 4, 5)}
     assert all(r["state"] == "completed" and r["branch"].startswith("ccc/") for r in out)
     assert not list(tmp_path.glob("ccc-demo-*")), "the demo leaves its data dir behind"
 

@@ -26,6 +26,7 @@ from actors.forge_sync import ForgeSync
 from actors.pipeline import PipelineSettings
 from infra.adapters.coders.anthropic_coder import AnthropicCoder
 from infra.adapters.forge.github import GitHubForge
+from infra.adapters.forge.github_checks import GitHubChecks
 from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
 from infra.adapters.obs.masking import mask_secrets
@@ -115,7 +116,8 @@ async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_gith
         workbench=GitWorkbench(tmp_path / "ws"), coder=coder, forge=forge,
         artifacts=ObjectStoreArtifacts(nc, ns.artifacts_bucket))
     sync = ForgeSync(nc, ns, forge, mask=mask_secrets, live=coordinator.live)
-    hooks = WebhookServer(nc, ns, port=0, secret=SECRET, trust=trust, permissions=forge.author_permission)
+    hooks = WebhookServer(nc, ns, port=0, secret=SECRET, trust=trust, permissions=forge.author_permission,
+                          checks=GitHubChecks(forge))
     await coordinator.start()
     await agent.start()
     await sync.start()
@@ -132,8 +134,21 @@ async def test_webhook_to_merged_pull_request(nc, ns, store, tmp_path, fake_gith
         def task():
             return coordinator.model.tasks.get(task_id)
 
-        await eventually(lambda: task() is not None and task().status == "review", timeout=45)
+        # the pull request is open: its checks are awaited (GitHub runs them; a webhook says when)
+        await eventually(lambda: task() is not None and task().status == "checking", timeout=45)
         t = task()
+        await eventually(lambda: "ccc:checking" in fake_github.issue_labels(REPO, number))
+        fake_github.add_workflow_run(REPO, t.head_sha, {"test": "success"}, branch=t.branch)
+        suite = payload("check_suite.completed")
+        suite["check_suite"].update(head_sha=t.head_sha, head_branch=t.branch)
+        for pr in suite["check_suite"]["pull_requests"]:
+            pr["number"] = t.pr_number
+            pr["head"].update(ref=t.branch, sha=t.head_sha)
+        r = await deliver(hooks.url, "check_suite", suite)
+        assert r.status_code == 200, r.text
+        await eventually(lambda: task().status == "review", timeout=20)
+        t = task()
+        assert [(c.name, c.conclusion) for c in t.checks] == [("test", "success")] and t.green_at is not None
         assert t.issue.source == "github" and t.pr_number is not None and t.tests_passed == 1
         with fake_github.lock:
             pull = fake_github._pull_json(fake_github.repos[REPO], t.pr_number)  # as the API shows it

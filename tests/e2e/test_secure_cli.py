@@ -22,7 +22,7 @@ def test_init_add_list_revoke(tmp_path) -> None:
     r = run("--data-dir", d, "secure", "init", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert set(out["users_created"]) == {"admin", "ccc.coordinator", "ccc.webhook", "ccc.cli", "ccc.status"}
+    assert set(out["users_created"]) == {"admin", "ccc.coordinator", "ccc.webhook", "ccc.cli", "ccc.status", "ccc.ci"}
     assert set(out["api_tokens"]) == {"read", "write"}
     again = json.loads(run("--data-dir", d, "secure", "init", "--json").stdout)
     assert again["users_created"] == [] and again["api_tokens"] == {}  # idempotent: nothing replaced

@@ -15,7 +15,8 @@ CI (GitHub Actions and other apps' checks), read through the checks and actions 
 per job with the job's id, as on GitHub, and each job's log), ``add_check_run`` (another
 app's check), ``set_check_run``, ``set_job_log``; re-runs requested through the API are
 recorded in ``reruns`` and put the run back to ``queued`` until ``complete_run`` finishes
-the re-run jobs. A job's log is served the way GitHub serves it: ``.../actions/jobs/{id}/logs``
+the re-run jobs; a re-requested check suite of another app (``check-suites/{id}/rerequest``)
+gets new queued check runs (``check_run`` finds the newest, ``set_check_run`` finishes it). A job's log is served the way GitHub serves it: ``.../actions/jobs/{id}/logs``
 answers 302 to a short-lived signed URL (``/_blobs/...``) that needs no token.
 """
 
@@ -55,6 +56,7 @@ class Rerun(NamedTuple):
     """A re-run requested through the API."""
     repo: str
     kind: str  # "failed_jobs" (runs/{id}/rerun-failed-jobs), "job" (jobs/{id}/rerun), "run" (runs/{id}/rerun)
+    #            "suite" (check-suites/{id}/rerequest: run_id is the suite's id, job_ids its check runs')
     run_id: int
     job_ids: tuple[int, ...]  # the jobs re-queued (their ids before the re-run)
     attempt: int  # the run's new run_attempt
@@ -242,6 +244,15 @@ class FakeGitHub:
                     j["log"] = (logs or {}).get(j["name"]) or _default_log(j["name"], j["conclusion"])
             self._settle_run(r, run_id)
 
+    def check_run(self, repo: str, head_sha: str, name: str) -> dict:
+        """The newest check run called ``name`` on ``head_sha`` (after a re-request: the new one)."""
+        with self.lock:
+            found = [c for c in self.repos[repo]["checks"].values()
+                     if c["head_sha"] == head_sha and c["name"] == name]
+            if not found:
+                raise KeyError(f"no check run {name!r} on {head_sha}")
+            return dict(max(found, key=lambda c: c["id"]))
+
     def workflow_run(self, repo: str, run_id: int) -> dict:
         with self.lock:
             return dict(self.repos[repo]["runs"][run_id])
@@ -308,6 +319,28 @@ class FakeGitHub:
         for j in again:
             self._new_job(r, run_id, j["name"], "queued", None)
         self.reruns.append(Rerun(r["full_name"], kind, run_id, tuple(j["id"] for j in again), run["attempt"]))
+        return 201, {}, {}
+
+    def _rerequest_suite(self, r: dict, suite_id: int) -> tuple[int, Any, dict]:
+        """POST /check-suites/{id}/rerequest: GitHub asks the suite's app to run its checks
+        again; here every check run of the suite gets a new, queued one (the app's new run,
+        finished with ``set_check_run``). An Actions suite is re-run through the Actions
+        endpoints instead. Recorded in ``reruns`` with kind ``suite`` (``run_id``: the suite's id)."""
+        s = r["suites"].get(suite_id) or _not_found()
+        if s["run"] is not None:
+            raise HttpError(422, "Re-run a GitHub Actions workflow run through the Actions API.")
+        latest: dict[str, dict] = {}
+        for c in sorted(r["checks"].values(), key=lambda c: c["id"]):
+            if c["suite"] == suite_id:
+                latest[c["name"]] = c
+        s["attempt"] = s.get("attempt", 1) + 1
+        for old in latest.values():
+            check_id = next(self._ids)
+            r["checks"][check_id] = {**old, "id": check_id, "status": "queued", "conclusion": None,
+                                     "summary": None, "details_url": old["details_url"].rsplit("/", 1)[0]
+                                     + f"/{check_id}"}
+        self.reruns.append(Rerun(r["full_name"], "suite", suite_id, tuple(c["id"] for c in latest.values()),
+                                 s["attempt"]))
         return 201, {}, {}
 
     def _resolve_ref(self, r: dict, ref: str) -> str:
@@ -677,6 +710,8 @@ class FakeGitHub:
             return 200, self._pull_json(r, n), {}
         if method == "GET" or re.fullmatch(r"/actions/(runs|jobs)/\d+/rerun(-failed-jobs)?", rest):
             return self._ci_route(r, method, rest, query)
+        if (m := re.fullmatch(r"/check-suites/(\d+)/rerequest", rest)) and method == "POST":
+            return self._rerequest_suite(r, int(m[1]))
         return _not_found()
 
     def _ci_route(self, r: dict, method: str, rest: str, query: dict) -> tuple[int, Any, dict]:

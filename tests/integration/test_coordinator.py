@@ -106,7 +106,7 @@ async def test_full_happy_path_through_reports(nc, ns, store, coordinator):
     await agent.report("acme_app-3", ImplementationProduced(files_changed=["app.py"], diff_stat="1 file"))
     await eventually(lambda: status(coordinator, "acme_app-3") == "testing")
     await agent.report("acme_app-3", PullRequestOpened(branch="ccc/task-acme_app-3-fix", tests_passed=3))
-    await eventually(lambda: status(coordinator, "acme_app-3") == "review")
+    await eventually(lambda: status(coordinator, "acme_app-3") == "checking")
     await agent.release("acme_app-3")
     await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m3", repo="acme/app", number=3, occurred_at=now()))
     await eventually(lambda: status(coordinator, "acme_app-3") == "completed")
@@ -131,7 +131,7 @@ async def test_routing_by_specialty_and_dependencies(nc, ns, store, coordinator)
     await eventually(lambda: status(coordinator, "acme_app-12") == "testing")
     await be.report("acme_app-12", PullRequestOpened(branch="b"))
     await be.release("acme_app-12")
-    await eventually(lambda: status(coordinator, "acme_app-12") == "review")
+    await eventually(lambda: status(coordinator, "acme_app-12") == "checking")
     assert status(coordinator, "acme_app-11") == "queued"
     await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m12", repo="acme/app", number=12, occurred_at=now()))
     await eventually(lambda: status(coordinator, "acme_app-11") == "assigned")
@@ -280,7 +280,7 @@ async def test_changes_requested_retries_with_the_review_as_guidance(nc, ns, sto
     await agent.report("acme_app-60", ImplementationProduced())
     await agent.report("acme_app-60", PullRequestOpened(branch="ccc/task-acme_app-60-server"))
     await agent.release("acme_app-60")
-    await eventually(lambda: status(coordinator, "acme_app-60") == "review")
+    await eventually(lambda: status(coordinator, "acme_app-60") == "checking")
     await publish_issue(nc, ns, IssueChangesRequested(
         event_id="review-1", repo="acme/app", number=60, occurred_at=now(), pr_number=60,
         branch="ccc/task-acme_app-60-server", body="Please add a test for the empty case.", author="maria",
@@ -359,5 +359,5 @@ async def test_a_slot_freed_in_the_task_view_wakes_the_scheduler(nc, ns, store, 
     await agent.report("acme_app-9", ImplementationProduced(files_changed=["app.py"], diff_stat="1 file"))
     await agent.report("acme_app-9", PullRequestOpened(branch="ccc/task-acme_app-9-fix", tests_passed=1))
     await agent.release("acme_app-9")  # back to back, as a real agent does
-    await eventually(lambda: status(coordinator, "acme_app-9") == "review")
+    await eventually(lambda: status(coordinator, "acme_app-9") == "checking")
     await eventually(lambda: status(coordinator, "acme_app-10") == "assigned", timeout=10)

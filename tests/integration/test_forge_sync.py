@@ -92,7 +92,7 @@ async def test_task_lifecycle_is_reflected_on_the_issue(nc, ns, store, fake_gith
         pr_url = "https://github.com/acme/app/pull/9"
         await task.do(ts.OpenPullRequest(at=AT, actor="c", agent_id="agent-1", branch="ccc/task-x",
                                          pr_url=pr_url, pr_number=9, draft=True, tests_passed=7, tests_failed=1))
-        await eventually(reflects(fake_github, n, task.id, "ccc:review", "waiting for review",
+        await eventually(reflects(fake_github, n, task.id, "ccc:checking", "checks running",
                                   f"[#9]({pr_url}) (draft)", "7 passed, 1 failed"))
 
         await task.do(ts.FailTask(at=AT, actor="c", reason="pull request closed | not merged <b>",

@@ -248,7 +248,7 @@ async def to_review(c, agent: FakeAgent, attempt: int) -> None:
     await agent.report(GH_TASK, PullRequestOpened(branch=BRANCH, pr_number=2, pr_url="https://x/pull/2"),
                        attempt=attempt)
     await agent.release(GH_TASK, attempt=attempt)
-    await eventually(lambda: status(c, GH_TASK) == "review")
+    await eventually(lambda: status(c, GH_TASK) == "checking")
 
 
 async def failures(store, ns) -> int:
@@ -295,7 +295,7 @@ async def test_a_three_comment_review_fails_one_attempt(nc, ns, store, coordinat
     r = await deliver(client, "pull_request_review", elsewhere, "d-elsewhere")
     assert r.status_code == 200, r.text
     await eventually(lambda: intake.handled > handled)
-    assert status(coordinator, GH_TASK) == "review" and await failures(store, ns) == 1
+    assert status(coordinator, GH_TASK) == "checking" and await failures(store, ns) == 1
     # a new review of this pull request does fail attempt 2, the one it is about
     r = await deliver(client, "pull_request_review", review(review_id=1000), "d-review-2")
     assert r.status_code == 200 and not r.json()["published"][0]["duplicate"]

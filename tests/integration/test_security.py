@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from events.subjects import Namespace
 from infra.adapters.nats.connection import connect, connect_when_admitted
-from infra.adapters.nats.permissions import ROLES, inbox_prefix, permissions_for
+from infra.adapters.nats.permissions import ADMIN_ONLY, ROLES, inbox_prefix, permissions_for
 from infra.adapters.nats.pki import CertificateAuthority
 from infra.adapters.nats.provisioning import provision, provision_agent
 from infra.adapters.nats.secure import KitFiles, SecureDir
@@ -99,6 +99,21 @@ def test_every_role_has_its_own_inbox_and_no_role_may_administer_streams() -> No
         assert "$JS.API.STREAM.DELETE.>" in p.publish_deny and "$JS.API.STREAM.PURGE.>" in p.publish_deny
         assert p.subscribe_allow[0] == f"{inbox_prefix(role, 'a1' if role == 'agent' else None)}.>"
         assert not [s for s in p.subscribe_allow if s.startswith("_INBOX") and s != p.subscribe_allow[0]]
+
+
+def test_the_ci_role_publishes_check_results_and_their_logs_only() -> None:
+    """The CI actor runs repositories' code (sandboxed): its credentials write no task
+    event, no other issue fact, no agent's artifacts, and consume with one durable."""
+    p = permissions_for("ci", Namespace("ccc"))
+    allow = p.publish_allow
+    assert "ccc.issue.local.*.*.checks_completed" in allow
+    assert "$O.ccc_artifacts.>" in allow and "ccc.dlq.forge-ci" in allow
+    assert not [s for s in allow if s.startswith(("ccc.task", "ccc.agent", "ccc.hb", "$KV.", "$O.ccc_artifacts_"))
+                or s.startswith("ccc.issue.") and not s.endswith(".checks_completed")]
+    durable = [s for s in allow if s.startswith(("$JS.API.CONSUMER.CREATE.CCC_EVENTS.", "$JS.API.CONSUMER.MSG.NEXT.",
+                                                 "$JS.ACK."))]
+    assert durable and all(".forge-ci" in s for s in durable)
+    assert set(ADMIN_ONLY) <= set(p.publish_deny) and p.subscribe_allow == ("_INBOX_ci.>",)
 
 
 async def test_agent_publishes_only_its_own_subjects(provisioned) -> None:

@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from events import agent_state, task_state
 from events.agent_state import EnterMaintenance, RegisterAgent, StartAgentTask
+from events.checks import CheckRun
 from events.store import EventStore
 from events.task import Analysis, IssueRef
 from events.task_state import (
@@ -133,6 +134,8 @@ async def test_task_list_order_filters_and_paging(client, world):
     first = body["items"][0]
     assert first["status"] == "in_progress" and first["agent_id"] == "a-back"
     assert first["applied_seq"] == world.seqs["r-1"][-1] and first["issue"]["repo"] == "acme/shop"
+    assert {t["task_id"]: t["waiting"] for t in body["items"]} == {
+        "r-1": "", "r-3": "waiting for analysis", "r-0": "", "r-2": "waiting for an agent"}
 
     async def listed(**params) -> list[str]:
         r = await client.get("/api/v1/tasks", params=params)
@@ -180,6 +183,47 @@ async def test_task_detail_and_events(client, world):
         assert r.json() == {"error": "not_found", "detail": "no task 'nope'", "parameter": "task_id"}
     r = await client.get("/api/v1/tasks/a*b/events")  # never becomes a wildcard filter
     assert r.status_code == 400 and r.json()["parameter"] == "task_id"
+
+
+async def test_tasks_say_what_they_wait_for(store, live):
+    """``waiting`` on every task view: checks running (with how long, by the app's
+    clock), needs a human, queued for merge, a file lease; the state's own fields are
+    all still there."""
+    head = "c0ffee" + "0" * 34
+    c, a = "coordinator", "a-back"
+
+    def to_pr(n: int, paths: tuple[str, ...] = ()) -> list:
+        return [StartAnalysis(at=at(1), actor=c),
+                RecordAnalysis(at=at(1), actor=c, analysis=Analysis(paths=paths)),
+                AssignTask(at=at(2), actor=c, agent_id=a), StartTask(at=at(2), actor=a, agent_id=a),
+                task_state.StartTests(at=at(3), actor=a, agent_id=a, files_changed=("app.py",)),
+                task_state.OpenPullRequest(at=at(4), actor=a, agent_id=a, branch=f"ccc/{n}", pr_number=n,
+                                           head_sha=head, base_branch="main")]
+
+    green = CheckRun(name="test", conclusion="success")
+    await drive(store, task_state, None, 0, create("p-1", 0), *to_pr(1, ("app.py",)))
+    await drive(store, task_state, None, 0, create("p-2", 0), *to_pr(2), task_state.RecordChecks(
+        at=at(9), actor=c, head_sha=head, checks=(CheckRun(name="ci", conclusion="action_required"),)))
+    await drive(store, task_state, None, 0, create("p-3", 0), *to_pr(3), task_state.RecordChecks(
+        at=at(9), actor=c, head_sha=head, checks=(green,)),
+        task_state.ApprovePullRequest(at=at(10), actor=c, by="alice", merge_queue=True))
+    _, last, _ = await drive(store, task_state, None, 0, create("p-4", 0), StartAnalysis(at=at(1), actor=c),
+                             RecordAnalysis(at=at(1), actor=c, analysis=Analysis(paths=("app.py",))))
+    await live.wait_for_seq(last, timeout=5)
+    app = create_app(live, clock=lambda: at(4 + 125))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://status") as client:
+        body = (await client.get("/api/v1/tasks")).json()
+        one = (await client.get("/api/v1/tasks/p-1")).json()
+        schema = (await client.get("/schema/openapi.json")).json()["components"]["schemas"]["TaskOut"]
+    assert {t["task_id"]: t["waiting"] for t in body["items"]} == {
+        "p-1": "checks running on c0ffee0 since 09:00:04 (2m)",
+        "p-2": "needs a human: a maintainer approves the pending workflow run(s) on the pull request",
+        "p-3": "queued for merge (position 1 of 1)",
+        "p-4": "file lease: app.py held by p-1",
+    }
+    assert one["waiting"] == body["items"][0]["waiting"] and one["status"] == "checking"
+    assert one["head_sha"] == head and one["paths"] == ["app.py"] and one["applied_seq"] > 0
+    assert {"waiting", "applied_seq", "status", "head_sha"} <= set(schema["properties"])
 
 
 async def test_agents(client, world):

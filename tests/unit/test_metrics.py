@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import timedelta
 
 import httpx
+import msgspec
 import pytest
 from litestar import Litestar, get
 from litestar.params import FromPath
@@ -19,8 +20,25 @@ from prometheus_client.parser import text_string_to_metric_families
 from events import agent_state as ag
 from events import task_state as ts
 from events.agent import AgentEventBase
+from events.checks import CheckRun
 from events.codec import BadMessage
-from events.task import Analysis, IssueRef, TaskCompleted, TaskCreated, TaskEventBase, Usage
+from events.task import (
+    Analysis,
+    IssueRef,
+    TaskCancelled,
+    TaskChecksFailed,
+    TaskChecksPassed,
+    TaskCompleted,
+    TaskConflicted,
+    TaskCreated,
+    TaskEventBase,
+    TaskFixQueued,
+    TaskMerged,
+    TaskMergeDequeued,
+    TaskMergeQueued,
+    TaskPullRequestOpened,
+    Usage,
+)
 from events.work_reports import ImplementationProduced, TestsRun
 from infra.adapters.http.metrics import ApiMetrics, metrics_endpoint, serve_metrics
 from infra.adapters.obs.metrics import AgentMetrics
@@ -81,7 +99,7 @@ def test_scrape_equals_counts_from_the_events(seed):
             tasks[e.task_id] = ts.evolve(tasks.get(e.task_id), e)
             if isinstance(e, TaskCreated):
                 created_at[e.task_id] = e.occurred_at
-            if isinstance(e, TaskCompleted):
+            if isinstance(e, (TaskCompleted, TaskMerged)):  # merged by a person, or by the queue
                 durations.append((e.occurred_at - created_at[e.task_id]).total_seconds())
         else:
             assert isinstance(e, AgentEventBase)
@@ -115,6 +133,56 @@ def test_scrape_equals_counts_from_the_events(seed):
     assert by(parsed, "claude_events_total", "type") == dict(Counter(e.__struct_config__.tag for e in log))
     assert parsed[("claude_event_log_lag", frozenset({("projection", "read_model")}))] == 7
     assert parsed[("claude_bad_events_total", frozenset())] == 0
+    assert_green_metrics(parsed, log)
+
+
+def assert_green_metrics(parsed: dict, log: list) -> None:
+    """The pull-request-to-green metrics, counted here straight from the events."""
+    task_events = [e for e in log if isinstance(e, TaskEventBase)]
+    first_pr: dict[str, object] = {}
+    first_green: dict[str, object] = {}
+    conflicts = resolved = 0
+    unresolved: Counter = Counter()
+    for e in task_events:
+        if isinstance(e, TaskPullRequestOpened):
+            first_pr.setdefault(e.task_id, e.occurred_at)
+        if isinstance(e, TaskChecksPassed):
+            first_green.setdefault(e.task_id, e.occurred_at)
+        if isinstance(e, TaskConflicted):
+            conflicts += 1
+            unresolved[e.task_id] += 1
+        if isinstance(e, (TaskPullRequestOpened, TaskMerged, TaskCompleted)):
+            resolved += unresolved.pop(e.task_id, 0)
+        if isinstance(e, TaskCancelled):
+            unresolved.pop(e.task_id, None)
+    assert parsed[("claude_pull_requests_opened_total", frozenset())] == len(first_pr)
+    assert parsed[("claude_pull_requests_green_total", frozenset())] == len(first_green)
+    assert parsed[("claude_pull_request_green_ratio", frozenset())] == pytest.approx(
+        len(first_green) / len(first_pr) if first_pr else 0.0)
+    to_green = [(first_green[t] - first_pr[t]).total_seconds() for t in first_green]
+    assert parsed[("claude_time_to_green_seconds_count", frozenset())] == len(to_green)
+    assert parsed[("claude_time_to_green_seconds_sum", frozenset())] == pytest.approx(sum(to_green))
+    fixes = [e for e in task_events if isinstance(e, TaskFixQueued) and e.kind == "ci_fix"]
+    assert parsed[("claude_ci_fix_attempts_started_total", frozenset())] == len(fixes)
+    judged = by(parsed, "claude_ci_fix_attempts_total", "outcome")
+    assert sum(judged.values()) <= len(fixes) and set(judged) <= {
+        "green", "still_failing", "needs_human", "failed", "cancelled", "merged"}
+    want_failures = Counter((e.classification, "pull_request") for e in task_events
+                            if isinstance(e, TaskChecksFailed))
+    want_failures.update((e.classification or "unknown", "merge_queue") for e in task_events
+                         if isinstance(e, TaskMergeDequeued) and e.checks)
+    assert by(parsed, "claude_checks_failures_total", ("classification", "stage")) == dict(want_failures)
+    assert parsed[("claude_conflicts_detected_total", frozenset())] == conflicts
+    assert parsed[("claude_conflicts_resolved_total", frozenset())] == resolved
+    steps: Counter = Counter()
+    for e in task_events:
+        if isinstance(e, TaskMergeQueued):
+            steps["entered"] += 1
+        elif isinstance(e, TaskMerged):
+            steps["merged"] += 1
+        elif isinstance(e, TaskMergeDequeued):
+            steps["ejected" if e.checks else "left"] += 1
+    assert by(parsed, "claude_merge_queue_total", "step") == dict(steps)
 
 
 def test_a_restart_rebuilding_from_the_log_reports_the_same_numbers():
@@ -191,6 +259,110 @@ def test_tokens_dollars_turns_and_test_runs_come_from_the_events():
     assert by(parsed, "claude_coder_turns_total", "coder") == {"anthropic": 7}
     assert by(parsed, "claude_test_runs_total", "outcome") == {"failed": 1, "passed": 1, "timed_out": 1}
     assert parsed[("claude_active_tasks", frozenset())] == 1
+
+
+def _pr_history() -> list:
+    """Six pull requests on their way to green, at known times (seconds after T0):
+    1 red -> CI fix -> green; 2 flaky -> re-run -> green; 3 waits for a maintainer;
+    4 green -> conflict -> rebase -> green -> merge queue -> merged; 5 red -> its one CI
+    fix fails too -> Failed; 6 green -> merge queue -> the combination fails -> ejected ->
+    a CI fix queued (not judged yet)."""
+    log: list = []
+    states: dict = {}
+    heads: dict = {}
+
+    def do(tid: str, t: float, *commands) -> None:
+        for command in commands:
+            command = msgspec.structs.replace(command, at=T0 + timedelta(seconds=t))
+            events = ts.decide(states.get(tid), command)
+            states[tid] = ts.fold(events, states.get(tid))
+            log.extend(events)
+
+    def push(tid: str, t: float, head: str) -> None:  # a round of work that ends with a push
+        heads[tid] = head
+        do(tid, t, ts.AssignTask(at=T0, actor="c", agent_id="a-1"),
+           ts.StartTask(at=T0, actor="a-1", agent_id="a-1"),
+           ts.StartTests(at=T0, actor="a-1", agent_id="a-1", files_changed=("src/app.py",)),
+           ts.OpenPullRequest(at=T0, actor="a-1", agent_id="a-1", branch=f"ccc/{tid}", pr_number=1,
+                              head_sha=head, base_branch="main"))
+
+    def checks(tid: str, t: float, *runs: CheckRun, sha: str = "", **kw) -> None:
+        do(tid, t, ts.RecordChecks(at=T0, actor="c", head_sha=sha or heads[tid], checks=runs, **kw))
+
+    green = CheckRun(name="test", conclusion="success")
+    red = CheckRun(name="test", conclusion="failure", log_tail="FAILED src/app.py::test_x")
+    for n in range(1, 7):
+        tid = f"acme_app-{n}"
+        do(tid, 0, ts.CreateTask(at=T0, actor="c", task_id=tid,
+                                 issue=IssueRef(source="local", repo="acme/app", number=n, title="t")),
+           ts.StartAnalysis(at=T0, actor="c"), ts.RecordAnalysis(at=T0, actor="c"))
+        push(tid, 0, f"{n}" * 40)
+    checks("acme_app-1", 60, red, max_ci_fixes=2)
+    push("acme_app-1", 100, "a" * 40)
+    checks("acme_app-1", 200, green)
+    checks("acme_app-2", 20, CheckRun(name="test", conclusion="failure", log_tail="connection flake"),
+           base={"test": "success"})
+    checks("acme_app-2", 50, green)
+    checks("acme_app-3", 20, CheckRun(name="ci", conclusion="action_required"))
+    checks("acme_app-4", 30, green)
+    do("acme_app-4", 40, ts.RecordConflict(at=T0, actor="c", base_branch="main", files=("src/app.py",)))
+    push("acme_app-4", 90, "b" * 40)
+    checks("acme_app-4", 120, green)
+    do("acme_app-4", 130, ts.ApprovePullRequest(at=T0, actor="c", by="alice", merge_queue=True),
+       ts.StartMergeTest(at=T0, actor="c", queue_ref="q/main", queue_sha="c" * 40))
+    checks("acme_app-4", 150, green, sha="c" * 40)
+    do("acme_app-4", 160, ts.CompleteMerge(at=T0, actor="c", base_branch="main", merge_sha="d" * 40))
+    checks("acme_app-5", 10, red, max_ci_fixes=1)
+    push("acme_app-5", 70, "e" * 40)
+    checks("acme_app-5", 80, red, max_ci_fixes=1)
+    checks("acme_app-6", 20, green)
+    do("acme_app-6", 25, ts.ApprovePullRequest(at=T0, actor="c", by="alice", merge_queue=True),
+       ts.StartMergeTest(at=T0, actor="c", queue_ref="q/main", queue_sha="f" * 40))
+    checks("acme_app-6", 90, red, sha="f" * 40)
+    assert {t: s.status for t, s in states.items()} == {
+        "acme_app-1": "review", "acme_app-2": "review", "acme_app-3": "needs_human",
+        "acme_app-4": "completed", "acme_app-5": "failed", "acme_app-6": "queued"}
+    return log
+
+
+def test_the_way_to_green_is_measured_from_the_history():
+    log = _pr_history()
+    model, counters = fold(log)
+    parsed = samples(scrape(model, counters))
+    assert parsed[("claude_pull_requests_opened_total", frozenset())] == 6
+    assert parsed[("claude_pull_requests_green_total", frozenset())] == 4  # 1, 2, 4, 6
+    assert parsed[("claude_pull_request_green_ratio", frozenset())] == pytest.approx(4 / 6)
+    assert sorted(counters.green.time_to_green) == [20, 30, 50, 200]
+    assert parsed[("claude_time_to_green_seconds_bucket", frozenset({("le", "30.0")}))] == 2
+    assert parsed[("claude_time_to_green_seconds_bucket", frozenset({("le", "60.0")}))] == 3
+    assert parsed[("claude_time_to_green_seconds_bucket", frozenset({("le", "+Inf")}))] == 4
+    assert parsed[("claude_time_to_green_seconds_sum", frozenset())] == 300
+    assert parsed[("claude_ci_fix_attempts_started_total", frozenset())] == 3  # 1, 5, 6
+    assert by(parsed, "claude_ci_fix_attempts_total", "outcome") == {"green": 1, "failed": 1}  # 6: pending
+    assert by(parsed, "claude_checks_failures_total", ("classification", "stage")) == {
+        ("change", "pull_request"): 3, ("flaky", "pull_request"): 1,
+        ("action_required", "pull_request"): 1, ("change", "merge_queue"): 1}
+    assert parsed[("claude_conflicts_detected_total", frozenset())] == 1
+    assert parsed[("claude_conflicts_resolved_total", frozenset())] == 1
+    assert by(parsed, "claude_merge_queue_total", "step") == {"entered": 2, "merged": 1, "ejected": 1}
+    assert_green_metrics(parsed, log)
+    # a restart folds the same log to the same numbers; redelivery changes nothing
+    again, c2 = fold(log)
+    for seq, event in enumerate(log, 1):
+        c2.apply(seq, event, again.tasks)
+    assert c2.snapshot() == counters.snapshot()
+
+
+def test_a_fix_round_cancelled_before_it_is_judged():
+    log = _pr_history()
+    model, counters = fold(log)
+    # task 6's CI fix round: cancelled before it was judged
+    last = model.tasks["acme_app-6"]
+    [cancel] = ts.decide(last, ts.CancelTask(at=T0 + timedelta(hours=1), actor="user", reason="stop"))
+    model.apply(len(log) + 1, cancel)
+    counters.apply(len(log) + 1, cancel, model.tasks)
+    assert counters.green.ci_fix_outcomes == {"green": 1, "failed": 1, "cancelled": 1}
+    assert counters.green.snapshot()["ci_fix_outcomes"] == {"cancelled": 1, "failed": 1, "green": 1}
 
 
 # -- the API middleware and /metrics --------------------------------------------------------

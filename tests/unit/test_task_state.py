@@ -1,8 +1,11 @@
 """Pure domain tests of the task state machine (no NATS).
 
-Histories are produced by ``decide`` itself, so every state a test starts from is one
-the real machine can reach. The transition matrices are generated from the
-``TRANSITIONS`` table: a new transition or command without a case here fails.
+Histories are produced by ``decide`` itself (tests/support/domain.py), so every state a
+test starts from is one the real machine can reach; the two it only passes through
+within one decision (checks_failed, conflicted) are reached by cutting that decision's
+chain of events short. The transition matrices are generated from the ``TRANSITIONS``
+table: a new transition or command without a case here fails. The way of a pull
+request to green, chain by chain, is in test_pr_to_green.py.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import typing
 from datetime import timedelta
 from itertools import product
+from typing import NamedTuple
 
 import msgspec
 import pytest
@@ -18,68 +22,31 @@ from hypothesis import event as note_event
 from hypothesis import given as for_all
 from hypothesis import strategies as st
 
-from tests.support.domain import AT, Given, given
 from events import task_state as ts
+from events.checks import Verdict, failing, guidance_for
 from events.codec import MAX_EVENT_BYTES, decode_event, encode
 from events.errors import BadEventError, DomainError, IllegalTransition, VersionMismatch
 from events.retry import backoff
 from events.task import (
-    Analysis, IssueRef, TaskAnalysisStarted, TaskAnalyzed, TaskAssigned, TaskCancellationRequested,
-    TaskCancelled, TaskCompleted, TaskCreated, TaskEvent, TaskFailed, TaskPullRequestOpened,
-    TaskRequeued, TaskStarted, TaskTestsStarted, Usage,
+    Analysis, TaskAnalysisStarted, TaskAnalyzed, TaskApproved, TaskAssigned, TaskCancellationRequested,
+    TaskCancelled, TaskChecksFailed, TaskChecksPassed, TaskChecksRerun, TaskCompleted, TaskConflicted,
+    TaskCreated, TaskEvent, TaskFailed, TaskFixQueued, TaskMerged, TaskMergeDequeued, TaskMergeQueued,
+    TaskMergeTesting, TaskNeedsHuman, TaskPullRequestOpened, TaskRequeued, TaskStarted, TaskTestsStarted,
+    Usage,
 )
 from events.task_state import (
-    FINAL, TASK_STATUSES, TRANSITIONS, WITH_AGENT, AssignTask, CancelTask, Command, CompleteTask,
-    CreateTask, FailTask, OpenPullRequest, RecordAnalysis, RequeueTask, RetryTask, StartAnalysis,
-    StartTask, StartTests, TaskState, decide, evolve, fold,
+    AWAITING_CHECKS, FINAL, PR_OPEN, TASK_STATUSES, TRANSITIONS, WITH_AGENT, ApprovePullRequest, AssignTask,
+    CancelTask, ChecksTimedOut, Command, CompleteMerge, CompleteTask, CreateTask, DequeueMerge, FailTask,
+    OpenPullRequest, RecordAnalysis, RecordChecks, RecordConflict, RequestRerun, RequeueTask, RetryTask,
+    StartAnalysis, StartMergeTest, StartTask, StartTests, TaskState, decide, evolve, fold,
+)
+from tests.support.domain import (
+    A1, A2, ACTOR, AT, B1, CHANGED, FLAKY, GREEN_BASE, H1, H2, HAPPY, INFRA, ISSUE, M1, PASS, PATHS, Q1, RED,
+    TID, WAITING, checks, cmd, ev, history, run, task,
 )
 
-TID = "acme_repo-7"
-A1, A2 = "agent-1", "agent-2"
-ACTOR = "coordinator"
-ISSUE = IssueRef(source="github", repo="acme/repo", number=7, title="Fix it", labels=("bug",))
 EVENT_TYPES: tuple[type, ...] = typing.get_args(TaskEvent)
 COMMANDS: list[type] = Command.__subclasses__()
-
-
-def cmd(cls: type, **kw) -> Command:
-    kw.setdefault("at", AT)
-    kw.setdefault("actor", ACTOR)
-    return cls(**kw)
-
-
-def ev(cls: type, version: int, *, at=AT, actor=ACTOR, causation_id=None, **payload) -> TaskEvent:
-    return cls(event_id=f"{TID}:{version}", task_id=TID, version=version, occurred_at=at,
-               correlation_id=TID, causation_id=causation_id, actor=actor, **payload)
-
-
-def task(log) -> Given:
-    return given(log, machine=ts)
-
-
-def run(commands, events=()) -> list[TaskEvent]:
-    """Decide and apply each command in turn; the log they produce."""
-    log, state = list(events), fold(events)
-    for c in commands:
-        new = decide(state, c)
-        state = fold(new, state)
-        log += new
-    return log
-
-
-_HAPPY = [
-    cmd(StartAnalysis), cmd(RecordAnalysis, analysis=Analysis(specialty="backend")),
-    cmd(AssignTask, agent_id=A1), cmd(StartTask, agent_id=A1), cmd(StartTests, agent_id=A1),
-    cmd(OpenPullRequest, agent_id=A1, branch="ccc/7"), cmd(CompleteTask),
-]
-PATHS = {status: _HAPPY[:i] for i, status in enumerate(
-    ["pending", "analyzing", "queued", "assigned", "in_progress", "testing", "review", "completed"])}
-PATHS["failed"] = _HAPPY[:5] + [cmd(FailTask, reason="tests red", phase="testing", agent_id=A1)]
-PATHS["cancelled"] = [cmd(CancelTask, reason="duplicate")]
-
-
-def history(status: str, max_attempts: int = 3) -> list[TaskEvent]:
-    return run([cmd(CreateTask, task_id=TID, issue=ISSUE, max_attempts=max_attempts), *PATHS[status]])
 
 
 def test_every_status_is_reachable():
@@ -90,37 +57,127 @@ def test_every_status_is_reachable():
 
 # -- every legal transition, through decide ------------------------------------------
 USAGE = Usage(model="m", input_tokens=10, output_tokens=5, dollars=0.25)
+R_CHANGE = "test failed (failure) and its log names src/calc.py, which the change touches"
+R_FLAKY = ("test passed on the base commit and its log names nothing the change touches: "
+           "possibly flaky, re-run once")
+R_WAITING = ("test waits for a maintainer to approve the workflow run (first-time contributors' and "
+             "bots' runs need approval)")
+R_TIMEOUT = f"the checks of {H1[:12]} did not finish within 30 min"
+NEEDED_CI = "look at the CI: a check is stuck, waits for a runner, or never started"
+NEEDED_APPROVAL = "a maintainer approves the pending workflow run(s) on the pull request"
+CONFLICT = dict(base_branch="main", base_sha=B1, files=CHANGED)
+REBASE = dict(kind="rebase", number=1, reason="rebase on main: conflicts in src/calc.py",
+              guidance=f"main moved ({B1[:12]}) and this branch conflicts with it in: src/calc.py. "
+                       "Rebase the change on it, keeping both sides' intent.")
+CI_FIX = dict(kind="ci_fix", number=1, of=2, reason=R_CHANGE,
+              guidance=guidance_for(RED, Verdict(classification="change", reason=R_CHANGE), 1, 2))
+MERGE_TEST = dict(queue_ref="ccc/queue/main", queue_sha=Q1, base_sha=B1)
 
 
-def _legal_case(event_type: type, status: str) -> tuple[Command, dict]:
-    """The command that causes ``event_type`` from ``status`` and the payload expected."""
+class Case(NamedTuple):
+    """``command``, decided on ``history(start or status)`` after ``setup``, leads to
+    exactly ``chain`` (event types and payloads) and leaves the task ``after``; the
+    event under test is applied in the status under test somewhere in that chain."""
+
+    command: Command
+    chain: list[tuple[type, dict]]
+    after: str
+    start: str | None = None
+    setup: tuple = ()
+
+
+def _legal_case(event_type: type, status: str) -> Case:
+    """How ``event_type`` comes about from ``status``."""
     if event_type is TaskRequeued:
         if status == "failed":
-            return cmd(RetryTask, backoff_base=10), dict(reason="retry", attempt=2, agent_id=A1,
-                                                         not_before=AT + timedelta(seconds=10))
-        return cmd(RequeueTask, reason="agent_lost", agent_id=A1), dict(reason="agent_lost", attempt=2,
-                                                                        agent_id=A1)
+            return Case(cmd(RetryTask, backoff_base=10), [(TaskRequeued, dict(
+                reason="retry", attempt=2, agent_id=A1, not_before=AT + timedelta(seconds=10)))], "queued")
+        return Case(cmd(RequeueTask, reason="agent_lost", agent_id=A1),
+                    [(TaskRequeued, dict(reason="agent_lost", attempt=2, agent_id=A1))], "queued")
     analysis = dict(specialty="frontend", requirements=("a11y",), complexity="medium",
                     priority="high", security_level="internal", dependencies=("acme_repo-1",),
-                    reasons=("label",), plan="do it", usage=USAGE)
+                    reasons=("label",), plan="do it", usage=USAGE, paths=("web/app.tsx",))
     pr = dict(agent_id=A1, branch="ccc/7", pr_url="https://x/pr/3", pr_number=3, draft=True,
-              tests_passed=4, tests_failed=0)
+              tests_passed=4, tests_failed=0, head_sha=H2, base_branch="main")
     tests = dict(agent_id=A1, files_changed=("a.py",), diff_stat="+1", diff_ref="obj:1", usage=USAGE)
+    passed = (TaskChecksPassed, dict(head_sha=Q1 if status == "merging" else H1, checks=PASS))
+    red = (TaskChecksFailed, dict(head_sha=H1, classification="change", reason=R_CHANGE, checks=RED))
+    flaky = (TaskChecksFailed, dict(head_sha=H1, classification="flaky", reason=R_FLAKY, checks=FLAKY))
+    waiting = (TaskChecksFailed, dict(head_sha=H1, classification="action_required", reason=R_WAITING,
+                                      checks=WAITING))
+    rerun = (TaskChecksRerun, dict(head_sha=H1, checks=("test",), reason=R_FLAKY, rerun=1))
+    conflicted = (TaskConflicted, CONFLICT)
     cases = {
-        TaskAnalysisStarted: (cmd(StartAnalysis, analyser="llm"), dict(analyser="llm")),
-        TaskAnalyzed: (cmd(RecordAnalysis, analysis=Analysis(**analysis)), analysis),
-        TaskAssigned: (cmd(AssignTask, agent_id=A2), dict(agent_id=A2, attempt=1)),
-        TaskStarted: (cmd(StartTask, agent_id=A1, workspace="/w"), dict(agent_id=A1, workspace="/w")),
-        TaskTestsStarted: (cmd(StartTests, **tests), tests),
-        TaskPullRequestOpened: (cmd(OpenPullRequest, **pr), pr),
-        TaskCompleted: (cmd(CompleteTask), dict(reason="pull request merged")),
-        TaskFailed: (cmd(FailTask, reason="boom", phase=status, agent_id=A1, log_ref="obj:2"),
-                     dict(reason="boom", phase=status, retryable=True, log_ref="obj:2")),
-        TaskCancellationRequested: (cmd(CancelTask, reason="stop"),
-                                    dict(reason="stop", requested_by=ACTOR)),
-        TaskCancelled: (cmd(CancelTask, reason="stop", force=True), dict(reason="stop")),
+        TaskAnalysisStarted: Case(cmd(StartAnalysis, analyser="llm"),
+                                  [(TaskAnalysisStarted, dict(analyser="llm"))], "analyzing"),
+        TaskAnalyzed: Case(cmd(RecordAnalysis, analysis=Analysis(**analysis)), [(TaskAnalyzed, analysis)],
+                           "queued"),
+        TaskAssigned: Case(cmd(AssignTask, agent_id=A2), [(TaskAssigned, dict(agent_id=A2, attempt=1))],
+                           "assigned"),
+        TaskStarted: Case(cmd(StartTask, agent_id=A1, workspace="/w"),
+                          [(TaskStarted, dict(agent_id=A1, workspace="/w"))], "in_progress"),
+        TaskTestsStarted: Case(cmd(StartTests, **tests), [(TaskTestsStarted, tests)], "testing"),
+        TaskPullRequestOpened: Case(cmd(OpenPullRequest, **pr), [(TaskPullRequestOpened, pr)], "checking"),
+        TaskCompleted: Case(cmd(CompleteTask), [(TaskCompleted, dict(reason="pull request merged"))],
+                            "completed"),
+        TaskFailed: Case(cmd(FailTask, reason="boom", phase=status, agent_id=A1, log_ref="obj:2"),
+                         [(TaskFailed, dict(reason="boom", phase=status, retryable=True, log_ref="obj:2"))],
+                         "failed"),
+        TaskCancellationRequested: Case(cmd(CancelTask, reason="stop"),
+                                        [(TaskCancellationRequested,
+                                          dict(reason="stop", requested_by=ACTOR))],
+                                        status),
+        TaskCancelled: Case(cmd(CancelTask, reason="stop", force=True),
+                            [(TaskCancelled, dict(reason="stop"))], "cancelled"),
+        # checking/needs_human -> review; merging stays merging (the merge follows)
+        TaskChecksPassed: Case(checks(passed[1]["head_sha"]), [passed],
+                               "merging" if status == "merging" else "review"),
+        TaskChecksFailed: Case(checks(H1, RED), [red, (TaskFixQueued, CI_FIX)], "queued"),
+        TaskChecksRerun: {
+            "checks_failed": Case(checks(H1, FLAKY, base=GREEN_BASE), [flaky, rerun], "checking",
+                                  start="checking"),
+            "needs_human": Case(cmd(RequestRerun, reason="approved the run"), [(TaskChecksRerun, dict(
+                head_sha=H1, reason="approved the run", rerun=1))], "checking"),
+            "merging": Case(checks(Q1, FLAKY, base=GREEN_BASE), [(TaskChecksRerun, dict(
+                head_sha=Q1, checks=("test",), reason=R_FLAKY, rerun=1))], "merging"),
+        }.get(status),
+        TaskNeedsHuman: {
+            "checking": Case(cmd(ChecksTimedOut, waited=1800), [(TaskNeedsHuman, dict(
+                reason=R_TIMEOUT, needed=NEEDED_CI))], "needs_human"),
+            "checks_failed": Case(checks(H1, WAITING), [waiting, (TaskNeedsHuman, dict(
+                reason=R_WAITING, needed=NEEDED_APPROVAL))], "needs_human", start="checking"),
+            "review": Case(cmd(ChecksTimedOut, waited=1800), [
+                (TaskMergeDequeued, dict(reason=f"left the merge queue: the checks of {Q1[:12]} did not "
+                                                "finish within 30 min")),
+                (TaskNeedsHuman, dict(reason=f"the checks of {Q1[:12]} did not finish within 30 min",
+                                      needed=NEEDED_CI))], "needs_human", start="merging"),
+            "conflicted": Case(cmd(RecordConflict, max_rebases=0, **CONFLICT), [conflicted, (
+                TaskNeedsHuman, dict(reason="still conflicting after 0 rebase(s)",
+                                     needed="resolve the conflicts with main by hand"))],
+                "needs_human", start="checking"),
+        }.get(status),
+        TaskFixQueued: {
+            "checks_failed": Case(checks(H1, RED), [red, (TaskFixQueued, CI_FIX)], "queued",
+                                  start="checking"),
+            "conflicted": Case(cmd(RecordConflict, **CONFLICT), [conflicted, (TaskFixQueued, REBASE)],
+                               "queued", start="checking"),
+        }.get(status),
+        TaskConflicted: Case(cmd(RecordConflict, **CONFLICT), [conflicted, (TaskFixQueued, REBASE)],
+                             "queued"),
+        TaskApproved: Case(cmd(ApprovePullRequest, by="alice"), [(TaskApproved, dict(by="alice"))], status),
+        TaskMergeQueued: Case(cmd(ApprovePullRequest, by="alice", merge_queue=True),
+                              [(TaskApproved, dict(by="alice")), (TaskMergeQueued, {})], "merge_queued"),
+        TaskMergeTesting: Case(cmd(StartMergeTest, **MERGE_TEST), [(TaskMergeTesting, MERGE_TEST)],
+                               "merging"),
+        TaskMergeDequeued: Case(cmd(DequeueMerge, reason="approval withdrawn"),
+                                [(TaskMergeDequeued, dict(reason="approval withdrawn"))], "review"),
+        TaskMerged: Case(cmd(CompleteMerge, base_branch="main", merge_sha=M1),
+                         [(TaskMerged, dict(base_branch="main", merge_sha=M1))], "completed",
+                         setup=(checks(Q1),)),
     }
-    return cases[event_type]
+    case = cases[event_type]
+    assert case is not None, f"no case for {event_type.__name__} from {status}"
+    return case
 
 
 LEGAL = [(t, s) for t, (froms, _) in TRANSITIONS.items() for s in sorted(froms)]
@@ -128,11 +185,18 @@ LEGAL = [(t, s) for t, (froms, _) in TRANSITIONS.items() for s in sorted(froms)]
 
 @pytest.mark.parametrize(("event_type", "status"), LEGAL, ids=[f"{t.__name__}-from-{s}" for t, s in LEGAL])
 def test_legal_transition(event_type, status):
-    past = history(status)
-    command, payload = _legal_case(event_type, status)
-    after = task(past).when(command).then([ev(event_type, len(past) + 1, **payload)])
-    assert after.status == (TRANSITIONS[event_type][1] or status)
-    assert after.version == len(past) + 1 and after.updated_at == AT
+    case = _legal_case(event_type, status)
+    past = run(case.setup, history(case.start or status))
+    expected = [ev(t, len(past) + i, **payload) for i, (t, payload) in enumerate(case.chain, 1)]
+    after = task(past).when(case.command).then(expected)
+    assert after.status == case.after
+    assert after.version == len(past) + len(expected) and after.updated_at == AT
+    state, applied = fold(past), []
+    for event in expected:  # each step leads where the table says
+        applied.append((type(event), state.status))
+        state = evolve(state, event)
+        assert state.status == (TRANSITIONS[type(event)][1] or state.status)
+    assert (event_type, status) in applied
 
 
 def test_create_once():
@@ -150,21 +214,38 @@ SAMPLE_PAYLOAD = {
     TaskTestsStarted: dict(agent_id=A1), TaskPullRequestOpened: dict(agent_id=A1, branch="b"),
     TaskCompleted: {}, TaskFailed: dict(reason="x"), TaskRequeued: dict(reason="retry", attempt=2),
     TaskCancellationRequested: {}, TaskCancelled: {},
+    TaskChecksPassed: dict(head_sha=H1),
+    TaskChecksFailed: dict(head_sha=H1, classification="change", reason="x"),
+    TaskChecksRerun: dict(head_sha=H1), TaskNeedsHuman: dict(reason="x"),
+    TaskFixQueued: dict(kind="ci_fix", number=1), TaskConflicted: {}, TaskApproved: {}, TaskMergeQueued: {},
+    TaskMergeTesting: dict(queue_ref="q", queue_sha=Q1), TaskMergeDequeued: dict(reason="x"), TaskMerged: {},
 }
 ALLOWED: dict[type, frozenset[str]] = {  # command -> statuses it is accepted in
     CreateTask: frozenset(), StartAnalysis: frozenset({"pending"}),
     RecordAnalysis: frozenset({"analyzing"}), AssignTask: frozenset({"queued"}),
     StartTask: frozenset({"assigned"}), StartTests: frozenset({"in_progress"}),
-    OpenPullRequest: frozenset({"testing"}), CompleteTask: frozenset({"review"}),
+    OpenPullRequest: frozenset({"testing"}), CompleteTask: PR_OPEN,
     FailTask: TRANSITIONS[TaskFailed][0], RetryTask: frozenset({"failed"}),
     RequeueTask: WITH_AGENT, CancelTask: frozenset(TASK_STATUSES) - FINAL,
+    RecordChecks: frozenset({"checking", "merging", "needs_human"}), ChecksTimedOut: AWAITING_CHECKS,
+    RequestRerun: frozenset({"needs_human"}),
+    RecordConflict: frozenset({"checking", "checks_failed", "review", "needs_human", "merge_queued"}),
+    ApprovePullRequest: PR_OPEN, StartMergeTest: frozenset({"merge_queued"}),
+    DequeueMerge: frozenset({"merge_queued", "merging"}), CompleteMerge: frozenset({"merging"}),
 }
-SAMPLE_COMMAND = {
+# accepted in the status, refused by a rule in the history's state
+REFUSED: dict[tuple[type, str], str] = {(CompleteMerge, "merging"): "checks have not passed"}
+SAMPLE_COMMAND = {  # a dict, or a function of the state the command is decided on
     CreateTask: dict(task_id=TID, issue=ISSUE), StartAnalysis: {}, RecordAnalysis: {},
     AssignTask: dict(agent_id=A1), StartTask: dict(agent_id=A1), StartTests: dict(agent_id=A1),
     OpenPullRequest: dict(agent_id=A1, branch="b"), CompleteTask: {},
     FailTask: dict(reason="x", agent_id=A1), RetryTask: {},
     RequeueTask: dict(reason="agent_lost", agent_id=A1), CancelTask: {},
+    RecordChecks: lambda s: dict(checks=PASS, head_sha=H1 if s is None else
+                                 s.queue_sha if s.status == "merging" else s.head_sha),
+    ChecksTimedOut: dict(waited=600), RequestRerun: {}, RecordConflict: dict(base_branch="main"),
+    ApprovePullRequest: dict(by="alice"), StartMergeTest: dict(queue_ref="q", queue_sha=Q1),
+    DequeueMerge: dict(reason="x"), CompleteMerge: {},
 }
 
 
@@ -192,12 +273,17 @@ COMMAND_MATRIX = list(product(COMMANDS, ("absent", *TASK_STATUSES)))
                          ids=[f"{c.__name__}-in-{s}" for c, s in COMMAND_MATRIX])
 def test_command_in_status(command, status):
     past = history(status) if status != "absent" else []
-    when = task(past).when(cmd(command, **SAMPLE_COMMAND[command]))
-    if status in ALLOWED[command] or (status, command) == ("absent", CreateTask):
-        [event] = when.decide()
-        after = when.then([event])  # and evolve accepts it
-        to = TRANSITIONS[type(event)][1] if past else "pending"
-        assert after.version == len(past) + 1 and after.status == (to or status)
+    sample = SAMPLE_COMMAND[command]
+    when = task(past).when(cmd(command, **(sample(fold(past)) if callable(sample) else sample)))
+    if (command, status) in REFUSED:
+        when.then_raises(DomainError, REFUSED[command, status])
+    elif status in ALLOWED[command] or (status, command) == ("absent", CreateTask):
+        events = when.decide()
+        assert events, "an accepted command decided nothing"
+        after = when.then(events)  # and evolve accepts every event of the chain
+        assert after.version == len(past) + len(events)
+        if not past:
+            assert after.status == "pending"
     elif status == "absent":
         when.then_raises(DomainError, "no such task")
     else:
@@ -384,7 +470,8 @@ def test_envelope_comes_from_the_command():
 
 
 # -- codec round trip -----------------------------------------------------------------
-ALL_EVENTS = history("pending") + [ev(t, 20, causation_id="x:1", **_legal_case(t, s)[1]) for t, s in LEGAL]
+ALL_EVENTS = history("pending") + [ev(t, 20, causation_id="x:1", **payload) for event_type, status in LEGAL
+                                   for t, payload in _legal_case(event_type, status).chain]
 
 
 @pytest.mark.parametrize("event", ALL_EVENTS, ids=lambda e: e.__struct_config__.tag)
@@ -416,46 +503,95 @@ def test_decode_rejects(subject, data):
 
 # -- property: random command sequences keep the invariants ------------------------------
 _agent = st.sampled_from([A1, A2])
+_head = st.sampled_from([H1, H2, Q1])
+_runs = st.sampled_from([PASS, RED, FLAKY, INFRA, WAITING])
 _any_command = st.one_of(
-    st.builds(cmd, st.sampled_from([StartAnalysis, RecordAnalysis, CompleteTask, RetryTask])),
+    st.builds(cmd, st.sampled_from([StartAnalysis, RecordAnalysis, CompleteTask, RetryTask, RequestRerun,
+                                    ApprovePullRequest, CompleteMerge])),
     st.builds(cmd, st.sampled_from([AssignTask, StartTask, StartTests]), agent_id=_agent,
               at=st.integers(0, 7200).map(lambda s: AT + timedelta(seconds=s))),
-    st.builds(cmd, st.just(OpenPullRequest), agent_id=_agent, branch=st.just("b")),
+    st.builds(cmd, st.just(OpenPullRequest), agent_id=_agent, branch=st.just("b"), head_sha=_head),
     st.builds(cmd, st.just(FailTask), reason=st.just("x"), retryable=st.booleans(),
               agent_id=st.none() | _agent),
     st.builds(cmd, st.just(RequeueTask), reason=st.sampled_from(["agent_lost", "handed_back"]),
               agent_id=_agent),
     st.builds(cmd, st.just(CancelTask), force=st.booleans()),
     st.builds(cmd, st.just(CreateTask), task_id=st.just(TID), issue=st.just(ISSUE)),
+    st.builds(cmd, st.just(RecordChecks), head_sha=_head, checks=_runs,
+              base=st.sampled_from([{}, GREEN_BASE]), merge_queue=st.booleans()),
+    st.builds(cmd, st.just(ChecksTimedOut), waited=st.floats(0, 1e5)),
+    st.builds(cmd, st.just(RecordConflict), base_branch=st.just("main"), max_rebases=st.integers(0, 2)),
+    st.builds(cmd, st.just(ApprovePullRequest), by=st.sampled_from(["", "alice"]), merge_queue=st.booleans()),
+    st.builds(cmd, st.just(StartMergeTest), queue_ref=st.just("q"), queue_sha=_head),
+    st.builds(cmd, st.just(DequeueMerge), reason=st.just("x")),
 )
-_DETOURS = [cmd(FailTask, reason="x"), cmd(RetryTask), cmd(RequeueTask, reason="agent_lost", agent_id=A1)]
+_DETOURS = [cmd(FailTask, reason="x"), cmd(RetryTask), cmd(RequeueTask, reason="agent_lost", agent_id=A1),
+            cmd(CompleteTask)]  # (a person merges the pull request)
+_ON_THE_PR = [checks(H1, runs) for runs in (PASS, PASS, RED, RED, FLAKY, INFRA, WAITING)] + [
+    cmd(ChecksTimedOut, waited=3600), cmd(RequestRerun),
+    cmd(RecordConflict, base_branch="main", files=CHANGED),
+    cmd(ApprovePullRequest, by="alice", merge_queue=True), cmd(StartMergeTest, **MERGE_TEST),
+    cmd(DequeueMerge, reason="x"), cmd(CompleteMerge, merge_sha=M1)]
+_PUSHES = [H1, H2, "4" * 40, "5" * 40, "6" * 40]
 
 
 def _next_step(state, data):
-    """Mostly a plausible next step, by the assignee, so that deep states are reached."""
-    nxt = [c for c in _HAPPY * 4 + _DETOURS if state.status in ALLOWED[type(c)]]
+    """Mostly a plausible next step, by the assignee, on the awaited commit, so that deep
+    states (fix rounds, the merge queue) are reached."""
+    nxt = [c for c in HAPPY[:-1] * 4 + _DETOURS + _ON_THE_PR * 2 if state.status in ALLOWED[type(c)]]
     if not nxt or not data.draw(st.integers(0, 3)):
         return data.draw(_any_command)
     at = max(state.updated_at, state.not_before or AT) + timedelta(seconds=data.draw(st.integers(0, 60)))
     command = msgspec.structs.replace(data.draw(st.sampled_from(nxt)), at=at)
     if state.agent_id and hasattr(command, "agent_id"):
         command = msgspec.structs.replace(command, agent_id=state.agent_id)
+    if isinstance(command, RecordChecks):  # the checks of the commit awaited
+        command = msgspec.structs.replace(
+            command, head_sha=state.queue_sha if state.status == "merging" else state.head_sha)
+    if isinstance(command, OpenPullRequest):  # every push a new commit
+        command = msgspec.structs.replace(command, head_sha=data.draw(st.sampled_from(_PUSHES)))
     return command
 
 
-def _check_invariants(state, log):
+def _check_invariants(state: TaskState, log):
     assert 1 <= state.attempt <= state.max_attempts
+    assert state.attempt == 1 + sum(isinstance(e, TaskRequeued) for e in log)
     assert [e.version for e in log] == list(range(1, state.version + 1))
     if state.status in ("pending", "analyzing", "queued"):
         assert state.agent_id is None and not state.cancel_requested
-    if state.status in WITH_AGENT | {"review", "failed", "completed"}:
+    if state.status in WITH_AGENT | PR_OPEN | {"failed", "completed"}:
         assert state.agent_id is not None
     if state.not_before is not None:
         assert state.status in ("queued", "cancelled")
-    assigned = [e.attempt for e in log if isinstance(e, TaskAssigned)]  # one assignment per attempt
-    assert assigned == sorted(set(assigned)) and len(assigned) <= state.max_attempts
+    # attempts only grow; besides its first one, an attempt's assignments are fix/rebase rounds
+    assigned = [e.attempt for e in log if isinstance(e, TaskAssigned)]
+    assert assigned == sorted(assigned) and len(set(assigned)) <= state.max_attempts
+    assert len(assigned) <= sum(isinstance(e, (TaskAnalyzed, TaskRequeued, TaskFixQueued)) for e in log)
+    # CI fixes are counted apart from the attempts, and bounded (RecordChecks' default: 2)
+    fixes = [e.number for e in log if isinstance(e, TaskFixQueued) and e.kind == "ci_fix"]
+    assert fixes == list(range(1, state.ci_fixes + 1)) and state.ci_fixes <= 2
     if state.cancel_requested and state.status == "failed":
         assert not state.can_retry  # a requested cancel is never undone by a retry
+    if state.status == "failed" and state.failure_phase == "checks":
+        assert not state.can_retry  # CI fixes exhausted: a retry would not help
+    # the pull request's way to green
+    if state.checks_since is not None:
+        assert state.status in AWAITING_CHECKS
+    if state.status == "checking":
+        assert state.checks_since is not None and state.head_sha == log_last_push(log)
+    assert bool(state.needed) == (state.status == "needs_human")
+    if state.status in ("merge_queued", "merging"):
+        assert state.approved
+    if state.status == "merging":
+        assert state.queue_sha
+    if state.status == "completed" and isinstance(log[-1], TaskMerged):
+        assert not state.checks_since and not failing(state.checks)  # merged green only
+    if state.status in ("checks_failed", "conflicted"):
+        raise AssertionError(f"a decision rested in {state.status}, which a chain only passes through")
+
+
+def log_last_push(log) -> str:
+    return next(e.head_sha for e in reversed(log) if isinstance(e, TaskPullRequestOpened))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -463,7 +599,7 @@ def _check_invariants(state, log):
 def test_random_commands_keep_invariants(max_attempts, data):
     log = decide(None, cmd(CreateTask, task_id=TID, issue=ISSUE, max_attempts=max_attempts))
     state = fold(log)
-    for _ in range(data.draw(st.integers(0, 60))):
+    for _ in range(data.draw(st.integers(0, 80))):
         try:
             new = decide(state, _next_step(state, data))
         except DomainError:

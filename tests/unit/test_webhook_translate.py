@@ -9,13 +9,16 @@ import pytest
 from events.codec import decode_issue, encode
 from events.errors import ConfigError
 from events.issue import (
+    IssueBaseMoved,
     IssueCancelRequested,
     IssueChangesRequested,
+    IssueChecksStarted,
     IssueClosed,
     IssueCommented,
     IssueEdited,
     IssueLabeled,
     IssueOpened,
+    IssuePullRequestApproved,
     IssuePullRequestClosed,
     IssuePullRequestMerged,
     IssueReopened,
@@ -27,6 +30,7 @@ from infra.adapters.git.gitops import branch_name
 from infra.adapters.http.webhook import create_webhook_app, webhook_secret
 from infra.adapters.http.webhook_translate import (
     BadPayload,
+    CommitChecks,
     interpret,
     is_signed,
     mentions,
@@ -35,7 +39,21 @@ from infra.adapters.http.webhook_translate import (
     translate,
 )
 from infra.adapters.nats.issue_publisher import opened_event_id
-from tests.support.webhooks import BRANCH, REPO, SECRET, comment, on_task_branch, only, real, triggered
+from tests.support.webhooks import (
+    BRANCH,
+    REPO,
+    SECRET,
+    approved_review,
+    base_edited,
+    ci_on_task_branch,
+    comment,
+    on_task_branch,
+    only,
+    pushed,
+    real,
+    task_branch,
+    triggered,
+)
 
 
 def stamp(*at: int) -> int:
@@ -53,7 +71,11 @@ T_ISSUE = stamp(2019, 5, 15, 15, 20, 18)  # the issue's updated_at in the issues
     ("issues", "issues.edited", "not for @ccc"),
     ("issue_comment", "issue_comment.created", "not addressed to @ccc"),
     ("pull_request", "pull_request.closed", "not a task branch"),
-    ("pull_request_review", "pull_request_review.submitted", "not changes_requested"),
+    ("pull_request_review", "pull_request_review.submitted", "not changes_requested or approved"),
+    ("pull_request", "pull_request.synchronize", "not a task branch"),
+    ("check_run", "check_run.completed", "not a task branch"),
+    ("check_suite", "check_suite.completed", "not a task branch"),
+    ("workflow_run", "workflow_run.completed", "not a task branch"),
     ("pull_request_review_comment", "pull_request_review_comment.created", "not a task branch"),
     ("ping", "ping", "not handled"),
 ])
@@ -434,3 +456,129 @@ def test_a_delivery_without_its_timestamp_is_stale():
     p["comment"]["created_at"] = None
     result = interpret("issue_comment", p, "d", max_age=timedelta(minutes=15))
     assert result.stale and "no timestamp" in result.reason
+
+
+# -- a pull request's way to green (issue 12) -----------------------------------------------------
+SHA = "ec26c3e57ca3a959ca5aad62de7213c562f8c821"  # the head commit of the real check/PR payloads
+OTHER = "3484a3fb816e0859fd6e1cea078d76385ff50625"
+BEFORE = "f95f852bd8fca8fcc58a9a2d6c842781e32a215e"
+
+
+@pytest.mark.parametrize(("event", "name", "trigger"), [
+    ("check_run", "check_run.completed", "check_run.completed"),
+    ("check_run", "check_run.completed.failure", "check_run.completed"),
+    ("check_suite", "check_suite.completed", "check_suite.completed"),
+])
+def test_a_finished_check_of_a_task_branch_asks_for_the_commits_checks(event, name, trigger):
+    result = interpret(event, ci_on_task_branch(name), "d-ci")
+    assert result.events == [] and result.reason == ""
+    assert result.checks == CommitChecks(source="github", repo=REPO, number=1, head_sha=SHA, branch=BRANCH,
+                                         trigger=trigger, actor="github:Codertocat")
+    assert translate(event, ci_on_task_branch(name), "d-ci") == []  # no fact: the API decides
+
+
+def test_workflow_runs_completed_or_waiting_for_approval():
+    repo = "octo-org/octo-repo"
+    done = interpret("workflow_run", ci_on_task_branch("workflow_run.completed", number=3), "d")
+    assert done.checks == CommitChecks(source="github", repo=repo, number=3, head_sha=OTHER,
+                                       branch=task_branch(repo, 3), trigger="workflow_run.completed",
+                                       actor="github:Codertocat")
+    waiting = interpret("workflow_run", ci_on_task_branch("workflow_run.requested.action_required", number=3), "d")
+    assert waiting.checks is not None and waiting.checks.trigger == "workflow_run.requested"
+    # a run merely requested says nothing yet; a fork's run is not ours, whatever its branch
+    requested = ci_on_task_branch("workflow_run.requested.action_required", number=3)
+    requested["workflow_run"].update(status="queued", conclusion=None)
+    assert interpret("workflow_run", requested, "d").reason == \
+        "workflow run requested: its result comes when it completes"
+    fork = ci_on_task_branch("workflow_run.completed", number=3)
+    fork["workflow_run"]["head_repository"]["full_name"] = "mallory/octo-repo"
+    assert interpret("workflow_run", fork, "d").reason == "a workflow run of mallory/octo-repo, a fork"
+    assert interpret("workflow_run", real("workflow_run.completed") | {"action": "in_progress"}, "d").reason == \
+        "not handled: workflow_run.in_progress"
+
+
+def test_a_merge_queue_candidates_checks_are_asked_for_too():
+    p = ci_on_task_branch("check_suite.completed")
+    p["check_suite"]["head_branch"] = "ccc-queue/gh-Codertocat_Hello-World-1"
+    checks = interpret("check_suite", p, "d").checks
+    assert checks is not None and checks.candidate and (checks.number, checks.branch) == (
+        1, "ccc-queue/gh-Codertocat_Hello-World-1")
+    assert not interpret("check_suite", ci_on_task_branch("check_suite.completed"), "d").checks.candidate
+    for branch in ("ccc-queue/gh-Codertocat_Hello-World-1-x", "ccc-queue/gh-octo_other-1",
+                   "ccc-queue/Codertocat_Hello-World-1"):  # another repository's, a local task's
+        p["check_suite"]["head_branch"] = branch
+        assert "not a task branch" in interpret("check_suite", p, "d").reason
+
+
+def test_check_deliveries_are_checked():
+    p = ci_on_task_branch("check_suite.completed")
+    p["check_suite"]["head_sha"] = "HEAD; rm -rf /"
+    with pytest.raises(BadPayload, match="not a commit id"):
+        translate("check_suite", p, "d")
+    p = ci_on_task_branch("check_suite.completed")
+    p["check_suite"]["head_branch"] = None  # a commit no branch points at
+    assert interpret("check_suite", p, "d").reason == f"branch None is not a task branch of {REPO}"
+    from datetime import timedelta
+
+    late = interpret("check_run", ci_on_task_branch("check_run.completed"), "d",
+                     now=datetime(2019, 5, 15, 16, 0, tzinfo=UTC), max_age=timedelta(minutes=15))
+    assert late.stale and late.checks is None and late.reason.startswith("stale: check_run.completed")
+
+
+def test_a_push_to_a_task_pull_request_starts_its_checks():
+    event = only(translate("pull_request", on_task_branch("pull_request.synchronize"), "d"))
+    assert event == IssueChecksStarted(
+        event_id=f"github:{REPO}#1:pr2:sync:{SHA}", source="github", repo=REPO, number=1,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 33, tzinfo=UTC), actor="github:Codertocat",
+        head_sha=SHA, branch=BRANCH)
+    assert decode_issue(event.rel_subject, encode(event)) == event
+
+
+def test_a_base_edit_and_a_push_to_the_default_branch_move_the_base():
+    edit = only(translate("pull_request", base_edited("release", OTHER), "d"))
+    assert edit == IssueBaseMoved(
+        event_id=f"github:{REPO}#0:pr2:base:release:{OTHER}", source="github", repo=REPO, number=0,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 33, tzinfo=UTC), actor="github:Codertocat",
+        branch="release", sha=OTHER, before=BEFORE)
+    assert edit.rel_subject == "issue.github.Codertocat_Hello-World.0.base_moved"
+    title_only = on_task_branch("pull_request.synchronize") | {"action": "edited",
+                                                               "changes": {"title": {"from": "Old"}}}
+    assert interpret("pull_request", title_only, "d").reason == "pull request edited, its base branch unchanged"
+
+    push = only(translate("push", pushed("master", OTHER), "d"))
+    assert push == IssueBaseMoved(
+        event_id=f"github:{REPO}#0:base:master:{OTHER}", source="github", repo=REPO, number=0,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 32, tzinfo=UTC), actor="github:Codertocat",
+        branch="master", sha=OTHER, before=BEFORE)
+    assert decode_issue(push.rel_subject, encode(push)) == push
+    new_branch = only(translate("push", pushed("master", OTHER, before="0" * 40), "d"))
+    assert new_branch.before == ""
+    for payload, reason in [
+        (pushed("develop", OTHER), "a push to 'develop', not to the default branch 'master'"),
+        (pushed("master", OTHER) | {"ref": "refs/tags/v1.0"}, "a push to refs/tags/v1.0, not to a branch"),
+        (pushed("master", "0" * 40) | {"deleted": True}, "branch 'master' deleted"),
+    ]:
+        assert interpret("push", payload, "d").reason == reason
+    from datetime import timedelta
+
+    late = interpret("push", pushed("master", OTHER), "d", now=datetime(2019, 5, 15, 16, 0, tzinfo=UTC),
+                     max_age=timedelta(minutes=15))
+    assert late.stale and late.reason.startswith("stale: push")
+
+
+def test_an_approving_review_of_a_task_pull_request():
+    event = only(translate("pull_request_review", approved_review(), "d"))
+    assert event == IssuePullRequestApproved(
+        event_id=f"github:{REPO}#1:pr2:review:237895671", source="github", repo=REPO, number=1,
+        occurred_at=datetime(2019, 5, 15, 15, 20, 38, tzinfo=UTC), actor="github:Codertocat",
+        pr_number=2, branch=BRANCH, author="Codertocat", author_association="OWNER")
+    assert event.rel_subject == "issue.github.Codertocat_Hello-World.1.pr_approved"
+    untrusted = approved_review()
+    untrusted["review"]["author_association"] = "CONTRIBUTOR"
+    assert "untrusted author" in interpret("pull_request_review", untrusted, "d").reason
+    bot = approved_review()
+    bot["review"]["user"]["type"] = "Bot"
+    assert "is a bot" in interpret("pull_request_review", bot, "d").reason
+    other = approved_review()
+    other["pull_request"]["head"]["ref"] = "changes"
+    assert "not a task branch" in interpret("pull_request_review", other, "d").reason

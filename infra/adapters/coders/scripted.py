@@ -14,7 +14,10 @@ A script is JSON::
         ...]}
 
 Attempt *k* (1-based) replays ``attempts[min(k, len) - 1]``, so a script can fail its
-first attempt and succeed on the retry. ``edit`` needs ``old`` to occur exactly once
+first attempt and succeed on the retry. A round on the pull request's branch replays
+its own list the same way, by its number: CI fix *n* ``"ci_fixes"``, a rebase with
+conflicts ``"rebases"`` (each a list of ``{"steps": ..., "summary": ...}``, like
+``attempts``); a script without one fails that round, saying so. ``edit`` needs ``old`` to occur exactly once
 (as a real coder's edit tool does: an ambiguous edit is a failed step, not a guess).
 A ``run`` step's exit code is only recorded unless ``check`` is true.
 
@@ -70,8 +73,21 @@ class _Attempt(msgspec.Struct):
     summary: str = ""
 
 
-class _Script(msgspec.Struct):
+class Script(msgspec.Struct):
+    """A recorded session file (the format in the module's docstring)."""
+
     attempts: list[_Attempt]
+    ci_fixes: list[_Attempt] = msgspec.field(default_factory=list)
+    rebases: list[_Attempt] = msgspec.field(default_factory=list)
+
+    def session(self, request: CodeRequest) -> _Attempt | None:
+        """The recording for this request's round, or None if there is none."""
+        if request.work == "implement":
+            recorded, number = self.attempts, request.attempt
+        else:
+            recorded = self.ci_fixes if request.work == "ci_fix" else self.rebases
+            number = request.round
+        return recorded[min(max(number, 1), len(recorded)) - 1] if recorded else None
 
 
 _STEPS: dict[str, type[msgspec.Struct]] = {"write": _Write, "edit": _Edit, "delete": _Delete, "run": _Run}
@@ -113,13 +129,17 @@ class ScriptedCoder:
                 usage=usage,
             )
         try:
-            script = msgspec.json.decode(path.read_bytes(), type=_Script)
+            script = msgspec.json.decode(path.read_bytes(), type=Script)
             if not script.attempts:
                 raise msgspec.ValidationError("no attempts")
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             return CodeOutcome(summary="invalid recorded session", status="failed",
                                reason=f"invalid script {path.name}: {exc}", usage=usage)
-        attempt = script.attempts[min(max(request.attempt, 1), len(script.attempts)) - 1]
+        attempt = script.session(request)
+        if attempt is None:
+            key = "ci_fixes" if request.work == "ci_fix" else "rebases"
+            return CodeOutcome(summary="no recorded session", status="failed", usage=usage,
+                               reason=f"{path.name} records no {request.work} session (no {key!r})")
         return await self._replay(attempt, request, workspace, usage)
 
     async def _replay(
@@ -127,7 +147,8 @@ class ScriptedCoder:
     ) -> CodeOutcome:
         budget = request.budget
         deadline = time.monotonic() + budget.max_seconds
-        transcript: list[str] = [f"scripted session, attempt {request.attempt}: {len(attempt.steps)} steps"]
+        which = f"attempt {request.attempt}" + (f", {request.work} {request.round}" if request.work != "implement" else "")
+        transcript: list[str] = [f"scripted session, {which}: {len(attempt.steps)} steps"]
         turns = 0
 
         def outcome(status: CodeStatus, summary: str, reason: str = "") -> CodeOutcome:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import requests
 import urllib3
-from github import GithubException, RateLimitExceededException
+from github import Github, GithubException, RateLimitExceededException
 
 from events.errors import CccError
 from events.subjects import check_repo
@@ -39,10 +39,22 @@ def check_github_repo(repo: str) -> str:
 
 class GitHubCalls:
     """Runs PyGithub calls off the event loop and turns their failures into forge
-    errors. :class:`~infra.adapters.forge.github.GitHubForge` sets ``_executor`` and ``_token``."""
+    errors. :class:`~infra.adapters.forge.github.GitHubForge` sets ``_executor``, ``_token``
+    and ``_gh``; :meth:`call` lends the client to adapters built on the forge."""
 
     _executor: ThreadPoolExecutor
     _token: str | None
+    _gh: Github
+
+    # -- for adapters built on a forge (infra.adapters.forge.github_checks) ---------
+    async def call(self, what: str, fn: Callable[[Github], T]) -> T:
+        """``fn(client)`` on the forge's thread pool, with the forge's PyGithub client,
+        its failures translated into forge errors (``what`` names the call in them)."""
+        return await self._run(what, lambda: fn(self._gh))
+
+    def mask(self, text: str) -> str:
+        """``text`` with the forge's credentials masked (for an error message)."""
+        return self._mask(text)
 
     # -- plumbing -------------------------------------------------------------------
     async def _run(self, what: str, fn: Callable[[], T]) -> T:

@@ -23,7 +23,12 @@ from infra.adapters.forge.github_api import GitHubCalls, check_github_repo
 STATE_LABELS: dict[str, tuple[str, str]] = {  # name -> (colour, description)
     "ccc:queued": ("fbca04", "claude-code-cluster: waiting for an agent"),
     "ccc:in-progress": ("1d76db", "claude-code-cluster: an agent is working on it"),
-    "ccc:review": ("5319e7", "claude-code-cluster: pull request open"),
+    "ccc:checking": ("c5def5", "claude-code-cluster: pull request open, checks running"),
+    "ccc:checks-failed": ("e99695", "claude-code-cluster: checks failed, deciding what next"),
+    "ccc:review": ("5319e7", "claude-code-cluster: pull request green, waiting for review"),
+    "ccc:needs-human": ("b60205", "claude-code-cluster: a person must act (see the comment)"),
+    "ccc:conflicted": ("f9d0c4", "claude-code-cluster: conflicts with its base, rebasing"),
+    "ccc:merge-queue": ("0052cc", "claude-code-cluster: in the merge queue"),
     "ccc:done": ("0e8a16", "claude-code-cluster: done"),
     "ccc:failed": ("d73a4a", "claude-code-cluster: failed"),
     "ccc:cancelled": ("cfd3d7", "claude-code-cluster: cancelled"),

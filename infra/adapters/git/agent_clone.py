@@ -22,6 +22,15 @@ agent runs git on the workspace's ``.git`` never again:
 * it is pushed from here, with the forge's host-scoped credentials and this clone's
   config, which only the agent ever wrote.
 
+A round on a pull request's existing branch (a CI fix, a rebase) starts the same way,
+then fetches the branch and its base from the forge into this clone
+(:meth:`AgentClone.open_branch`), rebases it here (:meth:`AgentClone.rebase`: ``git
+rebase`` in a scratch clone of this one, never in the workspace) and records where the
+round's commit goes (``parent``: the branch's head), what the change is measured
+against (``base``: where the branch leaves its base, so the push checks see all the pull
+request changes, not only the round's part) and the push's lease (the branch's head on
+the forge when the round started: a push someone made since is never overwritten).
+
 git's own advice for an untrusted ``.git`` is the same: do not run git in it, clone it
 (git(1), "SECURITY").
 """
@@ -30,8 +39,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +50,7 @@ from typing import NamedTuple
 
 from events.errors import CccError
 from events.secrets import Masker, process_masker
+from events.work import BranchRound, ConflictedFile, Rebase
 
 from infra.adapters.git import gitops
 from infra.adapters.git.cleanup import remove_tree
@@ -49,6 +61,16 @@ _GITLINK = "160000"
 _DELETED = "000000"
 _WORK_TREE_ID = "ccc.worktreeid"  # our config: the work tree's device and inode at the clone
 _BRANCH = "ccc.branch"
+# a round on a pull request's branch: what the change is measured against, where its
+# commit goes, the push's lease, and the base branch with its commit as fetched
+_BASE = "ccc.base"
+_PARENT = "ccc.parent"
+_LEASE = "ccc.lease"
+_UPSTREAM = "ccc.upstream"
+_ONTO = "ccc.onto"
+CONFLICTS_REF = "refs/ccc/conflicts"  # the branch's net change on the base, conflict markers in it
+_MARKER = re.compile(rb"^(<{7}|>{7})( |$)", re.MULTILINE)
+_MAX_REGIONS = 6000  # characters of one file's conflicting regions shown to the coder
 _WORK_TREE_FILE = "ccc-work-tree"  # the work tree's path, for the clean-up (no git needed)
 
 
@@ -97,13 +119,20 @@ class AgentClone:
         # git trusts the stat data of an index to skip re-hashing unchanged files: the
         # workspace's index, fresh from the checkout, gives ours that head start
         # (copy2 keeps its mtime, which git's racy-file check compares against)
-        index = Path(gitops.git_output(clone.work_tree, "rev-parse", "--absolute-git-dir"), "index")
-        if index.is_file():
-            shutil.copy2(index, clone.git_dir / "index")
+        clone.adopt_index()
         st = os.lstat(clone.work_tree)
         clone._git("config", _WORK_TREE_ID, f"{st.st_dev}:{st.st_ino}")
         (clone.git_dir / _WORK_TREE_FILE).write_text(os.path.abspath(clone.work_tree))
         return clone
+
+    def adopt_index(self) -> None:
+        """Take the workspace's index, right after our own git checked the workspace out
+        (before the coder or any command ran): its stat data spares re-hashing unchanged
+        files, and what it tracks stays tracked even where ``.gitignore`` matches. Called
+        only then: later the workspace's ``.git`` is the model's."""
+        index = Path(gitops.git_output(self.work_tree, "rev-parse", "--absolute-git-dir"), "index")
+        if index.is_file():
+            shutil.copy2(index, self.git_dir / "index")
 
     def exists(self) -> bool:
         return (self.git_dir / "HEAD").is_file()
@@ -122,11 +151,24 @@ class AgentClone:
     def _out(self, *args: str, env: Mapping[str, str] | None = None) -> str:
         return self._git(*args, env=env)[1].decode("utf-8", "replace").strip()
 
+    def _config(self, key: str) -> str | None:
+        status, out, _ = self._git("config", "--get", key, check=False)
+        return out.decode().strip() if status == 0 else None
+
     def base(self) -> str | None:
-        """The commit the task started from (the default branch as cloned), or None for
-        a repository without commits."""
+        """The commit the change is measured against: the default branch as cloned (None
+        for a repository without commits); in a round on a pull request's branch, where the
+        branch leaves its base (the base's latest commit once rebased on it)."""
+        fixed = self._config(_BASE)
+        if fixed:
+            return fixed
         status, out, _ = self._git("rev-parse", "-q", "--verify", "HEAD^{commit}", check=False)
         return out.decode().strip() if status == 0 else None
+
+    def parent(self) -> str | None:
+        """The commit the change's commit goes on: the base, or in a round the branch's
+        head (rebased, or the new base itself when the coder resolves conflicts)."""
+        return self._config(_PARENT) or self.base()
 
     def default_branch(self) -> str:
         return self._out("symbolic-ref", "--short", "HEAD")
@@ -140,6 +182,167 @@ class AgentClone:
 
     def branch(self) -> str:
         return self._out("config", "--get", _BRANCH)
+
+    # -- a round on a pull request's existing branch -------------------------------------
+    def open_branch(self, branch: str, base_branch: str, *, env: Mapping[str, str] | None = None) -> BranchRound:
+        """Fetch ``branch`` and ``base_branch`` from ``origin`` (the forge) as they are now,
+        with ``env``'s credentials: the branch's head becomes the commit the round's commit
+        goes on and the push's lease; the change is measured from where it leaves the base."""
+        self.start_branch(branch)
+        status, _, _ = self._git("check-ref-format", "--branch", base_branch, check=False)
+        if status != 0:
+            raise gitops.GitOperationError(f"invalid base branch name {base_branch!r}", retryable=False)
+        status, _, err = self._git(
+            "fetch", "-q", "--no-tags", "--no-write-fetch-head", "origin",
+            f"+refs/heads/{branch}:refs/remotes/origin/{branch}",
+            f"+refs/heads/{base_branch}:refs/remotes/origin/{base_branch}", env=env, check=False)
+        if status != 0:
+            text = gitops.redact(err.strip())
+            if "couldn't find remote ref" in text:
+                raise gitops.GitOperationError(f"{branch} or {base_branch} is not on the forge: {text}",
+                                               retryable=False)
+            raise gitops.GitOperationError(f"fetching {branch} and {base_branch} failed: {text}")
+        head = self._out("rev-parse", f"refs/remotes/origin/{branch}^{{commit}}")
+        onto = self._out("rev-parse", f"refs/remotes/origin/{base_branch}^{{commit}}")
+        status, out, _ = self._git("merge-base", onto, head, check=False)
+        if status != 0:
+            raise gitops.GitOperationError(f"{branch} shares no history with {base_branch}", retryable=False)
+        fork_point = out.decode().strip()
+        self._git("update-ref", f"refs/heads/{branch}", head)
+        for key, value in ((_UPSTREAM, base_branch), (_ONTO, onto), (_BASE, fork_point),
+                           (_PARENT, head), (_LEASE, head)):
+            self._git("config", key, value)
+        return BranchRound(branch=branch, base_branch=base_branch, head=head, base=onto, fork_point=fork_point)
+
+    def _round(self) -> tuple[str, str, str]:
+        """(branch, base branch, the base's commit as fetched) of the open round."""
+        upstream, onto = self._config(_UPSTREAM), self._config(_ONTO)
+        if not upstream or not onto:
+            raise gitops.GitOperationError("no pull request branch was opened in this clone", retryable=False)
+        return self.branch(), upstream, onto
+
+    def rebase(self, message: str, author_name: str, author_email: str) -> Rebase:
+        """Rebase the branch on the base's commit as fetched, mechanically: ``git rebase``
+        (in a scratch clone of this one); where only that commit-by-commit replay conflicts
+        and the branch's net change still merges cleanly (e.g. the branch had merged the
+        base itself), that net change as one commit (``message``) on the base. Where the
+        change and the base really collide, nothing is changed and the conflicting files
+        are returned, both sides shown; :data:`CONFLICTS_REF` then holds the change on the
+        base with the conflict markers in it, for :meth:`start_on_conflicts`."""
+        branch, upstream, onto = self._round()
+        head = self._out("rev-parse", f"refs/heads/{branch}")
+        if self._git("merge-base", "--is-ancestor", onto, head, check=False)[0] == 0:
+            self._move(head, onto)
+            return Rebase(status="up_to_date", head=head, base=onto)
+        identity = gitops.identity_env(author_name, author_email)
+        new = self._replay(head, onto, identity)
+        squashed = False
+        if new is None:
+            tree, conflicts = self._merge(f"origin/{upstream}", branch)
+            if conflicts:
+                marked = self._out("commit-tree", tree, "-p", onto, "-m",
+                                   f"{branch} on {upstream}, with conflicts", env=identity)
+                self._git("update-ref", CONFLICTS_REF, marked)
+                return Rebase(status="conflicts", head=head, base=onto, conflicts=conflicts)
+            squashed = True  # (a net change of nothing leaves the branch at the base)
+            empty = tree == self._out("rev-parse", f"{onto}^{{tree}}")
+            new = onto if empty else self._out("commit-tree", tree, "-p", onto, "-m", message, env=identity)
+        self._move(new, onto)
+        return Rebase(status="rebased", head=new, base=onto, squashed=squashed)
+
+    def start_on_conflicts(self) -> tuple[str, str]:
+        """After a :meth:`rebase` with conflicts: the round's commit goes on the base, and
+        is measured against it. Returns (the commit with the markers, the base)."""
+        _, _, onto = self._round()
+        marked = self._out("rev-parse", "-q", "--verify", f"{CONFLICTS_REF}^{{commit}}")
+        self._move(onto, onto)
+        return marked, onto
+
+    def _move(self, head: str, base: str) -> None:
+        self._git("update-ref", f"refs/heads/{self.branch()}", head)
+        self._git("config", _PARENT, head)
+        self._git("config", _BASE, base)
+
+    def _replay(self, head: str, onto: str, identity: Mapping[str, str]) -> str | None:
+        """``git rebase`` of ``head`` on ``onto`` in a scratch clone of this one (ours too:
+        under the agent's clones, never seen by a sandbox); the new head, fetched back into
+        this clone, or None when a commit does not apply."""
+        with tempfile.TemporaryDirectory(dir=self.git_dir.parent, prefix=f"{self.git_dir.name}.rebase-") as tmp:
+            work = Path(tmp, "work")
+            gitops.run_git(tmp, "clone", "-q", "--shared", "--no-checkout", "--no-tags", "--",
+                           str(self.git_dir), str(work))
+            gitops.run_git(work, "checkout", "-q", "--detach", head)
+            status, _, err = gitops.run_git(work, "rebase", "-q", "--no-autosquash", "--no-autostash", onto,
+                                            env=identity, check=False)
+            if status != 0:
+                git_dir = work / ".git"
+                if (git_dir / "rebase-merge").is_dir() or (git_dir / "rebase-apply").is_dir():
+                    return None  # a commit did not apply: the scratch clone goes, nothing else changed
+                raise gitops.GitOperationError(f"git rebase failed ({status}): {gitops.redact(err.strip())}")
+            self._git("fetch", "-q", "--no-tags", "--no-write-fetch-head", str(work), "+HEAD:refs/ccc/rebased")
+        return self._out("rev-parse", "refs/ccc/rebased")
+
+    def _merge(self, ours: str, theirs: str) -> tuple[str, tuple[ConflictedFile, ...]]:
+        """``git merge-tree`` of ``theirs`` (the branch) into ``ours`` (the base): the
+        merged tree (conflict markers in it, diff3 style: the fork point's version too)
+        and the conflicting files."""
+        status, out, err = self._git("-c", "merge.conflictStyle=diff3", "merge-tree", "--write-tree", "-z",
+                                     "--name-only", ours, theirs, check=False)
+        if status not in (0, 1):
+            raise gitops.GitOperationError(f"git merge-tree failed ({status}): {gitops.redact(err.strip())}")
+        fields = out.decode("utf-8", "surrogateescape").split("\0")
+        tree, rest = fields[0], fields[1:]
+        if status == 0:
+            return tree, ()
+        end = rest.index("") if "" in rest else len(rest)
+        paths = list(dict.fromkeys(rest[:end]))
+        messages: dict[str, list[str]] = {p: [] for p in paths}
+        info, i = rest[end + 1:], 0
+        while i < len(info) and info[i].isdigit():  # <n> <path>... <type> <message>
+            n = int(info[i])
+            named, kind, text = info[i + 1:i + 1 + n], info[i + 1 + n], info[i + 2 + n]
+            i += 3 + n
+            if kind.startswith("CONFLICT"):
+                for p in named:
+                    if p in messages:
+                        messages[p].append(text.strip())
+        return tree, tuple(ConflictedFile(path=p, messages=tuple(messages[p]), regions=self._regions(tree, p))
+                           for p in paths)
+
+    def _regions(self, tree: str, path: str) -> str:
+        """The conflicting regions of ``path`` in ``tree``, three lines around each (what
+        a resolver needs to see), cut at :data:`_MAX_REGIONS` characters."""
+        status, data, _ = self._git("cat-file", "blob", f"{tree}:{path}", check=False)
+        if status != 0 or b"\0" in data[:8000]:
+            return ""
+        lines = data.decode("utf-8", "replace").splitlines()
+        keep: set[int] = set()
+        start = None
+        for n, line in enumerate(lines):
+            if line.startswith("<<<<<<<"):
+                start = n
+            elif line.startswith(">>>>>>>") and start is not None:
+                keep.update(range(max(0, start - 3), min(len(lines), n + 4)))
+                start = None
+        out, last = [], -2
+        for n in sorted(keep):
+            if n != last + 1:
+                out.append(f"@@ line {n + 1} @@")
+            out.append(lines[n])
+            last = n
+        text = "\n".join(out)
+        return text if len(text) <= _MAX_REGIONS else text[:_MAX_REGIONS] + "\n[... cut]"
+
+    def markers_left(self, paths: list[str] | tuple[str, ...]) -> list[str]:
+        """Which of ``paths`` still hold a conflict marker line (``<<<<<<<``/``>>>>>>>``)
+        in the workspace's files (a deleted path holds none)."""
+        tree = self.snapshot()
+        left = []
+        for path in paths:
+            status, data, _ = self._git("cat-file", "blob", f"{tree}:{path}", check=False)
+            if status == 0 and _MARKER.search(data):
+                left.append(path)
+        return left
 
     # -- the change ------------------------------------------------------------------
     def snapshot(self) -> str:
@@ -159,8 +362,16 @@ class AgentClone:
         return self.base() or gitops.EMPTY_TREE
 
     def changed_files(self) -> list[str]:
-        out = self._git("diff-tree", "-r", "-z", "--name-only", "--no-renames", self._base_tree(),
-                        self.snapshot())[1]
+        """What the change touches: the workspace's files against :meth:`base`."""
+        return self._changed(self._base_tree())
+
+    def edited_files(self) -> list[str]:
+        """What the workspace's files change against :meth:`parent`: this round's part."""
+        parent = self.parent()
+        return self._changed(parent or gitops.EMPTY_TREE)
+
+    def _changed(self, since: str) -> list[str]:
+        out = self._git("diff-tree", "-r", "-z", "--name-only", "--no-renames", since, self.snapshot())[1]
         return sorted(p for p in out.decode("utf-8", "surrogateescape").split("\0") if p)
 
     def diff(self, *, binary: bool = False) -> str:
@@ -175,14 +386,15 @@ class AgentClone:
         return out or "0 files changed, 0 insertions(+), 0 deletions(-)"
 
     def commit(self, message: str, author_name: str, author_email: str) -> str:
-        """Commit the workspace's files on the base as the task's branch; returns the sha."""
+        """Commit the workspace's files on :meth:`parent` (the base; in a round, the
+        branch's head) as the task's branch; returns the sha."""
         if not message.strip():
             raise gitops.GitOperationError("empty commit message", retryable=False)
         tree = self.snapshot()
-        base = self.base()
-        if tree == (self._out("rev-parse", f"{base}^{{tree}}") if base else gitops.EMPTY_TREE):
+        parent = self.parent()
+        if tree == (self._out("rev-parse", f"{parent}^{{tree}}") if parent else gitops.EMPTY_TREE):
             raise gitops.NothingToCommit(f"no change to commit in {self.work_tree}")
-        parents = ["-p", base] if base else []
+        parents = ["-p", parent] if parent else []
         sha = self._out("commit-tree", tree, *parents, "-m", message,
                         env=gitops.identity_env(author_name, author_email))
         self._git("update-ref", f"refs/heads/{self.branch()}", sha)
@@ -191,12 +403,15 @@ class AgentClone:
     # -- checked, then pushed ----------------------------------------------------------
     def push(self, *, env: Mapping[str, str] | None = None, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
              masker: Masker | None = None) -> str:
-        """Check the committed change (:func:`check_change`), then push it as the task's
-        branch to ``origin`` (the forge) with ``env``'s credentials; returns the sha."""
+        """Check the committed change (:func:`check_change`: all the branch changes
+        against :meth:`base`), then push it as the task's branch to ``origin`` (the forge)
+        with ``env``'s credentials, in a round leased on the branch's head when the round
+        started; returns the sha."""
         branch = self.branch()
         sha = self._out("rev-parse", f"refs/heads/{branch}")
         check_change(self.git_dir, self.base(), sha, max_file_bytes=max_file_bytes, masker=masker)
-        return gitops.push(self.git_dir, branch, env={**(env or {}), "GIT_DIR": str(self.git_dir)})
+        return gitops.push(self.git_dir, branch, env={**(env or {}), "GIT_DIR": str(self.git_dir)},
+                           lease=self._config(_LEASE))
 
 
 def remove_orphans(clones_dir: Path | str, max_age: float) -> list[Path]:
@@ -341,4 +556,5 @@ def check_change(
                                f"{first.line!r}{more}): not pushed")
 
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "AgentClone", "Entry", "UnsafeChange", "check_change", "remove_orphans"]
+__all__ = ["CONFLICTS_REF", "DEFAULT_MAX_FILE_BYTES", "AgentClone", "Entry", "UnsafeChange", "check_change",
+           "remove_orphans"]

@@ -151,6 +151,27 @@ def create_branch(repo_dir: Path | str, name: str) -> None:
     run_git(repo_dir, "checkout", "-q", "--no-track", "-B", name)
 
 
+def check_out_from(repo_dir: Path | str, source: Path | str, ref: str, branch: str, *,
+                   head_at: str | None = None) -> None:
+    """Check out ``ref`` of the repository at ``source`` (the agent's own clone) as
+    ``branch`` in the clone at ``repo_dir``: for a round on a pull request's branch, so the
+    coder finds the branch checked out, its git clean. ``head_at`` (a commit of ``ref``'s
+    history) moves the branch back there, the index and the files staying as ``ref`` has
+    them: what ``ref`` adds shows as a staged change (a rebase's conflicts to resolve).
+
+    For a workspace before the coder or any command ran in it (its ``.git`` is still the
+    one our clone made); ``source`` is a local path, so no credentials are involved."""
+    status, _, _ = run_git(repo_dir, "check-ref-format", "--branch", branch, check=False)
+    if status != 0:
+        raise GitOperationError(f"invalid branch name {branch!r}", retryable=False)
+    run_git(repo_dir, "fetch", "-q", "--no-tags", "--no-write-fetch-head", str(source),
+            f"+{ref}:refs/ccc/start")
+    run_git(repo_dir, "checkout", "-q", "-f", "--no-track", "-B", branch, "refs/ccc/start")
+    if head_at is not None:
+        run_git(repo_dir, "reset", "-q", "--soft", head_at)
+    run_git(repo_dir, "update-ref", "-d", "refs/ccc/start")
+
+
 def branch_name(task_id: str, title: str, max_slug: int = 40) -> str:
     """``ccc/task-<task_id>-<slug>``: stable per task, so every attempt pushes the same
     branch, and readable in a PR list."""
@@ -233,20 +254,25 @@ def commit_all(repo_dir: Path | str, message: str, author_name: str, author_emai
 
 
 def push(
-    repo_dir: Path | str, branch: str, remote: str = "origin", *, env: Mapping[str, str] | None = None
+    repo_dir: Path | str, branch: str, remote: str = "origin", *, env: Mapping[str, str] | None = None,
+    lease: str | None = None,
 ) -> str:
     """Push ``branch``; returns the pushed sha.
 
     Our own ``ccc/`` branches are force-pushed *with a lease*: a retry attempt starts
     from a fresh clone and pushes the same branch name again, replacing the previous
     attempt, but only if the remote branch is still what we saw just before pushing.
-    Other branches are never forced."""
+    A round on a pull request's existing branch (a CI fix, a rebase) passes ``lease``:
+    the branch's commit when the round started, so a push someone made to the branch
+    since is never overwritten (``PushRejected``). Other branches are never forced (a
+    push on top of a branch that moved is then refused as not a fast-forward)."""
     sha = git_output(repo_dir, "rev-parse", f"refs/heads/{branch}")
     args = ["push", "--porcelain", "--no-verify", remote]
     if branch.startswith(OWN_BRANCH_PREFIX):
-        out = git_output(repo_dir, "ls-remote", remote, f"refs/heads/{branch}", env=env)
-        seen = out.split()[0] if out else ""  # "" = the branch must not exist yet
-        args.append(f"--force-with-lease=refs/heads/{branch}:{seen}")
+        if lease is None:
+            out = git_output(repo_dir, "ls-remote", remote, f"refs/heads/{branch}", env=env)
+            lease = out.split()[0] if out else ""  # "" = the branch must not exist yet
+        args.append(f"--force-with-lease=refs/heads/{branch}:{lease}")
     args.append(f"refs/heads/{branch}:refs/heads/{branch}")
     status, out_b, err = run_git(repo_dir, *args, env=env, check=False)
     if status != 0:

@@ -17,6 +17,12 @@ Git after the clone goes through the agent's own clone of each workspace
 task directory and so outside every sandbox): the change is the workspace's files as
 that clone's git sees them, and it is committed, checked and pushed there, never with
 the workspace's ``.git`` (the model's to rewrite).
+
+A round on a pull request's existing branch (a CI fix, a rebase: :meth:`GitWorkbench.
+open_branch`, :meth:`~GitWorkbench.rebase`, :meth:`~GitWorkbench.check_out_conflicts`)
+fetches and rebases in the agent's clone, then checks the result out in the workspace
+with the workspace's own git, from the agent's clone (a local path: no credentials),
+before the coder or any command ran there, so the coder finds the branch checked out.
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ from typing import Any
 import structlog
 
 from events.errors import ConfigError
-from events.work import TestCounts
+from events.work import BranchRound, Rebase, TestCounts
 
 from infra.adapters.git import gitops
-from infra.adapters.git.agent_clone import DEFAULT_MAX_FILE_BYTES, AgentClone, remove_orphans
+from infra.adapters.git.agent_clone import CONFLICTS_REF, DEFAULT_MAX_FILE_BYTES, AgentClone, remove_orphans
 from infra.adapters.git.cleanup import cleanup_expired, remove_tree
 from infra.adapters.git.sandbox import (
     MAX_SANDBOX_FILE,
@@ -115,6 +121,37 @@ class GitWorkbench:
 
     def head_sha(self, repo_dir: Path) -> str | None:
         return self._cloned(repo_dir).base()
+
+    # -- a round on a pull request's existing branch ----------------------------------------
+    def open_branch(self, repo_dir: Path, branch: str, base_branch: str, *,
+                    env: Mapping[str, str] | None = None) -> BranchRound:
+        clone = self._cloned(repo_dir)
+        opened = clone.open_branch(branch, base_branch, env=env)
+        self._check_out(clone, f"refs/heads/{branch}", branch)
+        return opened
+
+    def rebase(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> Rebase:
+        clone = self._cloned(repo_dir)
+        outcome = clone.rebase(message, author_name, author_email)
+        if outcome.status == "rebased":
+            self._check_out(clone, f"refs/heads/{clone.branch()}", clone.branch())
+        return outcome
+
+    def check_out_conflicts(self, repo_dir: Path) -> None:
+        clone = self._cloned(repo_dir)
+        _, base = clone.start_on_conflicts()
+        self._check_out(clone, CONFLICTS_REF, clone.branch(), head_at=base)
+
+    @staticmethod
+    def _check_out(clone: AgentClone, ref: str, branch: str, *, head_at: str | None = None) -> None:
+        gitops.check_out_from(clone.work_tree, clone.git_dir, ref, branch, head_at=head_at)
+        clone.adopt_index()
+
+    def conflict_markers(self, repo_dir: Path, paths: list[str] | tuple[str, ...]) -> list[str]:
+        return self._cloned(repo_dir).markers_left(paths)
+
+    def edited_files(self, repo_dir: Path) -> list[str]:
+        return self._cloned(repo_dir).edited_files()
 
     def branch_name(self, task_id: str, title: str) -> str:
         return gitops.branch_name(task_id, title)

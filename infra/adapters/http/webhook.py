@@ -21,6 +21,14 @@ Order of checks, each answered before the next is attempted:
    (``author_permission``, which the intake checks again), and a delivery from anyone
    else is answered 202 with the reason. The lookup failing -> 503 (nobody is trusted on
    a guess). Without it the association alone decides; the receiver says so when it starts.
+5b. A CI delivery (a check run, check suite or workflow run of a task branch's commit
+   finished) translates into a commit to read, not a fact: with ``checks`` (the GitHub
+   checks collector, :class:`infra.adapters.forge.github_checks.GitHubChecks`) the API
+   is asked whether every check of the commit has finished; the last delivery to find them
+   all done publishes ``issue.checks_completed``, the others are answered 202 with what is
+   still running. The API failing -> 503 (a later delivery of the commit, or the operator's
+   redelivery, reads again); refusing (credentials, a vanished commit) -> 202 with why.
+   Without ``checks`` such deliveries are answered 202: nothing can read them.
 6. Each fact is published with ``Nats-Msg-Id`` = its ``event_id`` (derived from what
    happened, not from the delivery), so a redelivered webhook, or a captured one replayed
    with a new delivery id, is a no-op: 200, ``duplicate: true``. NATS unreachable -> 503;
@@ -36,7 +44,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import msgspec
@@ -54,12 +62,14 @@ from infra.adapters.http.webhook_translate import (
     DEFAULT_MAX_AGE,
     DEFAULT_TRUST,
     BadPayload,
+    CommitChecks,
     interpret,
     is_signed,
 )
 from infra.adapters.nats.issue_publisher import publish_issue
 
 __all__ = [
+    "ChecksCollector",
     "MAX_MAX_AGE",
     "Outcome",
     "PermissionLookup",
@@ -85,6 +95,8 @@ WEBHOOK_RATE_LIMIT = RateLimit(rate=20.0, burst=100)
 MAX_BODY_BYTES = 5 * 1024 * 1024  # real deliveries are tens of KB; GitHub caps at 25 MB
 _DELIVERY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")  # a GUID; it goes into a NATS header
 _EVENT = re.compile(r"^[a-z_]{1,64}$")
+NO_CHECKS_READER = ("a commit's checks are read through the GitHub API, and this receiver runs without "
+                    "GitHub credentials (set GITHUB_TOKEN or GITHUB_APP_*)")
 MAX_MAX_AGE = timedelta(hours=12)
 """The widest freshness window allowed: it must stay inside the issue stream's 24 h
 dedup window, or a replay could be too old for dedup and still young enough to count."""
@@ -96,6 +108,13 @@ Publisher = Callable[[IssueEvent], Awaitable[tuple[int, bool]]]
 PermissionLookup = Callable[[str, str], Awaitable[str]]
 """``(repo, login) -> permission`` (``admin``, ``maintain``, ``write``, ``triage``, ``read``
 or ``none``); raises a :class:`~events.errors.CccError` when it cannot tell."""
+
+
+class ChecksCollector(Protocol):
+    """Reads a commit's checks through the forge's API (step 5b of the module docstring):
+    the fact once they have all finished, else None and why not yet."""
+
+    async def collect(self, commit: CommitChecks) -> tuple[IssueEvent | None, str]: ...
 
 
 def utcnow() -> datetime:
@@ -151,11 +170,14 @@ def create_webhook_app(
     is_connected: Callable[[], bool] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
     rate_limit: RateLimit = WEBHOOK_RATE_LIMIT, max_age: timedelta = DEFAULT_MAX_AGE,
     permissions: PermissionLookup | None = None, clock: Callable[[], datetime] = utcnow,
+    checks: ChecksCollector | None = None,
 ) -> Litestar:
     """The receiver. ``secret`` is the webhook's shared secret (never empty); ``trust``
     says whose facts, on which repositories, are published (the rest: 202 with why);
     ``max_age`` how old a delivery may be (by ``clock``); ``permissions`` looks up an
-    author's permission on the repository (None: the association alone decides)."""
+    author's permission on the repository (None: the association alone decides);
+    ``checks`` reads a commit's checks when a CI delivery says one may be done (None:
+    CI deliveries are answered 202)."""
     if not secret:
         raise ConfigError(f"{SECRET_ENV}: a webhook secret is required (unsigned deliveries are refused)")
     if not timedelta(0) < max_age <= MAX_MAX_AGE:
@@ -205,6 +227,18 @@ def create_webhook_app(
         except BadPayload as e:
             return _error(400, "bad_request", str(e), **ctx)
         facts, reason = result.events, result.reason
+        if result.checks is not None:
+            if checks is None:
+                reason = NO_CHECKS_READER
+            else:
+                try:
+                    fact, reason = await checks.collect(result.checks)
+                except CccError as e:
+                    if e.retryable:
+                        return _error(503, "service_unavailable", f"cannot read the checks: {e}", **ctx)
+                    log.warning("webhook.checks_unreadable", error=str(e), **ctx)
+                    fact, reason = None, f"cannot read the checks: {e}"
+                facts = [fact] if fact is not None else []
         if facts:
             try:
                 facts, reason = await with_permissions(facts)
@@ -272,14 +306,14 @@ class WebhookServer(Served):
                  source: str = "github", trust: TrustPolicy = DEFAULT_TRUST,
                  publish_timeout: float = 5.0, rate_limit: RateLimit = WEBHOOK_RATE_LIMIT,
                  max_age: timedelta = DEFAULT_MAX_AGE, permissions: PermissionLookup | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, checks: ChecksCollector | None = None) -> None:
         self.http = HttpService(host, port, name="webhook receiver")
         self.checks_permissions = permissions is not None
         self.app = create_webhook_app(
             nats_publisher(nc, ns, timeout=publish_timeout), secret=secret or webhook_secret(),
             trigger_label=trigger_label, bot_name=bot_name, source=source, trust=trust,
             is_connected=lambda: bool(nc.is_connected), rate_limit=rate_limit, max_age=max_age,
-            permissions=permissions, clock=clock,
+            permissions=permissions, clock=clock, checks=checks,
         )
 
     async def start(self) -> int:

@@ -35,6 +35,24 @@ timestamp is refused too: its age cannot be told.
 Associations are only the first filter: the receiver
 (:mod:`infra.adapters.http.webhook`) asks GitHub for the author's permission on the
 repository when it can, and writes it on the fact.
+
+A pull request's way to green (issue 12):
+
+* ``check_run.completed``, ``check_suite.completed``, ``workflow_run.completed`` and a
+  ``workflow_run`` waiting for approval (``requested``/``completed`` with conclusion
+  ``action_required``) on a task branch of the repository itself (or on a merge-queue
+  candidate's branch, ``ccc-queue/<task_id>``) translate into no fact
+  but a :class:`CommitChecks`: *this commit's checks may all have finished*. Whether they
+  have, and what each one's log says, only the API can tell (which deliveries arrive, and
+  in what order, is not to be relied on), so the receiver hands it to the checks
+  collector (:mod:`infra.adapters.forge.github_checks`), which publishes
+  ``issue.checks_completed`` once the last check of the commit has finished.
+* ``pull_request.synchronize`` (a push to the pull request) -> ``issue.checks_started``
+  for the new head; ``pull_request.edited`` that changed the base branch, and a ``push``
+  to the repository's default branch -> ``issue.base_moved`` (a fact about the
+  repository, issue number 0): the open pull requests are checked for conflicts.
+* ``pull_request_review.submitted`` as ``approved`` -> ``issue.pr_approved`` (an authored
+  fact: the trust policy, and the receiver's permission check, apply as to a comment).
 """
 
 from __future__ import annotations
@@ -51,20 +69,24 @@ import msgspec
 
 from events.errors import CccError
 from events.issue import (
+    REPOSITORY,
+    IssueBaseMoved,
     IssueCancelRequested,
     IssueChangesRequested,
+    IssueChecksStarted,
     IssueClosed,
     IssueCommented,
     IssueEdited,
     IssueEvent,
     IssueLabeled,
     IssueOpened,
+    IssuePullRequestApproved,
     IssuePullRequestClosed,
     IssuePullRequestMerged,
     IssueReopened,
     IssueRetryRequested,
 )
-from events.subjects import repo_token, task_id_stem
+from events.subjects import QUEUE_BRANCH_PREFIX, repo_token, task_id_stem
 from events.trust import TRUSTED_ASSOCIATIONS, TrustPolicy
 
 TRUSTED: frozenset[str] = TRUSTED_ASSOCIATIONS  # the default policy's associations
@@ -76,6 +98,10 @@ minutes when it is busy; a redelivery after a longer outage is refused as stale 
 the window with ``ccc webhook --max-age`` for it). Far inside the issue stream's 24 h
 dedup window, so a replay is either a duplicate or stale, never new."""
 _ID_TEXT = re.compile(r"[^A-Za-z0-9_.=-]")
+_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a commit id (SHA-1, or SHA-256 repositories)
+_NO_COMMIT = frozenset({"0" * 40, "0" * 64})  # GitHub's "before" of a new branch, "after" of a deleted one
+WAITING_FOR_APPROVAL = "action_required"  # a workflow run's conclusion while it waits for a maintainer
+BRANCH_REF = "refs/heads/"
 _FENCED = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
@@ -120,12 +146,14 @@ class _Comment(msgspec.Struct, frozen=True):
 
 class _Head(msgspec.Struct, frozen=True):
     ref: str
+    sha: str = ""
     repo: _Repo | None = None  # null when the fork was deleted
 
 
 class _PullRequest(msgspec.Struct, frozen=True):
     number: int
     head: _Head
+    base: _Head | None = None
     merged: bool | None = False
     html_url: str = ""
     closed_at: datetime | None = None
@@ -157,9 +185,82 @@ class _IssueCommentHook(msgspec.Struct, frozen=True):
     sender: _User = _User()
 
 
+class _From(msgspec.Struct, frozen=True):
+    was: str = msgspec.field(default="", name="from")
+
+
+class _BaseChange(msgspec.Struct, frozen=True):
+    ref: _From | None = None
+    sha: _From | None = None
+
+
+class _Changes(msgspec.Struct, frozen=True):
+    base: _BaseChange | None = None  # only when the edit changed the base branch
+
+
 class _PullRequestHook(msgspec.Struct, frozen=True):
     pull_request: _PullRequest
     repository: _Repo
+    sender: _User = _User()
+    before: str = ""  # synchronize: the head before and after the push
+    after: str = ""
+    changes: _Changes | None = None  # edited: what the edit changed
+
+
+class _CheckSuite(msgspec.Struct, frozen=True):
+    head_sha: str
+    head_branch: str | None = None  # null for a commit no branch points at (a tag, a fork's)
+    conclusion: str | None = None
+    updated_at: datetime | None = None
+
+
+class _CheckRun(msgspec.Struct, frozen=True):
+    head_sha: str
+    check_suite: _CheckSuite
+    name: str = ""
+    conclusion: str | None = None
+    completed_at: datetime | None = None
+
+
+class _WorkflowRun(msgspec.Struct, frozen=True):
+    head_sha: str
+    head_branch: str | None = None
+    status: str | None = None
+    conclusion: str | None = None
+    updated_at: datetime | None = None
+    head_repository: _Repo | None = None  # the fork's, for a run of a fork's pull request
+
+
+class _CheckRunHook(msgspec.Struct, frozen=True):
+    check_run: _CheckRun
+    repository: _Repo
+    sender: _User = _User()
+
+
+class _CheckSuiteHook(msgspec.Struct, frozen=True):
+    check_suite: _CheckSuite
+    repository: _Repo
+    sender: _User = _User()
+
+
+class _WorkflowRunHook(msgspec.Struct, frozen=True):
+    workflow_run: _WorkflowRun
+    repository: _Repo
+    sender: _User = _User()
+
+
+class _PushRepo(msgspec.Struct, frozen=True):
+    full_name: str
+    default_branch: str = ""
+    pushed_at: int | float | datetime | None = None  # a push's payload has epoch seconds here
+
+
+class _PushHook(msgspec.Struct, frozen=True):
+    ref: str
+    after: str
+    repository: _PushRepo
+    before: str = ""
+    deleted: bool = False
     sender: _User = _User()
 
 
@@ -182,10 +283,27 @@ class BadPayload(CccError):
     """The delivery is signed but its payload is not the shape GitHub documents."""
 
 
+class CommitChecks(msgspec.Struct, frozen=True, kw_only=True):
+    """A commit of a task branch whose checks may all have finished (a check run, a check
+    suite or a workflow run of it did): what the checks collector is asked to read
+    (:class:`infra.adapters.forge.github_checks.GitHubChecks`). Not a fact: the API, not
+    the delivery, says whether every check has finished and how."""
+
+    source: str
+    repo: str
+    number: int  # the issue the branch is the task of
+    head_sha: str
+    branch: str
+    trigger: str  # the delivery that asked ("check_suite.completed"), for the logs
+    actor: str = "github"
+    candidate: bool = False  # a merge-queue candidate's branch, not the task's pull request
+
+
 class Translation(NamedTuple):
     events: list[IssueEvent]
     reason: str = ""  # why nothing was emitted, when nothing was
     stale: bool = False  # refused for its age (a replay, or a very late redelivery)
+    checks: CommitChecks | None = None  # a commit whose checks the API has to be asked about
 
 
 class _Ctx(NamedTuple):
@@ -236,6 +354,16 @@ def task_issue_number(branch: str, repo: str, source: str = "github") -> int | N
         prefix = f"{TASK_BRANCH_PREFIX}{stem}-"
         if branch.startswith(prefix) and (m := re.match(r"(\d+)(?:-|$)", branch[len(prefix):])):
             return int(m.group(1))
+    return None
+
+
+def queue_issue_number(branch: str, repo: str, source: str = "github") -> int | None:
+    """The issue number of a merge-queue candidate branch of ``repo``'s issues
+    (``ccc-queue/<task_id>``: the base with the task's branch merged, which CI tests
+    before the base moves to it), else None."""
+    prefix = f"{QUEUE_BRANCH_PREFIX}{task_id_stem(repo, source)}-"
+    if branch.startswith(prefix) and (m := re.fullmatch(r"(\d+)", branch[len(prefix):])):
+        return int(m.group(1))
     return None
 
 
@@ -440,10 +568,27 @@ def _changes(hook: _ReviewHook | _ReviewCommentHook, ctx: _Ctx, author: _User, a
 
 def _on_review(hook: _ReviewHook, ctx: _Ctx) -> Translation:
     review = hook.review
+    if review.state.lower() == "approved":
+        return _approved(hook, ctx)
     if review.state.lower() != "changes_requested":
-        return Translation([], f"review state {review.state!r}, not changes_requested")
+        return Translation([], f"review state {review.state!r}, not changes_requested or approved")
     return _changes(hook, ctx, review.user, review.author_association, review.submitted_at,
                     body=review.body or "", review_id=review.id, url=review.html_url)
+
+
+def _approved(hook: _ReviewHook, ctx: _Ctx) -> Translation:
+    """An approval counts once per review (its id), from a trusted reviewer, of a task's
+    pull request; the intake checks the reviewer's trust again."""
+    pr, review, repo = hook.pull_request, hook.review, hook.repository.full_name
+    if why := _untrusted(review.user, review.author_association, ctx):
+        return Translation([], why)
+    number = _task_pr(pr, repo)
+    if number is None:
+        return Translation([], f"branch {pr.head.ref!r} is not a task branch of {repo}")
+    base = _base(ctx, repo, number, f"pr{pr.number}:review:{review.id}", review.submitted_at, hook.sender)
+    return Translation([IssuePullRequestApproved(
+        **base, pr_number=pr.number, branch=pr.head.ref, author=review.user.login,
+        author_association=review.author_association)])
 
 
 def _on_review_comment(hook: _ReviewCommentHook, ctx: _Ctx) -> Translation:
@@ -451,6 +596,97 @@ def _on_review_comment(hook: _ReviewCommentHook, ctx: _Ctx) -> Translation:
     return _changes(hook, ctx, c.user, c.author_association, c.created_at, body=c.body or "",
                     review_id=c.pull_request_review_id, comment_id=c.id, path=c.path, line=c.line,
                     url=c.html_url)
+
+
+def _on_pr_synchronize(hook: _PullRequestHook, ctx: _Ctx) -> Translation:
+    pr, repo = hook.pull_request, hook.repository.full_name
+    number = _task_pr(pr, repo)
+    if number is None:
+        return Translation([], f"branch {pr.head.ref!r} is not a task branch of {repo}")
+    head = _commit(hook.after or pr.head.sha, "pull_request.synchronize: after")
+    base = _base(ctx, repo, number, f"pr{pr.number}:sync:{head}", pr.updated_at, hook.sender)
+    return Translation([IssueChecksStarted(**base, head_sha=head, branch=pr.head.ref)])
+
+
+def _on_pr_edited(hook: _PullRequestHook, ctx: _Ctx) -> Translation:
+    """A task's pull request moved to another base branch: its conflicts are to be
+    checked against that branch. The fact is about the repository (number 0), as a push
+    to the base is; its id names the pull request, so it is not taken for that push."""
+    pr, repo = hook.pull_request, hook.repository.full_name
+    change = hook.changes.base if hook.changes is not None else None
+    if change is None or pr.base is None:
+        return Translation([], "pull request edited, its base branch unchanged")
+    if _task_pr(pr, repo) is None:
+        return Translation([], f"branch {pr.head.ref!r} is not a task branch of {repo}")
+    sha = _commit(pr.base.sha, "pull_request.edited: base.sha")
+    before = change.sha.was if change.sha is not None and _SHA.match(change.sha.was) else ""
+    what = f"pr{pr.number}:base:{_ID_TEXT.sub('=', pr.base.ref)[:100]}:{sha}"
+    return Translation([IssueBaseMoved(**_base(ctx, repo, REPOSITORY, what, pr.updated_at, hook.sender),
+                                       branch=pr.base.ref, sha=sha, before=before)])
+
+
+def _on_push(hook: _PushHook, ctx: _Ctx) -> Translation:
+    """A push to the default branch moved the base of the cluster's pull requests."""
+    repo, branch = hook.repository.full_name, hook.ref.removeprefix(BRANCH_REF)
+    if not hook.ref.startswith(BRANCH_REF):
+        return Translation([], f"a push to {hook.ref}, not to a branch")
+    if hook.deleted or hook.after in _NO_COMMIT:
+        return Translation([], f"branch {branch!r} deleted")
+    if branch != hook.repository.default_branch:
+        return Translation([], f"a push to {branch!r}, not to the default branch "
+                               f"{hook.repository.default_branch or '?'!r}")
+    sha = _commit(hook.after, "push: after")
+    before = hook.before if _SHA.match(hook.before) and hook.before not in _NO_COMMIT else ""
+    what = f"base:{_ID_TEXT.sub('=', branch)[:100]}:{sha}"
+    return Translation([IssueBaseMoved(**_base(ctx, repo, REPOSITORY, what, _pushed_at(hook), hook.sender),
+                                       branch=branch, sha=sha, before=before)])
+
+
+def _pushed_at(hook: _PushHook) -> datetime | None:
+    at = hook.repository.pushed_at
+    if isinstance(at, (int, float)) and not isinstance(at, bool):
+        return datetime.fromtimestamp(at, UTC)
+    return at if isinstance(at, datetime) else None
+
+
+def _commit(sha: str, what: str) -> str:
+    """A commit id from a payload, checked: it goes into ids, subjects' facts and API paths."""
+    if not _SHA.match(sha or ""):
+        raise BadPayload(f"{what}: not a commit id: {sha[:80]!r}")
+    return sha
+
+
+def _commit_checks(hook: _CheckRunHook | _CheckSuiteHook | _WorkflowRunHook, ctx: _Ctx, trigger: str,
+                   head_sha: str, branch: str | None) -> Translation:
+    repo = hook.repository.full_name
+    number = task_issue_number(branch or "", repo)
+    candidate = number is None and (number := queue_issue_number(branch or "", repo)) is not None
+    if number is None:
+        return Translation([], f"branch {branch!r} is not a task branch of {repo}")
+    sender = hook.sender
+    return Translation([], checks=CommitChecks(
+        source=ctx.source, repo=repo, number=number, head_sha=_commit(head_sha, f"{trigger}: head_sha"),
+        branch=branch or "", trigger=trigger, actor=f"github:{sender.login}" if sender.login else "github",
+        candidate=candidate))
+
+
+def _on_check_run(hook: _CheckRunHook, ctx: _Ctx) -> Translation:
+    run = hook.check_run
+    return _commit_checks(hook, ctx, "check_run.completed", run.head_sha, run.check_suite.head_branch)
+
+
+def _on_check_suite(hook: _CheckSuiteHook, ctx: _Ctx) -> Translation:
+    suite = hook.check_suite
+    return _commit_checks(hook, ctx, "check_suite.completed", suite.head_sha, suite.head_branch)
+
+
+def _on_workflow_run(hook: _WorkflowRunHook, ctx: _Ctx, action: str) -> Translation:
+    run, repo = hook.workflow_run, hook.repository.full_name
+    if action == "requested" and run.conclusion != WAITING_FOR_APPROVAL:
+        return Translation([], "workflow run requested: its result comes when it completes")
+    if run.head_repository is not None and run.head_repository.full_name.lower() != repo.lower():
+        return Translation([], f"a workflow run of {run.head_repository.full_name}, a fork")
+    return _commit_checks(hook, ctx, f"workflow_run.{action}", run.head_sha, run.head_branch)
 
 
 # (event, action) -> (payload shape, translation, the delivery's own time: what its age is)
@@ -464,4 +700,11 @@ _HANDLERS: dict[tuple[str, str], tuple[type, Callable[[Any, _Ctx], Translation],
     ("pull_request_review", "submitted"): (_ReviewHook, _on_review, lambda h: h.review.submitted_at),
     ("pull_request_review_comment", "created"): (_ReviewCommentHook, _on_review_comment,
                                                  lambda h: h.comment.created_at),
+    ("pull_request", "synchronize"): (_PullRequestHook, _on_pr_synchronize, lambda h: h.pull_request.updated_at),
+    ("pull_request", "edited"): (_PullRequestHook, _on_pr_edited, lambda h: h.pull_request.updated_at),
+    ("push", ""): (_PushHook, _on_push, _pushed_at),
+    ("check_run", "completed"): (_CheckRunHook, _on_check_run, lambda h: h.check_run.completed_at),
+    ("check_suite", "completed"): (_CheckSuiteHook, _on_check_suite, lambda h: h.check_suite.updated_at),
+    **{("workflow_run", a): (_WorkflowRunHook, lambda h, c, a=a: _on_workflow_run(h, c, a),
+                             lambda h: h.workflow_run.updated_at) for a in ("completed", "requested")},
 }

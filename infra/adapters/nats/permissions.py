@@ -28,8 +28,9 @@ import msgspec
 
 from events.subjects import Namespace, check_id
 
-Role = Literal["admin", "coordinator", "agent", "webhook", "cli", "status"]
-ROLES: tuple[Role, ...] = ("admin", "coordinator", "agent", "webhook", "cli", "status")
+Role = Literal["admin", "coordinator", "agent", "webhook", "cli", "status", "ci"]
+ROLES: tuple[Role, ...] = ("admin", "coordinator", "agent", "webhook", "cli", "status", "ci")
+CI_CONSUMER = "forge-ci"  # the CI actor's durable consumer (actors.forge_ci.ForgeCI's default name)
 
 # Stream, bucket and consumer administration: only admin (deny wins over any allow).
 ADMIN_ONLY = (
@@ -126,6 +127,28 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
         case "status":
             return Permissions(publish_allow=read_subjects("*"), publish_deny=ADMIN_ONLY,
                                subscribe_allow=(*own_inbox, f"{p}.>"))
+        case "ci":
+            # the local forge's CI (actors.forge_ci): follows the task events with its one
+            # durable consumer, publishes check results as local issue facts (nothing else
+            # of an issue: it cannot open, close or approve one) and keeps their logs in
+            # the shared artifacts bucket. It runs repositories' code (sandboxed), so it is
+            # kept apart from the coordinator: it writes no task event.
+            bucket = ns.artifacts_bucket
+            return Permissions(
+                publish_allow=(
+                    *read_subjects("*"),
+                    f"$JS.API.CONSUMER.CREATE.{events}.{CI_CONSUMER}",  # several filters: none in the subject
+                    f"$JS.API.CONSUMER.CREATE.{events}.{CI_CONSUMER}.>",
+                    f"$JS.API.CONSUMER.INFO.{events}.{CI_CONSUMER}",
+                    f"$JS.API.CONSUMER.MSG.NEXT.{events}.{CI_CONSUMER}",
+                    f"$JS.ACK.{events}.{CI_CONSUMER}.>",
+                    f"{p}.issue.local.*.*.checks_completed",
+                    f"{p}.dlq.{CI_CONSUMER}",
+                    f"$O.{bucket}.>",
+                ),
+                publish_deny=ADMIN_ONLY,
+                subscribe_allow=own_inbox,
+            )
     raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
 
 

@@ -47,7 +47,7 @@ from infra.adapters.nats.permissions import (
 from infra.adapters.nats.pki import CertificateAuthority, default_server_hosts, write_private
 
 # The roles every namespace gets at init; agents are added one by one.
-SERVICE_ROLES: tuple[Role, ...] = ("coordinator", "webhook", "cli", "status")
+SERVICE_ROLES: tuple[Role, ...] = ("coordinator", "webhook", "cli", "status", "ci")
 
 
 class Kit(msgspec.Struct, frozen=True, kw_only=True):

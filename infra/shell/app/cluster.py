@@ -26,16 +26,19 @@ from nats.aio.client import Client
 from actors.agent import Agent, AgentConfig
 from actors.analysis import Analyser, RuleAnalyser
 from actors.coordinator import Coordinator, CoordinatorConfig
+from actors.forge_ci import ForgeCI
 from actors.pipeline import PipelineSettings
 from actors.ports import Coder, ForgeClient
 from events.errors import ConfigError, StoreUnavailable
 from events.store import EventStore
-from events.subjects import Namespace
+from events.subjects import Namespace, check_repo
 from events.task import SPECIALTIES
 from events.trust import GITHUB, TrustPolicy
 
 from infra.adapters.coders.scripted import ScriptedCoder
-from infra.adapters.forge.local import LocalForgeClient
+from infra.adapters.forge.local import LocalForge, LocalForgeClient
+from infra.adapters.forge.local_ci import LocalCIRunner
+from infra.adapters.git.branches import GitBranches
 from infra.adapters.git.sandbox import Sandbox, make_sandbox, parse_limits
 from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
@@ -70,8 +73,20 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace: float = 10.0  # on stop, running tasks get this long before they are handed back
     agent_prefix: str = "agent"
     repos: tuple[str, ...] = ()  # the intake's allow-list (settings.repos, CCC_REPOS); empty: all
+    max_ci_fixes: int = 2  # CI fix rounds per task, counted apart from its attempts
+    merge_queue: tuple[str, ...] = ()  # repositories merging through the queue ("*": all)
+    checks_timeout: float = 1800.0  # seconds a pull request's checks may take
+    ci: bool = True  # follow the forge's CI (local: run it; GitHub: re-run failed jobs)
+    forge_root: str | None = None  # the local forge's repositories (default: <data dir>/forge)
 
     def validate(self) -> None:
+        if self.max_ci_fixes < 0:
+            raise ConfigError("--max-ci-fixes must be >= 0")
+        if self.checks_timeout <= 0:
+            raise ConfigError("--checks-timeout must be > 0")
+        for repo in self.merge_queue:
+            if repo != "*":
+                check_repo(repo, "--merge-queue repository")
         if self.agents < 0:
             raise ConfigError("--agents must be >= 0")
         if self.shutdown_grace < 0:
@@ -80,6 +95,11 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
             # every agent would be declared lost between two of its own heartbeats
             raise ConfigError(f"--heartbeat-interval ({self.heartbeat_interval}s) must be shorter than "
                               f"--heartbeat-timeout ({self.heartbeat_timeout}s)")
+
+
+def merge_queue_setting(repos: tuple[str, ...]) -> bool | frozenset[str]:
+    """``--merge-queue`` values as the coordinator takes them: ``*`` is every repository."""
+    return True if "*" in repos else frozenset(repos)
 
 
 def parse_specialties(text: str) -> tuple[str, ...]:
@@ -182,10 +202,32 @@ def build_agent(
 
 
 def build_coordinator(
-    nc: Client, ns: Namespace, config: CoordinatorConfig, *, analyser: str = "rules"
+    nc: Client, ns: Namespace, config: CoordinatorConfig, *, analyser: str = "rules",
+    forge: ForgeClient | None = None, cache_dir: Path | None = None,
 ) -> Coordinator:
-    """A coordinator with the ``analyser`` of that kind, its spans in the process's traces."""
-    return Coordinator(nc, ns, config, analyser=make_analyser(analyser), telemetry=OtelTelemetry())
+    """A coordinator with the ``analyser`` of that kind, its spans in the process's traces;
+    with a ``forge``, it follows the open pull requests' branches (conflicts, the merge
+    queue) through git against the forge, in a cache under ``cache_dir``."""
+    branches = None
+    if forge is not None and cache_dir is not None:
+        branches = GitBranches(forge.clone_url, forge.git_env, cache_dir)
+    return Coordinator(nc, ns, config, analyser=make_analyser(analyser), telemetry=OtelTelemetry(),
+                       branches=branches)
+
+
+def build_forge_ci(nc: Client, ns: Namespace, forge_kind: str, forge, *, forge_root: Path, sandbox: Sandbox,
+                   work_dir: Path, timeout: float, live=None) -> ForgeCI:
+    """The forge's CI as the cluster follows it: the local forge runs each pushed commit's
+    ``.ccc/test-command`` in ``sandbox``; GitHub runs its own (results come by webhook)
+    and is asked to re-run failed jobs."""
+    if forge_kind == "github":
+        from infra.adapters.forge.github_checks import GitHubChecks
+
+        runner = GitHubChecks(forge)
+    else:
+        runner = LocalCIRunner(LocalForge(forge_root), sandbox, ObjectStoreArtifacts(nc, ns.artifacts_bucket),
+                               mask_secrets, work_dir=work_dir, timeout=timeout)
+    return ForgeCI(nc, ns, [runner], live=live, telemetry=OtelTelemetry())
 
 
 class LocalCluster:
@@ -204,6 +246,7 @@ class LocalCluster:
         self._lock_fd: int | None = None
         self.forge = None
         self.forge_sync = None
+        self.forge_ci: ForgeCI | None = None
         self.sandbox = make_agent_sandbox(settings)  # one for all local agents: one probe
         self._connections: list[Client] = []  # one per role (and per agent)
 
@@ -218,7 +261,7 @@ class LocalCluster:
 
     @property
     def forge_root(self) -> Path:
-        return self.settings.data_dir / "forge"
+        return Path(self.options.forge_root) if self.options.forge_root else self.settings.data_dir / "forge"
 
     @property
     def workspace_root(self) -> Path:
@@ -256,9 +299,17 @@ class LocalCluster:
         coordinator_nc = await self._connect("coordinator", "ccc-coordinator")
         self.coordinator = build_coordinator(coordinator_nc, self.ns, CoordinatorConfig(
             heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
-            max_attempts=o.max_attempts, trust=self.trust_policy(), materialize_kv=True),
-            analyser=o.analyser)
+            max_attempts=o.max_attempts, trust=self.trust_policy(), materialize_kv=True,
+            max_ci_fixes=o.max_ci_fixes, checks_timeout=o.checks_timeout,
+            merge_queue=merge_queue_setting(o.merge_queue)),
+            analyser=o.analyser, forge=self.forge, cache_dir=s.data_dir / "branches")
         await self.coordinator.start()
+        if o.ci:  # the forge's CI: each pushed commit's checks become facts on the issue stream
+            ci_nc = await self._connect("ci", "ccc-ci")
+            self.forge_ci = build_forge_ci(ci_nc, self.ns, o.forge, self.forge, forge_root=self.forge_root,
+                                           sandbox=self.sandbox, work_dir=s.data_dir / "ci",
+                                           timeout=o.test_timeout, live=self.coordinator.live)
+            await self.forge_ci.start()
         if o.forge == "github":  # labels and the tracking comment follow the task events
             from actors.forge_sync import ForgeSync
 
@@ -370,6 +421,9 @@ class LocalCluster:
         if self.forge_sync is not None:
             with contextlib.suppress(Exception):
                 await self.forge_sync.stop()
+        if self.forge_ci is not None:
+            with contextlib.suppress(Exception):
+                await self.forge_ci.stop()
         if self.forge is not None and hasattr(self.forge, "close"):
             with contextlib.suppress(Exception):
                 self.forge.close()

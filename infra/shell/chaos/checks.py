@@ -12,9 +12,12 @@ pure function of those records and of what the harness published:
   assignee, and is not caused by a report about another attempt (a stale report);
 * every published issue has exactly one ``task.created`` (none: *lost*; more than one
   task for an issue: *duplicated*), and no task exists that nobody asked for;
-* at most one ``task.assigned`` per (task, attempt), at most one ``task.pr_opened``
-  per (task, attempt), and at most one ``agent.changes_pushed`` / ``agent.pr_opened``
-  report per (task, attempt) across all agents (*duplicated* otherwise);
+* at most one ``task.assigned`` per (task, attempt, round), at most one
+  ``task.pr_opened`` per (task, attempt, round), and at most one
+  ``agent.changes_pushed`` / ``agent.pr_opened`` report per (task, attempt, round)
+  across all agents (*duplicated* otherwise). A *round* is the attempt's implementation
+  or one CI fix / rebase on the pull request's branch (:func:`round_of`): each assigns,
+  pushes and reports the pull request once, within the same attempt;
 * every task ends in an expected state (*lost* if it is stuck anywhere else).
 """
 
@@ -46,9 +49,12 @@ from events.task import (
     TaskStarted,
     TaskTestsStarted,
 )
-from events.task_state import TaskState
+from events.task_state import PR_OPEN, TaskState
 from events.task_state import evolve as evolve_task
 from projections.read_model import ReadModel
+
+# a run ends well for a task whose pull request is up: its checks running or green, or merged
+PR_UP: tuple[str, ...] = ("checking", "review", "completed")
 
 from infra.adapters.forge.local import LocalForge
 
@@ -148,11 +154,21 @@ class _Tally:
 _BY_AGENT = (TaskStarted, TaskTestsStarted, TaskPullRequestOpened)
 
 
+def round_of(state: TaskState | None) -> str:
+    """The round of its attempt a task is in (or, after its pull request, last was in),
+    as a suffix for messages: "" for the implementation, ", CI fix n" / ", rebase n" for a
+    round on the pull request's branch (``work`` and its count change only when the next
+    round is queued)."""
+    if state is None or state.work == "implement":
+        return ""
+    return f", CI fix {state.ci_fixes}" if state.work == "ci_fix" else f", rebase {state.rebases}"
+
+
 def check_log(
     records: Iterable[LogRecord],
     issues: Mapping[str, tuple[str, int]],
     *,
-    expected_final: Mapping[str, Collection[str]] | Collection[str] = ("review", "completed"),
+    expected_final: Mapping[str, Collection[str]] | Collection[str] = PR_UP,
     injected_bad: Collection[int] = (),
     prefix: str = "ccc",
 ) -> Verdict:
@@ -164,6 +180,7 @@ def check_log(
     task_hist: dict[str, list[tuple[int, TaskEventBase]]] = defaultdict(list)
     agent_hist: dict[str, list[tuple[int, AgentEventBase]]] = defaultdict(list)
     reports: dict[str, AgentEventBase] = {}
+    report_round: dict[str, str] = {}  # event id of a push/PR report -> its task's round then
     n = 0
     injected = set(injected_bad)
     for rec in records:
@@ -178,12 +195,14 @@ def check_log(
         else:
             agent_hist[item.agent_id].append((rec.seq, item))
             reports[item.event_id] = item
+            if isinstance(item, (AgentChangesPushed, AgentPullRequestOpened)):
+                report_round[item.event_id] = round_of(model.tasks.get(item.task_id))
     rejected_injected = sum(1 for b in model.bad if b.seq in injected)
     bad_events = model.bad_count - rejected_injected
 
     # agents: every history folds
-    pushes: Counter[tuple[str, int]] = Counter()
-    pr_reports: Counter[tuple[str, int]] = Counter()
+    pushes: Counter[tuple[str, int, str]] = Counter()
+    pr_reports: Counter[tuple[str, int, str]] = Counter()
     for aid, hist in agent_hist.items():
         state = None
         for seq, e in hist:
@@ -194,28 +213,28 @@ def check_log(
                 break
         for _, e in hist:
             if isinstance(e, AgentChangesPushed):
-                pushes[(e.task_id, e.attempt)] += 1
+                pushes[(e.task_id, e.attempt, report_round.get(e.event_id, ""))] += 1
             elif isinstance(e, AgentPullRequestOpened):
-                pr_reports[(e.task_id, e.attempt)] += 1
-    for (tid, attempt), k in sorted(pushes.items()):
+                pr_reports[(e.task_id, e.attempt, report_round.get(e.event_id, ""))] += 1
+    for (tid, attempt, rnd), k in sorted(pushes.items()):
         if k > 1:
-            tally.add("duplicated", f"{tid} attempt {attempt}: {k} agent.changes_pushed reports")
-    for (tid, attempt), k in sorted(pr_reports.items()):
+            tally.add("duplicated", f"{tid} attempt {attempt}{rnd}: {k} agent.changes_pushed reports")
+    for (tid, attempt, rnd), k in sorted(pr_reports.items()):
         if k > 1:
-            tally.add("duplicated", f"{tid} attempt {attempt}: {k} agent.pr_opened reports")
+            tally.add("duplicated", f"{tid} attempt {attempt}{rnd}: {k} agent.pr_opened reports")
 
     # tasks: fold, assignment and PR counts, who moved them
     finals: dict[str, TaskState | None] = {}
     created_per_issue: Counter[tuple[str, int]] = Counter()
     for tid, hist in task_hist.items():
         state: TaskState | None = None
-        assigned: Counter[int] = Counter()
-        prs: Counter[int] = Counter()
+        assigned: Counter[tuple[int, str]] = Counter()  # (attempt, round)
+        prs: Counter[tuple[int, str]] = Counter()
         for seq, e in hist:
             if isinstance(e, TaskCreated):
                 created_per_issue[(e.issue.repo, e.issue.number)] += 1
             if isinstance(e, TaskAssigned):
-                assigned[e.attempt] += 1  # counted even where the fold breaks
+                assigned[(e.attempt, round_of(state))] += 1  # counted even where the fold breaks
             try:
                 new = evolve_task(state, e)
             except DomainError as err:
@@ -234,15 +253,15 @@ def check_log(
                     tally.add("illegal", f"task {tid} seq {seq} {e.__struct_config__.tag} caused by a stale "
                                          f"report ({cause.event_id}, attempt {cause_attempt} != {state.attempt})")
             if isinstance(e, TaskPullRequestOpened) and state is not None:
-                prs[state.attempt] += 1
+                prs[(state.attempt, round_of(state))] += 1
             state = new
         finals[tid] = state
-        for attempt, k in sorted(assigned.items()):
+        for (attempt, rnd), k in sorted(assigned.items()):
             if k > 1:
-                tally.add("duplicated", f"{tid} attempt {attempt}: assigned {k} times")
-        for attempt, k in sorted(prs.items()):
+                tally.add("duplicated", f"{tid} attempt {attempt}{rnd}: assigned {k} times")
+        for (attempt, rnd), k in sorted(prs.items()):
             if k > 1:
-                tally.add("duplicated", f"{tid} attempt {attempt}: {k} task.pr_opened")
+                tally.add("duplicated", f"{tid} attempt {attempt}{rnd}: {k} task.pr_opened")
     for (repo, number), k in sorted(created_per_issue.items()):
         if k > 1:
             tally.add("duplicated", f"{repo}#{number}: {k} tasks created")
@@ -256,7 +275,7 @@ def check_log(
         state = finals.get(tid)
         status = state.status if state is not None else "unreadable"
         states[status] += 1
-        allowed = expected_final.get(tid, ("review", "completed")) if isinstance(expected_final, Mapping) \
+        allowed = expected_final.get(tid, PR_UP) if isinstance(expected_final, Mapping) \
             else expected_final
         if status not in allowed:
             holder = f", held by {state.agent_id}" if state is not None and state.agent_id else ""
@@ -381,7 +400,7 @@ def forge_holds_the_pr(forge: LocalForge, records: list[LogRecord], prefix: str)
             pushed[(r.item.task_id, r.item.attempt)] = r.item.commit
     out = []
     for tid, task in model.tasks.items():
-        if task.status != "review" or not task.branch:
+        if task.status not in PR_OPEN or not task.branch:
             continue
         want = pushed.get((tid, task.attempt))
         try:

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from infra.adapters.nats.cluster import NatsCluster, wait_for_jetstream
 from infra.adapters.nats.provisioning import provision
 from infra.adapters.nats.server import EmbeddedServer
-from infra.shell.chaos.checks import LogRecord, check_log, forge_holds_the_pr, read_log
+from infra.shell.chaos.checks import PR_UP, LogRecord, check_log, forge_holds_the_pr, read_log
 from infra.shell.chaos.model import Fault, RunResult
 from infra.shell.chaos.sandbox import Sandbox, Tracker
 from infra.shell.chaos.world import World
@@ -81,9 +81,9 @@ async def standard_run(
                 e = injector.exception()
                 f.violations.append(f"harness: fault injection failed: {type(e).__name__}: {e}")
         if not finished:
-            left = {t: s for t, s in tracker.statuses(sb.issues).items() if s not in ("review", "completed")}
+            left = {t: s for t, s in tracker.statuses(sb.issues).items() if s not in PR_UP}
             why = f"no event for {sb.options.stall:.0f}s" if stuck() else f"timed out after {sb.options.timeout:.0f}s"
-            f.notes.append(f"{why}; not in review: {left}")
+            f.notes.append(f"{why}; no pull request up: {left}")
         await tracker.stop()
         f.end = time.time()  # events after this are the shutdown's, not a recovery
         f.notes += await sb.close(keep_servers=True)
@@ -109,7 +109,7 @@ def security_note(sb: Sandbox, cluster: bool = False) -> str:
 
 
 def judge(sb: Sandbox, run: int, name: str, records: list[LogRecord], f: Fault, seen: dict[int, str | None],
-          expected_final=("review", "completed"), issues: dict[str, tuple[str, int]] | None = None) -> RunResult:
+          expected_final=PR_UP, issues: dict[str, tuple[str, int]] | None = None) -> RunResult:
     verdict = check_log(records, sb.issues if issues is None else issues, expected_final=expected_final,
                         injected_bad=f.injected,
                         prefix=sb.ns.prefix)

@@ -20,12 +20,13 @@ from nats.aio.client import Client
 from events.aio import cancel_and_wait, within
 from events.codec import encode
 from events.store import EventStore
-from events.subjects import Namespace, task_id_for
+from events.subjects import Namespace, repo_token, task_id_for
 from projections.read_model import ReadModel
 
 from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.issue_publisher import new_issue
 from infra.adapters.nats.connection import connect
+from infra.shell.chaos.checks import PR_UP
 from infra.shell.chaos.model import ChaosOptions
 from infra.shell.chaos.processes import CCC, READY, Proc, clean_env, processes_under
 from infra.shell.chaos.security import ChaosSecurity
@@ -37,6 +38,34 @@ TEST = ("import unittest\n\nfrom calc import add\n\n\n"
 REPO_FILES = {"calc.py": CALC, "tests/__init__.py": "", "tests/test_calc.py": TEST,
               ".ccc/test-command": "python3 -m unittest discover -s tests\n"}
 FIX = {"edit": {"path": "calc.py", "old": "return a - b", "new": "return a + b"}}
+
+# The CI-loop variant (scenario ``ci-loop``): a green base whose CI runs one more test
+# than the agents' own test run does. Each issue's first push adds a module that still
+# holds a FIXME: the agent's tests pass (the CI-only test is skipped without CI=true),
+# the forge's CI fails naming the module (so the failure is the change's), and the
+# recorded CI fix removes the FIXME. The CI-only test takes CI_SECONDS, so a CI run
+# lasts long enough for a fault to land in the middle of it.
+CI_REPO = "chaos/ci"
+CI_SECONDS = 1.5
+CI_ONLY_TEST = (
+    '"""Runs only in CI (CI=true): no module under features/ may still hold a FIXME."""\n\n'
+    "import os\nimport pathlib\nimport time\nimport unittest\n\n\n"
+    '@unittest.skipUnless(os.environ.get("CI") == "true", "runs in CI only")\n'
+    "class NoFixmeLeftTest(unittest.TestCase):\n"
+    "    def test_no_fixme_left(self):\n"
+    f"        time.sleep({CI_SECONDS})  # a CI run takes a while\n"
+    '        for path in sorted(pathlib.Path("features").glob("*.py")):\n'
+    '            if "FIXME" in path.read_text():\n'
+    '                self.fail(f"{path} still holds a FIXME")\n')
+CI_REPO_FILES = {"calc.py": "def add(a, b):\n    return a + b\n", "features/__init__.py": "",
+                 "tests/__init__.py": "", "tests/test_calc.py": TEST, "tests/test_ci_only.py": CI_ONLY_TEST,
+                 ".ccc/test-command": "python3 -m unittest discover -s tests\n"}
+CI_FIXME = "    # FIXME: tidy up before merging\n"
+
+
+def ci_feature(number: int) -> tuple[str, str]:
+    """The module issue ``number`` of the CI-loop variant adds, and its first content."""
+    return f"features/f{number}.py", f"def feature_{number}():\n{CI_FIXME}    return {number}\n"
 
 
 # -- the sandbox -------------------------------------------------------------------------------
@@ -100,7 +129,8 @@ class Sandbox:
             self.security.share_with(data)
         return self.add(name, self._ccc(
             url, data, "up", "--agents", "0", "--no-api", "--heartbeat-timeout", str(self.options.heartbeat_timeout),
-            "--retry-base", "0.2", "--max-attempts", "10", "--shutdown-grace", "1"))
+            "--retry-base", "0.2", "--max-attempts", "10", "--shutdown-grace", "1",
+            "--forge-root", str(self.forge_root)))
 
     def agent(self, agent_id: str, url: str, *, capacity: int | None = None, grace: float = 0.5) -> Proc:
         data = self.root / agent_id
@@ -185,6 +215,40 @@ class Sandbox:
             self.published[e_id] = now
         return sum(1 for a in acks if not a.duplicate)
 
+    # -- issues of the CI-loop variant --
+    def write_ci_script(self, number: int, work_seconds: float | None = None) -> None:
+        """The recorded sessions of CI-loop issue ``number``: the implementation adds its
+        module with a FIXME (the agent's tests pass, the forge's CI fails), the first CI
+        fix removes the FIXME. Both sleep first, so an agent can be killed mid-round."""
+        seconds = self.options.work_seconds if work_seconds is None else work_seconds
+        steps = ([{"run": {"command": f"sleep {seconds:.2f}", "timeout": seconds + 60}}] if seconds > 0 else [])
+        path, content = ci_feature(number)
+        body = {"attempts": [{"steps": [*steps, {"write": {"path": path, "content": content}}],
+                              "summary": f"add feature {number}"}],
+                "ci_fixes": [{"steps": [*steps, {"edit": {"path": path, "old": CI_FIXME, "new": ""}}],
+                              "summary": f"remove the FIXME CI found in {path}"}]}
+        (self.scripts / f"{repo_token(CI_REPO)}-{number}.json").write_text(json.dumps(body))
+
+    async def publish_ci_issues(self, nc: Client, numbers: list[int]) -> int:
+        """Publish ``IssueOpened`` of the CI-loop variant for each number (all at once),
+        its repository made on the forge first."""
+        if not self.forge.exists(CI_REPO):
+            self.forge.create_repo(CI_REPO, CI_REPO_FILES)
+        js = nc.jetstream(timeout=10.0)
+        events = []
+        for number in numbers:
+            self.write_ci_script(number)
+            events.append(new_issue(repo=CI_REPO, title=f"Add feature {number} (chaos CI {number})",
+                                    number=number, labels=("backend",), actor="chaos"))
+            self.issues[task_id_for(CI_REPO, number)] = (CI_REPO, number)
+        acks = await asyncio.gather(*(js.publish(self.ns.subject(e.rel_subject), encode(e),
+                                                 headers={"Nats-Msg-Id": e.event_id}, stream=self.ns.issues_stream)
+                                      for e in events))
+        now = time.time()
+        for e in events:
+            self.published[e.event_id] = now
+        return sum(1 for a in acks if not a.duplicate)
+
 
 # -- following progress ------------------------------------------------------------------------
 class Tracker:
@@ -227,7 +291,7 @@ class Tracker:
     def statuses(self, task_ids) -> dict[str, str]:
         return {t: (s.status if (s := self.model.tasks.get(t)) else "absent") for t in task_ids}
 
-    def all_in(self, task_ids, states=("review", "completed")) -> bool:
+    def all_in(self, task_ids, states=PR_UP) -> bool:
         return all((s := self.model.tasks.get(t)) is not None and s.status in states for t in task_ids)
 
     async def wait(self, cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -12,6 +12,10 @@ harness's wall clock, same host):
 * nats-restart     nats-server back (listening) -> next event appended
 * cluster          stream leader SIGKILLed -> next event appended (after the election)
 * graceful         agent SIGTERMed -> its task re-queued (handed back)
+* ci-loop          coordinator SIGKILLed while checks run -> the interrupted checks recorded
+                   (the forge-ci consumer's ack wait included); agent SIGKILLed in a CI fix
+                   round -> the round re-queued; restarted coordinator up -> next task event
+                   (:mod:`.ci_loop`)
 
 This module: the graceful scenario (with ``ccc up`` leaving no orphans) and the table
 of scenarios. The standard run is in :mod:`.run`, the fault injectors in
@@ -31,7 +35,8 @@ from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.connection import connect
 from infra.adapters.nats.secure import SecureDir
 from infra.adapters.nats.server import EmbeddedServer
-from infra.shell.chaos.checks import read_log
+from infra.shell.chaos.checks import PR_UP, read_log
+from infra.shell.chaos.ci_loop import ci_loop
 from infra.shell.chaos.faults import kill_agent, kill_coordinator, kill_leader, poison, restart_nats, sigterm_agent
 from infra.shell.chaos.model import Fault, RunResult
 from infra.shell.chaos.processes import CCC, READY, Proc, clean_env, is_alive, process_tree, processes_under
@@ -108,7 +113,7 @@ async def up_leaves_no_orphans(sb: Sandbox) -> RunResult:
         await nc.close()
     finally:
         server.stop()
-    return judge(sb, 0, "graceful", records, f, {}, expected_final=("queued", "review", "completed"),
+    return judge(sb, 0, "graceful", records, f, {}, expected_final=("queued", *PR_UP),
                  issues=ours)
 
 
@@ -146,4 +151,10 @@ SCENARIOS: dict[str, Spec] = {
     "duplicates-and-poison": Spec(_standard("duplicates-and-poison", fault=poison, copies=5, agents=2), 1, 1,
                                   None, ""),
     "graceful": Spec(graceful, 1, 1, None, "agent SIGTERMed -> its task re-queued (handed back)"),
+    # the worst recovery is the CI run that died with its coordinator: redone after the
+    # forge-ci consumer's 60 s ack wait (see .ci_loop)
+    "ci-loop": Spec(ci_loop, 1, 2, 75.0,
+                    "coordinator killed mid-CI -> the interrupted checks recorded (60 s ack wait included); "
+                    "agent killed in a CI fix round -> round re-queued; restarted coordinator up -> next task "
+                    "event"),
 }

@@ -10,6 +10,7 @@ from events.task_state import WITH_AGENT
 
 from infra.adapters.nats.cluster import NatsCluster
 from infra.adapters.nats.server import EmbeddedServer
+from infra.shell.chaos.checks import PR_UP
 from infra.shell.chaos.model import Fault
 from infra.shell.chaos.sandbox import Sandbox, Tracker
 
@@ -57,5 +58,5 @@ def offline(w: World, agent: str) -> bool:
 def taken_by_other(w: World, held: dict[str, int], agent: str) -> bool:
     """Every task ``agent`` held is done or, in a later attempt, with another agent."""
     tasks = w.tracker.model.tasks
-    return all(tasks[t].status in ("review", "completed")
+    return all(tasks[t].status in PR_UP
                or (tasks[t].attempt > a and tasks[t].agent_id not in (None, agent)) for t, a in held.items())

@@ -77,6 +77,22 @@ def check_sandbox(settings) -> None:
     make_agent_sandbox(settings).check()  # SandboxUnavailable: one line naming the way out
 
 
+def pr_loop_options(fn):
+    """How a task follows its pull request to green (``up`` and ``demo``)."""
+    fn = click.option("--no-ci", is_flag=True,
+                      help="Do not follow the forge's CI (the local forge then runs no checks: "
+                           "pull requests wait in 'checking' until --checks-timeout).")(fn)
+    fn = click.option("--checks-timeout", type=click.FloatRange(1), default=1800.0, show_default=True,
+                      help="Seconds a pull request's checks may take before a human is asked.")(fn)
+    fn = click.option("--merge-queue", "merge_queue", multiple=True, metavar="OWNER/NAME",
+                      help="Merge approved, green pull requests of this repository one at a time, "
+                           "each tested on the latest base first (repeat; '*' for every repository).")(fn)
+    fn = click.option("--max-ci-fixes", type=click.IntRange(0, 20), default=2, show_default=True,
+                      help="CI fix rounds per task when its checks fail because of the change "
+                           "(counted apart from --max-attempts).")(fn)
+    return fn
+
+
 def api_access_options(fn):
     """The status API's access options, shared by `up` and `api`; each overrides its
     setting (None: the environment variable, then the default)."""
@@ -130,11 +146,15 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
               help="Seconds before the first retry of a failed task; doubles each attempt.")
 @click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Attempts per task (new tasks).")
+@pr_loop_options
+@click.option("--forge-root", type=click.Path(file_okay=False), default=None,
+              help="The local forge's repositories [default: <data dir>/forge].")
 @shutdown_grace_option
 @click.pass_obj
 def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, require_token, allowed_hosts,
            rate_limit, rate_burst, coder, model, forge, sandbox, sandbox_network, analyser, script_dir,
-           heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, shutdown_grace) -> None:
+           heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, max_ci_fixes, merge_queue,
+           checks_timeout, no_ci, forge_root, shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
     settings = obj.settings(api_host=api_host, sandbox=sandbox, sandbox_network=sandbox_network,
@@ -149,11 +169,12 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, requi
         heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=heartbeat_interval, retry_base=retry_base, max_attempts=max_attempts,
         shutdown_grace=shutdown_grace, agent_prefix=_agent_prefix(settings.nats_url),
-        repos=settings.repos,
+        repos=settings.repos, max_ci_fixes=max_ci_fixes, merge_queue=tuple(merge_queue),
+        checks_timeout=checks_timeout, ci=not no_ci, forge_root=forge_root,
     )
     options.validate()
     make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
-    make_forge(forge, settings.data_dir / "forge")
+    make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
     check_sandbox(settings)
     if options.api_port is not None:  # as does a status API that needs a token and has none
         from infra.adapters.http.auth import ApiAccess
@@ -292,7 +313,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
 @click.pass_obj
 def demo_cmd(obj, keep, timeout, as_json, sandbox, sandbox_network) -> None:
     """Issues -> pull requests on a sample repository, offline, no API key."""
-    from infra.shell.app.demo import run_demo
+    from infra.shell.app.demo import ISSUES, run_demo
 
     # the demo always runs its own embedded server, whatever NATS_URL says
     settings = load_settings(sandbox=sandbox, sandbox_network=sandbox_network)
@@ -306,7 +327,7 @@ def demo_cmd(obj, keep, timeout, as_json, sandbox, sandbox_network) -> None:
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), console=console(stderr=True), transient=True)
-        bar_id = bar.add_task("tasks completed", total=4)
+        bar_id = bar.add_task("tasks completed", total=len(ISSUES))
 
     def show(rows) -> None:
         nonlocal last
@@ -324,13 +345,15 @@ def demo_cmd(obj, keep, timeout, as_json, sandbox, sandbox_network) -> None:
             click.echo("  " + line, err=True)
 
     if not as_json:
-        click.echo("ccc demo: 4 issues on demo/shop, 3 agents (backend, frontend, general), scripted coder",
-                   err=True)
+        click.echo(f"ccc demo: {len(ISSUES)} issues on demo/shop, 3 agents (backend, frontend, general), "
+                   "scripted coder, the local forge's CI, a merge queue", err=True)
     if bar is not None:
         bar.start()
     try:
         try:
-            ok, rows, cluster = asyncio.run(run_demo(settings, obj.ns, timeout=timeout, on_progress=show))
+            summary: list = []
+            ok, rows, cluster = asyncio.run(run_demo(settings, obj.ns, timeout=timeout, on_progress=show,
+                                                     summary=summary))
         finally:
             if bar is not None:
                 bar.stop()
@@ -338,9 +361,11 @@ def demo_cmd(obj, keep, timeout, as_json, sandbox, sandbox_network) -> None:
             for r in rows:
                 emit_json(r)
         else:
-            print_table(("TASK", "ISSUE", "AGENT", "STATE", "ATTEMPT", "BRANCH", "TESTS"),
-                        [(r.task, r.issue, r.agent, r.state, r.attempt, r.branch, r.tests) for r in rows])
+            print_table(("TASK", "ISSUE", "AGENT", "STATE", "ATTEMPT", "TESTS", "CI"),
+                        [(r.task, r.issue, r.agent, r.state, r.attempt, r.tests, r.ci) for r in rows])
             click.echo("")
+            if summary:
+                _print_demo_summary(summary[0])
             click.echo("Every step above is an event. Inspect them with:")
             click.echo(f"  ccc --data-dir {data_dir} events            # the log")
             click.echo(f"  ccc --data-dir {data_dir} replay --task demo_shop-4   # state after each event")
@@ -354,6 +379,21 @@ def demo_cmd(obj, keep, timeout, as_json, sandbox, sandbox_network) -> None:
     if not ok:
         click.echo("demo: not every task reached its expected state", err=True)
         sys.exit(1)
+
+
+def _print_demo_summary(s) -> None:
+    p = s.prediction
+    if s.ci_fixed:
+        click.echo(f"CI failed on the first push and a CI fix round made it green: {', '.join(s.ci_fixed)}")
+    for task, reason in s.lease_waits.items():
+        click.echo(f"waited for a file lease: {task} ({reason})")
+    if s.merged_in_order:
+        click.echo(f"merged by the merge queue, in order: {' -> '.join(s.merged_in_order)}")
+    click.echo(f"file prediction: {p.hits} of {p.tasks} changes touched a predicted file "
+               f"(hit rate {p.hit_rate:.0%}); {p.touched} of {p.changed} changed files were predicted "
+               f"(recall {p.recall:.0%}), {p.touched} of {p.predicted} predictions touched "
+               f"(precision {p.precision:.0%}); {p.unpredicted_tasks} change(s) had no prediction")
+    click.echo("")
 
 
 # -- ccc api ---------------------------------------------------------------------------
@@ -437,6 +477,7 @@ def webhook_cmd(obj, host, port, trigger_label, bot_name, max_age, rate_limit, r
     from datetime import timedelta
 
     from events.trust import GITHUB, TrustPolicy
+    from infra.adapters.forge.github_checks import GitHubChecks
     from infra.adapters.http.ratelimit import RateLimit
     from infra.adapters.http.webhook import ASSOCIATION_ONLY, WebhookServer, webhook_secret
 
@@ -457,7 +498,8 @@ def webhook_cmd(obj, host, port, trigger_label, bot_name, max_age, rate_limit, r
         server = WebhookServer(nc, obj.ns, host, port, secret=secret, trigger_label=trigger_label,
                                bot_name=bot_name, trust=trust, max_age=timedelta(minutes=max_age),
                                permissions=forge.author_permission if forge else None,
-                               rate_limit=RateLimit(rate_limit, rate_burst))
+                               rate_limit=RateLimit(rate_limit, rate_burst),
+                               checks=GitHubChecks(forge) if forge else None)
         try:
             try:
                 await server.start()

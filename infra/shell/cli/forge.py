@@ -1,5 +1,5 @@
 """``ccc`` commands that act on tasks and the local forge: ``tasks cancel``,
-``pr merge|close``, ``repo import|list``, ``dead-letters``. Each publishes a fact (as a
+``pr merge|close|approve``, ``repo import|list``, ``dead-letters``. Each publishes a fact (as a
 forge webhook would) or reads the log; none writes task events itself."""
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ import structlog
 
 from events.codec import encode
 from events.errors import ConfigError
-from events.issue import IssueCancelRequested, IssuePullRequestClosed, IssuePullRequestMerged
+from events.issue import (
+    IssueCancelRequested,
+    IssuePullRequestApproved,
+    IssuePullRequestClosed,
+    IssuePullRequestMerged,
+)
 from events.subjects import check_id
+from events.task_state import PR_OPEN
 from events.trust import OPERATOR
 from projections.read_model import ReadModel
 
@@ -66,7 +72,12 @@ def tasks_cancel(obj, task_id, reason) -> None:
 
 @click.group("pr")
 def pr_group() -> None:
-    """Pull requests on the local forge: merge or close (reject)."""
+    """Pull requests on the local forge: approve, merge or close (reject)."""
+
+
+def _open_pr(task, task_id: str) -> None:
+    if task.status not in PR_OPEN or not task.branch:
+        raise ConfigError(f"task {task_id} has no open pull request (it is {task.status})")
 
 
 @pr_group.command("merge")
@@ -76,8 +87,7 @@ def pr_merge(obj, task_id) -> None:
     """Merge the task's branch into the default branch; the task completes."""
     async def go(nc) -> None:
         task = await _task_of(obj, nc, task_id)
-        if task.status != "review" or not task.branch:
-            raise ConfigError(f"task {task_id} has no open pull request (it is {task.status})")
+        _open_pr(task, task_id)
         forge = LocalForge(obj.settings().data_dir / "forge")
         sha = await asyncio.to_thread(forge.merge, task.issue.repo, task.branch,
                                       message=f"Merge {task.branch}: {task.issue.title}")
@@ -98,13 +108,30 @@ def pr_close(obj, task_id, reason) -> None:
     """Reject the pull request: the task fails and the retry policy applies."""
     async def go(nc) -> None:
         task = await _task_of(obj, nc, task_id)
-        if task.status != "review":
-            raise ConfigError(f"task {task_id} has no open pull request (it is {task.status})")
+        _open_pr(task, task_id)
         seq = await _publish(nc, obj.ns, IssuePullRequestClosed(
             event_id=f"local:{task.issue.repo}#{task.issue.number}:closed:{task.attempt}",
             source=task.issue.source, repo=task.issue.repo, number=task.issue.number,
             occurred_at=_now(), pr_number=task.pr_number, branch=task.branch, reason=reason))
         click.echo(f"closed the pull request of {task_id}; seq {seq}")
+
+    obj.run(go)
+
+
+@pr_group.command("approve")
+@click.argument("task_id")
+@click.pass_obj
+def pr_approve(obj, task_id) -> None:
+    """Approve the task's pull request (as a reviewer would): with the merge queue on for
+    its repository, a green pull request enters the queue."""
+    async def go(nc) -> None:
+        task = await _task_of(obj, nc, task_id)
+        _open_pr(task, task_id)
+        seq = await _publish(nc, obj.ns, IssuePullRequestApproved(
+            event_id=f"cli:{task_id}:approve:{uuid.uuid4().hex}", source=task.issue.source,
+            repo=task.issue.repo, number=task.issue.number, occurred_at=_now(), pr_number=task.pr_number,
+            branch=task.branch, actor="cli", author="cli", author_association=OPERATOR))
+        click.echo(f"approved the pull request of {task_id}; seq {seq}")
 
     obj.run(go)
 

@@ -9,6 +9,7 @@ provisions and awaits ``fn(nc)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import click
 import msgspec
@@ -23,6 +24,7 @@ from events.task import SPECIALTIES, TaskCreated, TaskEventBase
 from events.task_state import TASK_STATUSES, TaskState
 from events.task_state import evolve as evolve_task
 from projections.read_model import MAX_BAD_KEPT, ReadModel
+from projections.waits import Waits
 
 from infra.shell.app.signals import until_signal
 from infra.shell.cli.output import emit_json, fmt_time, print_line, print_table
@@ -239,23 +241,28 @@ def _counts(states) -> str:
 @json_option
 @click.pass_context
 def tasks_cmd(ctx, state, specialty, as_json) -> None:
-    """The task board, rebuilt from the event log; `ccc tasks cancel ID` cancels one."""
+    """The task board, rebuilt from the event log; `ccc tasks cancel ID` cancels one.
+
+    WAITING says what a task that is not moving by itself waits for: its checks, the
+    merge queue, a human, a file lease, a dependency, a retry backoff, an agent."""
     if ctx.invoked_subcommand is not None:
         return
     model = _load_model(ctx.obj)
     shown = [t for t in model.tasks.values()
              if (state is None or t.status == state) and (specialty is None or t.specialty == specialty)]
+    waits, now = Waits(model.tasks), datetime.now(UTC)
     if as_json:
         for t in shown:
-            emit_json({"seq": model.task_seq[t.task_id], "task": t})
+            emit_json({"seq": model.task_seq[t.task_id], "task": t, "waiting": waits.why(t, now)})
         return
     rows = [(t.task_id, t.status, t.specialty, t.priority, t.agent_id, f"{t.attempt}/{t.max_attempts}",
-             t.issue.title) for t in shown]
+             t.issue.title, waits.why(t, now)) for t in shown]
     total = len(model.tasks)
     head = f"{len(shown)} of {total} tasks" if len(shown) != total else f"{total} tasks"
     footer = [f"{head}" + (f": {_counts(model.tasks.values())}" if total else "")
               + f"  (log at seq {model.last_seq})", *_bad_footer(model)]
-    print_table(("TASK", "STATE", "SPECIALTY", "PRIORITY", "AGENT", "ATTEMPT", "TITLE"), rows, footer=footer)
+    print_table(("TASK", "STATE", "SPECIALTY", "PRIORITY", "AGENT", "ATTEMPT", "TITLE", "WAITING"), rows,
+                footer=footer)
 
 
 @click.command("agents")

@@ -1,0 +1,199 @@
+"""Why a task waits, pure: one short sentence for a task that is not moving by itself.
+
+A task with an agent, or being analysed, moves by itself; every other non-final task
+waits for something: its pull request's checks, the merge queue, a human, a file lease
+held by another task, a dependency, a retry backoff, a free agent. The board (``ccc
+tasks``) and the status API show that sentence beside the state, so nobody has to read
+the log to see what a task is waiting for.
+
+:func:`why_waiting` answers for one task; :class:`Waits` answers for many, building the
+file leases (:mod:`projections.leases`) and the merge queues once. Both read only the
+task states and ``now`` (no clock here), so the same log and the same ``now`` always
+give the same words. A task that is not waiting gets ``""``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+
+from events.checks import failing
+from events.task_state import WITH_AGENT, TaskState
+
+from projections.leases import LeaseIndex
+
+MAX_WAIT_CHARS = 200  # one cell of a table; the rest is in the task's own fields
+MAX_NAMES = 3  # paths, checks, dependencies listed before "+n more"
+RERUN_KIND = {"flaky": "flaky?", "infrastructure": "infrastructure"}
+
+
+# -- words ------------------------------------------------------------------------------
+def age(seconds: float) -> str:
+    """A duration as a person reads it: ``40s``, ``5m``, ``1h 5m``, ``2d 3h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h {m}m" if m else f"{h}h"
+    d, h = divmod(h, 24)
+    return f"{d}d {h}h" if h else f"{d}d"
+
+
+def clock(at: datetime, now: datetime) -> str:
+    """``at`` in UTC: the time of day if it is ``now``'s UTC day, else date and time."""
+    at_utc, now_utc = at.astimezone(UTC), now.astimezone(UTC)
+    if at_utc.date() == now_utc.date():
+        return at_utc.strftime("%H:%M:%S")
+    return at_utc.strftime("%Y-%m-%d %H:%M")
+
+
+def names(values: Iterable[str], limit: int = MAX_NAMES) -> str:
+    """``a, b, c +2 more`` (in the order given)."""
+    items = [v for v in values if v]
+    shown = ", ".join(items[:limit])
+    return shown + (f" +{len(items) - limit} more" if len(items) > limit else "")
+
+
+def sha7(sha: str) -> str:
+    return sha[:7] if sha else "(no commit)"
+
+
+def _since(at: datetime | None, now: datetime) -> str:
+    return f" since {clock(at, now)} ({age((now - at).total_seconds())})" if at is not None else ""
+
+
+def _bounded(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= MAX_WAIT_CHARS else text[: MAX_WAIT_CHARS - 1] + "…"
+
+
+# -- the merge queues -------------------------------------------------------------------
+class MergeQueues:
+    """Each repository's (and base branch's) merge queue, in order: the task under test
+    (``merging``) first, then the queued ones by when they entered (their last change,
+    then their id)."""
+
+    def __init__(self, tasks: Iterable[TaskState] = ()) -> None:
+        lanes: dict[tuple[str, str], list[TaskState]] = {}
+        for t in tasks:
+            if t.status in ("merging", "merge_queued"):
+                lanes.setdefault(self.lane(t), []).append(t)
+        self._order: dict[tuple[str, str], list[str]] = {
+            lane: [t.task_id for t in sorted(queue, key=lambda t: (t.status != "merging",
+                                                                   t.merge_queued_at or t.updated_at,
+                                                                   t.task_id))]
+            for lane, queue in lanes.items()
+        }
+
+    @staticmethod
+    def lane(task: TaskState) -> tuple[str, str]:
+        return task.issue.repo, task.base_branch
+
+    def position(self, task: TaskState) -> tuple[int, int]:
+        """(1-based place of ``task``, the queue's length); (0, length) if not in it."""
+        order = self._order.get(self.lane(task), [])
+        return (order.index(task.task_id) + 1 if task.task_id in order else 0), len(order)
+
+
+# -- the reasons ------------------------------------------------------------------------
+def why_waiting(
+    task: TaskState,
+    tasks: Mapping[str, TaskState],
+    now: datetime,
+    lease_index: LeaseIndex | None = None,
+    *,
+    merge_queues: MergeQueues | None = None,
+) -> str:
+    """What ``task`` waits for, in a few words, or ``""`` if it moves by itself (or is
+    done). ``tasks``: every task (dependencies, leases, queue order); ``lease_index`` and
+    ``merge_queues``: built once by a caller asking about many tasks (see :class:`Waits`)."""
+    return _bounded(_reason(task, tasks, now, lease_index, merge_queues))
+
+
+def _reason(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
+            leases: LeaseIndex | None, queues: MergeQueues | None) -> str:
+    t = task
+    match t.status:
+        case "pending":
+            return "waiting for analysis"
+        case "queued":
+            return _queued(t, tasks, now, leases)
+        case "checking":
+            if t.reruns and failing(t.checks):
+                return f"re-running {_rerun(t)} on {sha7(t.head_sha)}{_since(t.checks_since, now)}"
+            return f"checks running on {sha7(t.head_sha)}{_since(t.checks_since, now)}"
+        case "checks_failed":
+            return f"checks failed on {sha7(t.head_sha)} ({t.classification or 'unclassified'})"
+        case "review":
+            if t.approved:
+                by = f" by {t.approved_by}" if t.approved_by else ""
+                return f"approved{by}; waiting for the pull request to be merged"
+            return "checks green; waiting for approval"
+        case "needs_human":
+            return f"needs a human: {t.needed or t.status_reason or 'see the task'}"
+        case "conflicted":
+            files = names(t.conflict_files) or "some files"
+            return f"conflicts with {t.base_branch or 'the base'} in {files}"
+        case "merge_queued":
+            place, length = (MergeQueues(tasks.values()) if queues is None else queues).position(t)
+            return f"queued for merge (position {place} of {length})" if place else "queued for merge"
+        case "merging":
+            if t.reruns:  # (the queue's failing checks are not kept: only the reason)
+                return (f"merge queue: re-running the checks of {sha7(t.queue_sha)} (re-run {t.reruns})"
+                        f"{_since(t.checks_since, now)}")
+            return f"merge queue: testing {sha7(t.queue_sha)}{_since(t.checks_since, now)}"
+        case "failed":
+            return "failed; a retry follows" if t.can_retry else ""
+    if t.status in WITH_AGENT and t.cancel_requested:
+        return f"cancellation requested; waiting for {t.agent_id or 'the agent'} to stop"
+    return ""  # analysing, with an agent, or final: moving by itself, or done
+
+
+def _rerun(t: TaskState) -> str:
+    checks = names(sorted(c.name for c in failing(t.checks)))
+    return f"{checks} ({RERUN_KIND.get(t.classification, 'requested')})"
+
+
+def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases: LeaseIndex | None) -> str:
+    open_deps = [(d, tasks[d].status if d in tasks else "unknown task") for d in t.dependencies
+                 if d not in tasks or tasks[d].status != "completed"]
+    if open_deps:
+        word = "dependency" if len(open_deps) == 1 else "dependencies"
+        return f"waiting for {word} " + names(f"{d} ({status})" for d, status in open_deps)
+    if t.not_before is not None and t.not_before > now:
+        left = age((t.not_before - now).total_seconds())
+        return f"retry backoff until {clock(t.not_before, now)} ({left} left)"
+    if leases is None:
+        leases = LeaseIndex(x for x in tasks.values() if x.issue.repo == t.issue.repo)
+    lease = leases.blocker(t)
+    if lease is not None:
+        return f"file lease: {names(lease.paths)} held by {lease.holder}"
+    if t.work == "ci_fix":
+        of = f" of {t.max_ci_fixes}" if t.max_ci_fixes >= t.ci_fixes > 0 else ""
+        return f"CI fix round {t.ci_fixes}{of} queued, waiting for an agent"
+    if t.work == "rebase":
+        on = f" on {t.base_branch}" if t.base_branch else ""
+        files = f" (conflicts in {names(t.conflict_files)})" if t.conflict_files else ""
+        return f"rebase{on} queued{files}, waiting for an agent"
+    return "waiting for an agent"
+
+
+class Waits:
+    """:func:`why_waiting` for many tasks of one board: the leases and the merge queues
+    are built once, from ``tasks`` as they are now."""
+
+    def __init__(self, tasks: Mapping[str, TaskState]) -> None:
+        self.tasks = tasks
+        self.leases = LeaseIndex.of(tasks)
+        self.queues = MergeQueues(tasks.values())
+
+    def why(self, task: TaskState, now: datetime) -> str:
+        return why_waiting(task, self.tasks, now, self.leases, merge_queues=self.queues)
+
+
+__all__ = ["MAX_WAIT_CHARS", "MergeQueues", "Waits", "age", "clock", "names", "sha7", "why_waiting"]
