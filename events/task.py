@@ -204,6 +204,9 @@ class TaskChecksRerun(TaskEventBase, tag="task.checks_rerun"):
     checks: tuple[str, ...] = ()
     reason: str = ""
     rerun: int = 1  # re-runs of this commit so far, this one included
+    # why: "flaky" (only these count as the one re-run a possibly flaky check gets),
+    # "infrastructure", or "requested" (a person asked)
+    cause: str = ""
 
 
 class TaskNeedsHuman(TaskEventBase, tag="task.needs_human"):

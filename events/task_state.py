@@ -182,6 +182,7 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     checks: tuple[CheckRun, ...] = ()  # the last completed checks
     classification: str = ""  # of the last failure
     reruns: int = 0  # of the awaited commit's checks
+    flaky_reruns: int = 0  # ... of them because the failure looked flaky (not the runner's fault)
     ci_fixes: int = 0
     max_ci_fixes: int = 0  # as the last fix round was told (for display)
     rebases: int = 0
@@ -269,7 +270,7 @@ def _pr_opened(s: TaskState, e: TaskPullRequestOpened, status: str) -> TaskState
         pr_url=e.pr_url, pr_number=e.pr_number, draft=e.draft,
         tests_passed=e.tests_passed, tests_failed=e.tests_failed,
         head_sha=e.head_sha, base_branch=e.base_branch or s.base_branch,
-        checks_since=e.occurred_at, reruns=0, conflict_files=(), queue_ref="", queue_sha="",
+        checks_since=e.occurred_at, reruns=0, flaky_reruns=0, conflict_files=(), queue_ref="", queue_sha="",
     )
 
 
@@ -289,7 +290,8 @@ def _checks_failed(s: TaskState, e: TaskChecksFailed, status: str) -> TaskState:
 def _checks_rerun(s: TaskState, e: TaskChecksRerun, status: str) -> TaskState:
     return replace(s, version=e.version, updated_at=e.occurred_at,
                    status="merging" if s.status == "merging" else "checking",
-                   reruns=e.rerun, checks_since=e.occurred_at, needed="", status_reason=e.reason)
+                   reruns=e.rerun, flaky_reruns=s.flaky_reruns + (e.cause == "flaky"),
+                   checks_since=e.occurred_at, needed="", status_reason=e.reason)
 
 
 def _needs_human(s: TaskState, e: TaskNeedsHuman, status: str) -> TaskState:
@@ -322,7 +324,7 @@ def _merge_queued(s: TaskState, e: TaskMergeQueued, status: str) -> TaskState:
 
 def _merge_testing(s: TaskState, e: TaskMergeTesting, status: str) -> TaskState:
     return replace(s, version=e.version, updated_at=e.occurred_at, status=status, queue_ref=e.queue_ref,
-                   queue_sha=e.queue_sha, reruns=0, checks_since=e.occurred_at)
+                   queue_sha=e.queue_sha, reruns=0, flaky_reruns=0, checks_since=e.occurred_at)
 
 
 def _merge_dequeued(s: TaskState, e: TaskMergeDequeued, status: str) -> TaskState:
@@ -527,7 +529,8 @@ def _pull_request(state: TaskState, command: Command) -> list[TaskEvent]:
                       needed="look at the CI: a check is stuck, waits for a runner, or never started")
         case RequestRerun():
             _require(state, "needs_human", "re-run its checks")
-            chain.add(TaskChecksRerun, head_sha=state.head_sha, reason=command.reason, rerun=state.reruns + 1)
+            chain.add(TaskChecksRerun, head_sha=state.head_sha, reason=command.reason, rerun=state.reruns + 1,
+                      cause="requested")
         case RecordConflict():
             _require_in(state, ("checking", "checks_failed", "review", "needs_human", "merge_queued"),
                         "record a conflict")
@@ -575,15 +578,17 @@ def _after_checks(chain: _Chain, c: RecordChecks) -> None:
         if not in_queue and c.merge_queue and state.approved:
             chain.add(TaskMergeQueued)
         return
-    verdict = classify(c.checks, base=c.base, files_changed=state.files_changed, reruns=state.reruns)
+    # an infrastructure re-run (or a person's) tells nothing about flakiness: only the
+    # flaky re-runs count as "the check already had its second chance"
+    verdict = classify(c.checks, base=c.base, files_changed=state.files_changed, reruns=state.flaky_reruns)
     kind = verdict.classification
     rerun = ((kind == "infrastructure" and state.reruns < c.max_infra_reruns)
-             or (kind == "flaky" and state.reruns < MAX_FLAKY_RERUNS))
+             or (kind == "flaky" and state.flaky_reruns < MAX_FLAKY_RERUNS))
     names = tuple(sorted(ch.name for ch in failing(c.checks)))
     if in_queue:
         if rerun:
             chain.add(TaskChecksRerun, head_sha=c.head_sha, checks=names, reason=verdict.reason,
-                      rerun=state.reruns + 1)
+                      rerun=state.reruns + 1, cause=kind)
             return
         chain.add(TaskMergeDequeued, reason=f"ejected from the merge queue: {verdict.reason}",
                   checks=c.checks, classification=kind)
@@ -592,7 +597,7 @@ def _after_checks(chain: _Chain, c: RecordChecks) -> None:
                   reason=verdict.reason)
     if rerun:
         chain.add(TaskChecksRerun, head_sha=state.head_sha, checks=names, reason=verdict.reason,
-                  rerun=state.reruns + 1)
+                  rerun=state.reruns + 1, cause=kind)
     elif kind == "action_required":
         chain.add(TaskNeedsHuman, reason=verdict.reason,
                   needed="a maintainer approves the pending workflow run(s) on the pull request")

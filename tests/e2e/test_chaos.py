@@ -18,18 +18,19 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 
 from events import agent_state as ag
 from events import task_state as ts
 from events.subjects import Namespace
-from events.task import Analysis, IssueRef
+from events.task import Analysis, IssueRef, TaskAssigned
 from events.checks import CheckRun
 from events.work_reports import ChangesPushed, PullRequestOpened
 from events.codec import encode
 from events.errors import ConfigError, StoreUnavailable
-from infra.shell.chaos.checks import LogRecord, check_log, percentile, read_log
+from infra.shell.chaos.checks import LogRecord, check_log, finished_by_other, percentile, read_log
 from infra.shell.chaos.ci_loop import check_ci_loop
 from infra.shell.chaos.model import ChaosOptions
 from infra.shell.chaos.processes import CCC, clean_env
@@ -550,3 +551,32 @@ def test_cli_rejects_an_unknown_scenario():
     result = subprocess.run([*CCC, "chaos", "--scenario", "nope"], check=False, env=clean_env(), capture_output=True,
                             text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and "unknown nope" in result.stderr
+
+
+def test_a_taken_task_may_be_finished_by_its_old_agent_in_a_later_round_but_not_in_the_attempt_it_lost():
+    """The agent killed in a fault comes back with the same id: a CI fix round of the
+    attempt another agent took over may go to it (new work), but the pull request the task
+    ends with must not come from the attempt that was taken from it."""
+    c = {"at": T0, "actor": "coordinator"}
+    log = Log()
+    log.task(CI_TASK, ts.CreateTask(**c, task_id=CI_TASK,
+                                    issue=IssueRef(source="local", repo=CI_REPO, number=1, title="Add feature 1")))
+    log.task(CI_TASK, ts.StartAnalysis(**c))
+    log.task(CI_TASK, ts.RecordAnalysis(**c, analysis=Analysis(specialty="backend")))
+    log.task(CI_TASK, ts.AssignTask(**c, agent_id="a1"))
+    t_kill = log.records[-1].at + 0.5
+    log.task(CI_TASK, ts.RequeueTask(**c, reason="agent_lost", agent_id="a1"))  # attempt 2
+    for agent, head, check in (("a2", "a" * 40, RED), ("a1", "b" * 40, GREEN)):  # a1's is the fix round
+        log.task(CI_TASK, ts.AssignTask(**c, agent_id=agent))
+        log.task(CI_TASK, ts.StartTask(**c, agent_id=agent))
+        log.task(CI_TASK, ts.StartTests(**c, agent_id=agent, files_changed=("features/f1.py",)))
+        log.task(CI_TASK, ts.OpenPullRequest(**c, agent_id=agent, branch=CI_BRANCH, head_sha=head))
+        log.task(CI_TASK, ts.RecordChecks(**c, head_sha=head, checks=(check,), base={"ccc/test": "success"}))
+    assert log.tasks[CI_TASK].status == "review" and log.tasks[CI_TASK].ci_fixes == 1
+    assert finished_by_other({CI_TASK: 1}, "a1", t_kill)(log.records) == []
+    # the same log, had a1's fix round been assigned in the attempt it lost: flagged
+    stale = [LogRecord(r.seq, r.subject, r.at, msgspec.structs.replace(r.item, attempt=1))
+             if isinstance(r.item, TaskAssigned) and r.item.agent_id == "a1" and r.at > t_kill else r
+             for r in log.records]
+    assert finished_by_other({CI_TASK: 1}, "a1", t_kill)(stale) == [
+        f"scenario: {CI_TASK} was finished by a1, the agent it was taken from, in attempt 1"]

@@ -95,7 +95,8 @@ def test_a_flaky_check_is_re_run_once_and_passes_without_a_fix():
     after = task(log).when(checks(H1, FLAKY, base=GREEN_BASE, at=LATER)).then([
         ev(TaskChecksFailed, n + 1, at=LATER, head_sha=H1, classification="flaky", reason=R_FLAKY,
            checks=FLAKY),
-        ev(TaskChecksRerun, n + 2, at=LATER, head_sha=H1, checks=("test",), reason=R_FLAKY, rerun=1)])
+        ev(TaskChecksRerun, n + 2, at=LATER, head_sha=H1, checks=("test",), reason=R_FLAKY, rerun=1,
+           cause="flaky")])
     assert (after.status, after.reruns, after.checks_since) == ("checking", 1, LATER)
     assert after.status_reason == R_FLAKY
     log = run([checks(H1, FLAKY, base=GREEN_BASE), checks(H1)], log)
@@ -118,6 +119,22 @@ def test_a_check_failing_again_after_its_re_run_is_the_change():
         TaskChecksFailed, TaskChecksRerun]
 
 
+def test_an_infrastructure_re_run_does_not_use_up_the_flaky_checks_second_chance():
+    """The runner was lost, the re-run then really ran the tests and failed naming nothing
+    the change touched: that failure still gets its one flaky re-run (the first run told
+    nothing about the tests); only a failure after *that* is the change's."""
+    log = run([checks(H1, INFRA)], history("checking"))
+    assert (fold(log).reruns, fold(log).flaky_reruns) == (1, 0)
+    n = len(log)
+    task(log).when(checks(H1, FLAKY, base=GREEN_BASE)).then([
+        ev(TaskChecksFailed, n + 1, head_sha=H1, classification="flaky", reason=R_FLAKY, checks=FLAKY),
+        ev(TaskChecksRerun, n + 2, head_sha=H1, checks=("test",), reason=R_FLAKY, rerun=2, cause="flaky")])
+    log = run([checks(H1, FLAKY, base=GREEN_BASE)], log)
+    assert (fold(log).reruns, fold(log).flaky_reruns) == (2, 1)
+    assert [type(e) for e in run([checks(H1, FLAKY, base=GREEN_BASE)], log)[len(log):]] == [
+        TaskChecksFailed, TaskFixQueued]
+
+
 # -- infrastructure -> re-runs -> a human ------------------------------------------------------
 @pytest.mark.parametrize("max_reruns", [0, 1, 2, 3])
 def test_the_infrastructure_failing_is_re_run_at_most_max_infra_reruns_then_a_human(max_reruns):
@@ -127,7 +144,8 @@ def test_the_infrastructure_failing_is_re_run_at_most_max_infra_reruns_then_a_hu
         task(log).when(checks(H1, INFRA, max_infra_reruns=max_reruns)).then([
             ev(TaskChecksFailed, n + 1, head_sha=H1, classification="infrastructure", reason=R_INFRA,
                checks=INFRA),
-            ev(TaskChecksRerun, n + 2, head_sha=H1, checks=("test",), reason=R_INFRA, rerun=rerun)])
+            ev(TaskChecksRerun, n + 2, head_sha=H1, checks=("test",), reason=R_INFRA, rerun=rerun,
+               cause="infrastructure")])
         log = run([checks(H1, INFRA, max_infra_reruns=max_reruns)], log)
     n = len(log)
     after = task(log).when(checks(H1, INFRA, max_infra_reruns=max_reruns)).then([
@@ -164,7 +182,7 @@ def test_a_workflow_awaiting_approval_needs_a_human_whose_re_run_awaits_the_chec
     rerun = cmd(RequestRerun, actor="alice", reason="alice asked for a re-run", at=LATER)
     after = task(log).when(rerun).then([
         ev(TaskChecksRerun, n + 1, actor="alice", at=LATER, head_sha=H1, reason="alice asked for a re-run",
-           rerun=1)])
+           rerun=1, cause="requested")])
     assert (after.status, after.needed, after.checks_since, after.reruns) == ("checking", "", LATER, 1)
     assert fold(run([rerun, checks(H1)], log)).status == "review"
     # only a task that needs a human is re-run on request
@@ -365,7 +383,8 @@ def test_a_flaky_check_in_the_queue_is_re_run_in_place_and_the_merge_waits_for_i
     log = history("merging")
     n = len(log)
     after = task(log).when(checks(Q1, FLAKY, base=GREEN_BASE, at=LATER)).then([
-        ev(TaskChecksRerun, n + 1, at=LATER, head_sha=Q1, checks=("test",), reason=R_FLAKY, rerun=1)])
+        ev(TaskChecksRerun, n + 1, at=LATER, head_sha=Q1, checks=("test",), reason=R_FLAKY, rerun=1,
+           cause="flaky")])
     assert (after.status, after.reruns, after.checks_since) == ("merging", 1, LATER)
     log = run([checks(Q1, FLAKY, base=GREEN_BASE)], log)
     task(log).when(cmd(CompleteMerge)).then_raises(DomainError, "have not passed")

@@ -105,7 +105,7 @@ def _legal_case(event_type: type, status: str) -> Case:
     flaky = (TaskChecksFailed, dict(head_sha=H1, classification="flaky", reason=R_FLAKY, checks=FLAKY))
     waiting = (TaskChecksFailed, dict(head_sha=H1, classification="action_required", reason=R_WAITING,
                                       checks=WAITING))
-    rerun = (TaskChecksRerun, dict(head_sha=H1, checks=("test",), reason=R_FLAKY, rerun=1))
+    rerun = (TaskChecksRerun, dict(head_sha=H1, checks=("test",), reason=R_FLAKY, rerun=1, cause="flaky"))
     conflicted = (TaskConflicted, CONFLICT)
     cases = {
         TaskAnalysisStarted: Case(cmd(StartAnalysis, analyser="llm"),
@@ -137,9 +137,9 @@ def _legal_case(event_type: type, status: str) -> Case:
             "checks_failed": Case(checks(H1, FLAKY, base=GREEN_BASE), [flaky, rerun], "checking",
                                   start="checking"),
             "needs_human": Case(cmd(RequestRerun, reason="approved the run"), [(TaskChecksRerun, dict(
-                head_sha=H1, reason="approved the run", rerun=1))], "checking"),
+                head_sha=H1, reason="approved the run", rerun=1, cause="requested"))], "checking"),
             "merging": Case(checks(Q1, FLAKY, base=GREEN_BASE), [(TaskChecksRerun, dict(
-                head_sha=Q1, checks=("test",), reason=R_FLAKY, rerun=1))], "merging"),
+                head_sha=Q1, checks=("test",), reason=R_FLAKY, rerun=1, cause="flaky"))], "merging"),
         }.get(status),
         TaskNeedsHuman: {
             "checking": Case(cmd(ChecksTimedOut, waited=1800), [(TaskNeedsHuman, dict(

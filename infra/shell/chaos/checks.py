@@ -337,16 +337,26 @@ def requeued_mark(held: dict[str, int], t0: float, reason: str) -> Mark:
 
 
 def finished_by_other(held: dict[str, int], agent: str, t0: float) -> Check:
-    """Tasks taken from ``agent`` at the fault (re-queued after ``t0``) were finished by
-    another agent (a task it finished before the fault landed is not counted)."""
+    """Tasks taken from ``agent`` at the fault (re-queued after ``t0``) were not finished
+    by the work it was doing then: the pull request the task ended with was not opened in
+    the attempt it held (a task it finished before the fault landed is not counted). The
+    restarted agent may well do a *later* attempt, or a later round of one (a CI fix round
+    of the attempt another agent took over): that is new work, assigned to it afresh."""
     def check(records: list[LogRecord]) -> list[str]:
         out = []
-        for tid in held:
+        for tid, attempt in held.items():
             taken = any(r.at >= t0 and isinstance(r.item, TaskRequeued) and r.item.task_id == tid
                         for r in records)
-            prs = [r.item for r in records if isinstance(r.item, TaskPullRequestOpened) and r.item.task_id == tid]
-            if taken and prs and prs[-1].agent_id == agent:
-                out.append(f"scenario: {tid} was finished by {agent}, the agent it was taken from")
+            assigned: TaskAssigned | None = None
+            finisher: TaskAssigned | None = None  # the assignment the last pull request came from
+            for r in records:
+                if isinstance(r.item, TaskAssigned) and r.item.task_id == tid:
+                    assigned = r.item
+                elif isinstance(r.item, TaskPullRequestOpened) and r.item.task_id == tid:
+                    finisher = assigned
+            if taken and finisher is not None and finisher.agent_id == agent and finisher.attempt <= attempt:
+                out.append(f"scenario: {tid} was finished by {agent}, the agent it was taken from, in "
+                           f"attempt {finisher.attempt}")
         return out
     return check
 

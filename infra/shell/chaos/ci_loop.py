@@ -78,8 +78,9 @@ from infra.shell.chaos.world import World, offline, taken_by_other
 GREEN = ("review",)  # the only state a task of this scenario may end in
 COORDINATOR = "coordinator-1"
 # the forge-ci consumer redelivers a pr_opened whose CI run died with its coordinator
-# after its ack wait (60 s): a run is stuck only when nothing happened for longer
-STALL = 100.0
+# after its ack wait (actors.forge_ci: 10 s): a run is stuck only when nothing happened
+# for much longer than that and a CI run
+STALL = 60.0
 WAIT = 150.0  # for the moment a fault waits for (a task in its checks, in a fix round)
 
 

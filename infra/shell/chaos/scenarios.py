@@ -152,9 +152,9 @@ SCENARIOS: dict[str, Spec] = {
                                   None, ""),
     "graceful": Spec(graceful, 1, 1, None, "agent SIGTERMed -> its task re-queued (handed back)"),
     # the worst recovery is the CI run that died with its coordinator: redone after the
-    # forge-ci consumer's 60 s ack wait (see .ci_loop)
-    "ci-loop": Spec(ci_loop, 1, 2, 75.0,
-                    "coordinator killed mid-CI -> the interrupted checks recorded (60 s ack wait included); "
+    # forge-ci consumer's 10 s ack wait, plus the run itself (see .ci_loop)
+    "ci-loop": Spec(ci_loop, 1, 2, 20.0,
+                    "coordinator killed mid-CI -> the interrupted checks recorded (10 s ack wait included); "
                     "agent killed in a CI fix round -> round re-queued; restarted coordinator up -> next task "
                     "event"),
 }
