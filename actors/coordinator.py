@@ -309,6 +309,9 @@ class Coordinator(Intake, PullRequests):
                     pr_number=event.pr_number, draft=event.draft, tests_passed=event.tests_passed,
                     tests_failed=event.tests_failed, head_sha=event.head_sha,
                     base_branch=event.base_branch, causation_id=cause))
+                if event.head_sha:  # the forge may have reported this commit's checks already
+                    await self._fresh(task_id)
+                    await self.adopt_earlier_checks(task_id)
             case AgentWorkFailed():
                 after = await self._run(task_id, ts.FailTask(
                     at=at, actor=actor, agent_id=aid, reason=event.reason, phase=event.phase,

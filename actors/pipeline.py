@@ -18,6 +18,15 @@ The task says which round (``task.work``):
   the branch's change on the new base. A rebase that applies by itself is reported as
   the implementation of coder ``git-rebase``.
 
+A CI fix round whose branch moved on the forge since the checks that failed (its head
+is no longer ``task.head_sha``: an earlier attempt pushed its fix and was lost before it
+reported, or a person pushed to the pull request) has nothing to fix yet: the checks
+that count are the moved head's. The round neither rebases nor calls the coder nor
+pushes; it reports the branch as it is (coder ``forge-branch``, what the pull request
+changes), runs the tests on it for the record, and reports the pull request with the
+moved head, whose checks then decide (a failing one queues the next fix, on that head).
+Repeating the fix instead would fail every attempt: the coder finds it already made.
+
 A round's change is what the pull request changes (against its base), so the push
 checks see all of it; its push is leased on the branch's head when the round started,
 so a push someone made to the branch since is never overwritten.
@@ -49,7 +58,7 @@ import structlog
 from events.errors import CccError
 from events.secrets import process_masker
 from events.task_state import TaskState
-from events.work import Budget, CodeOutcome, CodeRequest, Rebase
+from events.work import BranchRound, Budget, CodeOutcome, CodeRequest, Rebase
 from events.work_reports import (
     ChangesPushed,
     CodebaseAnalysed,
@@ -94,6 +103,7 @@ def _digest(data: bytes) -> str:
 
 
 REBASE_CODER = "git-rebase"  # the "coder" of a rebase that applied by itself
+FORGE_BRANCH_CODER = "forge-branch"  # the "coder" of a CI fix whose branch moved: the branch as it is
 MAX_GUIDANCE = 20_000  # characters of guidance a round's coder is given
 
 INSTRUCTION_FILES = ("CLAUDE.md", "AGENTS.md", ".ccc/instructions.md")
@@ -149,13 +159,25 @@ def _round_name(task: TaskState) -> str:
             "rebase": f"rebase {task.rebases}"}[task.work]
 
 
-async def _start_round(workbench: Workbench, repo_dir: Path, task: TaskState, base_branch: str, *,
-                       git_env: dict[str, str], squash_message: str, identity: tuple[str, str]) -> Rebase:
-    """Check the pull request's branch out as it is on the forge and rebase it on the
-    latest base where that applies by itself. Where it does not, a CI fix works on the
-    branch as it is; a rebase round gives the coder the conflicts to resolve."""
+def branch_moved(task: TaskState, opened: BranchRound) -> bool:
+    """Whether a CI fix round finds the pull request's branch moved on the forge since
+    the checks that failed (those of ``task.head_sha``): its fix is already pushed (by an
+    earlier attempt lost before it reported, or by a person), so the new head's checks
+    decide, not a coder. Never for another round, nor without a recorded head."""
+    return task.work == "ci_fix" and bool(task.head_sha) and opened.head != task.head_sha
+
+
+def moved_summary(task: TaskState, opened: BranchRound) -> str:
+    return (f"{opened.branch} moved on the forge from {task.head_sha[:12]} to {opened.head[:12]} since the "
+            "failing checks: the branch is taken as it is (not rebased, nothing pushed), so its checks decide.")
+
+
+async def _rebase_round(workbench: Workbench, repo_dir: Path, task: TaskState, base_branch: str, *,
+                        squash_message: str, identity: tuple[str, str]) -> Rebase:
+    """After :meth:`~actors.ports.Workbench.open_branch`: rebase the branch on the latest
+    base where that applies by itself. Where it does not, a CI fix works on the branch as
+    it is; a rebase round gives the coder the conflicts to resolve."""
     branch = task.branch
-    await asyncio.to_thread(workbench.open_branch, repo_dir, branch, base_branch, env=git_env)
     rebase = await asyncio.to_thread(workbench.rebase, repo_dir, squash_message, *identity)
     if rebase.status == "rebased" and rebase.head == rebase.base:
         raise PhaseFailed("workspace", f"rebased on {base_branch}, {branch} changes nothing: its change is "
@@ -219,14 +241,22 @@ async def run_pipeline(
         instructions = instructions_of(workbench, ws.repo_dir)
         base_branch = task.base_branch or workbench.default_branch(ws.repo_dir)
         rebase: Rebase | None = None
+        moved: BranchRound | None = None  # a CI fix's branch, moved since its checks failed
         if work == "implement":
             branch = workbench.branch_name(task.task_id, issue.title)
         else:
             branch = task.branch
-            squash_message = masker.text(f"{issue.title}\n\nThe branch's change, rebased on {base_branch} as one "
-                                         f"commit.\n\nResolves {issue.repo}#{issue.number} {trailer}")
-            rebase = await _start_round(workbench, ws.repo_dir, task, base_branch, git_env=git_env,
-                                        squash_message=squash_message, identity=identity)
+            # the branch as it is on the forge now, checked out in the workspace
+            opened = await asyncio.to_thread(workbench.open_branch, ws.repo_dir, branch, base_branch, env=git_env)
+            if branch_moved(task, opened):
+                moved = opened
+                log.info("pipeline.branch_moved", task_id=task.task_id, branch=branch,
+                         failed_head=task.head_sha[:12], head=opened.head[:12])
+            else:
+                squash_message = masker.text(f"{issue.title}\n\nThe branch's change, rebased on {base_branch} as "
+                                             f"one commit.\n\nResolves {issue.repo}#{issue.number} {trailer}")
+                rebase = await _rebase_round(workbench, ws.repo_dir, task, base_branch,
+                                             squash_message=squash_message, identity=identity)
         base_commit = workbench.head_sha(ws.repo_dir) or ""
         await report(WorkspacePrepared(path=str(ws.path), base_commit=base_commit))
 
@@ -236,11 +266,15 @@ async def run_pipeline(
         test_command = workbench.detect_test_command(ws.repo_dir)
         await report(CodebaseAnalysed(languages=languages, test_command=tuple(test_command or ())))
 
-        # 3. implement (a rebase that applied by itself needs no coder)
+        # 3. implement (a rebase that applied by itself needs no coder, nor a CI fix whose
+        # branch moved: the branch as it is is what gets checked)
         phase = "implementation"
         conflicts = tuple(f.path for f in rebase.conflicts) if rebase and work == "rebase" else ()
         transcript_ref = ""
-        if work == "rebase" and not conflicts:
+        if moved is not None:
+            outcome = CodeOutcome(summary=moved_summary(task, moved), status="done")
+            coder_name, commit = FORGE_BRANCH_CODER, moved.head
+        elif work == "rebase" and not conflicts:
             assert rebase is not None
             how = "as one commit" if rebase.squashed else (
                 "already on it" if rebase.status == "up_to_date" else "its commits replayed")
@@ -275,6 +309,9 @@ async def run_pipeline(
                                       base_commit=base_commit, conflicts=conflicts)
             commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, masker.text(message), *identity)
         files = await asyncio.to_thread(workbench.changed_files, ws.repo_dir)
+        if not files and moved is not None:  # pushed so: a retry would find the same
+            raise PhaseFailed("implementation", f"{branch} moved on the forge to {moved.head[:12]}, which changes "
+                                                f"nothing against {base_branch}", retryable=False)
         if not files:  # (a round's coder made a change, but it undid the branch's)
             raise PhaseFailed("implementation", f"{branch} changes nothing against {base_branch}", retryable=True)
         # the work is kept, masked, whatever the push decides about it below: the digest
@@ -285,7 +322,8 @@ async def run_pipeline(
             coder=coder_name, summary=outcome.summary[:2000], files_changed=tuple(files),
             diff_stat=await asyncio.to_thread(workbench.diff_stat, ws.repo_dir),
             diff_ref=diff_ref, diff_digest=_digest(diff), turns=outcome.turns,
-            usage=outcome.usage if coder_name != REBASE_CODER else None, transcript_ref=transcript_ref,
+            usage=outcome.usage if coder_name not in (REBASE_CODER, FORGE_BRANCH_CODER) else None,
+            transcript_ref=transcript_ref,
         ))
         budget_hit = outcome.status == "budget_exhausted"
 
@@ -303,21 +341,26 @@ async def run_pipeline(
                                   passed=counts.passed, failed=counts.failed, errors=counts.errors,
                                   skipped=counts.skipped, duration=round(result.duration, 3),
                                   timed_out=result.timed_out, log_ref=log_ref))
-            if not tests_ok and not budget_hit:
+            # (on a moved branch the result is for the record: its checks decide, and a
+            # retry would only test the same commit again)
+            if not tests_ok and not budget_hit and moved is None:
                 why = "tests timed out" if result.timed_out else (
                     f"{failed} test(s) failed" if failed else f"test command exited {result.exit_code}")
                 raise PhaseFailed("testing", why, retryable=True, log_ref=log_ref)
 
         # 5. push (the commit of step 3, checked first; a round's, leased on the branch's
-        # head when the round started)
+        # head when the round started); a moved branch is on the forge already: no push
         phase = "push"
-        try:
-            pushed = await asyncio.to_thread(workbench.push, ws.repo_dir, branch,
-                                             env=await asyncio.to_thread(forge.git_env, issue.repo),
-                                             max_file_bytes=settings.max_file_bytes)
-        except CccError as e:  # e.g. "the change contains a secret (…): not pushed"
-            raise PhaseFailed(phase, str(e), retryable=e.retryable, log_ref=diff_ref) from e
-        await report(ChangesPushed(branch=branch, commit=pushed or commit))
+        if moved is not None:
+            pushed = moved.head
+        else:
+            try:
+                pushed = await asyncio.to_thread(workbench.push, ws.repo_dir, branch,
+                                                 env=await asyncio.to_thread(forge.git_env, issue.repo),
+                                                 max_file_bytes=settings.max_file_bytes)
+            except CccError as e:  # e.g. "the change contains a secret (…): not pushed"
+                raise PhaseFailed(phase, str(e), retryable=e.retryable, log_ref=diff_ref) from e
+            await report(ChangesPushed(branch=branch, commit=pushed or commit))
 
         # 6. pull request (a draft when the budget ran out or tests did not pass); a
         # round's is the one already open: the push updated it

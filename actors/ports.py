@@ -103,8 +103,10 @@ class Workbench(Protocol):
                     env: Mapping[str, str] | None = None) -> BranchRound:
         """Fetch the pull request's ``branch`` and ``base_branch`` from the forge as they
         are now (``env``: its credentials) and check the branch out in the workspace; its
-        head is where the round's commit goes and what the push is leased on. Before the
-        coder or any command ran."""
+        head is where the round's commit goes and what the push is leased on (and tells a
+        CI fix whether the branch moved since the checks that failed: then it is the head
+        to report, and nothing is committed or pushed). Before the coder or any command
+        ran."""
         ...
 
     def rebase(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> Rebase:

@@ -32,17 +32,20 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import nats.errors
+import nats.js.errors
 import structlog
 
 from events import task_state as ts
-from events.errors import ConcurrencyConflict, DomainError, InfrastructureError
+from events.codec import decode_issue
+from events.errors import CccError, ConcurrencyConflict, DomainError, InfrastructureError
 from events.issue import (
     IssueBaseMoved,
     IssueChecksCompleted,
     IssuePullRequestApproved,
 )
 from events.aio import wait_event
-from events.subjects import QUEUE_BRANCH_PREFIX
+from events.subjects import QUEUE_BRANCH_PREFIX, issue_subject
 from events.task import (
     TaskChecksPassed,
     TaskCompleted,
@@ -90,6 +93,32 @@ class PullRequests:
         log.info("checks.recorded", task_id=task_id, head_sha=event.head_sha[:12],
                  status=new.status if new else None, classification=new.classification if failed else None)
         self.kick_pull_requests()
+
+    async def adopt_earlier_checks(self, task_id: str) -> bool:
+        """After a push is recorded (``task.pr_opened``): if the forge already reported that
+        very commit's checks, take them now. They arrive before the push is recorded when
+        the CI is quicker than the agent's report, or when the push was an earlier round's
+        whose agent died before reporting it (the next round finds the branch moved and
+        reports its head): dropped as stale then, they would otherwise be waited for until
+        the checks timeout. The issue stream keeps the latest such fact per issue."""
+        state = self.model.tasks.get(task_id)
+        if state is None or state.status != "checking" or not state.head_sha:
+            return False
+        issue = state.issue
+        subject = self.ns.subject(issue_subject(issue.source, issue.repo, issue.number, "checks_completed"))
+        try:
+            msg = await self.nc.jetstream().get_last_msg(self.ns.issues_stream, subject, direct=True)
+            fact = decode_issue(self.ns.rel(msg.subject), msg.data)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (CccError, nats.errors.Error) as e:  # unreadable: the checks timeout still holds
+            log.warning("checks.earlier_unreadable", task_id=task_id, error=f"{type(e).__name__}: {e}")
+            return False
+        if not isinstance(fact, IssueChecksCompleted) or fact.head_sha != state.head_sha:
+            return False
+        log.info("checks.adopted", task_id=task_id, head_sha=fact.head_sha[:12], fact=fact.event_id)
+        await self._on_checks(task_id, fact)
+        return True
 
     async def _on_approved(self, task_id: str, event: IssuePullRequestApproved) -> None:
         state = await self._known(task_id)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from msgspec.structs import replace
 
-from actors.pipeline import REBASE_CODER, PhaseFailed, PipelineSettings, run_pipeline
+from actors.pipeline import FORGE_BRANCH_CODER, REBASE_CODER, PhaseFailed, PipelineSettings, run_pipeline
 from events.secrets import add_secrets, forget_added_secrets
 from events.task import IssueRef
 from events.task_state import TaskState
@@ -280,6 +280,121 @@ async def test_a_ci_fix_replays_the_recorded_fix_of_a_scripted_session(nc, ns, s
     _, failure = await run(rebase_task, ScriptedCoder(scripts))
     assert failure is not None and failure.phase == "implementation"
     assert failure.reason == "acme_calc-1.json records no rebase session (no 'rebases')"
+
+
+# -- CI fix on a branch that moved since its checks failed ------------------------------
+LINTED = FIXED.replace("def mul", "# multiplies\ndef mul")
+
+
+def assert_taken_as_it_is(reports: list, *, failed_head: str, head: str, branch: str) -> None:
+    """The round reported the branch as it is on the forge, with ``head``: no coder, no
+    push, the pull request's head for its checks to decide."""
+    impl = one(reports, ImplementationProduced)
+    assert impl.coder == FORGE_BRANCH_CODER and impl.usage is None and impl.transcript_ref == ""
+    assert impl.turns == 0
+    assert impl.summary == (f"{branch} moved on the forge from {failed_head[:12]} to {head[:12]} since the failing "
+                            "checks: the branch is taken as it is (not rebased, nothing pushed), so its checks decide.")
+    assert not any(isinstance(r, ChangesPushed) for r in reports)
+    assert one(reports, PullRequestOpened).head_sha == head
+
+
+async def test_a_ci_fix_whose_fix_was_pushed_by_a_lost_attempt_reports_the_pushed_head(
+        nc, ns, store, tmp_path, forge):
+    """An attempt pushed its fix and was lost before it reported: the next attempt runs
+    the same round, finds the fix on the forge, and reports it instead of fixing again."""
+    run = Run(nc, ns, tmp_path, forge)
+    task = new_task()
+    first = await implemented(run, task)
+    old = one(first, PullRequestOpened)
+    round_task = after_pr(task, first, "ci_fix", guidance=GUIDANCE)
+    # the lost attempt: it pushed (its pr_opened report never reached the coordinator)
+    lost, failure = await run(round_task, EditingCoder(lambda repo: (repo / "calc.py").write_text(LINTED)))
+    assert failure is None, failure
+    pushed = one(lost, ChangesPushed).commit
+    assert forge.branch_sha(REPO, old.branch) == pushed != old.head_sha
+    # meanwhile the base moves: the moved head is what gets checked, not a rebase of it
+    fork = forge.branch_sha(REPO, "main")
+    commit_to(forge, tmp_path, "main", {"README.md": "# calc\n\nmoved on\n"}, "base moves")
+    retry = replace(round_task, attempt=round_task.attempt + 1)  # same round, head_sha still the failed one
+    assert retry.head_sha == old.head_sha
+    reports, failure = await run(retry, NoCoder())  # the coder is never called
+    assert failure is None, failure
+    assert_taken_as_it_is(reports, failed_head=old.head_sha, head=pushed, branch=old.branch)
+    pr = one(reports, PullRequestOpened)
+    assert (pr.branch, pr.pr_url, pr.pr_number, pr.base_branch) == (old.branch, old.pr_url, old.pr_number, "main")
+    assert (pr.tests_passed, pr.tests_failed) == (2, 0)
+    assert run.client.opened == [old.branch]  # no other pull request
+    assert forge.branch_sha(REPO, old.branch) == pushed  # nothing pushed, nothing rebased
+    # what it reports is all the pull request changes, from where the branch leaves main
+    assert one(reports, WorkspacePrepared).base_commit == fork
+    impl = one(reports, ImplementationProduced)
+    assert impl.files_changed == ("calc.py",)
+    obs = await nc.jetstream().object_store(ns.artifacts_bucket)
+    diff = (await obs.get(impl.diff_ref.split("/", 1)[1])).data.decode()
+    assert "+    return a + b" in diff and "+# multiplies" in diff and "README" not in diff
+    assert one(reports, TestsRun).exit_code == 0  # the tests ran on the moved head, as usual
+
+
+async def test_a_ci_fix_after_a_persons_push_to_the_branch_reports_their_head(nc, ns, store, tmp_path, forge):
+    run = Run(nc, ns, tmp_path, forge)
+    task = new_task()
+    first = await implemented(run, task)
+    old = one(first, PullRequestOpened)
+    round_task = after_pr(task, first, "ci_fix", guidance=GUIDANCE)
+    theirs = commit_to(forge, tmp_path, old.branch, {"CHANGELOG.md": "- add() adds\n"}, "a person's fix")
+    reports, failure = await run(round_task, NoCoder())
+    assert failure is None, failure
+    assert_taken_as_it_is(reports, failed_head=old.head_sha, head=theirs, branch=old.branch)
+    assert one(reports, ImplementationProduced).files_changed == ("CHANGELOG.md", "calc.py")
+    assert one(reports, TestsRun).exit_code == 0
+    assert forge.branch_sha(REPO, old.branch) == theirs and run.client.opened == [old.branch]
+
+
+async def test_a_moved_branch_whose_tests_fail_is_still_left_to_its_checks(nc, ns, store, tmp_path, forge):
+    """A retry would test the same commit again and fail the same way, until the task
+    failed: the failing result is reported, and the moved head's checks decide (a failing
+    one queues the next fix, on that head)."""
+    run = Run(nc, ns, tmp_path, forge)
+    task = new_task()
+    first = await implemented(run, task)
+    old = one(first, PullRequestOpened)
+    theirs = commit_to(forge, tmp_path, old.branch, {"calc.py": FIXED.replace("a * b", "a ** b")}, "a breaking push")
+    reports, failure = await run(after_pr(task, first, "ci_fix", guidance=GUIDANCE), NoCoder())
+    assert failure is None, failure
+    assert_taken_as_it_is(reports, failed_head=old.head_sha, head=theirs, branch=old.branch)
+    tests = one(reports, TestsRun)
+    assert tests.exit_code != 0 and (tests.passed, tests.failed) == (1, 1)
+    pr = one(reports, PullRequestOpened)
+    assert (pr.tests_passed, pr.tests_failed) == (1, 1)
+    assert forge.branch_sha(REPO, old.branch) == theirs
+
+
+async def test_a_branch_moved_to_no_change_at_all_is_for_a_human(nc, ns, store, tmp_path, forge):
+    run = Run(nc, ns, tmp_path, forge)
+    task = new_task()
+    first = await implemented(run, task)
+    old = one(first, PullRequestOpened)
+    main = forge.branch_sha(REPO, "main")
+    git(forge, "update-ref", f"refs/heads/{old.branch}", main)  # a person reset it to main
+    reports, failure = await run(after_pr(task, first, "ci_fix", guidance=GUIDANCE), NoCoder())
+    assert failure is not None and failure.phase == "implementation" and not failure.retryable
+    assert failure.reason == f"{old.branch} moved on the forge to {main[:12]}, which changes nothing against main"
+    assert not any(isinstance(r, (ChangesPushed, PullRequestOpened)) for r in reports)
+    assert forge.branch_sha(REPO, old.branch) == main
+
+
+async def test_a_ci_fix_without_a_recorded_head_fixes_the_branch_as_usual(nc, ns, store, tmp_path, forge):
+    """No head recorded (a task from before heads were): nothing to compare, the coder
+    fixes the branch as before."""
+    run = Run(nc, ns, tmp_path, forge)
+    task = new_task()
+    first = await implemented(run, task)
+    old = one(first, PullRequestOpened)
+    coder = EditingCoder(lambda repo: (repo / "NOTES.md").write_text("fixed\n"))
+    reports, failure = await run(replace(after_pr(task, first, "ci_fix"), head_sha=""), coder)
+    assert failure is None, failure
+    assert len(coder.requests) == 1 and one(reports, ImplementationProduced).coder == "editing"
+    assert one(reports, ChangesPushed).commit == one(reports, PullRequestOpened).head_sha != old.head_sha
 
 
 # -- rebase ----------------------------------------------------------------------------

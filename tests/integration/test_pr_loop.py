@@ -158,3 +158,23 @@ async def test_tasks_predicted_to_touch_the_same_file_do_not_run_together(nc, ns
     assert status(coordinator, "acme_app-7") == "queued"  # its PR is open: the lease holds
     await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m6", repo="acme/app", number=6, occurred_at=now()))
     await eventually(lambda: status(coordinator, "acme_app-7") == "assigned")
+
+
+async def test_checks_reported_before_the_push_is_recorded_are_taken_when_it_is(nc, ns, store, coordinator):
+    """A quick CI (or the push of a round whose agent died before reporting it) can finish
+    before the task records the commit: the fact is stale then, and taken when the push is
+    recorded instead of waiting for the checks timeout."""
+    agent = FakeAgent(store, "agent-1")
+    await agent.register()
+    await publish_issue(nc, ns, opened(9, "Fix shop/cart.py totals", labels=["backend"]))
+    tid = "acme_app-9"
+    await eventually(lambda: status(coordinator, tid) == "assigned")
+    await agent.start(tid)
+    await agent.report(tid, ImplementationProduced(files_changed=("shop/cart.py",), diff_stat="1 file"))
+    await eventually(lambda: status(coordinator, tid) == "testing")
+    await publish_issue(nc, ns, checks_fact(9, "9" * 40, GREEN, key="early"))  # before the report
+    await agent.report(tid, PullRequestOpened(branch=BRANCH.format(n=9), pr_url="https://forge/pr/9", pr_number=9,
+                                              head_sha="9" * 40, base_branch="main"))
+    await eventually(lambda: status(coordinator, tid) == "review")
+    events = [type(e.event).__name__ for e in (await store.load(ns.task_filter(tid))).events]
+    assert events[-2:] == ["TaskPullRequestOpened", "TaskChecksPassed"]
