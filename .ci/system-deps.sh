@@ -8,14 +8,15 @@
 #               commands without it unless started with --sandbox none
 #   ripgrep     `rg`: the coder's search tool (a subprocess with a timeout, not Python's re)
 #   util-linux  `prlimit`: the sandbox's resource limits (Essential on Debian: always there)
-#
-# Not yet: chromium (a later issue's browser checks) -- add `command -v chromium` here then.
+#   chromium    the browser the dashboard's tests drive headless (Playwright launches this
+#               system binary; nothing is downloaded at run time)
 set -euo pipefail
 
 missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v rg >/dev/null 2>&1 || missing+=(ripgrep)
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi

@@ -36,10 +36,31 @@ Host and authenticates, and leaves a :class:`Principal` in ``scope["auth"]``;
 with the route's: ``opt={"scope": "write"}`` on a handler, else ``read`` for GET/HEAD
 and ``write`` for any other method (a new POST is never readable-by-default). Route
 handlers outside the app factory can declare it with ``guards=[require_scope("write")]``.
+
+Signing in from a browser. A browser cannot send the bearer header when it follows a
+link or submits a form, so the dashboard's ``/ui/login`` takes a token once (validated
+here, against the same tokens) and sets the ``ccc_session`` cookie, which the gate
+accepts like the header: ``<session id>.<the token, base64url>``, ``HttpOnly`` (no script
+reads it), ``SameSite=Strict`` (no other site's page sends it, not even through a link),
+``Secure`` when served over TLS, ``Path=/``, for :data:`SESSION_MAX_AGE`. The cookie holds
+the token itself rather than a server-side session: the API keeps no state a restart
+would lose, and rotating the tokens signs every browser out, as it does every script.
+A header wins over the cookie; a cookie whose token is no longer valid counts as no
+cookie (so a stale sign-in never locks a browser out of what it may read anonymously,
+nor out of ``/ui/logout``). Each credential has a CSRF token derived from it
+(:func:`csrf_token_for`: an HMAC keyed by the token, of the session id), which the gate
+puts on the :class:`Principal`; the dashboard's forms carry it and its actions compare
+it (:mod:`infra.adapters.http.dashboard.csrf`). Where a token is required, the sign-in
+paths and the static files stay reachable without one (:data:`SIGN_IN_PATHS`,
+:data:`PUBLIC_PREFIXES`; routes there declare ``opt={"scope": "public"}``), and a
+browser asking for a page without one is sent to ``/ui/login`` (303) rather than
+shown the JSON 401.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -53,6 +74,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 import structlog
@@ -69,6 +91,7 @@ log = structlog.get_logger("ccc.api.auth")
 
 READ, WRITE = "read", "write"
 SCOPES = (READ, WRITE)
+PUBLIC = "public"  # a route's declared scope: anyone the gate let through (signing in)
 GRANTS: dict[str, tuple[str, ...]] = {READ: (READ,), WRITE: (READ, WRITE)}  # a write token reads too
 API_TOKENS_FILE = "api-tokens.json"
 API_TOKENS_DIR = "secure"  # under the data dir, with the rest of what `ccc secure init` writes
@@ -78,6 +101,16 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 REALM = "ccc"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+# signing in from a browser (the dashboard)
+SESSION_COOKIE = "ccc_session"
+SESSION_MAX_AGE = 12 * 3600  # seconds; then the browser asks for the token again
+UI_PREFIX = "/ui/"  # the dashboard's own routes: sign-in, actions, live stream
+LOGIN_PATH = "/ui/login"
+SIGN_IN_PATHS = frozenset({LOGIN_PATH, "/ui/logout"})  # reachable without a token (Host still checked)
+PUBLIC_PREFIXES = ("/static/",)  # the dashboard's CSS and scripts: shipped in the package, no secret
+MAX_TOKEN_CHARS = 1024  # a presented token longer than this is no token of ours
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
 # -- tokens ---------------------------------------------------------------------------------
@@ -103,6 +136,35 @@ def hash_token(token: str) -> str:
 def stored_token(token: str, scope: str, *, created_at: datetime | None = None) -> ApiToken:
     digest = hash_token(token)
     return ApiToken(id=digest[:12], scopes=GRANTS[scope], sha256=digest, created_at=created_at)
+
+
+def new_session_cookie(token: str) -> str:
+    """The ``ccc_session`` cookie's value for a sign-in with ``token``: a fresh session
+    id (each sign-in gets its own CSRF token) and the token, base64url (cookie-safe
+    whatever characters a deployment's token has)."""
+    encoded = base64.urlsafe_b64encode(token.encode()).rstrip(b"=").decode()
+    return f"{secrets.token_urlsafe(16)}.{encoded}"
+
+
+def parse_session_cookie(value: str) -> tuple[str, str] | None:
+    """``(session id, token)`` from a ``ccc_session`` value; None if it is malformed."""
+    session, dot, encoded = value.strip().strip('"').partition(".")
+    if not dot or not _SESSION_ID.match(session) or not encoded or len(encoded) > 2 * MAX_TOKEN_CHARS:
+        return None
+    try:
+        token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (binascii.Error, ValueError):
+        return None
+    return (session, token) if token else None
+
+
+def csrf_token_for(token: str, session: str | None) -> str:
+    """The CSRF token of a credential: HMAC-SHA256 keyed by the token, of the sign-in's
+    session id (``None``: a bearer header). Unguessable without the token, the same for
+    every page of one sign-in (so several tabs work), different for the next sign-in,
+    and it survives an API restart (nothing is kept on the server)."""
+    mac = hmac.new(token.encode(), b"ccc-dashboard-csrf\x00" + (session or "").encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
 class ApiTokens:
@@ -261,10 +323,15 @@ class HostAllowList:
 # -- who is asking ------------------------------------------------------------------------
 class Principal(msgspec.Struct, frozen=True):
     """What :class:`ApiGate` leaves in ``scope["auth"]``: the token's id and scopes, or
-    ``token_id=None`` for a request without a token (where one is not required)."""
+    ``token_id=None`` for a request without a token (where one is not required).
+    ``session``: the sign-in's id when the token came in the ``ccc_session`` cookie
+    (None for a bearer header); ``csrf``: the credential's CSRF token
+    (:func:`csrf_token_for`; empty without a token)."""
 
     token_id: str | None
     scopes: frozenset[str]
+    session: str | None = None
+    csrf: str = ""
 
     @property
     def anonymous(self) -> bool:
@@ -292,7 +359,7 @@ def check_scope(connection: ASGIConnection, needed: str) -> None:
     principal = connection.scope.get("auth")
     if not isinstance(principal, Principal):  # the app is not behind ApiGate: fail closed
         raise PermissionDeniedException(detail="no authentication in front of this route")
-    if needed in principal.scopes:
+    if needed == PUBLIC or needed in principal.scopes:
         return
     if principal.anonymous:
         raise NotAuthorizedException(detail=f"this needs a bearer token with the {needed} scope",
@@ -309,8 +376,8 @@ def scope_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
 
 def require_scope(scope: str):
     """A guard for one route handler: ``@post(..., guards=[require_scope("write")])``."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r} (use {', '.join(SCOPES)})")
+    if scope not in (*SCOPES, PUBLIC):
+        raise ValueError(f"unknown scope {scope!r} (use {', '.join((*SCOPES, PUBLIC))})")
 
     def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         check_scope(connection, scope)
@@ -345,6 +412,11 @@ class ApiAccess:
                    rate_limit=RateLimit(settings.api_rate_limit, settings.api_rate_burst),
                    tokens_source=f"{path} or CCC_API_TOKEN")
 
+    def verify(self, token: str) -> ApiToken | None:
+        """The stored token ``token`` is (None: none of ours), in constant time; what the
+        gate checks a bearer token with, and the dashboard a sign-in."""
+        return self.tokens.verify(token) if token and len(token) <= MAX_TOKEN_CHARS else None
+
     def token_required(self, host: str) -> bool:
         return self.require_token or not is_loopback(host)
 
@@ -364,7 +436,11 @@ class ApiGate:
     2. rate limit per client (429 + ``Retry-After``), before any other work;
     3. ``Host`` on the allow-list, else 403 (not for ``/health``);
     4. a presented token must be valid, and one is needed where required, else 401
-       (not for ``/health``);
+       (not for ``/health``, the sign-in paths and the static files; a browser asking
+       for a page is sent to ``/ui/login`` instead). The token comes in the
+       ``Authorization`` header or, from a signed-in browser, the ``ccc_session``
+       cookie (a cookie whose token is not valid counts as none; for a method other
+       than GET/HEAD/OPTIONS only under ``/ui/``, where every form is CSRF-checked);
     then the app runs with ``scope["auth"]`` set, and :func:`scope_guard` checks the
     route's scope."""
 
@@ -387,10 +463,15 @@ class ApiGate:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        principal, problem = self._authenticate(headers.get("authorization"))
+        path = scope.get("path", "")
+        # a signed-in browser's cookie: for reading anywhere, for acting only under /ui/,
+        # whose every POST checks the form's CSRF token (a write route added elsewhere
+        # later cannot be driven by a cookie, whatever it checks)
+        cookies = headers.get("cookie") if scope.get("method") in SAFE_METHODS or path.startswith(UI_PREFIX) \
+            else None
+        principal, problem = self._authenticate(headers.get("authorization"), cookies)
         wait = self.buckets.take(f"token:{principal.token_id}" if principal and principal.token_id
                                  else client_key(scope))
-        path = scope.get("path", "")
         if wait > 0:
             log.debug("api.rate_limited", client=client_key(scope), path=path)
             await send_too_many(send, wait)
@@ -407,39 +488,99 @@ class ApiGate:
                 await send_json_error(send, 401, problem, headers=_challenge(
                     "invalid_token" if problem.startswith("invalid") else "invalid_request"))
                 return
-            if principal is None and self.required:
+            if principal is None and self.required and not _public(path):
+                if _wants_page(scope, headers):  # a browser following a link: sign in first
+                    await _send_redirect(send, f"{LOGIN_PATH}?next={quote(_path_and_query(scope), safe='')}")
+                    return
                 await send_json_error(send, 401, "a bearer token is required (Authorization: Bearer <token>)",
                                       headers=_challenge())
                 return
         scope["auth"] = principal or ANONYMOUS
         await self.app(scope, receive, send)
 
-    def _authenticate(self, header: str | None) -> tuple[Principal | None, str | None]:
+    def _authenticate(self, header: str | None, cookies: str | None) -> tuple[Principal | None, str | None]:
         """(principal, None) for a valid token; (None, None) without one; (None, why) for
-        a malformed header or a token nobody issued."""
-        if header is None:
-            return None, None
-        scheme, _, credential = header.strip().partition(" ")
-        credential = credential.strip()
-        if scheme.lower() != "bearer" or not credential:
-            return None, "malformed Authorization header (expected: Bearer <token>)"
-        token = self.access.tokens.verify(credential)
-        if token is None:
-            return None, "invalid bearer token"
-        return Principal(token.id, frozenset(token.scopes)), None
+        a malformed header or a token nobody issued. The header first; else the first
+        ``ccc_session`` cookie whose token is valid (one planted beside it by a sibling
+        domain cannot push the real one out)."""
+        if header is not None:
+            scheme, _, credential = header.strip().partition(" ")
+            credential = credential.strip()
+            if scheme.lower() != "bearer" or not credential:
+                return None, "malformed Authorization header (expected: Bearer <token>)"
+            token = self.access.verify(credential)
+            if token is None:
+                return None, "invalid bearer token"
+            return Principal(token.id, frozenset(token.scopes), csrf=csrf_token_for(credential, None)), None
+        for value in cookie_values(cookies, SESSION_COOKIE):
+            parsed = parse_session_cookie(value)
+            if parsed is None:
+                continue
+            session, credential = parsed
+            token = self.access.verify(credential)
+            if token is not None:
+                return Principal(token.id, frozenset(token.scopes), session=session,
+                                 csrf=csrf_token_for(credential, session)), None
+            log.debug("api.stale_session_cookie")  # rotated tokens: as if signed out
+        return None, None
+
+
+def cookie_values(header: str | None, name: str) -> list[str]:
+    """Every value of cookie ``name`` in a ``Cookie`` header, in order (a browser may
+    send several of one name: different paths or domains)."""
+    values = []
+    for part in (header or "").split(";"):
+        key, eq, value = part.strip().partition("=")
+        if eq and key == name:
+            values.append(value.strip())
+    return values
+
+
+def _public(path: str) -> bool:
+    return path in SIGN_IN_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def _wants_page(scope: dict, headers: dict[str, str]) -> bool:
+    """A browser navigating to a page: a GET that accepts HTML, not the JSON API."""
+    path = scope.get("path", "")
+    return (scope.get("method") == "GET" and "text/html" in headers.get("accept", "")
+            and not path.startswith(("/api/", "/metrics", "/schema")))
+
+
+def _path_and_query(scope: dict) -> str:
+    query = scope.get("query_string", b"").decode("latin-1")
+    return scope.get("path", "/") + (f"?{query}" if query else "")
+
+
+async def _send_redirect(send: Any, location: str) -> None:
+    await send({"type": "http.response.start", "status": 303,
+                "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0"),
+                            (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+_READ_HEADERS = (b"host", b"authorization", b"accept")
 
 
 def _headers(scope: dict) -> dict[str, str]:
-    """The request's headers we read, decoded (ASGI gives latin-1 bytes, names lowercased)."""
+    """The request's headers we read, decoded (ASGI gives latin-1 bytes, names lowercased).
+    Cookies may come in several headers (HTTP/2 splits them): joined as one."""
     found: dict[str, str] = {}
+    cookies: list[str] = []
     for name, value in scope.get("headers", ()):
-        if name in (b"host", b"authorization") and name.decode() not in found:
+        if name == b"cookie":
+            cookies.append(value.decode("latin-1"))
+        elif name in _READ_HEADERS and name.decode() not in found:
             found[name.decode()] = value.decode("latin-1")
+    if cookies:
+        found["cookie"] = "; ".join(cookies)
     return found
 
 
-__all__ = ["ANONYMOUS", "API_TOKENS_DIR", "API_TOKENS_FILE", "GRANTS", "OPEN_PATHS",
-           "READ", "SCOPES", "WRITE", "ApiAccess", "ApiGate", "ApiToken", "ApiTokens", "HostAllowList",
-           "Principal", "TokenFile", "api_tokens_path", "check_scope", "create_api_tokens", "hash_token",
-           "host_name", "is_loopback", "load_api_tokens", "needed_scope", "require_scope", "scope_guard",
+__all__ = ["ANONYMOUS", "API_TOKENS_DIR", "API_TOKENS_FILE", "GRANTS", "LOGIN_PATH", "MAX_TOKEN_CHARS",
+           "OPEN_PATHS", "PUBLIC", "PUBLIC_PREFIXES", "READ", "SCOPES", "SESSION_COOKIE", "SESSION_MAX_AGE",
+           "SIGN_IN_PATHS", "UI_PREFIX", "WRITE", "ApiAccess", "ApiGate", "ApiToken", "ApiTokens",
+           "HostAllowList", "Principal", "TokenFile", "api_tokens_path", "check_scope", "cookie_values",
+           "create_api_tokens", "csrf_token_for", "hash_token", "host_name", "is_loopback", "load_api_tokens",
+           "needed_scope", "new_session_cookie", "parse_session_cookie", "require_scope", "scope_guard",
            "stored_token"]

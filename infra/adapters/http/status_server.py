@@ -11,15 +11,24 @@ or ``await server.serve_forever()`` (stops cleanly when cancelled).
 Access (:mod:`infra.adapters.http.auth`): ``ApiServer(..., access=ApiAccess(...))``
 decides tokens, Host allow-list and rate limit; the default needs no token on
 localhost and refuses to start beyond it without one.
+
+The web dashboard (:mod:`infra.adapters.http.dashboard`) is served beside the API, on
+the same port and behind the same gate: its pages at ``/`` (built from the same live
+projection), its live stream at ``/ui/stream``, its actions and sign-in under ``/ui/``
+(``forge_root``: the local forge's directory on this host, for publishing issues and
+merging or closing pull requests there; ``publisher``: a connection allowed to publish
+local issue facts, where the store's is not).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
+from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
 from events.store import EventStore
@@ -27,6 +36,9 @@ from projections.live import LiveReadModel
 from projections.status_api import create_app, register_log_metrics
 
 from infra.adapters.http.auth import ApiAccess, ApiGate, scope_guard
+from infra.adapters.http.dashboard.actions import action_handlers
+from infra.adapters.http.dashboard.live import close_live_streams, live_handlers
+from infra.adapters.http.dashboard.pages import Dashboard
 from infra.adapters.http.metrics import ApiMetrics, metrics_endpoint
 from infra.adapters.http.service import SHUTDOWN_TIMEOUT, HttpService, Served
 
@@ -38,17 +50,21 @@ class ApiServer(Served):
     or over ``live`` if given (then the caller starts and stops that). ``access``: who
     may call it (``ConfigError`` here if it needs a token there and has none);
     ``route_handlers``: served beside the API, behind the same checks (a handler
-    declares ``opt={"scope": "write"}`` for actions)."""
+    declares ``opt={"scope": "write"}`` for actions); ``forge_root`` and ``publisher``:
+    what the dashboard's actions need (see the module's doc)."""
 
     def __init__(
         self, store: EventStore, host: str = "127.0.0.1", port: int = 0, *,
         materialize: bool = True, live: LiveReadModel | None = None,
         access: ApiAccess | None = None, route_handlers: Sequence[Any] = (),
+        forge_root: Path | str | None = None, publisher: Client | None = None,
     ) -> None:
         self.access = access if access is not None else ApiAccess()
         self.access.check(host)  # before anything binds or replays
         self.store = store
         self.route_handlers = tuple(route_handlers)
+        self.forge_root = forge_root
+        self.publisher = publisher
         self.http = HttpService(host, port, name="status API")
         self._owns_live = live is None
         self.live = live or LiveReadModel(store, materialize=materialize)
@@ -70,22 +86,29 @@ class ApiServer(Served):
             raise
 
     def build_app(self) -> Any:
-        """The ASGI app served: the status API with ``/metrics``, behind :class:`ApiGate`
-        (rate limit, Host, token) and :func:`scope_guard` (each route's scope). One
-        registry per app: facts of the log come from the live model (a restart rebuilds
-        them), the API's own request counts from this process; the request metrics wrap
-        everything, so refused requests are counted too (endpoint ``<unmatched>``)."""
+        """The ASGI app served: the status API with ``/metrics`` and the dashboard, behind
+        :class:`ApiGate` (rate limit, Host, token) and :func:`scope_guard` (each route's
+        scope). One registry per app: facts of the log come from the live model (a restart
+        rebuilds them), the API's own request counts from this process; the request
+        metrics wrap everything, so refused requests are counted too (endpoint
+        ``<unmatched>``). Built before the projection replays, so the metrics' and the
+        dashboard's folds ride along from sequence 1."""
         registry = CollectorRegistry()
         api_metrics = ApiMetrics(registry)
         refresh_lag = register_log_metrics(self.live, registry)
+        dashboard = Dashboard(self.live, local_forge=self.forge_root is not None)
+        ui = [*dashboard.route_handlers(), *live_handlers(self.live),
+              *action_handlers(self.store, self.access, forge_root=self.forge_root, publisher=self.publisher)]
         app = create_app(self.live, route_handlers=[metrics_endpoint(registry, before=refresh_lag),
-                                                    *self.route_handlers],
+                                                    *ui, *self.route_handlers],
                          guards=[scope_guard])
         return api_metrics.middleware(ApiGate(app, self.access, self.http.host))
 
     async def stop(self) -> None:
         """Stop serving (in-flight requests get ``SHUTDOWN_TIMEOUT``), then the
-        projection. Idempotent."""
+        projection. Idempotent. The dashboard's event streams are ended first: they never
+        end by themselves, and would hold the shutdown for its whole grace period."""
+        close_live_streams(self.live)
         await self.http.stop()
         await self._stop_live()
 

@@ -331,8 +331,11 @@ class LocalCluster:
             from infra.adapters.http.status_server import ApiServer
 
             status_nc = await self._connect("status", "ccc-status-api")
+            # the dashboard's actions publish issue facts as `ccc` does, with the CLI's credentials
+            actions_nc = await self._connect("cli", "ccc-dashboard-actions")
             self.api = ApiServer(EventStore(status_nc, self.ns), s.api_host, o.api_port, materialize=False,
-                                 access=api_access)
+                                 access=api_access, publisher=actions_nc,
+                                 forge_root=self.forge_root if o.forge == "local" else None)
             try:
                 await self.api.start()
             except OSError as e:

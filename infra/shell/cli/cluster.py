@@ -220,6 +220,7 @@ def _print_up(cluster: LocalCluster, ns) -> None:
     click.echo(f"claude-code-cluster is up ({len(cluster.agents)} agents)")
     click.echo(f"  NATS        {url}")
     if cluster.api is not None:
+        click.echo(f"  dashboard   {cluster.api.url}/   (live; actions need the write token: /ui/login)")
         click.echo(f"  status API  {cluster.api.url}/api/v1/tasks   (OpenAPI: {cluster.api.url}/schema)")
     click.echo(f"  local forge {cluster.forge_root}   (add a repo: ccc repo import OWNER/NAME PATH)")
     click.echo("  publish an issue:")
@@ -428,8 +429,17 @@ def api_cmd(obj, host: str | None, port: int | None, require_token, allowed_host
     require_running_nats(obj)
 
     async def serve(nc) -> None:
-        # read-only credentials on a secure cluster: the KV views are the coordinator's to write
-        server = ApiServer(obj.store(nc), host, port, materialize=settings.insecure, access=access)
+        from infra.adapters.nats.connection import open_nats
+
+        # read-only credentials on a secure cluster: the KV views are the coordinator's to write;
+        # the dashboard's actions publish issue facts as the CLI does, with the CLI's credentials
+        async with open_nats(settings, name="ccc-dashboard-actions", role="cli", ns=obj.ns) as publisher:
+            await serve_with(nc, publisher)
+
+    async def serve_with(nc, publisher) -> None:
+        forge_root = settings.data_dir / "forge"
+        server = ApiServer(obj.store(nc), host, port, materialize=settings.insecure, access=access,
+                           publisher=publisher, forge_root=forge_root if forge_root.is_dir() else None)
         with StopSignals() as signals:  # a second Ctrl-C must not cut the shutdown short
             serving = stopped = None
             try:
@@ -437,7 +447,7 @@ def api_cmd(obj, host: str | None, port: int | None, require_token, allowed_host
                     await server.start()
                 except OSError as e:
                     raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-                click.echo(f"status API at {server.url}  (Ctrl-C to stop)")
+                click.echo(f"status API at {server.url}  (dashboard: {server.url}/; Ctrl-C to stop)")
                 serving = asyncio.ensure_future(server.serve_forever())  # ends if uvicorn stops by itself
                 stopped = asyncio.ensure_future(signals.wait())
                 await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
