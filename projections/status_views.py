@@ -134,7 +134,7 @@ class StatusReader:
     def waits(self) -> Waits:
         """The board's leases and merge queues, built once per log position."""
         if self._waits is None or self._waits[0] != self.model.last_seq:
-            self._waits = (self.model.last_seq, Waits(self.model.tasks))
+            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents))
         return self._waits[1]
 
     def _task_out(self, state: TaskState, waits: Waits, now: datetime) -> TaskOut:

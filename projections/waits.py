@@ -18,7 +18,9 @@ import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
+from events.agent_state import ACCEPTING, ONLINE, AgentState
 from events.checks import failing
+from events.task import SECURITY_LEVELS
 from events.task_state import WITH_AGENT, TaskState
 
 from projections.leases import LeaseIndex
@@ -108,21 +110,25 @@ def why_waiting(
     lease_index: LeaseIndex | None = None,
     *,
     merge_queues: MergeQueues | None = None,
+    agents: Mapping[str, AgentState] | None = None,
 ) -> str:
     """What ``task`` waits for, in a few words, or ``""`` if it moves by itself (or is
     done). ``tasks``: every task (dependencies, leases, queue order); ``lease_index`` and
-    ``merge_queues``: built once by a caller asking about many tasks (see :class:`Waits`)."""
-    return _bounded(_reason(task, tasks, now, lease_index, merge_queues))
+    ``merge_queues``: built once by a caller asking about many tasks (see :class:`Waits`);
+    ``agents``: the agent view, to say *which* agent a queued task waits for (none online
+    with its specialty, or all capable ones full)."""
+    return _bounded(_reason(task, tasks, now, lease_index, merge_queues, agents))
 
 
 def _reason(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
-            leases: LeaseIndex | None, queues: MergeQueues | None) -> str:
+            leases: LeaseIndex | None, queues: MergeQueues | None,
+            agents: Mapping[str, AgentState] | None = None) -> str:
     t = task
     match t.status:
         case "pending":
             return "waiting for analysis"
         case "queued":
-            return _queued(t, tasks, now, leases)
+            return _queued(t, tasks, now, leases, agents)
         case "checking":
             if t.reruns and failing(t.checks):
                 return f"re-running {_rerun(t)} on {sha7(t.head_sha)}{_since(t.checks_since, now)}"
@@ -159,7 +165,8 @@ def _rerun(t: TaskState) -> str:
     return f"{checks} ({RERUN_KIND.get(t.classification, 'requested')})"
 
 
-def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases: LeaseIndex | None) -> str:
+def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases: LeaseIndex | None,
+            agents: Mapping[str, AgentState] | None = None) -> str:
     open_deps = [(d, tasks[d].status if d in tasks else "unknown task") for d in t.dependencies
                  if d not in tasks or tasks[d].status != "completed"]
     if open_deps:
@@ -173,27 +180,59 @@ def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases:
     lease = leases.blocker(t)
     if lease is not None:
         return f"file lease: {names(lease.paths)} held by {lease.holder}"
+    agent = "an agent" if agents is None else _which_agent(t, tasks, agents)
     if t.work == "ci_fix":
         of = f" of {t.max_ci_fixes}" if t.max_ci_fixes >= t.ci_fixes > 0 else ""
-        return f"CI fix round {t.ci_fixes}{of} queued, waiting for an agent"
+        return f"CI fix round {t.ci_fixes}{of} queued, waiting for {agent}"
     if t.work == "rebase":
         on = f" on {t.base_branch}" if t.base_branch else ""
         files = f" (conflicts in {names(t.conflict_files)})" if t.conflict_files else ""
-        return f"rebase{on} queued{files}, waiting for an agent"
-    return "waiting for an agent"
+        return f"rebase{on} queued{files}, waiting for {agent}"
+    return f"waiting for {agent}"
+
+
+def _which_agent(t: TaskState, tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState]) -> str:
+    """Which agent the queued task waits for, as the scheduler would pick one: online,
+    taking work, with its specialty (or ``general``: a general agent takes any task; no
+    other fallback) and the clearance for its security level."""
+    online = [a for a in agents.values() if a.status in ONLINE]
+    if not online:
+        return "an agent: none is online"
+    rank = SECURITY_LEVELS.index(t.security_level) if t.security_level in SECURITY_LEVELS else 0
+    can_do = [a for a in online if t.specialty in a.specialties or "general" in a.specialties]
+    if not can_do:
+        have = names(sorted({s for a in online for s in a.specialties}))
+        return f"a {t.specialty} or general agent: none online (online: {have})"
+    cleared = [a for a in can_do
+               if (SECURITY_LEVELS.index(a.clearance) if a.clearance in SECURITY_LEVELS else 0) >= rank]
+    if not cleared:
+        return f"an agent cleared for {t.security_level} work: none of the {t.specialty} agents online is"
+    taking = [a for a in cleared if a.status in ACCEPTING]
+    if not taking:
+        return f"a {t.specialty} agent to take work: {names(sorted(a.agent_id for a in cleared))} overloaded"
+    held: dict[str, int] = {}
+    for x in tasks.values():
+        if x.status in WITH_AGENT and x.agent_id:
+            held[x.agent_id] = held.get(x.agent_id, 0) + 1
+    used = sum(min(held.get(a.agent_id, 0), a.capacity) for a in taking)
+    slots = sum(a.capacity for a in taking)
+    if used >= slots:
+        return f"a free {t.specialty} agent: all {len(taking)} capable busy ({used}/{slots} slots)"
+    return "the scheduler (a capable agent has a free slot)"
 
 
 class Waits:
     """:func:`why_waiting` for many tasks of one board: the leases and the merge queues
     are built once, from ``tasks`` as they are now."""
 
-    def __init__(self, tasks: Mapping[str, TaskState]) -> None:
+    def __init__(self, tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState] | None = None) -> None:
         self.tasks = tasks
+        self.agents = agents
         self.leases = LeaseIndex.of(tasks)
         self.queues = MergeQueues(tasks.values())
 
     def why(self, task: TaskState, now: datetime) -> str:
-        return why_waiting(task, self.tasks, now, self.leases, merge_queues=self.queues)
+        return why_waiting(task, self.tasks, now, self.leases, merge_queues=self.queues, agents=self.agents)
 
 
 __all__ = ["MAX_WAIT_CHARS", "MergeQueues", "Waits", "age", "clock", "names", "sha7", "why_waiting"]

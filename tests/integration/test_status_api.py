@@ -135,7 +135,8 @@ async def test_task_list_order_filters_and_paging(client, world):
     assert first["status"] == "in_progress" and first["agent_id"] == "a-back"
     assert first["applied_seq"] == world.seqs["r-1"][-1] and first["issue"]["repo"] == "acme/shop"
     assert {t["task_id"]: t["waiting"] for t in body["items"]} == {
-        "r-1": "", "r-3": "waiting for analysis", "r-0": "", "r-2": "waiting for an agent"}
+        "r-1": "", "r-3": "waiting for analysis", "r-0": "",
+        "r-2": "waiting for a frontend or general agent: none online (online: backend, database)"}
 
     async def listed(**params) -> list[str]:
         r = await client.get("/api/v1/tasks", params=params)

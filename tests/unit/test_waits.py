@@ -201,3 +201,37 @@ def test_review_and_the_merge_queue():
     assert rerun.status == "merging" and rerun.reruns == 1
     assert alone(rerun, at(200)) == (
         "merge queue: re-running the checks of 1234567 (re-run 1) since 12:03:20 (0s)")
+
+
+# -- which agent a queued task waits for (issue 14's "every wait explained", the agent part) --
+def agent(aid: str, *specialties: str, status: str = "idle", capacity: int = 1, clearance: str = "internal"):
+    from events.agent_state import AgentState
+
+    return AgentState(agent_id=aid, status=status, version=1, specialties=specialties, capacity=capacity,
+                      clearance=clearance)
+
+
+def test_a_queued_task_says_which_agent_it_waits_for():
+    task = replace(queued("acme_app-1"), specialty="database")
+    tasks = {task.task_id: task}
+
+    def why(*agents) -> str:
+        return why_waiting(task, tasks, AT, agents={a.agent_id: a for a in agents})
+
+    assert why() == "waiting for an agent: none is online"
+    assert why(agent("b", "backend", status="offline")) == "waiting for an agent: none is online"
+    # the bug a new user met: the specialty nobody online has, and what is online instead
+    assert why(agent("b", "backend"), agent("f", "frontend")) == (
+        "waiting for a database or general agent: none online (online: backend, frontend)")
+    assert why(agent("d", "database", clearance="public")) == (
+        "waiting for the scheduler (a capable agent has a free slot)")  # public work: cleared
+    secret = replace(task, security_level="confidential")
+    assert why_waiting(secret, {secret.task_id: secret}, AT, agents={"d": agent("d", "database")}) == (
+        "waiting for an agent cleared for confidential work: none of the database agents online is")
+    assert why(agent("g", "general", status="overloaded")) == "waiting for a database agent to take work: g overloaded"
+    busy = with_agent(queued("acme_app-2"), agent="g")
+    both = {task.task_id: task, busy.task_id: busy}
+    assert why_waiting(task, both, AT, agents={"g": agent("g", "general", status="busy")}) == (
+        "waiting for a free database agent: all 1 capable busy (1/1 slots)")
+    assert Waits(both, {"g": agent("g", "general", status="busy", capacity=2)}).why(task, AT) == (
+        "waiting for the scheduler (a capable agent has a free slot)")

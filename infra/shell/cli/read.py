@@ -250,7 +250,7 @@ def tasks_cmd(ctx, state, specialty, as_json) -> None:
     model = _load_model(ctx.obj)
     shown = [t for t in model.tasks.values()
              if (state is None or t.status == state) and (specialty is None or t.specialty == specialty)]
-    waits, now = Waits(model.tasks), datetime.now(UTC)
+    waits, now = Waits(model.tasks, model.agents), datetime.now(UTC)
     if as_json:
         for t in shown:
             emit_json({"seq": model.task_seq[t.task_id], "task": t, "waiting": waits.why(t, now)})

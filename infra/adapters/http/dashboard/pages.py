@@ -388,7 +388,7 @@ class Dashboard:
     def _board_waits(self) -> Waits:
         """The board's leases and merge queues, built once per log position."""
         if self._waits is None or self._waits[0] != self.model.last_seq:
-            self._waits = (self.model.last_seq, Waits(self.model.tasks))
+            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents))
         return self._waits[1]
 
     # -- rendering ---------------------------------------------------------------------------
