@@ -47,6 +47,7 @@ from events.task import (
 )
 from events.trust import TrustPolicy
 from events.aio import cancel_and_wait, wait_event
+from projections.fairness import DEFAULT_POLICY, FairnessPolicy
 from projections.live import LiveReadModel
 
 from actors.analysis import Analyser, RuleAnalyser
@@ -85,6 +86,7 @@ class CoordinatorConfig:
         max_rebases: int = 3,
         checks_timeout: float = 1800.0,
         merge_queue: bool | frozenset[str] = False,
+        fairness: FairnessPolicy | None = None,
     ) -> None:
         self.name = name
         # keep the KV views (<ns>_tasks, <ns>_agents) for `nats kv get`: the coordinator's
@@ -107,6 +109,11 @@ class CoordinatorConfig:
         self.max_rebases = max_rebases
         self.checks_timeout = checks_timeout
         self.merge_queue = merge_queue
+        # fair admission (projections.fairness): per-repository and per-author limits on
+        # tasks with an agent, and the aging rate (default: no limits, 300 s per level)
+        if fairness is not None and not isinstance(fairness, FairnessPolicy):
+            raise TypeError(f"fairness must be a FairnessPolicy, got {type(fairness).__name__}")
+        self.fairness = fairness or DEFAULT_POLICY
 
 
 class Coordinator(Intake, PullRequests):
@@ -392,7 +399,8 @@ class Coordinator(Intake, PullRequests):
         if not queued:
             return 0  # (a task assigned at intake is reserved until the model shows it)
         now = utcnow()
-        plan = plan_assignments(model.tasks, model.agents, now, held=held, queued=queued)
+        plan = plan_assignments(model.tasks, model.agents, now, held=held, queued=queued,
+                                policy=self.config.fairness, running=[*model.holder, *self._reserved])
         if not plan:
             return 0
         items = []

@@ -261,7 +261,9 @@ class Intake:
         if state is None or state.status != "queued":
             return []
         tasks = collections.ChainMap({task_id: state}, self.model.tasks)
-        plan = plan_assignments(tasks, self.model.agents, utcnow(), held=self._held(), queued=[task_id])
+        held = self._held()  # (first: it prunes the reservations the model shows now)
+        plan = plan_assignments(tasks, self.model.agents, utcnow(), held=held, queued=[task_id],
+                                policy=self.config.fairness, running=[*self.model.holder, *self._reserved])
         if not plan:
             return []
         self._reserved[task_id] = [plan[0][1], None]

@@ -1,7 +1,12 @@
 """Scheduling, pure: which queued task goes to which agent, now.
 
 Eligible tasks: Queued, past their retry backoff, every dependency Completed.
-Order: highest priority first, then oldest. Eligible agents: accepting work
+Order (:mod:`projections.fairness`): lanes (a CI fix or rebase round, then a review
+follow-up, then a new issue), then priority, raised by aging (one level per
+``FairnessPolicy.aging`` seconds of waiting, so nothing starves); then the oldest.
+Fairness limits: a task whose repository or author already has its limit of tasks with
+an agent waits, and the tasks behind it go (a task starving past the horizon keeps its
+repository and author from those behind it). Eligible agents: accepting work
 (idle/busy) with a free slot, clearance >= the task's security level, and the
 task's specialty (preferred) or ``general``. Among those: specialists before
 generalists, then least loaded, then id (deterministic).
@@ -20,9 +25,9 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from events.agent_state import ACCEPTING, AgentState
-from events.task import PRIORITIES
 from events.task_state import WITH_AGENT, TaskState
 
+from projections.fairness import DEFAULT_POLICY, Admission, FairnessPolicy, in_order
 from projections.leases import LeaseIndex
 
 from actors.analysis import SECURITY_RANK
@@ -42,17 +47,11 @@ def blocked_by(task: TaskState, tasks: Mapping[str, TaskState]) -> list[str]:
 
 
 def eligible_tasks(
-    tasks: Mapping[str, TaskState], now: datetime, queued: Iterable[str] | None = None
+    tasks: Mapping[str, TaskState], now: datetime, queued: Iterable[str] | None = None,
+    policy: FairnessPolicy = DEFAULT_POLICY,
 ) -> list[TaskState]:
-    candidates = tasks.values() if queued is None else (tasks[t] for t in queued)
-    ready = [
-        t for t in candidates
-        if t.status == "queued"
-        and (t.not_before is None or t.not_before <= now)
-        and not blocked_by(t, tasks)
-    ]
-    ready.sort(key=lambda t: (-PRIORITIES.index(t.priority), t.created_at, t.task_id))
-    return ready
+    """The tasks a pass may assign, in the order it offers them (most urgent first)."""
+    return [t for t, _ in in_order(tasks, now, policy, queued)]
 
 
 def can_take(agent: AgentState, task: TaskState) -> bool:
@@ -69,9 +68,14 @@ def plan_assignments(
     now: datetime,
     held: dict[str, int] | None = None,
     queued: Iterable[str] | None = None,
+    *,
+    policy: FairnessPolicy = DEFAULT_POLICY,
+    running: Iterable[str] | None = None,
 ) -> list[tuple[str, str]]:
-    """``[(task_id, agent_id), ...]`` to assign now. Pure. ``held`` and ``queued``
-    are indexes the read model keeps (derived from ``tasks`` when not given)."""
+    """``[(task_id, agent_id), ...]`` to assign now. Pure. ``held``, ``queued`` and
+    ``running`` are indexes the read model keeps (derived from ``tasks`` when not
+    given): tasks per agent, the queued task ids, and the ids of the tasks holding an
+    agent (the model's holders plus reservations; read only when ``policy`` has limits)."""
     held = dict(held_by_agent(tasks) if held is None else held)
     free = {
         a.agent_id: a.capacity - held.get(a.agent_id, 0)
@@ -81,12 +85,15 @@ def plan_assignments(
     plan: list[tuple[str, str]] = []
     if not free:
         return plan
-    ready = eligible_tasks(tasks, now, queued)
+    ready = in_order(tasks, now, policy, queued)
     # leases only matter when a candidate names files: the index costs a pass over the tasks
-    leases = LeaseIndex.of(tasks) if any(t.paths for t in ready) else None
-    for task in ready:
+    leases = LeaseIndex.of(tasks) if any(t.paths for t, _ in ready) else None
+    admission = Admission(policy, tasks, running)
+    for task, since in ready:
         if leases is not None and leases.blocker(task) is not None:
             continue  # waits for the holder's pull request (see why_waiting)
+        if admission.hold_back(task, since, now) is not None:
+            continue  # its repository or author has its share (see why_waiting)
         best = None
         best_key = None
         for agent_id in free:
@@ -105,6 +112,7 @@ def plan_assignments(
         plan.append((task.task_id, best))
         if leases is not None:
             leases.take(task)
+        admission.take(task)
         held[best] = held.get(best, 0) + 1
         free[best] -= 1
         if free[best] == 0:

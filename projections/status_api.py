@@ -48,6 +48,7 @@ from events.subjects import check_id
 from events.task import SPECIALTIES
 from events.task_state import TASK_STATUSES
 
+from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
 from projections.metrics import ClusterMetrics, LogCounters
 from projections.read_model import ClusterView
@@ -270,15 +271,16 @@ def register_log_metrics(live: LiveReadModel, registry: CollectorRegistry) -> Ca
 
 def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
                route_handlers: Sequence[Any] = (), middleware: Sequence[Any] = (),
-               guards: Sequence[Any] = (), clock: Callable[[], datetime] | None = None) -> Litestar:
+               guards: Sequence[Any] = (), clock: Callable[[], datetime] | None = None,
+               fairness: FairnessPolicy | None = None) -> Litestar:
     """The status API over ``live``. The caller owns ``live`` (starts and stops it), and
     adds what is served beside the API: ``route_handlers`` (``/metrics``), ASGI
     ``middleware`` (the request metrics) and app-wide ``guards`` (the server's access
     check; a route states the scope it needs as ``opt={"scope": "write"}``, plain data,
     so the handlers here need not know how access is checked). ``clock``: "now" for the
     tasks' ``waiting`` (the wall clock by default)."""
-    reader = (StatusReader(live, min_seq_timeout=min_seq_timeout) if clock is None
-              else StatusReader(live, min_seq_timeout=min_seq_timeout, clock=clock))
+    reader = (StatusReader(live, min_seq_timeout=min_seq_timeout, fairness=fairness) if clock is None
+              else StatusReader(live, min_seq_timeout=min_seq_timeout, clock=clock, fairness=fairness))
 
     def provide_reader() -> StatusReader:
         return reader

@@ -17,6 +17,7 @@ from events.agent_state import AgentState
 from events.codec import BadMessage
 from events.task_state import TaskState
 
+from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
 from projections.read_model import ReadModel
 from projections.waits import Waits
@@ -101,8 +102,10 @@ class StatusReader:
     is a consistent snapshot at one log position."""
 
     def __init__(self, live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 fairness: FairnessPolicy | None = None) -> None:
         self.live = live
+        self.fairness = fairness  # the coordinator's admission policy: its limits explain waits
         self.min_seq_timeout = min_seq_timeout
         self.clock = clock  # "now" for the waiting reasons (backoff left, checks running for)
         self._order: list[str] = []  # task ids by (created_at, task_id)
@@ -134,7 +137,7 @@ class StatusReader:
     def waits(self) -> Waits:
         """The board's leases and merge queues, built once per log position."""
         if self._waits is None or self._waits[0] != self.model.last_seq:
-            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents))
+            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents, fairness=self.fairness))
         return self._waits[1]
 
     def _task_out(self, state: TaskState, waits: Waits, now: datetime) -> TaskOut:

@@ -2,9 +2,16 @@
 
 A task with an agent, or being analysed, moves by itself; every other non-final task
 waits for something: its pull request's checks, the merge queue, a human, a file lease
-held by another task, a dependency, a retry backoff, a free agent. The board (``ccc
-tasks``) and the status API show that sentence beside the state, so nobody has to read
-the log to see what a task is waiting for.
+held by another task, a dependency, a retry backoff, a fairness limit, a free agent.
+The board (``ccc tasks``) and the status API show that sentence beside the state, so
+nobody has to read the log to see what a task is waiting for.
+
+A queued task's reasons come in the scheduler's order of checks (:mod:`actors.scheduling`):
+dependencies, retry backoff, file lease, fairness (:mod:`projections.fairness`: its
+repository or author at its limit of tasks with an agent, or kept for a task starving
+ahead of it — the same check the scheduler makes, given the same policy), then which
+agent it needs. The fairness reason appears only when the caller passes the cluster's
+:class:`~projections.fairness.FairnessPolicy` (``fairness=``).
 
 :func:`why_waiting` answers for one task; :class:`Waits` answers for many, building the
 file leases (:mod:`projections.leases`) and the merge queues once. Both read only the
@@ -23,6 +30,7 @@ from events.checks import failing
 from events.task import SECURITY_LEVELS
 from events.task_state import WITH_AGENT, TaskState
 
+from projections.fairness import Admission, FairnessPolicy, Limit, in_order
 from projections.leases import LeaseIndex
 
 MAX_WAIT_CHARS = 200  # one cell of a table; the rest is in the task's own fields
@@ -111,24 +119,55 @@ def why_waiting(
     *,
     merge_queues: MergeQueues | None = None,
     agents: Mapping[str, AgentState] | None = None,
+    fairness: FairnessPolicy | None = None,
 ) -> str:
     """What ``task`` waits for, in a few words, or ``""`` if it moves by itself (or is
     done). ``tasks``: every task (dependencies, leases, queue order); ``lease_index`` and
     ``merge_queues``: built once by a caller asking about many tasks (see :class:`Waits`);
     ``agents``: the agent view, to say *which* agent a queued task waits for (none online
-    with its specialty, or all capable ones full)."""
-    return _bounded(_reason(task, tasks, now, lease_index, merge_queues, agents))
+    with its specialty, or all capable ones full); ``fairness``: the cluster's admission
+    policy, to say when a fairness limit holds the task back."""
+    held_back = None
+    if fairness is not None and task.status == "queued" and fairness.limited:
+        held_back = fairness_pass(tasks, now, fairness, lease_index)
+    return _bounded(_reason(task, tasks, now, lease_index, merge_queues, agents, held_back))
+
+
+def fairness_pass(tasks: Mapping[str, TaskState], now: datetime, policy: FairnessPolicy,
+                  leases: LeaseIndex | None = None) -> dict[str, Limit]:
+    """The scheduler's fairness checks over the eligible queued tasks, in its order
+    (:class:`~projections.fairness.Admission`): which ones a limit holds back now, and why."""
+    if not policy.limited:
+        return {}
+    leases = LeaseIndex.of(tasks) if leases is None else leases
+    admission = Admission(policy, tasks)
+    held_back: dict[str, Limit] = {}
+    for t, since in in_order(tasks, now, policy):
+        if leases.blocker(t) is not None:
+            continue  # the scheduler skips it before its fairness check
+        if (limit := admission.hold_back(t, since, now)) is not None:
+            held_back[t.task_id] = limit
+    return held_back
+
+
+def fairness_words(limit: Limit) -> str:
+    """``fairness: repository acme/app at its limit (2 running)``, or ``... kept for T
+    (waiting 1h 5m)``."""
+    if limit.kept_for:
+        return f"fairness: {limit.kind} {limit.name} kept for {limit.kept_for} (waiting {age(limit.waited)})"
+    return f"fairness: {limit.kind} {limit.name} at its limit ({limit.running} running)"
 
 
 def _reason(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
             leases: LeaseIndex | None, queues: MergeQueues | None,
-            agents: Mapping[str, AgentState] | None = None) -> str:
+            agents: Mapping[str, AgentState] | None = None,
+            held_back: Mapping[str, Limit] | None = None) -> str:
     t = task
     match t.status:
         case "pending":
             return "waiting for analysis"
         case "queued":
-            return _queued(t, tasks, now, leases, agents)
+            return _queued(t, tasks, now, leases, agents, held_back)
         case "checking":
             if t.reruns and failing(t.checks):
                 return f"re-running {_rerun(t)} on {sha7(t.head_sha)}{_since(t.checks_since, now)}"
@@ -166,7 +205,8 @@ def _rerun(t: TaskState) -> str:
 
 
 def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases: LeaseIndex | None,
-            agents: Mapping[str, AgentState] | None = None) -> str:
+            agents: Mapping[str, AgentState] | None = None,
+            held_back: Mapping[str, Limit] | None = None) -> str:
     open_deps = [(d, tasks[d].status if d in tasks else "unknown task") for d in t.dependencies
                  if d not in tasks or tasks[d].status != "completed"]
     if open_deps:
@@ -180,6 +220,8 @@ def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases:
     lease = leases.blocker(t)
     if lease is not None:
         return f"file lease: {names(lease.paths)} held by {lease.holder}"
+    if held_back and (limit := held_back.get(t.task_id)) is not None:
+        return fairness_words(limit)
     agent = "an agent" if agents is None else _which_agent(t, tasks, agents)
     if t.work == "ci_fix":
         of = f" of {t.max_ci_fixes}" if t.max_ci_fixes >= t.ci_fixes > 0 else ""
@@ -223,16 +265,25 @@ def _which_agent(t: TaskState, tasks: Mapping[str, TaskState], agents: Mapping[s
 
 class Waits:
     """:func:`why_waiting` for many tasks of one board: the leases and the merge queues
-    are built once, from ``tasks`` as they are now."""
+    are built once, from ``tasks`` as they are now (and the fairness pass once per ``now``)."""
 
-    def __init__(self, tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState] | None = None) -> None:
+    def __init__(self, tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState] | None = None,
+                 fairness: FairnessPolicy | None = None) -> None:
         self.tasks = tasks
         self.agents = agents
+        self.fairness = fairness
         self.leases = LeaseIndex.of(tasks)
         self.queues = MergeQueues(tasks.values())
+        self._held_back: tuple[datetime, dict[str, Limit]] | None = None
 
     def why(self, task: TaskState, now: datetime) -> str:
-        return why_waiting(task, self.tasks, now, self.leases, merge_queues=self.queues, agents=self.agents)
+        held_back = None
+        if self.fairness is not None and task.status == "queued" and self.fairness.limited:
+            if self._held_back is None or self._held_back[0] != now:
+                self._held_back = (now, fairness_pass(self.tasks, now, self.fairness, self.leases))
+            held_back = self._held_back[1]
+        return _bounded(_reason(task, self.tasks, now, self.leases, self.queues, self.agents, held_back))
 
 
-__all__ = ["MAX_WAIT_CHARS", "MergeQueues", "Waits", "age", "clock", "names", "sha7", "why_waiting"]
+__all__ = ["MAX_WAIT_CHARS", "MergeQueues", "Waits", "age", "clock", "fairness_pass", "fairness_words",
+           "names", "sha7", "why_waiting"]

@@ -14,8 +14,10 @@ from actors.scheduling import blocked_by, can_take, eligible_tasks, held_by_agen
 from events.agent_state import ACCEPTING, AGENT_STATUSES, AgentState
 from events.task import PRIORITIES, SECURITY_LEVELS, SPECIALTIES, IssueRef
 from events.task_state import TASK_STATUSES, WITH_AGENT, TaskState
+from projections.fairness import FairnessPolicy
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+NO_AGING = FairnessPolicy(aging=None)
 
 
 def task(
@@ -144,10 +146,15 @@ def test_priority_first_then_age() -> None:
     tasks = [task("low-old", priority="low", age=50), task("normal-new", priority="normal", age=1),
              task("normal-old", priority="normal", age=40), task("urgent-new", priority="urgent", age=0),
              task("high-mid", priority="high", age=20)]
-    assert [t.task_id for t in eligible_tasks({t.task_id: t for t in tasks}, NOW)] == [
+    assert [t.task_id for t in eligible_tasks({t.task_id: t for t in tasks}, NOW, policy=NO_AGING)] == [
         "urgent-new", "high-mid", "normal-old", "normal-new", "low-old"]
     # one slot: the urgent task takes it, whatever its age
-    assert plan(tasks, [agent("a")]) == [("urgent-new", "a")]
+    assert plan(tasks, [agent("a")], policy=NO_AGING) == [("urgent-new", "a")]
+    # with aging (one level per 5 min by default) 50 minutes of waiting outrank priority:
+    # low-old is 0 + 10 levels, normal-old 1 + 8, high-mid 2 + 4, urgent-new 3
+    assert [t.task_id for t in eligible_tasks({t.task_id: t for t in tasks}, NOW)] == [
+        "low-old", "normal-old", "high-mid", "urgent-new", "normal-new"]
+    assert plan(tasks, [agent("a")]) == [("low-old", "a")]
 
 
 def test_equal_priority_and_age_orders_by_id() -> None:

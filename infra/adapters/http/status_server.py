@@ -32,6 +32,7 @@ from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 
 from events.store import EventStore
+from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
 from projections.status_api import create_app, register_log_metrics
 
@@ -58,7 +59,9 @@ class ApiServer(Served):
         materialize: bool = True, live: LiveReadModel | None = None,
         access: ApiAccess | None = None, route_handlers: Sequence[Any] = (),
         forge_root: Path | str | None = None, publisher: Client | None = None,
+        fairness: FairnessPolicy | None = None,
     ) -> None:
+        self.fairness = fairness  # the coordinator's admission policy, for the wait reasons
         self.access = access if access is not None else ApiAccess()
         self.access.check(host)  # before anything binds or replays
         self.store = store
@@ -96,12 +99,12 @@ class ApiServer(Served):
         registry = CollectorRegistry()
         api_metrics = ApiMetrics(registry)
         refresh_lag = register_log_metrics(self.live, registry)
-        dashboard = Dashboard(self.live, local_forge=self.forge_root is not None)
+        dashboard = Dashboard(self.live, local_forge=self.forge_root is not None, fairness=self.fairness)
         ui = [*dashboard.route_handlers(), *live_handlers(self.live),
               *action_handlers(self.store, self.access, forge_root=self.forge_root, publisher=self.publisher)]
         app = create_app(self.live, route_handlers=[metrics_endpoint(registry, before=refresh_lag),
                                                     *ui, *self.route_handlers],
-                         guards=[scope_guard])
+                         guards=[scope_guard], fairness=self.fairness)
         return api_metrics.middleware(ApiGate(app, self.access, self.http.host))
 
     async def stop(self) -> None:

@@ -30,6 +30,7 @@ from actors.forge_ci import ForgeCI
 from actors.pipeline import PipelineSettings
 from actors.ports import Coder, ForgeClient
 from events.errors import ConfigError, StoreUnavailable
+from projections.fairness import FairnessPolicy
 from events.store import EventStore
 from events.subjects import Namespace, check_repo
 from events.task import SPECIALTIES
@@ -77,6 +78,7 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     merge_queue: tuple[str, ...] = ()  # repositories merging through the queue ("*": all)
     checks_timeout: float = 1800.0  # seconds a pull request's checks may take
     ci: bool = True  # follow the forge's CI (local: run it; GitHub: re-run failed jobs)
+    fairness: FairnessPolicy | None = None  # fair admission: limits per repository/author, aging
     forge_root: str | None = None  # the local forge's repositories (default: <data dir>/forge)
 
     def validate(self) -> None:
@@ -301,7 +303,7 @@ class LocalCluster:
             heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
             max_attempts=o.max_attempts, trust=self.trust_policy(), materialize_kv=True,
             max_ci_fixes=o.max_ci_fixes, checks_timeout=o.checks_timeout,
-            merge_queue=merge_queue_setting(o.merge_queue)),
+            merge_queue=merge_queue_setting(o.merge_queue), fairness=o.fairness),
             analyser=o.analyser, forge=self.forge, cache_dir=s.data_dir / "branches")
         await self.coordinator.start()
         if o.ci:  # the forge's CI: each pushed commit's checks become facts on the issue stream
@@ -335,7 +337,8 @@ class LocalCluster:
             actions_nc = await self._connect("cli", "ccc-dashboard-actions")
             self.api = ApiServer(EventStore(status_nc, self.ns), s.api_host, o.api_port, materialize=False,
                                  access=api_access, publisher=actions_nc,
-                                 forge_root=self.forge_root if o.forge == "local" else None)
+                                 forge_root=self.forge_root if o.forge == "local" else None,
+                                 fairness=o.fairness)
             try:
                 await self.api.start()
             except OSError as e:

@@ -77,6 +77,30 @@ def check_sandbox(settings) -> None:
     make_agent_sandbox(settings).check()  # SandboxUnavailable: one line naming the way out
 
 
+def fairness_options(fn):
+    """Fair admission (``up``): projections.fairness."""
+    fn = click.option("--aging", default="300", show_default=True, metavar="SECONDS|off",
+                      help="A queued task's priority rises one level per this many seconds of waiting, "
+                           "so nothing starves ('off': strict priority).")(fn)
+    fn = click.option("--author-limit", "author_limit", multiple=True, metavar="N|AUTHOR=N",
+                      help="Tasks of one issue author with an agent at once (repeat; AUTHOR=N for one).")(fn)
+    fn = click.option("--repo-limit", "repo_limit", multiple=True, metavar="N|OWNER/NAME=N",
+                      help="Tasks of one repository with an agent at once (repeat; OWNER/NAME=N for one).")(fn)
+    return fn
+
+
+def fairness_policy(repo_limit, author_limit, aging):
+    from projections.fairness import FairnessPolicy, parse_limits
+
+    try:
+        rl, rls = parse_limits(repo_limit, "--repo-limit")
+        al, als = parse_limits(author_limit, "--author-limit")
+        seconds = None if aging.strip().lower() == "off" else float(aging)
+        return FairnessPolicy(repo_limit=rl, repo_limits=rls, author_limit=al, author_limits=als, aging=seconds)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def pr_loop_options(fn):
     """How a task follows its pull request to green (``up`` and ``demo``)."""
     fn = click.option("--no-ci", is_flag=True,
@@ -147,6 +171,7 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
 @click.option("--max-attempts", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Attempts per task (new tasks).")
 @pr_loop_options
+@fairness_options
 @click.option("--forge-root", type=click.Path(file_okay=False), default=None,
               help="The local forge's repositories [default: <data dir>/forge].")
 @shutdown_grace_option
@@ -154,7 +179,7 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
 def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, require_token, allowed_hosts,
            rate_limit, rate_burst, coder, model, forge, sandbox, sandbox_network, analyser, script_dir,
            heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, max_ci_fixes, merge_queue,
-           checks_timeout, no_ci, forge_root, shutdown_grace) -> None:
+           checks_timeout, no_ci, repo_limit, author_limit, aging, forge_root, shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
     settings = obj.settings(api_host=api_host, sandbox=sandbox, sandbox_network=sandbox_network,
@@ -171,6 +196,7 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, requi
         shutdown_grace=shutdown_grace, agent_prefix=_agent_prefix(settings.nats_url),
         repos=settings.repos, max_ci_fixes=max_ci_fixes, merge_queue=tuple(merge_queue),
         checks_timeout=checks_timeout, ci=not no_ci, forge_root=forge_root,
+        fairness=fairness_policy(repo_limit, author_limit, aging),
     )
     options.validate()
     make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts

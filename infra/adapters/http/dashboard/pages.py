@@ -72,6 +72,7 @@ from projections.dashboard import (
     safe_url,
     task_page,
 )
+from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
 from projections.waits import Waits, age
 from projections.waits import clock as clock_text
@@ -123,8 +124,10 @@ class Dashboard:
     current states cannot tell rides along as an observer from sequence 1)."""
 
     def __init__(self, live: LiveReadModel, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 consumers: Iterable[tuple[str, str]] | None = None, local_forge: bool = False) -> None:
+                 consumers: Iterable[tuple[str, str]] | None = None, local_forge: bool = False,
+                 fairness: FairnessPolicy | None = None) -> None:
         self.live = live
+        self.fairness = fairness  # the coordinator's admission policy: its limits explain waits
         self.local_forge = local_forge  # the actions serve the local forge here: merge and close
         self.store = live.store
         self.ns = live.store.ns
@@ -388,7 +391,7 @@ class Dashboard:
     def _board_waits(self) -> Waits:
         """The board's leases and merge queues, built once per log position."""
         if self._waits is None or self._waits[0] != self.model.last_seq:
-            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents))
+            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents, fairness=self.fairness))
         return self._waits[1]
 
     # -- rendering ---------------------------------------------------------------------------
