@@ -422,3 +422,27 @@ async def test_the_encryption_key_rotates_with_the_previous_key(tmp_path) -> Non
     assert await roundtrip(EmbeddedServer(tmp_path, js_key=new), publish=False) == marker
     stored = [f for f in tmp_path.rglob("*") if f.is_file() and f.suffix != ".log"]
     assert not [f for f in stored if marker in f.read_bytes()]
+
+
+async def test_agents_share_api_pauses_through_the_rate_limit_bucket_only(provisioned) -> None:
+    """An agent reads, watches and writes the shared API pauses (coders.shared_limits) with
+    its own credentials; it still writes no other bucket."""
+    from infra.adapters.coders.shared_limits import SharedPause
+    from infra.adapters.nats.provisioning import rate_limits_bucket
+
+    s, key = provisioned, "test-key-" + uuid.uuid4().hex
+    a1, a2 = await s.as_("agent", "a1"), await s.as_("agent", "a2")
+    p1, p2 = SharedPause(a1, s.ns, key, name="a1"), SharedPause(a2, s.ns, key, name="a2")
+    try:
+        await p2.start()
+        assert p2.remaining() == 0
+        assert await p1.record(429, {"retry-after": "30"}) == 30 and p1.shared == 1 and p1.unshared == 0
+        await eventually(lambda: p2.remaining() > 25, timeout=5)  # a2 watched it arrive
+        assert await denied_publish(a1, f"$KV.{s.ns.tasks_bucket}.k") and await denied_publish(
+            a1, f"$KV.{s.ns.agents_bucket}.k")
+        assert await allowed_publish(a1, f"$KV.{rate_limits_bucket(s.ns)}.k0")
+    finally:
+        for p in (p1, p2):
+            await p.close()
+        for nc in (a1, a2):
+            await nc.close()

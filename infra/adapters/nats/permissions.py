@@ -27,6 +27,7 @@ from typing import Literal
 import msgspec
 
 from events.subjects import Namespace, check_id
+from infra.adapters.nats.provisioning import rate_limits_bucket
 
 Role = Literal["admin", "coordinator", "agent", "webhook", "cli", "status", "ci"]
 ROLES: tuple[Role, ...] = ("admin", "coordinator", "agent", "webhook", "cli", "status", "ci")
@@ -89,6 +90,7 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                       for s in (issues, events, hbs)),
                     *(f"$JS.ACK.{s}.>" for s in (issues, events, hbs)),
                     f"{p}.task.>", f"{p}.agent.*.offline", f"{p}.dlq.>",
+                    f"{p}.cluster.>",  # the autoscaler's decisions (it runs with the coordinator's role)
                     f"$KV.{ns.tasks_bucket}.>", f"$KV.{ns.agents_bucket}.>",
                 ),
                 publish_deny=ADMIN_ONLY,
@@ -97,6 +99,7 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
         case "agent":
             a = _agent(agent_id)
             durable, bucket = f"agent-{a}", ns.agent_artifacts_bucket(a)
+            limits = rate_limits_bucket(ns)
             return Permissions(
                 publish_allow=(
                     *read_subjects(events), *read_subjects(hbs),
@@ -106,6 +109,11 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                     f"$JS.API.CONSUMER.MSG.NEXT.{events}.{durable}",
                     f"$JS.ACK.{events}.{durable}.>",
                     f"$O.{bucket}.>", *read_subjects(f"OBJ_{bucket}"),  # its own artifacts
+                    # the shared API pauses (coders.shared_limits): it reads and watches them
+                    # and records a 429/529 it saw. Shared by all agents of the cluster, so
+                    # one agent's credentials can pause the others, at most for the readers'
+                    # cap at a time; they cannot touch any other bucket or the events.
+                    f"$KV.{limits}.>", *read_subjects(f"KV_{limits}"),
                 ),
                 # (it may say it goes offline itself; dead letters are the coordinator's)
                 publish_deny=ADMIN_ONLY,

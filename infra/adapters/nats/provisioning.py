@@ -12,10 +12,22 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import api
 
+from events.cluster import cluster_filter, cluster_stream
 from events.errors import ConfigError, StoreUnavailable
 from events.subjects import DEFAULT_NS, Namespace
 
 STREAM_NAME_IN_USE = 10058
+
+RATE_LIMITS_TTL = 300.0
+"""How long an entry of the rate-limit bucket lives after its last write: longer than any
+shared pause may last (:mod:`infra.adapters.coders.shared_limits` caps them below it), so
+a pause always expires by its own deadline first and the bucket empties itself."""
+
+
+def rate_limits_bucket(ns: Namespace = DEFAULT_NS) -> str:
+    """The KV bucket of the shared API pauses: one key per API key (a hash of it, never
+    the key), its value the pause every agent using that key waits out."""
+    return f"{ns.prefix}_ratelimits"
 
 
 def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.StreamConfig]:
@@ -69,7 +81,20 @@ def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.St
         max_age=30 * 24 * 3600.0,  # operators have a month to look; the originals stay in their streams
         allow_direct=True,
     )
-    return [events, issues, heartbeats, dlq]
+    cluster = api.StreamConfig(
+        name=cluster_stream(ns),
+        description="claude-code-cluster decisions about the fleet: autoscaling up and down, with why",
+        subjects=[cluster_filter(ns)],  # apart from <NS>_EVENTS: see events.cluster
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=10 * 60.0,
+        max_age=90 * 24 * 3600.0,  # an audit trail of decisions, not the database
+        allow_direct=True,
+        max_msg_size=64 * 1024,
+        discard=api.DiscardPolicy.OLD,
+    )
+    return [events, issues, heartbeats, dlq, cluster]
 
 
 async def _ensure_stream(js, config: api.StreamConfig) -> None:
@@ -101,6 +126,12 @@ async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1
                 bucket=bucket, description=description, history=1, replicas=replicas,
                 storage=api.StorageType.FILE,
             )
+        # soft state: a pause lost with a server restart costs one more 429 per agent, so
+        # memory storage; every entry expires by itself (ttl), nobody has to clean up
+        await js.create_key_value(
+            bucket=rate_limits_bucket(ns), description="API pauses shared by every agent (429/529 retry-after)",
+            history=1, ttl=RATE_LIMITS_TTL, replicas=replicas, storage=api.StorageType.MEMORY, direct=True,
+        )
         await js.create_object_store(
             bucket=ns.artifacts_bucket, description="diffs, test logs, transcripts",
             replicas=replicas, storage=api.StorageType.FILE,

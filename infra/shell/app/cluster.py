@@ -79,6 +79,7 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     checks_timeout: float = 1800.0  # seconds a pull request's checks may take
     ci: bool = True  # follow the forge's CI (local: run it; GitHub: re-run failed jobs)
     fairness: FairnessPolicy | None = None  # fair admission: limits per repository/author, aging
+    autoscale: tuple[int, int] | None = None  # (min, max) agents the autoscaler keeps, by demand
     forge_root: str | None = None  # the local forge's repositories (default: <data dir>/forge)
 
     def validate(self) -> None:
@@ -117,16 +118,28 @@ ANALYSERS = ("rules", "claude")
 FORGES = ("local", "github")
 
 
-def make_coder(kind: str, script_dir: str | None, model: str | None = None) -> Coder:
-    """The coder backend an agent uses; heavy SDKs are imported only when chosen."""
+def make_coder(kind: str, script_dir: str | None, model: str | None = None, *, nc: Client | None = None,
+               ns: Namespace | None = None, agent_id: str = "") -> Coder:
+    """The coder backend an agent uses; heavy SDKs are imported only when chosen. Given the
+    agent's connection, the Anthropic coder shares rate limits with the cluster: a 429/529
+    one agent gets pauses every agent using the same key (infra.adapters.coders.shared_limits)."""
     if kind == "scripted":
         return ScriptedCoder(Path(script_dir) if script_dir else None)
     if kind == "anthropic":
-        if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+        key = os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")
+        if not key:
             raise ConfigError("--coder anthropic needs ANTHROPIC_API_KEY (ANTHROPIC_BASE_URL is honoured)")
         from infra.adapters.coders.anthropic_coder import DEFAULT_MODEL, AnthropicCoder
 
-        return AnthropicCoder(default_model=model or DEFAULT_MODEL)
+        if nc is None or ns is None:
+            return AnthropicCoder(default_model=model or DEFAULT_MODEL)
+        import anthropic
+
+        from infra.adapters.coders.shared_limits import shared_limits_http_client
+
+        http = shared_limits_http_client(nc, ns, key, name=agent_id or "agent")
+        return AnthropicCoder(default_model=model or DEFAULT_MODEL,
+                              client=anthropic.AsyncAnthropic(http_client=http, max_retries=4))
     if kind == "claude-code":
         from infra.adapters.coders.claude_cli import ClaudeCodeCoder
 
@@ -249,6 +262,7 @@ class LocalCluster:
         self.forge = None
         self.forge_sync = None
         self.forge_ci: ForgeCI | None = None
+        self.autoscaler = None  # infra.shell.app.autoscale.Autoscaler, with --autoscale
         self.sandbox = make_agent_sandbox(settings)  # one for all local agents: one probe
         self._connections: list[Client] = []  # one per role (and per agent)
 
@@ -284,7 +298,8 @@ class LocalCluster:
             await self._claim_data_dir()
             self.server = EmbeddedServer.for_settings(s, self.ns)  # secure unless --insecure
             if self.server.secure is not None:  # registered before the server reads its users
-                self.server.secure.add_agents(self.ns, agent_ids)
+                # (every id the autoscaler could ever start, too: no reload when it does)
+                self.server.secure.add_agents(self.ns, [*agent_ids, *self._autoscale_ids()])
             self.url = self.server.start()
             self._url_file = embedded_url_file(s.data_dir)
             tmp = self._url_file.with_suffix(".tmp")
@@ -320,15 +335,19 @@ class LocalCluster:
             await self.forge_sync.start()
         for i, agent_id in enumerate(agent_ids):
             specialty = o.specialties[i % len(o.specialties)]
+            agent_nc = await self._connect("agent", f"ccc-{agent_id}", agent_id)
+            coder = make_coder(o.coder, o.script_dir, o.model, nc=agent_nc, ns=self.ns, agent_id=agent_id)
             agent = build_agent(
-                await self._connect("agent", f"ccc-{agent_id}", agent_id), self.ns, agent_id=agent_id,
-                specialties=(specialty,), coder=make_coder(o.coder, o.script_dir, o.model), forge=self.forge,
+                agent_nc, self.ns, agent_id=agent_id,
+                specialties=(specialty,), coder=coder, forge=self.forge,
                 workspace_root=self.workspace_root, capacity=o.capacity,
                 heartbeat_interval=o.heartbeat_interval, shutdown_grace=o.shutdown_grace,
                 test_timeout=o.test_timeout, sandbox=self.sandbox,
             )
             await agent.start()
             self.agents.append(agent)
+        if o.autoscale is not None:
+            await self._start_autoscaler(coordinator_nc)
         if o.api_port is not None:
             from infra.adapters.http.status_server import ApiServer
 
@@ -346,6 +365,51 @@ class LocalCluster:
                                   f"{e.strerror or e}") from None
         log.info("cluster.up", nats=redact_url(self.url), agents=len(self.agents),
                  api=self.api.url if self.api else None)
+
+    def _autoscale_policy(self):
+        from projections.autoscale import AutoscalePolicy
+
+        lo, hi = self.options.autoscale
+        return AutoscalePolicy(min_agents=lo, max_agents=hi, specialties=self.options.specialties).validate()
+
+    def _autoscale_ids(self) -> list[str]:
+        if self.options.autoscale is None:
+            return []
+        from infra.shell.app.autoscale import agent_ids
+
+        return agent_ids(self._autoscale_policy(), self.options.specialties)
+
+    async def spawn_agent(self, agent_id: str, specialty: str) -> Agent:
+        """Start one more local agent (the autoscaler's scale-up); the caller keeps it."""
+        o = self.options
+        await provision_agent(self.nc, self.ns, agent_id, replicas=self.settings.replicas)
+        agent_nc = await self._connect("agent", f"ccc-{agent_id}", agent_id)
+        agent = build_agent(
+            agent_nc, self.ns, agent_id=agent_id, specialties=(specialty,),
+            coder=make_coder(o.coder, o.script_dir, o.model, nc=agent_nc, ns=self.ns, agent_id=agent_id),
+            forge=self.forge, workspace_root=self.workspace_root, capacity=o.capacity,
+            heartbeat_interval=o.heartbeat_interval, shutdown_grace=o.shutdown_grace,
+            test_timeout=o.test_timeout, sandbox=self.sandbox)
+        await agent.start()
+        return agent
+
+    async def _agent_stopped(self, agent: Agent) -> None:
+        """After a scale-down: the stopped agent's connection goes too."""
+        nc = agent.nc
+        if nc in self._connections:
+            self._connections.remove(nc)
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+    async def _start_autoscaler(self, nc: Client) -> None:
+        from infra.shell.app.autoscale import Autoscaler
+
+        coordinator = self.coordinator
+        self.autoscaler = Autoscaler(
+            nc, self.ns, self._autoscale_policy(),
+            view=lambda: (coordinator.model.tasks, coordinator.model.agents),
+            agents=self.agents, spawn=self.spawn_agent, on_stopped=self._agent_stopped)
+        await self.autoscaler.start()
 
     async def _connect(self, role: Role, name: str, agent_id: str | None = None) -> Client:
         nc = await connect(self.url, name=name, settings=self.settings, role=role, agent_id=agent_id, ns=self.ns)
@@ -413,11 +477,19 @@ class LocalCluster:
         log.warning("cluster.reports_not_drained", timeout=timeout)
 
     async def stop(self) -> None:
+        if self.autoscaler is not None:  # no agent started or stopped while the cluster stops
+            with contextlib.suppress(Exception):
+                await self.autoscaler.stop()
         # every agent stops taking work before any hands a task back (else the handed-back
         # task goes to the next agent in line, which is stopping too); then all of them
         # share one grace period instead of waiting for each other's
         await asyncio.gather(*(agent.drain() for agent in self.agents), return_exceptions=True)
         await asyncio.gather(*(agent.stop() for agent in self.agents), return_exceptions=True)
+        for agent in self.agents:  # a coder's HTTP client (and its shared rate-limit watch)
+            client = getattr(agent.coder, "client", None)
+            if client is not None and hasattr(client, "close"):
+                with contextlib.suppress(Exception):
+                    await client.close()
         if self.agents and self.coordinator is not None:
             with contextlib.suppress(Exception):
                 await self._drain_reports()

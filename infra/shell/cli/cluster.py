@@ -89,6 +89,12 @@ def fairness_options(fn):
     return fn
 
 
+def parse_autoscale(text: str) -> tuple[int, int]:
+    from projections.autoscale import parse_autoscale as parse
+
+    return parse(text)
+
+
 def fairness_policy(repo_limit, author_limit, aging):
     from projections.fairness import FairnessPolicy, parse_limits
 
@@ -172,6 +178,10 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
               help="Attempts per task (new tasks).")
 @pr_loop_options
 @fairness_options
+@click.option("--autoscale", default=None, metavar="MIN:MAX",
+              help="Start and stop local agents by the bottleneck specialty (queue depth and oldest "
+                   "wait per specialty), keeping MIN to MAX of them besides --agents; every decision "
+                   "is an event on <ns>.cluster.>.")
 @click.option("--forge-root", type=click.Path(file_okay=False), default=None,
               help="The local forge's repositories [default: <data dir>/forge].")
 @shutdown_grace_option
@@ -179,7 +189,8 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
 def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, require_token, allowed_hosts,
            rate_limit, rate_burst, coder, model, forge, sandbox, sandbox_network, analyser, script_dir,
            heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, max_ci_fixes, merge_queue,
-           checks_timeout, no_ci, repo_limit, author_limit, aging, forge_root, shutdown_grace) -> None:
+           checks_timeout, no_ci, repo_limit, author_limit, aging, autoscale, forge_root,
+           shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
     settings = obj.settings(api_host=api_host, sandbox=sandbox, sandbox_network=sandbox_network,
@@ -197,6 +208,7 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, requi
         repos=settings.repos, max_ci_fixes=max_ci_fixes, merge_queue=tuple(merge_queue),
         checks_timeout=checks_timeout, ci=not no_ci, forge_root=forge_root,
         fairness=fairness_policy(repo_limit, author_limit, aging),
+        autoscale=parse_autoscale(autoscale) if autoscale else None,
     )
     options.validate()
     make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
@@ -288,7 +300,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
     agent_id = check_id(agent_id or f"{host}-{specialties[0]}-{uuid.uuid4().hex[:6]}", "agent id")
     forge_client = make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
 
-    coder_impl = make_coder(coder, script_dir, model)  # a bad --coder fails before connecting
+    make_coder(coder, script_dir, model)  # a bad --coder fails before connecting
     check_sandbox(settings)  # as does a host where no sandbox can be made
     require_running_nats(obj)
 
@@ -299,8 +311,10 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
         from infra.adapters.obs.metrics import AgentMetrics
 
         metrics = AgentMetrics(REGISTRY) if metrics_port is not None else None
+        # with the connection: the Anthropic coder shares the cluster's rate-limit pauses
+        coder_live = make_coder(coder, script_dir, model, nc=nc, ns=obj.ns, agent_id=agent_id)
         agent = build_agent(
-            nc, obj.ns, agent_id=agent_id, specialties=specialties, coder=coder_impl, forge=forge_client,
+            nc, obj.ns, agent_id=agent_id, specialties=specialties, coder=coder_live, forge=forge_client,
             workspace_root=workspace_root or settings.data_dir / "workspaces", capacity=capacity,
             clearance=clearance, heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
             metrics=metrics, sandbox=make_agent_sandbox(settings))
