@@ -4,6 +4,8 @@ every string field of an event."""
 
 from __future__ import annotations
 
+import base64
+
 from datetime import datetime, timezone
 
 import msgspec
@@ -36,7 +38,8 @@ FORMATS = {
     + ["github" "_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"],
     "an AWS access key id": ["AKIA" "IOSFODNN7EXAMPLE"],
     "a Slack token": ["xox" "b-1234567890-abcdefghij"],
-    "a JWT": ["eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOiJBQkNERUZHIn0.c2lnbmF0dXJl"],
+    "a JWT": [".".join(base64.urlsafe_b64encode(part).decode().rstrip("=") for part in
+                       (b'{"typ":"JWT","alg":"ed25519-nkey"}', b'{"jti":"ABCDEFG"}', b"signature"))],
     "a NATS nkey seed": ["S" + kind + (B32 * 2)[:56] for kind in "UAONCX"],
     "a private key (PEM)": [f"-----BEGIN {k}PRIVATE KEY-----\n{PEM_BODY}-----END {k}PRIVATE KEY-----"
                             for k in ("", "RSA ", "EC ", "OPENSSH ", "ENCRYPTED ")],
