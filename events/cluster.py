@@ -24,7 +24,7 @@ from typing import Literal
 
 import msgspec
 
-from events.errors import BadEventError
+from events.codec import decode_checked, encode
 from events.subjects import Namespace
 
 Action = Literal["scaled_up", "scaled_down"]
@@ -59,7 +59,6 @@ class ClusterScaledDown(ClusterEventBase, tag="cluster.scaled_down"):
 ClusterEvent = ClusterScaledUp | ClusterScaledDown
 
 _decoder = msgspec.json.Decoder(ClusterEvent)
-_encoder = msgspec.json.Encoder()
 
 
 def cluster_stream(ns: Namespace) -> str:
@@ -72,18 +71,13 @@ def cluster_filter(ns: Namespace) -> str:
 
 
 def encode_cluster_event(event: ClusterEventBase) -> bytes:
-    return _encoder.encode(event)
+    return encode(event)
 
 
 def decode_cluster_event(rel_subject: str, data: bytes) -> ClusterScaledUp | ClusterScaledDown:
-    """Decode a message of ``<NS>_CLUSTER``; :class:`BadEventError` says why it is not one."""
-    try:
-        event = _decoder.decode(data)
-    except msgspec.DecodeError as e:
-        raise BadEventError(str(e)) from None
-    if event.rel_subject != rel_subject:
-        raise BadEventError(f"subject mismatch: payload says {event.rel_subject}")
-    return event
+    """Decode a message of ``<NS>_CLUSTER``; :class:`~events.errors.BadEventError` says why
+    it is not one (checked as every event is: size, shape, the subject it came on)."""
+    return decode_checked(_decoder, rel_subject, data)
 
 
 __all__ = ["Action", "ClusterEvent", "ClusterEventBase", "ClusterScaledDown", "ClusterScaledUp", "cluster_filter",

@@ -27,7 +27,7 @@ def encode(event: msgspec.Struct) -> bytes:
     return encoder.encode(event)
 
 
-def _checked(decoder: msgspec.json.Decoder, rel_subject: str, data: bytes):
+def decode_checked(decoder: msgspec.json.Decoder, rel_subject: str, data: bytes):
     """Decode, refusing oversize payloads and payloads whose own subject is not the one
     they were published on; every failure is a :class:`BadEventError` with the reason."""
     if len(data) > MAX_EVENT_BYTES:
@@ -43,12 +43,12 @@ def _checked(decoder: msgspec.json.Decoder, rel_subject: str, data: bytes):
 
 def decode_event(rel_subject: str, data: bytes) -> Event:
     """Decode a message of ``<NS>_EVENTS`` (a task or agent event)."""
-    return _checked(event_decoder, rel_subject, data)
+    return decode_checked(event_decoder, rel_subject, data)
 
 
 def decode_issue(rel_subject: str, data: bytes) -> IssueEvent:
     """Decode a message of ``<NS>_ISSUES`` (an issue fact)."""
-    return _checked(issue_decoder, rel_subject, data)
+    return decode_checked(issue_decoder, rel_subject, data)
 
 
 class BadMessage(msgspec.Struct, frozen=True, kw_only=True):
