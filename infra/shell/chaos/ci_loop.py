@@ -71,7 +71,7 @@ from infra.shell.chaos.checks import (
 )
 from infra.shell.chaos.model import RunResult
 from infra.shell.chaos.processes import READY
-from infra.shell.chaos.run import judge, security_note
+from infra.shell.chaos.run import judge, note_run_end
 from infra.shell.chaos.sandbox import Sandbox, Tracker
 from infra.shell.chaos.world import World, offline, taken_by_other
 
@@ -119,18 +119,8 @@ async def ci_loop(sb: Sandbox, run: int) -> RunResult:
         await tracker.wait(lambda: green() or stuck(), timeout)
         f = world.fault
         f.violations += refused
-        f.notes.append(security_note(sb) + ("; strangers (no certificate, no user, plain text) refused"
-                                            if sec is not None and not refused else ""))
-        if not injector.done():
-            injector.cancel()
-            f.violations.append("harness: the fault injector was still running at the timeout")
-        elif injector.exception() is not None:
-            e = injector.exception()
-            f.violations.append(f"harness: fault injection failed: {type(e).__name__}: {e}")
-        if not green():
-            left = {t: s for t, s in tracker.statuses(sb.issues).items() if s not in GREEN}
-            why = f"no event for {sb.options.stall:.0f}s" if stuck() else f"timed out after {timeout:.0f}s"
-            f.notes.append(f"{why}; not green: {left}")
+        note_run_end(sb, f, tracker, injector, refused=refused, secure=sec is not None, cluster=False,
+                     finished=green(), stuck=stuck(), timeout=timeout, wanted=GREEN, what="not green")
         await tracker.stop()
         f.end = time.time()
         f.notes += await sb.close(keep_servers=True)

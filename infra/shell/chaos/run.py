@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 import msgspec
 from nats.aio.client import Client
@@ -20,6 +20,29 @@ from infra.shell.chaos.model import Fault, RunResult
 from infra.shell.chaos.sandbox import Sandbox, Tracker
 from infra.shell.chaos.world import World
 
+
+
+def note_run_end(sb: Sandbox, f: Fault, tracker: Tracker, injector: asyncio.Task | None, *,
+                 refused: list[str], secure: bool, cluster: bool, finished: bool, stuck: bool,
+                 timeout: float, wanted: Collection[str], what: str) -> None:
+    """What a run's end says beside the log's judgement: the security it ran with, a fault
+    injector that hung or failed, and, if the run did not finish, which tasks were not yet
+    in a ``wanted`` state and why it stopped waiting."""
+    note = security_note(sb, cluster)
+    if secure and not refused:
+        note += "; strangers (no certificate, no user, plain text) refused"
+    f.notes.append(note)
+    if injector is not None:
+        if not injector.done():
+            injector.cancel()
+            f.violations.append("harness: the fault injector was still running at the timeout")
+        elif injector.exception() is not None:
+            e = injector.exception()
+            f.violations.append(f"harness: fault injection failed: {type(e).__name__}: {e}")
+    if not finished:
+        left = {t: s for t, s in tracker.statuses(sb.issues).items() if s not in wanted}
+        why = f"no event for {sb.options.stall:.0f}s" if stuck else f"timed out after {timeout:.0f}s"
+        f.notes.append(f"{why}; {what}: {left}")
 
 async def standard_run(
     sb: Sandbox, run: int, name: str, *, fault: Callable[[World], Awaitable[None]] | None = None,
@@ -69,21 +92,9 @@ async def standard_run(
         finished = world.done() and injected()
         f = world.fault
         f.violations += refused
-        note = security_note(sb, cluster)
-        if sec is not None and not refused:
-            note += "; strangers (no certificate, no user, plain text) refused"
-        f.notes.append(note)
-        if injector is not None:
-            if not injector.done():
-                injector.cancel()
-                f.violations.append("harness: the fault injector was still running at the timeout")
-            elif injector.exception() is not None:
-                e = injector.exception()
-                f.violations.append(f"harness: fault injection failed: {type(e).__name__}: {e}")
-        if not finished:
-            left = {t: s for t, s in tracker.statuses(sb.issues).items() if s not in PR_UP}
-            why = f"no event for {sb.options.stall:.0f}s" if stuck() else f"timed out after {sb.options.timeout:.0f}s"
-            f.notes.append(f"{why}; no pull request up: {left}")
+        note_run_end(sb, f, tracker, injector, refused=refused, secure=sec is not None, cluster=cluster,
+                     finished=finished, stuck=stuck(), timeout=sb.options.timeout, wanted=PR_UP,
+                     what="no pull request up")
         await tracker.stop()
         f.end = time.time()  # events after this are the shutdown's, not a recovery
         f.notes += await sb.close(keep_servers=True)
