@@ -197,10 +197,10 @@ class PullRequests:
                 self._pr_kick.set()
 
     def _awaiting(self) -> list[ts.TaskState]:
-        counts = self.model.task_status_counts
-        if not any(counts.get(s, 0) for s in ("checking", "merging", "merge_queued")):
-            return []
-        return [t for t in self.model.tasks.values() if t.status in ("checking", "merging", "merge_queued")]
+        """The tasks awaiting checks or in the merge queue (an index the read model keeps:
+        no pass over every task on each wake)."""
+        tasks = self.model.tasks
+        return [tasks[t] for t in self.model.following]
 
     def _next_checks_deadline(self) -> float | None:
         now = utcnow()

@@ -25,7 +25,8 @@ from events.task import TaskAssigned, TaskEventBase
 from events.task_state import WITH_AGENT, TaskState
 from events.task_state import evolve as evolve_task
 
-MAX_BAD_KEPT = 1000  # the count is exact; only the newest details are kept
+MAX_BAD_KEPT = 1000
+FOLLOWED: frozenset[str] = frozenset({"checking", "merging", "merge_queued"})  # the count is exact; only the newest details are kept
 
 
 class ClusterView(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,6 +56,9 @@ class ReadModel:
         self.agent_tasks: dict[str, set[str]] = {}  # every task ever assigned to an agent
         self.task_status_counts: dict[str, int] = {}
         self.queued: set[str] = set()  # tasks in Queued: the scheduler's work list
+        # tasks whose pull request the coordinator follows by the clock or the queue (checks
+        # awaited, in the merge queue): its pull-request pass's work list
+        self.following: set[str] = set()
         self.holder: dict[str, str] = {}  # task -> agent, for tasks an agent is working on
         self._held: dict[str, int] = {}  # agent -> how many of those (kept with ``holder``)
         self.bad: list[BadMessage] = []
@@ -85,6 +89,10 @@ class ReadModel:
                         self.queued.add(tid)
                     else:
                         self.queued.discard(tid)
+                    if new.status in FOLLOWED:
+                        self.following.add(tid)
+                    else:
+                        self.following.discard(tid)
                     self._hold(tid, new.agent_id if new.status in WITH_AGENT else None)
                 if type(item) is TaskAssigned:
                     self.agent_tasks.setdefault(item.agent_id, set()).add(tid)

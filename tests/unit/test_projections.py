@@ -132,3 +132,12 @@ def test_cluster_view_counts():
 def test_bad_message_struct_roundtrip():
     b = BadMessage(seq=3, subject="ccc.task.x.created", error="boom", preview="{")
     assert msgspec.json.decode(msgspec.json.encode(b), type=BadMessage) == b
+
+
+def test_the_followed_pull_requests_index_matches_the_task_view():
+    """The pull-request pass's work list is kept incrementally; it is what the tasks say."""
+    from projections.read_model import FOLLOWED
+
+    for seed in range(25):
+        m = rebuild(numbered(random_history(seed, steps=200)))
+        assert m.following == {t for t, s in m.tasks.items() if s.status in FOLLOWED}
