@@ -33,7 +33,7 @@ from events.subjects import Namespace
 from events.task import TaskAssigned, TaskCancellationRequested
 from events.work_reports import WorkFailed, WorkReportBody
 
-from actors.pipeline import PhaseFailed, PipelineSettings, Superseded, run_pipeline
+from actors.pipeline import BudgetDeferred, PhaseFailed, PipelineSettings, Superseded, run_pipeline
 from actors.ports import NO_TELEMETRY, Artifacts, Coder, ForgeClient, Telemetry, Workbench
 from actors.runtime import ConsumerLoop
 
@@ -321,6 +321,9 @@ class Agent:
         except asyncio.CancelledError:
             outcome = self._stop_reason.pop(tid, "handed_back")
             log.info("agent.task_stopped", agent_id=self.id, task_id=tid, outcome=outcome)
+        except BudgetDeferred as e:  # back to the queue, where it waits budget:<scope>
+            outcome = "handed_back"
+            log.info("agent.task_deferred", agent_id=self.id, task_id=tid, reason=e.reason)
         except Superseded:
             log.warning("agent.superseded", agent_id=self.id, task_id=tid)
             await self._reregister()

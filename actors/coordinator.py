@@ -45,15 +45,17 @@ from events.task import (
     TaskStarted,
     TaskTestsStarted,
 )
+from events.spend import Book, next_reset
 from events.trust import TrustPolicy
 from events.aio import cancel_and_wait, wait_event
 from projections.fairness import DEFAULT_POLICY, FairnessPolicy
 from projections.live import LiveReadModel
 
 from actors.analysis import Analyser, RuleAnalyser
+from actors.assignment_why import assignment_whys
 from actors.health import HealthMonitor
 from actors.intake import Intake, utcnow
-from actors.ports import NO_TELEMETRY, PullRequestBranches, Telemetry
+from actors.ports import NO_TELEMETRY, PullRequestBranches, SpendView, Telemetry
 from actors.pull_requests import PullRequests
 from actors.runtime import ConsumerLoop
 from actors.scheduling import plan_assignments
@@ -126,8 +128,10 @@ class Coordinator(Intake, PullRequests):
         analyser: Analyser | None = None,
         telemetry: Telemetry = NO_TELEMETRY,
         branches: PullRequestBranches | None = None,
+        spend: SpendView | None = None,
     ) -> None:
         self.nc = nc
+        self.spend = spend  # the spend ledger: queued tasks of an exhausted scope wait (None: no caps)
         self.branches = branches  # conflicts and the merge queue (None: not followed)
         self.ns = ns
         self.config = config or CoordinatorConfig()
@@ -153,6 +157,9 @@ class Coordinator(Intake, PullRequests):
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
+        if self.spend is not None:  # before the first pass: a task of an exhausted scope must wait
+            self.spend.on_change = self.kick
+            await self.spend.start()
         await self.live.start()
         await self.health.start()
         await self.reconcile()
@@ -180,6 +187,8 @@ class Coordinator(Intake, PullRequests):
         await cancel_and_wait(self._tasks)
         await self.health.stop()
         await self.live.stop()
+        if self.spend is not None:
+            await self.spend.stop()
 
     @property
     def consumers(self) -> tuple[ConsumerLoop, ...]:
@@ -272,7 +281,7 @@ class Coordinator(Intake, PullRequests):
         actor = self.config.name
         cause = event.event_id
         if isinstance(event, AgentWentOffline):
-            await self._take_back_all(aid, "agent_lost", cause)
+            await self._take_back_all(aid, "agent_lost", cause, offline_seq=seq)
             return
         task_id = getattr(event, "task_id", None)
         if task_id is None:
@@ -349,10 +358,19 @@ class Coordinator(Intake, PullRequests):
                 backoff_max=self.config.retry_max, guidance=guidance), start=after)
             self.kick()
 
-    async def _take_back_all(self, agent_id: str, reason: str, cause: str | None) -> None:
+    async def _take_back_all(self, agent_id: str, reason: str, cause: str | None, *,
+                             offline_seq: int | None = None) -> None:
+        """Requeue what ``agent_id`` holds. For an ``agent.offline`` at ``offline_seq``: an
+        agent that registered again since (a restarted process with the same id) may hold
+        tasks assigned to its new incarnation — those (their last event after the offline
+        one) stay with it."""
+        agent = self.model.agents.get(agent_id)
+        back = offline_seq is not None and agent is not None and agent.status != "offline"
         for task_id, holder in list(self.model.holder.items()):
             if holder != agent_id:
                 continue
+            if back and self.model.task_seq.get(task_id, 0) > offline_seq:
+                continue  # assigned to the agent as it is now, after it came back
             try:
                 await self._run(task_id, ts.RequeueTask(at=utcnow(), actor=self.config.name,
                                                         reason=reason, agent_id=agent_id,
@@ -382,7 +400,14 @@ class Coordinator(Intake, PullRequests):
             for tid in self.model.queued
             if (t := self.model.tasks[tid]).not_before is not None and t.not_before > now
         ]
+        book = self.budget()
+        if book is not None and book.caps.any and self.model.queued:  # the daily scopes reset
+            waits.append((next_reset(now) - now).total_seconds() + 0.5)
         return max(0.01, min(waits)) if waits else None
+
+    def budget(self) -> Book | None:
+        """The spend ledger as last seen (None: the cluster has none)."""
+        return self.spend.book() if self.spend is not None else None
 
     async def schedule_once(self) -> int:
         model = self.model
@@ -400,13 +425,17 @@ class Coordinator(Intake, PullRequests):
             return 0  # (a task assigned at intake is reserved until the model shows it)
         now = utcnow()
         plan = plan_assignments(model.tasks, model.agents, now, held=held, queued=queued,
-                                policy=self.config.fairness, running=[*model.holder, *self._reserved])
+                                policy=self.config.fairness, running=[*model.holder, *self._reserved],
+                                budget=self.budget())
         if not plan:
             return 0
+        # the choice in words, on the event (the task view shows it): the same inputs, replayed
+        whys = assignment_whys(plan, model.tasks, model.agents, now, held=held, policy=self.config.fairness,
+                               running=[*model.holder, *self._reserved])
         items = []
         for task_id, agent_id in plan:
             [event] = ts.decide(model.tasks[task_id], ts.AssignTask(
-                at=now, actor=self.config.name, agent_id=agent_id))
+                at=now, actor=self.config.name, agent_id=agent_id, why=whys[task_id]))
             items.append((event, model.task_seq[task_id]))
         results = await self.store.append_many(items)
         done = [r for r in results if isinstance(r, int)]

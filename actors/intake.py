@@ -50,6 +50,7 @@ from events.subjects import check_repo, repo_token, task_id_for
 from events.task import IssueRef
 from projections.read_model import ReadModel
 
+from actors.assignment_why import assignment_whys
 from actors.scheduling import plan_assignments
 
 log = structlog.get_logger("ccc.coordinator")
@@ -263,11 +264,14 @@ class Intake:
         tasks = collections.ChainMap({task_id: state}, self.model.tasks)
         held = self._held()  # (first: it prunes the reservations the model shows now)
         plan = plan_assignments(tasks, self.model.agents, utcnow(), held=held, queued=[task_id],
-                                policy=self.config.fairness, running=[*self.model.holder, *self._reserved])
+                                policy=self.config.fairness, running=[*self.model.holder, *self._reserved],
+                                budget=self.budget())
         if not plan:
             return []
+        why = assignment_whys(plan, tasks, self.model.agents, utcnow(), held=held, policy=self.config.fairness,
+                              running=[*self.model.holder, *self._reserved])[task_id]
         self._reserved[task_id] = [plan[0][1], None]
-        return [ts.AssignTask(at=utcnow(), actor=self.config.name, agent_id=plan[0][1])]
+        return [ts.AssignTask(at=utcnow(), actor=self.config.name, agent_id=plan[0][1], why=why)]
 
     def _prune_reserved(self) -> None:
         """Drop the reservations the model shows as assignments now."""

@@ -90,6 +90,17 @@ class Superseded(Exception):
     back, so the work must stop (and the agent register afresh), not be reported."""
 
 
+class BudgetDeferred(Exception):
+    """The cluster's spend ledger refused the attempt's first model call: nothing was
+    done, so there is no work to keep — the task goes back to the queue (handed back, no
+    attempt used up), where it waits ``budget:<scope>`` until the scope resets or its
+    cap is raised."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class PhaseFailed(CccError):
     def __init__(self, phase: str, reason: str, *, retryable: bool = True, log_ref: str = "") -> None:
         super().__init__(f"{phase}: {reason}", retryable=retryable)
@@ -291,7 +302,7 @@ async def run_pipeline(
             outcome = await coder.implement(CodeRequest(
                 task_id=task.task_id, attempt=attempt, title=issue.title, body=issue.body, guidance=guidance,
                 specialty=task.specialty, labels=issue.labels, repo=issue.repo,
-                repo_dir=str(ws.repo_dir), issue_number=issue.number,
+                repo_dir=str(ws.repo_dir), issue_number=issue.number, author=issue.author,
                 instructions=instructions, budget=settings.budget, work=work, round=number,
             ), ws)
             if outcome.transcript:
@@ -304,6 +315,8 @@ async def run_pipeline(
                     raise PhaseFailed("implementation", f"conflict markers left in {', '.join(left)}",
                                       retryable=True)
             elif not await asyncio.to_thread(workbench.edited_files, ws.repo_dir):
+                if outcome.status == "budget_exhausted" and outcome.budget_scope:
+                    raise BudgetDeferred(outcome.reason)  # the ledger said no before any work
                 raise PhaseFailed("implementation", "the coder made no change", retryable=True)
             message = _commit_message(task, outcome.summary, trailer, base_branch=base_branch,
                                       base_commit=base_commit, conflicts=conflicts)
@@ -383,7 +396,7 @@ async def run_pipeline(
                                        tests_passed=passed, tests_failed=failed, head_sha=pushed or commit,
                                        base_branch=base_branch))
         ws.mark_finished(outcome="pr_opened")
-    except (PhaseFailed, Superseded, asyncio.CancelledError):
+    except (PhaseFailed, Superseded, BudgetDeferred, asyncio.CancelledError):
         raise
     except CccError as e:
         raise PhaseFailed(phase, str(e), retryable=e.retryable) from e

@@ -22,12 +22,13 @@ The analyser the coordinator consults is declared next to the rules in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ContextManager, Protocol, runtime_checkable
 
 from nats.aio.msg import Msg
 
+from events.spend import Book
 from events.work import BranchRound, CodeOutcome, CodeRequest, CommandResult, Rebase, TestCounts
 
 
@@ -188,6 +189,21 @@ class Coder(Protocol):
 
 
 # -- forges ------------------------------------------------------------------------------
+class SpendView(Protocol):
+    """The cluster's spend ledger as the scheduler reads it: the entries and caps last
+    seen (:mod:`events.spend`); a queued task whose scope is exhausted is not assigned.
+    ``on_change`` is called when a scope may have become exhausted or free again (a cap
+    changed, a refusal, a settlement), so the scheduler looks again."""
+
+    on_change: Callable[[], None] | None
+
+    async def start(self) -> object: ...
+
+    async def stop(self) -> None: ...
+
+    def book(self) -> Book: ...
+
+
 class ForgeClient(Protocol):
     """What an agent needs from the forge (local bare repos, or GitHub)."""
 

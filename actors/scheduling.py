@@ -4,7 +4,8 @@ Eligible tasks: Queued, past their retry backoff, every dependency Completed.
 Order (:mod:`projections.fairness`): lanes (a CI fix or rebase round, then a review
 follow-up, then a new issue), then priority, raised by aging (one level per
 ``FairnessPolicy.aging`` seconds of waiting, so nothing starves); then the oldest.
-Fairness limits: a task whose repository or author already has its limit of tasks with
+Budget (:mod:`events.spend`): a task whose task, repository, author or day scope is
+exhausted waits (``budget:<scope>``) and takes no fairness slot. Fairness limits: a task whose repository or author already has its limit of tasks with
 an agent waits, and the tasks behind it go (a task starving past the horizon keeps its
 repository and author from those behind it). Eligible agents: accepting work
 (idle/busy) with a free slot, clearance >= the task's security level, and the
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from events.agent_state import ACCEPTING, AgentState
+from events.spend import Book
 from events.task_state import WITH_AGENT, TaskState
 
 from projections.fairness import DEFAULT_POLICY, Admission, FairnessPolicy, in_order
@@ -71,11 +73,13 @@ def plan_assignments(
     *,
     policy: FairnessPolicy = DEFAULT_POLICY,
     running: Iterable[str] | None = None,
+    budget: Book | None = None,
 ) -> list[tuple[str, str]]:
     """``[(task_id, agent_id), ...]`` to assign now. Pure. ``held``, ``queued`` and
     ``running`` are indexes the read model keeps (derived from ``tasks`` when not
     given): tasks per agent, the queued task ids, and the ids of the tasks holding an
-    agent (the model's holders plus reservations; read only when ``policy`` has limits)."""
+    agent (the model's holders plus reservations; read only when ``policy`` has limits).
+    ``budget``: the spend ledger as last seen (no ledger: nothing is held back for money)."""
     held = dict(held_by_agent(tasks) if held is None else held)
     free = {
         a.agent_id: a.capacity - held.get(a.agent_id, 0)
@@ -92,6 +96,8 @@ def plan_assignments(
     for task, since in ready:
         if leases is not None and leases.blocker(task) is not None:
             continue  # waits for the holder's pull request (see why_waiting)
+        if budget is not None and budget.holds_back(task.task_id, task.issue.repo, task.issue.author, now):
+            continue  # waits for the day to reset or the cap to be raised (see why_waiting)
         if admission.hold_back(task, since, now) is not None:
             continue  # its repository or author has its share (see why_waiting)
         best = None

@@ -5,6 +5,7 @@
 ``<ns>.task.<task_id>.assigned.<agent_id>``       the assignment            (<NS>_EVENTS)
 ``<ns>.agent.<agent_id>.<event>``                 agent aggregate           (<NS>_EVENTS)
 ``<ns>.hb.<agent_id>``                            heartbeats                (<NS>_HEARTBEATS)
+``<ns>.demand.<specialty>.<task_id>``             a task needing an agent   (<NS>_DEMAND)
 
 ``<ns>`` is ``ccc`` unless a :class:`Namespace` says otherwise: one NATS system can
 host several independent clusters (staging and production, or one per test).
@@ -174,6 +175,20 @@ class Namespace(msgspec.Struct, frozen=True):
 
     def dlq_subject(self, consumer: str) -> str:
         return f"{self.prefix}.dlq.{consumer}"
+
+    @property
+    def demand_stream(self) -> str:
+        """The tasks waiting for an agent or held by one, per specialty, one message each
+        (``actors.demand``): what KEDA scales agent Deployments on. Soft state, kept
+        equal to the read model."""
+        return f"{self.prefix.upper()}_DEMAND"
+
+    def demand_subject(self, specialty: str, task_id: str) -> str:
+        return f"{self.prefix}.demand.{specialty}.{task_id}"
+
+    def demand_filter(self, specialty: str = "*") -> str:
+        """One specialty's demand (its ``demand-<specialty>`` consumer filters on it)."""
+        return f"{self.prefix}.demand.{specialty}.>"
 
     @property
     def tasks_bucket(self) -> str:

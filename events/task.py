@@ -110,6 +110,9 @@ class TaskAnalyzed(flat(TaskEventBase, Analysis), tag="task.analyzed"):
 class TaskAssigned(TaskEventBase, tag="task.assigned"):
     agent_id: str
     attempt: int
+    # the scheduler's choice in words, one bounded line (actors.assignment_why): the task's
+    # lane and urgency, why this agent; "" on assignments written before it existed
+    why: str = ""
 
     @property
     def rel_subject(self) -> str:  # the agent's durable consumer filters on this

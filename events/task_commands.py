@@ -34,6 +34,7 @@ class RecordAnalysis(Command, frozen=True, kw_only=True):
 
 class AssignTask(Command, frozen=True, kw_only=True):
     agent_id: str
+    why: str = ""  # the scheduler's choice in words (TaskAssigned.why)
 
 
 class StartTask(Command, frozen=True, kw_only=True):

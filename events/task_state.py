@@ -155,6 +155,9 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     reasons: tuple[str, ...] = ()
     plan: str = ""
     agent_id: str | None = None
+    # the scheduler's words for choosing agent_id (TaskAssigned.why); goes with agent_id
+    # (a requeue clears both: the next assignment says why again)
+    assigned_why: str = ""
     not_before: datetime | None = None
     cancel_requested: bool = False
     branch: str = ""
@@ -256,7 +259,7 @@ def _analyzed(s: TaskState, e: TaskAnalyzed, status: str) -> TaskState:
 
 def _assigned(s: TaskState, e: TaskAssigned, status: str) -> TaskState:
     return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
-                   agent_id=e.agent_id, not_before=None)
+                   agent_id=e.agent_id, assigned_why=e.why, not_before=None)
 
 
 def _tests_started(s: TaskState, e: TaskTestsStarted, status: str) -> TaskState:
@@ -303,8 +306,8 @@ def _fix_queued(s: TaskState, e: TaskFixQueued, status: str) -> TaskState:
     counts = {"ci_fixes": e.number, "max_ci_fixes": e.of or s.max_ci_fixes} if e.kind == "ci_fix" \
         else {"rebases": e.number}
     return replace(s, version=e.version, updated_at=e.occurred_at, status=status, work=e.kind,
-                   guidance=e.guidance, agent_id=None, not_before=None, status_reason=e.reason,
-                   cancel_requested=False, needed="", **counts)
+                   guidance=e.guidance, agent_id=None, assigned_why="", not_before=None,
+                   status_reason=e.reason, cancel_requested=False, needed="", **counts)
 
 
 def _conflicted(s: TaskState, e: TaskConflicted, status: str) -> TaskState:
@@ -357,8 +360,8 @@ def _failed(s: TaskState, e: TaskFailed, status: str) -> TaskState:
 def _requeued(s: TaskState, e: TaskRequeued, status: str) -> TaskState:
     return replace(
         s, version=e.version, updated_at=e.occurred_at, status=status, attempt=e.attempt,
-        agent_id=None, not_before=e.not_before, cancel_requested=False, status_reason=e.reason,
-        guidance=e.guidance or s.guidance,
+        agent_id=None, assigned_why="", not_before=e.not_before, cancel_requested=False,
+        status_reason=e.reason, guidance=e.guidance or s.guidance,
     )
 
 
@@ -423,7 +426,7 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
             _require(state, "queued", "assign")
             if state.not_before is not None and command.at < state.not_before:
                 raise DomainError(f"task {state.task_id}: retry backoff until {state.not_before.isoformat()}")
-            event = TaskAssigned(**env, agent_id=command.agent_id, attempt=state.attempt)
+            event = TaskAssigned(**env, agent_id=command.agent_id, attempt=state.attempt, why=command.why)
         case StartTask():
             _require_agent(state, command.agent_id, "start")
             event = TaskStarted(**env, agent_id=command.agent_id, workspace=command.workspace)

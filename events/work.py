@@ -45,6 +45,7 @@ class CodeRequest(msgspec.Struct, frozen=True, kw_only=True):
     repo: str
     repo_dir: str
     issue_number: int | None = None
+    author: str = ""  # the issue's author: a scope of the spend ledger (events.spend)
     instructions: str = ""
     budget: Budget = msgspec.field(default_factory=Budget)
     # what a reviewer or a commenter asked for this attempt: like the body, text from the
@@ -76,6 +77,9 @@ class CodeOutcome(msgspec.Struct, frozen=True, kw_only=True):
     turns: int = 0
     usage: Usage = msgspec.field(default_factory=Usage)
     transcript: str = ""  # already masked: safe to store and show
+    # ``budget_exhausted`` because the cluster's spend ledger refused the next call: the
+    # scope it named (``repo:acme/app``, ``day``, ...); "" for the attempt's own budget
+    budget_scope: str = ""
 
 
 # -- the workspace's side --------------------------------------------------------------

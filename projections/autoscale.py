@@ -37,6 +37,7 @@ import msgspec
 from events.agent_state import ACCEPTING, AgentState
 from events.errors import ConfigError
 from events.task import SPECIALTIES
+from events.spend import Book
 from events.task_state import WITH_AGENT, TaskState
 from projections.leases import LeaseIndex
 
@@ -119,10 +120,13 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def startable(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
-              leases: LeaseIndex | None = None) -> bool:
+              leases: LeaseIndex | None = None, budget: Book | None = None) -> bool:
     """A queued task an agent could start now: not waiting for a dependency, a retry
-    backoff or a file lease (more agents would not hurry those)."""
+    backoff, a file lease or an exhausted spend scope (``budget``: the ledger as last
+    seen) — more agents would not hurry those."""
     if task.status != "queued":
+        return False
+    if budget is not None and budget.holds_back(task.task_id, task.issue.repo, task.issue.author, now):
         return False
     if task.not_before is not None and task.not_before > now:
         return False
@@ -132,12 +136,12 @@ def startable(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
 
 
 def loads(tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState], now: datetime,
-          specialties: Iterable[str] = ()) -> dict[str, SpecialtyLoad]:
+          specialties: Iterable[str] = (), budget: Book | None = None) -> dict[str, SpecialtyLoad]:
     """Every specialty with queued tasks or online agents (and ``specialties``)."""
     queued: dict[str, list[TaskState]] = {}
     leases = LeaseIndex.of(tasks)
     for t in tasks.values():
-        if startable(t, tasks, now, leases):
+        if startable(t, tasks, now, leases, budget):
             queued.setdefault(t.specialty, []).append(t)
     held: dict[str, int] = {}
     for t in tasks.values():
@@ -187,12 +191,14 @@ def decide(
     *,
     last_up: datetime | None = None,
     last_down: datetime | None = None,
+    budget: Book | None = None,
 ) -> Decision | None:
     """At most one decision (one agent more or less per round: the next round sees its
-    effect). ``last_up`` / ``last_down``: when the autoscaler last scaled up / down."""
+    effect). ``last_up`` / ``last_down``: when the autoscaler last scaled up / down;
+    ``budget``: the spend ledger (tasks held back by an exhausted scope are no demand)."""
     fleet = list(managed)
     n = len(fleet)
-    view = loads(tasks, agents, now, policy.specialties)
+    view = loads(tasks, agents, now, policy.specialties, budget)
 
     def since(at: datetime | None) -> float:
         return math.inf if at is None else (now - at).total_seconds()

@@ -15,7 +15,8 @@ log. No HTTP, no HTML, no clock: ``now`` is an argument, so the same log and the
   pass of cheap comparisons (tests/unit/test_dashboard_views.py bounds it).
 * :func:`task_page`: a task's timeline (every event of the task and every agent report
   about it, with its stream sequence, time, actor and ``traceparent``), the time spent in
-  each state, its attempts, test runs, cost, failure, pull request and artifacts;
+  each state, its attempts, test runs, cost, failure, pull request and artifacts, what it
+  waits for, its place in the scheduler's order while queued and why its agent was chosen;
   :func:`replay`: the task as it was after any sequence (the log folded up to there).
 * :func:`agent_page`: an agent, its tasks (current first), its recent pipeline phases and
   its last heartbeat.
@@ -70,6 +71,7 @@ from events.task import (
 )
 from events.task_state import TASK_STATUSES, TaskState
 from events.task_state import evolve as evolve_task
+from projections.fairness import DEFAULT_POLICY, FairnessPolicy, explain
 from projections.waits import Waits
 
 MINUTE = 60
@@ -603,11 +605,18 @@ class TaskPage(msgspec.Struct, frozen=True, kw_only=True):
     last_seq: int
     traces: list[str]  # the distinct trace ids of its messages' ``traceparent``, in order
     bad: int
+    waiting: str = ""  # what it waits for now (projections.waits), "" when not waiting
+    queue: str = ""  # queued: its lane and urgency now (projections.fairness.explain)
 
 
-def task_page(task_id: str, entries: Iterable[LogEntry], now: datetime) -> TaskPage:
+def task_page(task_id: str, entries: Iterable[LogEntry], now: datetime, *, waits: Waits | None = None,
+              tasks: Mapping[str, TaskState] | None = None, fairness: FairnessPolicy | None = None) -> TaskPage:
     """The task page of ``task_id`` from its history (:class:`LogEntry` items in log order:
-    its own events, the agents' events about it, and bad messages on its subjects)."""
+    its own events, the agents' events about it, and bad messages on its subjects).
+    ``waits`` (the board's, over every task) and ``tasks`` (the task view) add what the
+    task waits for and, queued, its place in the order, with the cluster's admission
+    policy ``fairness`` (None: the coordinator's default). Why its agent was chosen is
+    the state's ``assigned_why``."""
     entries = sorted(entries, key=lambda e: e.seq)
     state: TaskState | None = None
     items: list[TimelineItem] = []
@@ -689,6 +698,8 @@ def task_page(task_id: str, entries: Iterable[LogEntry], now: datetime) -> TaskP
         pr_url=safe_url(state.pr_url) if state else "", seqs=seqs,
         first_seq=seqs[0] if seqs else 0, last_seq=seqs[-1] if seqs else 0,
         traces=traces, bad=bad,
+        waiting=waits.why(state, now) if waits is not None and state is not None else "",
+        queue=explain(state, now, fairness or DEFAULT_POLICY, tasks) if state is not None else "",
     )
 
 
@@ -766,6 +777,7 @@ def describe(event: Any) -> tuple[str, list[Detail]]:
             add("reasons", event.reasons)
             return f"analysed: {event.specialty}, {event.complexity}, {event.priority} priority", d
         case TaskAssigned():
+            add("why", event.why)
             return f"assigned to {event.agent_id}", d
         case TaskStarted():
             return f"started by {event.agent_id}", d

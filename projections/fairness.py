@@ -43,6 +43,10 @@ are not held back, and they are finitely many; so given continuing capacity (run
 tasks finish), every task is assigned after a bounded wait
 (``tests/unit/test_fair_admission.py`` checks it over random arrival sequences).
 
+**In words.** :func:`explain` says where a queued task stands in this order (its lane and
+its urgency now); the scheduler's reason for an assignment (``actors.assignment_why``)
+starts with the same words, so the task view reads the same before and after the choice.
+
 Everything here is a pure function of the task view, the policy and ``now``.
 """
 
@@ -175,6 +179,60 @@ def starving(since: datetime, now: datetime, policy: FairnessPolicy = DEFAULT_PO
     return horizon is not None and (now - since).total_seconds() >= horizon
 
 
+# -- in words ----------------------------------------------------------------------------------
+WORK_WORDS = {"ci_fix": "CI fix", "rebase": "rebase"}
+
+
+def lane_words(task: TaskState) -> str:
+    """``new issue``, ``review follow-up``, ``pull request round (CI fix)``."""
+    work = WORK_WORDS.get(task.work)
+    return f"{LANES[lane(task)]} ({work})" if work else LANES[lane(task)]
+
+
+def explain(task: TaskState, now: datetime, policy: FairnessPolicy = DEFAULT_POLICY,
+            tasks: Mapping[str, TaskState] | None = None) -> str:
+    """Where a queued task stands in the scheduler's order now, in one line::
+
+        lane: pull request round (CI fix); urgency 9.4 (priority high, waited 12m)
+
+    ``""`` for a task that is not queued. ``tasks``: every task, so that readiness counts
+    its dependencies' completion (without it: since it entered the queue or its backoff
+    ended). A task not ready yet (a dependency open, a backoff running) has no urgency:
+    the wait reason (:mod:`projections.waits`) says what it waits for."""
+    if task.status != "queued":
+        return ""
+    head = f"lane: {lane_words(task)}"
+    if tasks is not None:
+        since = ready_since(task, tasks)
+    else:
+        since = task.not_before if task.not_before is not None and task.not_before > task.updated_at \
+            else task.updated_at
+    if since is None or since > now:
+        return f"{head}; priority {task.priority}; not ready yet"
+    waited = (now - since).total_seconds()
+    level = urgency(task, since, now, policy)
+    if policy.aging is None:
+        return f"{head}; urgency {level:g} (priority {task.priority}, waited {age(waited)}; aging off)"
+    past = ", past the aging horizon" if starving(since, now, policy) else ""  # (ahead of every newcomer)
+    return f"{head}; urgency {level:.1f} (priority {task.priority}, waited {age(waited)}{past})"
+
+
+def age(seconds: float) -> str:
+    """A duration as a person reads it: ``40s``, ``5m``, ``1h 5m``, ``2d 3h`` (the words of
+    every wait reason, :mod:`projections.waits` too)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    m = s // 60
+    if m < 60:
+        return f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h {m}m" if m else f"{h}h"
+    d, h = divmod(h, 24)
+    return f"{d}d {h}h" if h else f"{d}d"
+
+
 # -- limits ------------------------------------------------------------------------------------
 class Limit(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Why a task waits for fairness: its repository or author is at its limit, or kept
@@ -252,5 +310,6 @@ class Admission:
         return limit
 
 
-__all__ = ["DEFAULT_POLICY", "LANES", "LANE_LEVELS", "TOP_LEVEL", "Admission", "FairnessPolicy", "Limit",
-           "in_order", "lane", "limit_blocker", "parse_limits", "ready_since", "starving", "urgency"]
+__all__ = ["DEFAULT_POLICY", "LANES", "LANE_LEVELS", "TOP_LEVEL", "WORK_WORDS", "Admission", "FairnessPolicy",
+           "Limit", "explain", "in_order", "lane", "lane_words", "limit_blocker", "parse_limits", "ready_since",
+           "starving", "urgency"]

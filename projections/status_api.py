@@ -42,6 +42,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, QueryParameter
 from prometheus_client import CollectorRegistry
 
+from events.spend import Book
 from events.agent_state import AGENT_STATUSES
 from events.errors import ConfigError, StoreUnavailable
 from events.subjects import check_id
@@ -272,15 +273,16 @@ def register_log_metrics(live: LiveReadModel, registry: CollectorRegistry) -> Ca
 def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
                route_handlers: Sequence[Any] = (), middleware: Sequence[Any] = (),
                guards: Sequence[Any] = (), clock: Callable[[], datetime] | None = None,
-               fairness: FairnessPolicy | None = None) -> Litestar:
+               fairness: FairnessPolicy | None = None, budget: Callable[[], Book | None] | None = None) -> Litestar:
     """The status API over ``live``. The caller owns ``live`` (starts and stops it), and
     adds what is served beside the API: ``route_handlers`` (``/metrics``), ASGI
     ``middleware`` (the request metrics) and app-wide ``guards`` (the server's access
     check; a route states the scope it needs as ``opt={"scope": "write"}``, plain data,
     so the handlers here need not know how access is checked). ``clock``: "now" for the
     tasks' ``waiting`` (the wall clock by default)."""
-    reader = (StatusReader(live, min_seq_timeout=min_seq_timeout, fairness=fairness) if clock is None
-              else StatusReader(live, min_seq_timeout=min_seq_timeout, clock=clock, fairness=fairness))
+    reader = (StatusReader(live, min_seq_timeout=min_seq_timeout, fairness=fairness, budget=budget)
+              if clock is None else
+              StatusReader(live, min_seq_timeout=min_seq_timeout, clock=clock, fairness=fairness, budget=budget))
 
     def provide_reader() -> StatusReader:
         return reader

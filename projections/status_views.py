@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from events.spend import Book
 from events.agent_state import AgentState
 from events.codec import BadMessage
 from events.task_state import TaskState
 
-from projections.fairness import FairnessPolicy
+from projections.fairness import DEFAULT_POLICY, FairnessPolicy, explain
 from projections.live import LiveReadModel
 from projections.read_model import ReadModel
 from projections.waits import Waits
@@ -33,11 +34,15 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class TaskOut(TaskState, frozen=True, kw_only=True):
-    """A task as the projection sees it, at stream sequence ``applied_seq``, and what it
-    waits for now (:func:`projections.waits.why_waiting`; "" when it is not waiting)."""
+    """A task as the projection sees it, at stream sequence ``applied_seq``, what it
+    waits for now (:func:`projections.waits.why_waiting`; "" when it is not waiting) and,
+    while it is queued, its place in the scheduler's order (``queue``: its lane and
+    urgency now, :func:`projections.fairness.explain`). Once assigned, ``assigned_why``
+    (of the state) says why that agent got it."""
 
     applied_seq: int
     waiting: str = ""
+    queue: str = ""
 
 
 class AgentOut(AgentState, frozen=True, kw_only=True):
@@ -103,13 +108,14 @@ class StatusReader:
 
     def __init__(self, live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 fairness: FairnessPolicy | None = None) -> None:
+                 fairness: FairnessPolicy | None = None, budget: Callable[[], Book | None] | None = None) -> None:
         self.live = live
         self.fairness = fairness  # the coordinator's admission policy: its limits explain waits
+        self.budget = budget  # the spend ledger as last seen: exhausted scopes explain waits
         self.min_seq_timeout = min_seq_timeout
         self.clock = clock  # "now" for the waiting reasons (backoff left, checks running for)
         self._order: list[str] = []  # task ids by (created_at, task_id)
-        self._waits: tuple[int, Waits] | None = None  # (log position, its leases and merge queues)
+        self._waits: tuple[tuple[int, int], Waits] | None = None  # ((log position, ledger version), ...)
 
     @property
     def model(self) -> ReadModel:
@@ -136,12 +142,17 @@ class StatusReader:
 
     def waits(self) -> Waits:
         """The board's leases and merge queues, built once per log position."""
-        if self._waits is None or self._waits[0] != self.model.last_seq:
-            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents, fairness=self.fairness))
+        book = self.budget() if self.budget is not None else None
+        key = (self.model.last_seq, book.version if book is not None else -1)
+        if self._waits is None or self._waits[0] != key:
+            self._waits = (key, Waits(self.model.tasks, self.model.agents, fairness=self.fairness, budget=book))
         return self._waits[1]
 
     def _task_out(self, state: TaskState, waits: Waits, now: datetime) -> TaskOut:
-        return _out(TaskOut, state, self.model.task_seq[state.task_id], waiting=waits.why(state, now))
+        # (no policy given: the coordinator's default, whose aging the urgency then assumes)
+        queue = explain(state, now, self.fairness or DEFAULT_POLICY, self.model.tasks)
+        return _out(TaskOut, state, self.model.task_seq[state.task_id], waiting=waits.why(state, now),
+                    queue=queue)
 
     def task_out(self, task_id: str) -> TaskOut:
         state = self.model.tasks.get(task_id)

@@ -7,9 +7,11 @@ The board (``ccc tasks``) and the status API show that sentence beside the state
 nobody has to read the log to see what a task is waiting for.
 
 A queued task's reasons come in the scheduler's order of checks (:mod:`actors.scheduling`):
-dependencies, retry backoff, file lease, fairness (:mod:`projections.fairness`: its
-repository or author at its limit of tasks with an agent, or kept for a task starving
-ahead of it — the same check the scheduler makes, given the same policy), then which
+dependencies, retry backoff, file lease, budget (``budget:<scope>``: a scope of the spend
+ledger, :mod:`events.spend`, is exhausted — given the ledger as ``budget=``), fairness
+(:mod:`projections.fairness`: its repository or author at its limit of tasks with an
+agent, or kept for a task starving ahead of it — the same check the scheduler makes,
+given the same policy), then which
 agent it needs. The fairness reason appears only when the caller passes the cluster's
 :class:`~projections.fairness.FairnessPolicy` (``fairness=``).
 
@@ -27,10 +29,11 @@ from datetime import UTC, datetime
 
 from events.agent_state import ACCEPTING, ONLINE, AgentState
 from events.checks import failing
+from events.spend import Book
 from events.task import SECURITY_LEVELS
 from events.task_state import WITH_AGENT, TaskState
 
-from projections.fairness import Admission, FairnessPolicy, Limit, in_order
+from projections.fairness import Admission, FairnessPolicy, Limit, age, in_order
 from projections.leases import LeaseIndex
 
 MAX_WAIT_CHARS = 200  # one cell of a table; the rest is in the task's own fields
@@ -39,21 +42,6 @@ RERUN_KIND = {"flaky": "flaky?", "infrastructure": "infrastructure"}
 
 
 # -- words ------------------------------------------------------------------------------
-def age(seconds: float) -> str:
-    """A duration as a person reads it: ``40s``, ``5m``, ``1h 5m``, ``2d 3h``."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h}h {m}m" if m else f"{h}h"
-    d, h = divmod(h, 24)
-    return f"{d}d {h}h" if h else f"{d}d"
-
-
 def clock(at: datetime, now: datetime) -> str:
     """``at`` in UTC: the time of day if it is ``now``'s UTC day, else date and time."""
     at_utc, now_utc = at.astimezone(UTC), now.astimezone(UTC)
@@ -120,21 +108,23 @@ def why_waiting(
     merge_queues: MergeQueues | None = None,
     agents: Mapping[str, AgentState] | None = None,
     fairness: FairnessPolicy | None = None,
+    budget: Book | None = None,
 ) -> str:
     """What ``task`` waits for, in a few words, or ``""`` if it moves by itself (or is
     done). ``tasks``: every task (dependencies, leases, queue order); ``lease_index`` and
     ``merge_queues``: built once by a caller asking about many tasks (see :class:`Waits`);
     ``agents``: the agent view, to say *which* agent a queued task waits for (none online
     with its specialty, or all capable ones full); ``fairness``: the cluster's admission
-    policy, to say when a fairness limit holds the task back."""
+    policy, to say when a fairness limit holds the task back; ``budget``: the spend
+    ledger, to say when an exhausted scope does."""
     held_back = None
     if fairness is not None and task.status == "queued" and fairness.limited:
-        held_back = fairness_pass(tasks, now, fairness, lease_index)
-    return _bounded(_reason(task, tasks, now, lease_index, merge_queues, agents, held_back))
+        held_back = fairness_pass(tasks, now, fairness, lease_index, budget)
+    return _bounded(_reason(task, tasks, now, lease_index, merge_queues, agents, held_back, budget))
 
 
 def fairness_pass(tasks: Mapping[str, TaskState], now: datetime, policy: FairnessPolicy,
-                  leases: LeaseIndex | None = None) -> dict[str, Limit]:
+                  leases: LeaseIndex | None = None, budget: Book | None = None) -> dict[str, Limit]:
     """The scheduler's fairness checks over the eligible queued tasks, in its order
     (:class:`~projections.fairness.Admission`): which ones a limit holds back now, and why."""
     if not policy.limited:
@@ -143,7 +133,8 @@ def fairness_pass(tasks: Mapping[str, TaskState], now: datetime, policy: Fairnes
     admission = Admission(policy, tasks)
     held_back: dict[str, Limit] = {}
     for t, since in in_order(tasks, now, policy):
-        if leases.blocker(t) is not None:
+        if leases.blocker(t) is not None or (
+                budget is not None and budget.holds_back(t.task_id, t.issue.repo, t.issue.author, now)):
             continue  # the scheduler skips it before its fairness check
         if (limit := admission.hold_back(t, since, now)) is not None:
             held_back[t.task_id] = limit
@@ -161,13 +152,13 @@ def fairness_words(limit: Limit) -> str:
 def _reason(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
             leases: LeaseIndex | None, queues: MergeQueues | None,
             agents: Mapping[str, AgentState] | None = None,
-            held_back: Mapping[str, Limit] | None = None) -> str:
+            held_back: Mapping[str, Limit] | None = None, budget: Book | None = None) -> str:
     t = task
     match t.status:
         case "pending":
             return "waiting for analysis"
         case "queued":
-            return _queued(t, tasks, now, leases, agents, held_back)
+            return _queued(t, tasks, now, leases, agents, held_back, budget)
         case "checking":
             if t.reruns and failing(t.checks):
                 return f"re-running {_rerun(t)} on {sha7(t.head_sha)}{_since(t.checks_since, now)}"
@@ -206,7 +197,7 @@ def _rerun(t: TaskState) -> str:
 
 def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases: LeaseIndex | None,
             agents: Mapping[str, AgentState] | None = None,
-            held_back: Mapping[str, Limit] | None = None) -> str:
+            held_back: Mapping[str, Limit] | None = None, budget: Book | None = None) -> str:
     open_deps = [(d, tasks[d].status if d in tasks else "unknown task") for d in t.dependencies
                  if d not in tasks or tasks[d].status != "completed"]
     if open_deps:
@@ -220,6 +211,8 @@ def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases:
     lease = leases.blocker(t)
     if lease is not None:
         return f"file lease: {names(lease.paths)} held by {lease.holder}"
+    if budget is not None and (money := budget.holds_back(t.task_id, t.issue.repo, t.issue.author, now)):
+        return money
     if held_back and (limit := held_back.get(t.task_id)) is not None:
         return fairness_words(limit)
     agent = "an agent" if agents is None else _which_agent(t, tasks, agents)
@@ -268,10 +261,11 @@ class Waits:
     are built once, from ``tasks`` as they are now (and the fairness pass once per ``now``)."""
 
     def __init__(self, tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState] | None = None,
-                 fairness: FairnessPolicy | None = None) -> None:
+                 fairness: FairnessPolicy | None = None, budget: Book | None = None) -> None:
         self.tasks = tasks
         self.agents = agents
         self.fairness = fairness
+        self.budget = budget
         self.leases = LeaseIndex.of(tasks)
         self.queues = MergeQueues(tasks.values())
         self._held_back: tuple[datetime, dict[str, Limit]] | None = None
@@ -280,9 +274,10 @@ class Waits:
         held_back = None
         if self.fairness is not None and task.status == "queued" and self.fairness.limited:
             if self._held_back is None or self._held_back[0] != now:
-                self._held_back = (now, fairness_pass(self.tasks, now, self.fairness, self.leases))
+                self._held_back = (now, fairness_pass(self.tasks, now, self.fairness, self.leases, self.budget))
             held_back = self._held_back[1]
-        return _bounded(_reason(task, self.tasks, now, self.leases, self.queues, self.agents, held_back))
+        return _bounded(_reason(task, self.tasks, now, self.leases, self.queues, self.agents, held_back,
+                                self.budget))
 
 
 __all__ = ["MAX_WAIT_CHARS", "MergeQueues", "Waits", "age", "clock", "fairness_pass", "fairness_words",

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from events.subjects import task_id_for
@@ -293,3 +294,32 @@ async def test_not_available_when_not_on_path(fake: Fake, ws: Workspace, tmp_pat
     assert not coder.available()
     out = await coder.implement(request(ws), ws)
     assert out.status == "failed" and "not found" in out.reason
+
+
+# -- the cluster's spend ledger: the session's maximum reserved, the reported cost settled ----------
+async def test_the_session_reserves_its_budget_and_settles_what_the_cli_reports(fake, ws, nc) -> None:
+    from events.spend import Caps, Entry, Scope, period_of
+    from events.subjects import Namespace
+    from infra.adapters.nats.cluster_config import BUDGET, write_setting
+    from infra.adapters.nats.provisioning import provision, spend_bucket
+    from infra.adapters.nats.spend_ledger import KVSpendLedger
+
+    ns = Namespace("tcli" + os.urandom(4).hex())
+    await provision(nc, ns)
+    await write_setting(nc, ns, BUDGET, Caps(repo=1.0))
+    ledger = KVSpendLedger(nc, ns, name="agent-1")
+    coder = make_coder(ledger=ledger)
+    try:
+        out = await coder.implement(request(ws, max_dollars=0.5), ws)  # fits in the $1 repository cap
+        assert out.status == "done" and out.usage.dollars == pytest.approx(0.0123)
+        kv = await nc.jetstream().key_value(spend_bucket(ns))
+        entry = msgspec.json.decode((await kv.get(Scope("repo", REPO).key(period_of(time.time())))).value,
+                                    type=Entry)
+        assert entry.spent == 12_300 and entry.holds == {}  # the reported cost, the hold gone
+        # a session whose budget does not fit what is left: refused, the CLI never started
+        fake.argv_file.unlink()
+        out = await coder.implement(request(ws, max_dollars=2.0), ws)
+        assert out.status == "budget_exhausted" and out.budget_scope == f"repo:{REPO}"
+        assert out.reason.startswith(f"budget:repo:{REPO} exhausted") and not fake.argv_file.exists()
+    finally:
+        await coder.close()

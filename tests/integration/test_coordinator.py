@@ -361,3 +361,39 @@ async def test_a_slot_freed_in_the_task_view_wakes_the_scheduler(nc, ns, store, 
     await agent.release("acme_app-9")  # back to back, as a real agent does
     await eventually(lambda: status(coordinator, "acme_app-9") == "checking")
     await eventually(lambda: status(coordinator, "acme_app-10") == "assigned", timeout=10)
+
+
+async def test_a_late_offline_takes_back_only_what_the_agent_held_before_it(nc, ns, store):
+    """An ``agent.offline`` processed after the agent came back with the same id (a
+    restarted ``ccc up``'s autoscaler starts ``auto-backend-1`` again at once) takes back
+    what the old incarnation held, not what the new one was given since."""
+    from events import task_state as ts
+
+    c = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=60, retry_base=0.05, retry_max=0.2))
+    a1 = FakeAgent(store, "a1")
+    await c.start()
+    try:
+        await a1.register()
+        await publish_issue(nc, ns, opened(60, "first", labels=["backend"]))
+        await eventually(lambda: status(c, "acme_app-60") == "assigned")
+        await a1.start("acme_app-60")
+        await publish_issue(nc, ns, opened(61, "second", labels=["backend"]))
+        await eventually(lambda: status(c, "acme_app-61") == "queued")  # a1 is full
+    finally:
+        await c.stop()
+    # while no coordinator runs: a1 is declared offline, comes back, and is given the second
+    # task (as a coordinator that saw the registration before the offline would do)
+    await a1.do(ag.GoOffline(at=now(), actor="health", reason="heartbeat_timeout"))
+    a1.capacity = 2
+    await a1.register()
+    state, last = await store.load_task("acme_app-61")
+    await store.append(ts.decide(state, ts.AssignTask(at=now(), actor="coordinator", agent_id="a1")),
+                       expected_last_seq=last)
+    c = Coordinator(nc, ns, CoordinatorConfig(heartbeat_timeout=60, retry_base=0.05, retry_max=0.2))
+    await c.start()  # its reports consumer now delivers the offline, late
+    try:
+        await eventually(lambda: c.model.tasks["acme_app-60"].attempt == 2)  # the old incarnation's
+        t61 = c.model.tasks["acme_app-61"]
+        assert t61.agent_id == "a1" and t61.status == "assigned" and t61.attempt == 1  # the new one's
+    finally:
+        await c.stop()

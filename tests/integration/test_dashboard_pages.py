@@ -204,6 +204,21 @@ async def test_task_page_timeline_traceparent_and_failure(served):
     assert 'href="javascript:' not in html  # the issue's url is not a web link: shown as text
 
 
+async def test_task_page_says_why_its_agent_and_where_a_queued_task_stands(served, store):
+    client, _, server = served
+    why = "lane: new issue; urgency 1.0 (priority normal, waited 0s); a-1: backend specialist, the only one free"
+    _, last, _ = await drive(store, task_state, None, 0, create("acme_shop-9", 40), *analysed(41),
+                             AssignTask(at=at(42), actor=C, agent_id="a-1", why=why))
+    await server.live.wait_for_seq(last, timeout=5)
+    text = re.sub(r"\s+", " ", text_of(assert_page(await client.get("/tasks/acme_shop-9"), "task")))
+    assert f"why this agent {why}" in text and "in the queue" not in text
+    assert f"why {why}" in text  # the assignment's own details in the timeline
+    text = re.sub(r"\s+", " ", text_of(assert_page(await client.get("/tasks/acme_shop-2"), "task")))
+    assert re.search(r"in the queue lane: new issue; urgency \d+\.\d \(priority normal, waited [^)]+\)", text)
+    assert "waiting waiting for the scheduler (a capable agent has a free slot)" in text
+    assert "why this agent" not in text
+
+
 async def test_escapes_a_hostile_title_everywhere(served):
     client, _, _ = served
     for path in ("/board", "/tasks/acme_shop-1", "/agents/a-1", "/board?fragment=board",

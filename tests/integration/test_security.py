@@ -96,7 +96,10 @@ def test_every_role_has_its_own_inbox_and_no_role_may_administer_streams() -> No
         if role == "admin":
             continue
         p = permissions_for(role, ns, "a1" if role == "agent" else None)
-        assert "$JS.API.STREAM.DELETE.>" in p.publish_deny and "$JS.API.STREAM.PURGE.>" in p.publish_deny
+        assert "$JS.API.STREAM.DELETE.>" in p.publish_deny
+        # no purge; the coordinator's of the demand board only (actors.demand), allowed by name
+        assert "$JS.API.STREAM.PURGE.>" in p.publish_deny or role == "coordinator" and [
+            s for s in p.publish_allow if ".PURGE." in s] == [f"$JS.API.STREAM.PURGE.{ns.demand_stream}"]
         assert p.subscribe_allow[0] == f"{inbox_prefix(role, 'a1' if role == 'agent' else None)}.>"
         assert not [s for s in p.subscribe_allow if s.startswith("_INBOX") and s != p.subscribe_allow[0]]
 
@@ -445,4 +448,43 @@ async def test_agents_share_api_pauses_through_the_rate_limit_bucket_only(provis
         for p in (p1, p2):
             await p.close()
         for nc in (a1, a2):
+            await nc.close()
+
+
+async def test_the_spend_ledger_with_each_roles_own_credentials(provisioned) -> None:
+    """Agents reserve and settle in the spend ledger and read the caps; only the CLI (its
+    `ccc budget set`) and the coordinator (`ccc up`'s flags) write the caps; the status
+    role reads both and writes neither."""
+    from events.errors import StoreUnavailable
+    from events.spend import Caps, Refusal, Reservation, scopes_for
+    from infra.adapters.nats.cluster_config import BUDGET, FAIRNESS, read_setting, update_setting
+    from infra.adapters.nats.provisioning import config_bucket, spend_bucket
+    from infra.adapters.nats.spend_ledger import KVSpendLedger, read_book
+
+    s = provisioned
+    cli, coord = await s.as_("cli"), await s.as_("coordinator")
+    a1, status = await s.as_("agent", "a1"), await s.as_("status")
+    ledger = KVSpendLedger(a1, s.ns, name="a1")
+    try:
+        await update_setting(cli, s.ns, BUDGET, Caps, lambda c: Caps(day=1.0))  # `ccc budget set`
+        await update_setting(coord, s.ns, BUDGET, Caps, lambda c: Caps(day=1.0, repo=0.5))  # `ccc up` flags
+        got = await ledger.reserve(scopes_for("t-1", "acme/app", "alice"), 200_000, ttl=30)
+        assert isinstance(got, Reservation) and len(got.held) == 2
+        await ledger.settle(got, 100_000)
+        refused = await ledger.reserve(scopes_for("t-2", "acme/app"), 450_000, ttl=30)
+        assert isinstance(refused, Refusal) and refused.scope == "repo:acme/app"
+        book = await read_book(status, s.ns)  # the status API's and `ccc budget`'s view
+        assert book.caps == Caps(day=1.0, repo=0.5) and book.entries
+        assert await read_setting(a1, s.ns, BUDGET, Caps) == Caps(day=1.0, repo=0.5)
+        # nobody else writes the caps; the CLI writes no other setting and no spend
+        for nc in (a1, status):
+            with pytest.raises(StoreUnavailable):
+                await update_setting(nc, s.ns, BUDGET, Caps, lambda c: Caps())
+        assert await denied_publish(cli, f"$KV.{config_bucket(s.ns)}.{FAIRNESS}")
+        assert await denied_publish(cli, f"$KV.{spend_bucket(s.ns)}.task.t-1")
+        assert await denied_publish(status, f"$KV.{spend_bucket(s.ns)}.task.t-1")
+        assert await allowed_publish(a1, f"$KV.{spend_bucket(s.ns)}.task.t-9")
+    finally:
+        await ledger.close()
+        for nc in (cli, coord, a1, status):
             await nc.close()

@@ -27,6 +27,7 @@ from events.task_state import (
 )
 from infra.adapters.http.status_server import ApiServer
 from infra.adapters.nats.connection import connect
+from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
 from projections.status_api import create_app
 from tests.conftest import eventually
@@ -225,6 +226,29 @@ async def test_tasks_say_what_they_wait_for(store, live):
     assert one["waiting"] == body["items"][0]["waiting"] and one["status"] == "checking"
     assert one["head_sha"] == head and one["paths"] == ["app.py"] and one["applied_seq"] > 0
     assert {"waiting", "applied_seq", "status", "head_sha"} <= set(schema["properties"])
+
+
+async def test_the_task_view_says_why_its_agent_and_where_a_queued_task_stands(store, live):
+    """``assigned_why`` (the scheduler's words on ``task.assigned``) on an assigned task;
+    ``queue`` (its lane and urgency now) on a queued one, whose ``waiting`` names the
+    repository limit of the policy the API was given (none given: no fairness reason)."""
+    c = "coordinator"
+    why = "lane: new issue; urgency 1.0 (priority normal, waited 0s); a-back: backend specialist, the only one free"
+    await drive(store, task_state, None, 0, create("q-1", 0), *analysed(1, "backend"),
+                AssignTask(at=at(2), actor=c, agent_id="a-back", why=why))
+    _, last, _ = await drive(store, task_state, None, 0, create("q-2", 0), *analysed(3, "backend"))
+    await live.wait_for_seq(last, timeout=5)
+    for fairness, waiting in ((FairnessPolicy(repo_limit=1), "fairness: repository acme/shop at its limit (1 running)"),
+                              (None, "waiting for an agent: none is online")):
+        app = create_app(live, clock=lambda: at(3 + 720), fairness=fairness)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://status") as client:
+            assigned = (await client.get("/api/v1/tasks/q-1")).json()
+            queued = (await client.get("/api/v1/tasks/q-2")).json()
+            schema = (await client.get("/schema/openapi.json")).json()["components"]["schemas"]["TaskOut"]
+        assert (assigned["assigned_why"], assigned["queue"]) == (why, "")
+        assert queued["queue"] == "lane: new issue; urgency 3.4 (priority normal, waited 12m)"
+        assert queued["waiting"] == waiting and queued["assigned_why"] == ""
+        assert {"queue", "assigned_why"} <= set(schema["properties"])
 
 
 async def test_agents(client, world):

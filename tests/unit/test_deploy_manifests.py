@@ -16,7 +16,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from events.subjects import Namespace
 from events.task import SPECIALTIES
+from infra.adapters.nats.provisioning import demand_consumer, demand_consumer_configs, stream_configs
 from infra.shell.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,12 +139,46 @@ def test_each_agent_deployment_has_a_keda_scaled_object_on_the_nats_jetstream_sc
         for key in REQUIRED_TRIGGER:
             assert meta.get(key), f"{name}: trigger metadata {key} missing"
         assert re.match(r"^[a-z0-9.-]+:\d+$", meta["natsServerMonitoringEndpoint"]), name
-        assert meta["stream"] == "CCC_EVENTS" and int(meta["lagThreshold"]) >= 1, name
+        assert int(meta["lagThreshold"]) >= 1, name
         assert int(meta.get("activationLagThreshold", "0")) >= 0
         assert meta.get("useHttps", "false") in ("true", "false")
-        sp = ref["name"].removeprefix("ccc-agent-")
-        assert meta["consumer"] == f"demand-{sp}", name  # see deploy/k8s/README.md
     assert sorted(targets) == sorted(f"ccc-agent-{sp}" for sp in SPECIALTIES)
+
+
+def cluster_namespace() -> Namespace:
+    """The namespace the coordinator runs (and so provisions) the cluster in."""
+    coordinator = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "ccc-coordinator")
+    (c,) = coordinator["spec"]["template"]["spec"]["containers"]
+    return Namespace(next(e["value"] for e in c["env"] if e["name"] == "CCC_NAMESPACE"))
+
+
+def test_each_scaled_object_reads_the_demand_consumer_provisioning_makes_for_its_specialty():
+    """KEDA's nats-jetstream scaler looks the stream and the consumer up by name in
+    /jsz?acc=<account>&consumers=true&config=true and reports num_pending + num_ack_pending;
+    a consumer it does not find silently becomes the stream's last sequence. So the names
+    must be exactly what provisioning creates (actors.demand keeps the stream)."""
+    ns = cluster_namespace()
+    (demand_stream,) = [c for c in stream_configs(ns) if c.name == ns.demand_stream]
+    consumers = {c.durable_name: c for c in demand_consumer_configs(ns)}
+    deployments = {d["metadata"]["name"]: d for d in of_kind("Deployment")}
+    agent_options = {p.name: p for p in cli.commands["agent"].params}
+    for so in of_kind("ScaledObject"):
+        name, meta = so["metadata"]["name"], so["spec"]["triggers"][0]["metadata"]
+        target = deployments[so["spec"]["scaleTargetRef"]["name"]]
+        (c,) = target["spec"]["template"]["spec"]["containers"]
+        sp = c["command"][c["command"].index("--specialty") + 1]
+        assert meta["stream"] == demand_stream.name, name
+        assert meta["consumer"] == demand_consumer(sp) and meta["consumer"] in consumers, name
+        consumer = consumers[meta["consumer"]]
+        assert consumer.filter_subject == ns.demand_filter(sp), name
+        assert any(consumer.filter_subject.startswith(s.removesuffix(">")) for s in demand_stream.subjects), name
+        assert meta["account"] == "$G", name  # the cluster's users are in the global account
+        # replicas = ceil(pending / lagThreshold): one agent per `--capacity` tasks of it
+        env_ns = next(e["value"] for e in c["env"] if e["name"] == "CCC_NAMESPACE")
+        assert env_ns == ns.prefix, name
+        capacity = int(c["command"][c["command"].index("--capacity") + 1]) if "--capacity" in c["command"] \
+            else agent_options["capacity"].default
+        assert int(meta["lagThreshold"]) == capacity, name
 
 
 def test_an_agent_pod_outlives_its_own_shutdown_grace():

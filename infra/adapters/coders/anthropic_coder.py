@@ -14,6 +14,14 @@ exceeded by more than one call; output tokens are capped exactly by lowering
 (``max_retries``, exponential backoff, honouring ``retry-after``); what is still an error
 after that, or any other status, fails the attempt with the API's message.
 
+The cluster's spend ledger (:mod:`events.spend`, when the coder is given one): before
+each call the session reserves the call's maximum cost (its prompt's upper bound at the
+dearest input rate plus ``max_tokens`` of output, :func:`.prices.max_call_cost`) against
+the task's, repository's, author's and the day's scope, and settles the real cost after
+it (0 if the call failed). A refused reservation ends the session as
+``budget_exhausted`` naming the scope (``budget_scope``): the work so far is kept like
+for any budget; a ledger that cannot be reached fails the attempt (retryable).
+
 Prompt caching: the tools and system prompt are identical on every turn of a session, so
 both carry ``cache_control``; the newest user turn carries one too, so each call reads
 the conversation so far from the cache and writes only the new turn.
@@ -29,6 +37,8 @@ from typing import Any
 import anthropic
 import structlog
 
+from events.errors import CccError
+from events.spend import Refusal, SpendLedger, scopes_for, to_micro
 from events.task import Usage
 from events.untrusted import UNTRUSTED_RULE, comment_block, issue_blocks
 from events.work import CodeOutcome, CodeRequest, CodeStatus
@@ -46,6 +56,8 @@ _CACHE = {"type": "ephemeral"}
 _TRANSCRIPT_ITEM = 4_000
 _TRANSCRIPT_MAX = 2_000_000
 _ISSUE_MAX = 30_000
+FRAMING_TOKENS = 2_048  # what the API adds around a request (roles, tool-use preamble): in the bound
+HOLD_MARGIN = 30.0  # seconds a reservation outlives the call's own time limit
 
 BASE_PROMPT = """You are a software engineer working autonomously on one issue in a git repository. \
 You have tools to list, read and search files, edit or write files, and run commands; paths are \
@@ -164,7 +176,9 @@ class AnthropicCoder:
         command_timeout: float = 120.0,
         max_tool_output: int = 20_000,
         max_retries: int = 4,
+        ledger: SpendLedger | None = None,
     ) -> None:
+        self.ledger = ledger  # the cluster's spend ledger: reserve before each call, settle after
         self.model_by_specialty = dict(model_by_specialty or {})
         self.default_model = default_model
         self.max_tokens = max_tokens
@@ -172,6 +186,13 @@ class AnthropicCoder:
         self.max_tool_output = max_tool_output
         self.max_retries = max_retries
         self._client = client
+
+    async def close(self) -> None:
+        """Close the SDK client (and with it the shared rate-limit watch) and the ledger."""
+        if self._client is not None:
+            await self._client.close()
+        if self.ledger is not None and hasattr(self.ledger, "close"):
+            await self.ledger.close()
 
     def model_for(self, specialty: str) -> str:
         return self.model_by_specialty.get(specialty, self.default_model)
@@ -202,6 +223,7 @@ class _Session:
         self.turns = 0
         self.last_prompt_tokens = 0
         self.last_dollars = 0.0
+        self.sent = 0  # messages already part of the last call's prompt
         self.started = time.monotonic()
         self.transcript: list[str] = []
         # what we write into the prompt is masked like everything we keep: the issue, the
@@ -215,7 +237,7 @@ class _Session:
     def note(self, text: str) -> None:
         self.transcript.append(tools.clip(text, _TRANSCRIPT_ITEM))
 
-    def outcome(self, status: CodeStatus, summary: str, reason: str = "") -> CodeOutcome:
+    def outcome(self, status: CodeStatus, summary: str, reason: str = "", budget_scope: str = "") -> CodeOutcome:
         if reason:
             self.note(f"== {status}: {reason}")
         api_key = getattr(self.client, "api_key", None)
@@ -225,7 +247,7 @@ class _Session:
         log.info("coder.session_ended", task_id=self.request.task_id, status=status, reason=reason,
                  turns=self.turns, dollars=round(self.usage.dollars, 4), model=self.model)
         return CodeOutcome(summary=summary, status=status, reason=reason, turns=self.turns, usage=self.usage,
-                           transcript=mask_secrets(text, extra))
+                           transcript=mask_secrets(text, extra), budget_scope=budget_scope)
 
     def remaining_seconds(self) -> float:
         return self.budget.max_seconds - (time.monotonic() - self.started)
@@ -250,6 +272,35 @@ class _Session:
                     f"(the next call costs ~${self.last_dollars:.4f})")
         return None
 
+    def prompt_bound(self) -> int:
+        """An upper bound of the next prompt's tokens: the last prompt's reported size
+        plus the bytes of what was added since (or the whole request's bytes at first)."""
+        if not self.last_prompt_tokens:
+            return prices.prompt_bound(self.system, self.tools, self.messages) + FRAMING_TOKENS
+        return self.last_prompt_tokens + prices.prompt_bound(self.messages[self.sent:]) + FRAMING_TOKENS
+
+    async def reserve(self, max_tokens: int) -> Any:
+        """The ledger's reservation for the next call, or the outcome that ends the session
+        (refused, or no ledger reachable); None without a ledger."""
+        ledger, r = self.coder.ledger, self.request
+        if ledger is None:
+            return None
+        amount = to_micro(prices.max_call_cost(self.model, self.prompt_bound(), max_tokens))
+        try:
+            got = await ledger.reserve(scopes_for(r.task_id, r.repo, r.author), amount,
+                                       ttl=max(self.remaining_seconds(), 1.0) + HOLD_MARGIN)
+        except CccError as e:
+            return self.outcome("failed", "the spend ledger is unavailable", str(e))
+        if isinstance(got, Refusal):
+            why = got.reason
+            return self.outcome("budget_exhausted", f"stopped after {self.turns} turns: {why}", why,
+                                budget_scope=got.scope)
+        return got
+
+    async def settle(self, reservation: Any, dollars: float) -> None:
+        if reservation is not None and self.coder.ledger is not None:
+            await self.coder.ledger.settle(reservation, to_micro(dollars) if dollars > 0 else 0)
+
     def add_user(self, blocks: list[dict[str, Any]]) -> None:
         if self.messages[-1]["role"] == "user":
             self.messages[-1]["content"].extend(blocks)
@@ -264,19 +315,27 @@ class _Session:
         while True:
             if (why := self.exhausted()) is not None:
                 return self.outcome("budget_exhausted", f"stopped after {self.turns} turns: {why}", why)
-            self.turns += 1
             max_tokens = min(self.coder.max_tokens, self.budget.max_output_tokens - self.usage.output_tokens)
+            reservation = await self.reserve(max_tokens)
+            if isinstance(reservation, CodeOutcome):
+                return reservation
+            self.turns += 1
+            charged = 0.0
             try:
                 response = await asyncio.wait_for(self.client.messages.create(
                     model=self.model, max_tokens=max_tokens, system=self.system, tools=self.tools,
                     messages=_with_cache_marker(self.messages),
                 ), timeout=max(self.remaining_seconds(), 0.001))
+                charged = prices.usage_of(self.model, response.usage).dollars
             except TimeoutError:
                 why = f"wall-time budget exhausted: {self.budget.max_seconds:.0f}s reached waiting for the model"
                 return self.outcome("budget_exhausted", f"stopped after {self.turns} turns: {why}", why)
             except (anthropic.AnthropicError, TypeError, ValueError) as exc:
                 # TypeError: the SDK found no credentials; ValueError: a rejected parameter
                 return self.outcome("failed", "the Anthropic API call failed", api_error_reason(exc))
+            finally:  # (also when cancelled: the hold must not outlive the call)
+                await self.settle(reservation, charged)
+            self.sent = len(self.messages)
             call = prices.usage_of(self.model, response.usage)
             self.usage = prices.add_usage(self.usage, call)
             self.last_prompt_tokens = call.input_tokens + call.cache_read_tokens + call.cache_write_tokens

@@ -14,6 +14,14 @@ the CLI's own ``--max-budget-usd`` (enforced during the run: it ends with the re
 subtype ``error_max_budget_usd``) and, as a backstop, by checking the result's cost. The
 token limits are not enforceable through the CLI and are not checked here.
 
+The cluster's spend ledger (:mod:`events.spend`, when given one): the CLI makes its own
+model calls, so the session is one reservation — its ``--max-budget-usd`` (what the CLI
+may spend) is reserved against the task's, repository's, author's and the day's scope
+before the CLI starts, and the cost its result reports is settled after. A refusal ends
+the attempt as ``budget_exhausted`` naming the scope, without starting the CLI. (The
+CLI stops itself at its budget after the call that crossed it, so a scope can be passed
+by at most that call.)
+
 Sandbox: the CLI runs in the workspace's sandbox (:meth:`Workspace.sandboxed`), it and
 every command its Bash tool starts: the same confinement as the repository's tests, its
 installation shown read-only, and network to the model API only (the host of
@@ -40,6 +48,8 @@ from urllib.parse import urlsplit
 import msgspec
 import structlog
 
+from events.errors import CccError
+from events.spend import Refusal, SpendLedger, scopes_for, to_micro
 from events.task import Usage
 from events.untrusted import UNTRUSTED_RULE, comment_block, issue_blocks
 from events.work import CodeOutcome, CodeRequest, CodeStatus
@@ -220,7 +230,9 @@ class ClaudeCodeCoder:
         api_key: str | None = None,
         env_allow: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
+        ledger: SpendLedger | None = None,
     ) -> None:
+        self.ledger = ledger  # the cluster's spend ledger: the session's maximum reserved first
         self.executable = executable
         self.model_by_specialty = dict(model_by_specialty or {})
         self.default_model = default_model
@@ -279,6 +291,30 @@ class ClaudeCodeCoder:
         return [*argv, "--append-system-prompt", mask_secrets(self.system_prompt(request)), *self.extra_args]
 
     async def implement(self, request: CodeRequest, workspace: Workspace) -> CodeOutcome:
+        if self.ledger is None:
+            return await self._implement(request, workspace)
+        r = request
+        try:
+            got = await self.ledger.reserve(scopes_for(r.task_id, r.repo, r.author), to_micro(r.budget.max_dollars),
+                                            ttl=r.budget.max_seconds + 60.0)
+        except CccError as e:
+            return CodeOutcome(summary="the spend ledger is unavailable", status="failed", reason=str(e))
+        if isinstance(got, Refusal):
+            return CodeOutcome(summary=f"not started: {got.reason}", status="budget_exhausted", reason=got.reason,
+                               budget_scope=got.scope)
+        spent = 0.0
+        try:
+            outcome = await self._implement(request, workspace)
+            spent = outcome.usage.dollars
+            return outcome
+        finally:  # (also when cancelled: the hold must not outlive the session)
+            await self.ledger.settle(got, to_micro(spent) if spent > 0 else 0)
+
+    async def close(self) -> None:
+        if self.ledger is not None and hasattr(self.ledger, "close"):
+            await self.ledger.close()
+
+    async def _implement(self, request: CodeRequest, workspace: Workspace) -> CodeOutcome:
         api_key = self.api_key if self.api_key is not None else os.environ.get("ANTHROPIC_API_KEY", "")
         extra = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
         if os.environ.get("ANTHROPIC_BASE_URL"):

@@ -136,3 +136,25 @@ def add_usage(total: Usage, more: Usage) -> Usage:
         cache_write_tokens=total.cache_write_tokens + more.cache_write_tokens,
         dollars=total.dollars + more.dollars,
     )
+
+
+def max_call_cost(model: str, prompt_tokens: int, max_tokens: int) -> float:
+    """The most one request can cost: every prompt token at the dearest input rate (a
+    cache write), every allowed output token, the long-prompt tier if the prompt may
+    reach it. What the spend ledger reserves before the call (:mod:`events.spend`);
+    ``prompt_tokens`` must be an upper bound (see :func:`prompt_bound`)."""
+    price, _ = price_for(model)
+    if price.long_prompt is not None and prompt_tokens > price.long_threshold:
+        price = price.long_prompt
+    dearest = max(price.input, price.cache_write, price.cache_read)
+    return (max(prompt_tokens, 0) * dearest + max(max_tokens, 0) * price.output) / 1_000_000
+
+
+def prompt_bound(*parts: object) -> int:
+    """An upper bound of the tokens of a request made of ``parts`` (JSON-able): its UTF-8
+    bytes. A token covers at least one byte of text in Claude's tokenizer, so bytes never
+    undercount; the bound is loose (about 3-4x for English and code), which only makes a
+    reservation larger than the call, never smaller."""
+    import json
+
+    return sum(len(json.dumps(p, ensure_ascii=False, default=str).encode()) for p in parts)

@@ -49,6 +49,7 @@ from nats.js.kv import KeyValue
 
 from events.errors import ConfigError
 from events.subjects import Namespace
+from infra.adapters.nats.kv_follow import KVFollower
 from infra.adapters.nats.provisioning import RATE_LIMITS_TTL, rate_limits_bucket
 
 log = structlog.get_logger("ccc.coders.shared_limits")
@@ -141,10 +142,8 @@ class SharedPause:
         self.cap, self.default, self.timeout, self.name = cap, default, timeout, name
         self._until = 0.0  # monotonic deadline this process honours
         self._kv: KeyValue | None = None
-        self._watch: asyncio.Task | None = None
-        self._ready = asyncio.Event()  # the watch has delivered the current value
+        self._follower: KVFollower | None = None  # the watch of the key, once started
         self._start_lock = asyncio.Lock()
-        self._next_start = 0.0  # monotonic: when a failed start may be tried again
         self._closed = False
         self.shared = 0  # pauses this process wrote to the bucket (won the compare-and-set)
         self.unshared = 0  # pauses it could not write (NATS down): honoured locally only
@@ -193,33 +192,27 @@ class SharedPause:
 
     # -- the bus --------------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind the bucket and watch the key; waits for the current value at most
-        ``timeout``. Fails open: on an error it logs, and tries again a few seconds later."""
-        if self._closed or self._watch is not None and not self._watch.done() or time.monotonic() < self._next_start:
+        """Watch the key (:class:`~infra.adapters.nats.kv_follow.KVFollower`: made again
+        after any failure); the first call waits for the current value at most
+        ``timeout``. Fails open: calls go on while the watch is not ready."""
+        if self._closed or self._follower is not None:
             return
         async with self._start_lock:
-            if self._watch is not None and not self._watch.done():
+            if self._follower is not None:
                 return
-            self._ready.clear()
-            self._watch = asyncio.create_task(self._watch_loop(), name=f"shared-limits-{self.key}")
-            try:
-                await asyncio.wait_for(self._ready.wait(), self.timeout)
-            except TimeoutError:
-                self._next_start = time.monotonic() + 5 * self.timeout
+            self._follower = KVFollower(self.nc, self.bucket, self._take, keys=self.key,
+                                        name=f"shared-limits-{self.name or self.key}", timeout=self.timeout,
+                                        silence=WATCH_SILENCE)
+            if not await self._follower.start(wait=self.timeout):
                 log.warning("rate_limit.watch_not_ready", key=self.key, agent=self.name, timeout=self.timeout,
                             note="calls proceed; pauses shared by other agents are not seen until it is")
 
     async def close(self) -> None:
-        """Stop the watch (bounded: a cancellation that nats-py's waits swallow is sent again)."""
+        """Stop the watch."""
         self._closed = True
-        task, self._watch = self._watch, None
-        for _ in range(10):
-            if task is None or task.done():
-                break
-            task.cancel()
-            await asyncio.wait({task}, timeout=self.timeout)
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            log.warning("rate_limit.watch_ended", key=self.key, agent=self.name, error=repr(task.exception()))
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            await follower.stop()
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -253,54 +246,25 @@ class SharedPause:
                 continue  # someone wrote in between: read again, compare again
         return False
 
-    async def _watch_loop(self) -> None:
-        backoff = 0.2
-        while not self._closed:
-            watcher = None
-            try:
-                kv = await self._bucket()
-                watcher = await kv.watch(self.key)
-                backoff = 0.2
-                while not self._closed:
-                    try:
-                        entry = await watcher.updates(timeout=WATCH_SILENCE)
-                    except nats.errors.TimeoutError:
-                        break  # quiet for long: make it again (cheap; survives a lost consumer)
-                    if entry is None:  # the current value (if any) has been delivered
-                        self._ready.set()
-                        continue
-                    if not isinstance(entry, KeyValue.Entry):  # stopped
-                        break
-                    self._take(entry)
-                    self._ready.set()
-            except asyncio.CancelledError:
-                raise
-            except (*_NATS_ERRORS, ConfigError) as e:
-                log.warning("rate_limit.watch_failed", key=self.key, agent=self.name,
-                            error=f"{type(e).__name__}: {e}", retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                if watcher is not None:
-                    try:
-                        await asyncio.wait_for(watcher.stop(), self.timeout)
-                    except (*_NATS_ERRORS, asyncio.CancelledError):
-                        pass
-
-    def _take(self, entry: KeyValue.Entry) -> None:
-        pause = self._decode(entry)
+    def _take(self, key: str, value: bytes | None) -> None:
+        pause = self._decode_value(value)
         if pause is not None:
             left = pause.until - time.time()
             if left > 0:
                 self._extend(min(left, self.cap))
 
     def _decode(self, entry: KeyValue.Entry | None) -> Pause | None:
-        if entry is None or not entry.value or entry.operation in ("DEL", "PURGE"):
+        if entry is None or entry.operation in ("DEL", "PURGE"):
+            return None
+        return self._decode_value(entry.value)
+
+    def _decode_value(self, value: bytes | None) -> Pause | None:
+        if not value:
             return None
         try:
-            pause = _decode(entry.value)
+            pause = _decode(value)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            log.warning("rate_limit.bad_entry", key=self.key, bucket=self.bucket, revision=entry.revision)
+            log.warning("rate_limit.bad_entry", key=self.key, bucket=self.bucket)
             return None
         return pause if math.isfinite(pause.until) else None
 

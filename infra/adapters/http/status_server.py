@@ -42,6 +42,7 @@ from infra.adapters.http.dashboard.live import close_live_streams, live_handlers
 from infra.adapters.http.dashboard.pages import Dashboard
 from infra.adapters.http.metrics import ApiMetrics, metrics_endpoint
 from infra.adapters.http.service import SHUTDOWN_TIMEOUT, HttpService, Served
+from infra.adapters.nats.spend_ledger import SpendWatch
 
 log = structlog.get_logger("ccc.api")
 
@@ -60,8 +61,11 @@ class ApiServer(Served):
         access: ApiAccess | None = None, route_handlers: Sequence[Any] = (),
         forge_root: Path | str | None = None, publisher: Client | None = None,
         fairness: FairnessPolicy | None = None,
+        spend: bool = True,
     ) -> None:
         self.fairness = fairness  # the coordinator's admission policy, for the wait reasons
+        # the spend ledger, followed with the store's connection: exhausted scopes explain waits
+        self.spend = SpendWatch(store.nc, store.ns) if spend else None
         self.access = access if access is not None else ApiAccess()
         self.access.check(host)  # before anything binds or replays
         self.store = store
@@ -76,16 +80,20 @@ class ApiServer(Served):
         """Catch the projection up, bind, start serving; returns the bound port."""
         self.http.bind()  # first: a port in use fails before any replay
         app = self.build_app()  # before the replay: its metrics fold rides along from seq 1
+        if self.spend is not None:  # (a ledger not readable yet is followed as it comes)
+            await self.spend.start(wait=2.0)
         if self._owns_live:
             try:
                 await self.live.start()
             except BaseException:
                 self.http.release()
+                await self._stop_spend()
                 raise
         try:
             return await self.http.start(app)
         except BaseException:
             await self._stop_live()
+            await self._stop_spend()
             raise
 
     def build_app(self) -> Any:
@@ -99,12 +107,14 @@ class ApiServer(Served):
         registry = CollectorRegistry()
         api_metrics = ApiMetrics(registry)
         refresh_lag = register_log_metrics(self.live, registry)
-        dashboard = Dashboard(self.live, local_forge=self.forge_root is not None, fairness=self.fairness)
+        budget = self.spend.book if self.spend is not None else None
+        dashboard = Dashboard(self.live, local_forge=self.forge_root is not None, fairness=self.fairness,
+                              budget=budget)
         ui = [*dashboard.route_handlers(), *live_handlers(self.live),
               *action_handlers(self.store, self.access, forge_root=self.forge_root, publisher=self.publisher)]
         app = create_app(self.live, route_handlers=[metrics_endpoint(registry, before=refresh_lag),
                                                     *ui, *self.route_handlers],
-                         guards=[scope_guard], fairness=self.fairness)
+                         guards=[scope_guard], fairness=self.fairness, budget=budget)
         return api_metrics.middleware(ApiGate(app, self.access, self.http.host))
 
     async def stop(self) -> None:
@@ -114,6 +124,11 @@ class ApiServer(Served):
         close_live_streams(self.live)
         await self.http.stop()
         await self._stop_live()
+        await self._stop_spend()
+
+    async def _stop_spend(self) -> None:
+        if self.spend is not None:
+            await self.spend.stop()
 
     async def _stop_live(self) -> None:
         if not self._owns_live:

@@ -13,7 +13,12 @@ server refuses a durable name there) and direct gets.
 
 Nobody but ``admin`` may create, update, delete or purge a stream, a bucket or a
 consumer's configuration of another role: those API subjects are denied to every other
-role, whatever its allow list says (a deny wins in nats-server).
+role, whatever its allow list says (a deny wins in nats-server). One exception: the
+coordinator may purge ``<NS>_DEMAND`` (and no other stream), the demand board it keeps
+equal to its read model (``actors.demand``): a task's entry is taken down by purging its
+subject. A deny cannot carve one stream out of ``$JS.API.STREAM.PURGE.>``, so its allow
+list names that one purge (what is not allowed is refused: every other purge) and its deny
+list the purges of the log's own streams, which no later allow may then open.
 
 Every role has its own inbox prefix (``_INBOX_<role>``, ``_INBOX_agent_<id>``) and may
 subscribe only below it (and to its ordered consumers' deliver subjects, which nats-py
@@ -26,19 +31,21 @@ from typing import Literal
 
 import msgspec
 
+from events.cluster import cluster_stream
 from events.subjects import Namespace, check_id
-from infra.adapters.nats.provisioning import rate_limits_bucket
+from infra.adapters.nats.provisioning import config_bucket, rate_limits_bucket, spend_bucket
 
 Role = Literal["admin", "coordinator", "agent", "webhook", "cli", "status", "ci"]
 ROLES: tuple[Role, ...] = ("admin", "coordinator", "agent", "webhook", "cli", "status", "ci")
 CI_CONSUMER = "forge-ci"  # the CI actor's durable consumer (actors.forge_ci.ForgeCI's default name)
 
 # Stream, bucket and consumer administration: only admin (deny wins over any allow).
+PURGE_ANY = "$JS.API.STREAM.PURGE.>"
 ADMIN_ONLY = (
     "$JS.API.STREAM.CREATE.>",
     "$JS.API.STREAM.UPDATE.>",
     "$JS.API.STREAM.DELETE.>",
-    "$JS.API.STREAM.PURGE.>",
+    PURGE_ANY,
     "$JS.API.STREAM.MSG.DELETE.>",
     "$JS.API.STREAM.SNAPSHOT.>",
     "$JS.API.STREAM.RESTORE.>",
@@ -92,14 +99,19 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                     f"{p}.task.>", f"{p}.agent.*.offline", f"{p}.dlq.>",
                     f"{p}.cluster.>",  # the autoscaler's decisions (it runs with the coordinator's role)
                     f"$KV.{ns.tasks_bucket}.>", f"$KV.{ns.agents_bucket}.>",
+                    f"$KV.{config_bucket(ns)}.>",  # the caps and the fairness policy `ccc up` was given
+                    # the demand board (actors.demand): its entries, and taking one down
+                    f"{p}.demand.>", f"$JS.API.STREAM.PURGE.{ns.demand_stream}",
                 ),
-                publish_deny=ADMIN_ONLY,
+                publish_deny=(*(s for s in ADMIN_ONLY if s != PURGE_ANY),
+                              *(f"$JS.API.STREAM.PURGE.{s}" for s in (events, issues, hbs, ns.dlq_stream,
+                                                                     cluster_stream(ns)))),
                 subscribe_allow=own_inbox,
             )
         case "agent":
             a = _agent(agent_id)
             durable, bucket = f"agent-{a}", ns.agent_artifacts_bucket(a)
-            limits = rate_limits_bucket(ns)
+            limits, spend = rate_limits_bucket(ns), spend_bucket(ns)
             return Permissions(
                 publish_allow=(
                     *read_subjects(events), *read_subjects(hbs),
@@ -114,6 +126,10 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                     # one agent's credentials can pause the others, at most for the readers'
                     # cap at a time; they cannot touch any other bucket or the events.
                     f"$KV.{limits}.>", *read_subjects(f"KV_{limits}"),
+                    # the spend ledger (events.spend): it reserves before each model call and
+                    # settles after, in every scope (task, repository, author, day) — shared by
+                    # all agents like the pauses; the caps it only reads
+                    f"$KV.{spend}.>", *read_subjects(f"KV_{spend}"), *read_subjects(f"KV_{config_bucket(ns)}"),
                 ),
                 # (it may say it goes offline itself; dead letters are the coordinator's)
                 publish_deny=ADMIN_ONLY,
@@ -126,9 +142,10 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                 subscribe_allow=own_inbox,
             )
         case "cli":
-            # reads everything, live too (`nats sub '<ns>.>'`); writes local issue facts only
+            # reads everything, live too (`nats sub '<ns>.>'`); writes local issue facts and
+            # the budget caps (`ccc budget set`) only
             return Permissions(
-                publish_allow=(*read_subjects("*"), f"{p}.issue.local.>"),
+                publish_allow=(*read_subjects("*"), f"{p}.issue.local.>", f"$KV.{config_bucket(ns)}.budget"),
                 publish_deny=ADMIN_ONLY,
                 subscribe_allow=(*own_inbox, f"{p}.>"),
             )

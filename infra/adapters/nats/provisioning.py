@@ -15,6 +15,7 @@ from nats.js import api
 from events.cluster import cluster_filter, cluster_stream
 from events.errors import ConfigError, StoreUnavailable
 from events.subjects import DEFAULT_NS, Namespace
+from events.task import SPECIALTIES
 
 STREAM_NAME_IN_USE = 10058
 
@@ -28,6 +29,24 @@ def rate_limits_bucket(ns: Namespace = DEFAULT_NS) -> str:
     """The KV bucket of the shared API pauses: one key per API key (a hash of it, never
     the key), its value the pause every agent using that key waits out."""
     return f"{ns.prefix}_ratelimits"
+
+
+def spend_bucket(ns: Namespace = DEFAULT_NS) -> str:
+    """The KV bucket of the spend ledger (:mod:`events.spend`): one entry per scope
+    (``task.<id>``, ``<day>.day``, ``<day>.repo.<name>``, ``<day>.author.<name>``)."""
+    return f"{ns.prefix}_spend"
+
+
+SPEND_MAX_AGE = 40 * 86_400.0
+"""An entry of the spend ledger not written for this long is dropped: daily scopes are
+done with after their day, and a task's account outlives any task's run."""
+
+
+def config_bucket(ns: Namespace = DEFAULT_NS) -> str:
+    """The KV bucket of the cluster's settings that every process must see the same:
+    ``budget`` (the spend caps, :class:`events.spend.Caps`) and ``fairness`` (the
+    coordinator's admission policy)."""
+    return f"{ns.prefix}_config"
 
 
 def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.StreamConfig]:
@@ -94,7 +113,41 @@ def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.St
         max_msg_size=64 * 1024,
         discard=api.DiscardPolicy.OLD,
     )
-    return [events, issues, heartbeats, dlq, cluster]
+    demand = api.StreamConfig(
+        name=ns.demand_stream,
+        description="claude-code-cluster demand: one message per task waiting for or held by an agent, "
+                    "by specialty (KEDA reads the demand-<specialty> consumers)",
+        subjects=[f"{ns.prefix}.demand.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,  # a task's entry is replaced, never counted twice
+        discard=api.DiscardPolicy.OLD,
+        max_msg_size=4 * 1024,
+        allow_direct=True,
+    )
+    return [events, issues, heartbeats, dlq, cluster, demand]
+
+
+def demand_consumer(specialty: str) -> str:
+    """The durable consumer whose pending count is what ``specialty``'s agents are needed
+    for (its tasks waiting or being worked on): what a KEDA ScaledObject names
+    (deploy/k8s/keda.yaml)."""
+    if specialty not in SPECIALTIES:
+        raise ConfigError(f"unknown specialty {specialty!r}; one of {', '.join(SPECIALTIES)}")
+    return f"demand-{specialty}"
+
+
+def demand_consumer_configs(ns: Namespace = DEFAULT_NS) -> list[api.ConsumerConfig]:
+    """One durable pull consumer per specialty on ``<NS>_DEMAND``, never pulled: every
+    message of its filter stays pending, so ``num_pending`` is the specialty's entries on
+    the board (and ``num_ack_pending``, the other half of KEDA's lag, stays 0)."""
+    return [api.ConsumerConfig(
+        name=demand_consumer(sp), durable_name=demand_consumer(sp),
+        description=f"{sp} tasks waiting for or held by an agent: num_pending (KEDA reads it; nobody pulls)",
+        filter_subject=ns.demand_filter(sp), deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT, replay_policy=api.ReplayPolicy.INSTANT,
+    ) for sp in SPECIALTIES]
 
 
 async def _ensure_stream(js, config: api.StreamConfig) -> None:
@@ -118,6 +171,8 @@ async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1
     try:
         for config in stream_configs(ns, replicas):
             await _ensure_stream(js, config)
+        for consumer in demand_consumer_configs(ns):  # create, or update what drifted
+            await js.add_consumer(ns.demand_stream, consumer)
         for bucket, description in (
             (ns.tasks_bucket, "task view, materialised from the event log"),
             (ns.agents_bucket, "agent view, materialised from the event log"),
@@ -131,6 +186,16 @@ async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1
         await js.create_key_value(
             bucket=rate_limits_bucket(ns), description="API pauses shared by every agent (429/529 retry-after)",
             history=1, ttl=RATE_LIMITS_TTL, replicas=replicas, storage=api.StorageType.MEMORY, direct=True,
+        )
+        # money: file storage, kept across restarts
+        await js.create_key_value(
+            bucket=spend_bucket(ns), description="spend ledger: spent and reserved per task, repository, "
+            "author and day", history=1, ttl=SPEND_MAX_AGE, replicas=replicas, storage=api.StorageType.FILE,
+            direct=True,
+        )
+        await js.create_key_value(
+            bucket=config_bucket(ns), description="cluster settings every process reads: budget caps, fairness",
+            history=5, replicas=replicas, storage=api.StorageType.FILE, direct=True,
         )
         await js.create_object_store(
             bucket=ns.artifacts_bucket, description="diffs, test logs, transcripts",

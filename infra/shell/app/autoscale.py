@@ -35,6 +35,7 @@ from events.aio import cancel_and_wait, wait_event
 from events.agent_state import ONLINE, AgentState
 from events.cluster import ClusterScaledDown, ClusterScaledUp, cluster_stream, encode_cluster_event
 from events.errors import ConfigError
+from events.spend import Book
 from events.subjects import Namespace, check_id
 from events.task_state import TaskState
 from projections.autoscale import AutoscalePolicy, Decision, Managed, decide
@@ -66,7 +67,9 @@ class Autoscaler:
         name: str = "autoscaler",
         agent_prefix: str = "auto",
         clock: Callable[[], datetime] = utcnow,
+        budget: Callable[[], Book | None] | None = None,
     ) -> None:
+        self.budget = budget  # the spend ledger: tasks it holds back are no demand
         self.policy = policy.validate()
         if interval <= 0 or drain_timeout < 0 or settle < 0:
             raise ConfigError("autoscaler: interval must be > 0, drain timeout and settle >= 0")
@@ -115,7 +118,8 @@ class Autoscaler:
         tasks, agents = self.view()
         now = self.clock()
         decision = decide(tasks, agents, self.managed(), self.policy, now,
-                          last_up=self.last_up, last_down=self.last_down)
+                          last_up=self.last_up, last_down=self.last_down,
+                          budget=self.budget() if self.budget is not None else None)
         if decision is None:
             return None
         log.info("autoscale.decided", action=decision.action, specialty=decision.specialty,

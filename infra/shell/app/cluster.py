@@ -26,10 +26,12 @@ from nats.aio.client import Client
 from actors.agent import Agent, AgentConfig
 from actors.analysis import Analyser, RuleAnalyser
 from actors.coordinator import Coordinator, CoordinatorConfig
+from actors.demand import DemandActor
 from actors.forge_ci import ForgeCI
 from actors.pipeline import PipelineSettings
 from actors.ports import Coder, ForgeClient
 from events.errors import ConfigError, StoreUnavailable
+from events.spend import Caps, parse_caps
 from projections.fairness import FairnessPolicy
 from events.store import EventStore
 from events.subjects import Namespace, check_repo
@@ -43,7 +45,9 @@ from infra.adapters.git.branches import GitBranches
 from infra.adapters.git.sandbox import Sandbox, make_sandbox, parse_limits
 from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
+from infra.adapters.nats.cluster_config import BUDGET, FAIRNESS, update_setting, write_setting
 from infra.adapters.nats.connection import connect, embedded_url_file
+from infra.adapters.nats.demand import NatsDemandBoard
 from infra.adapters.nats.permissions import Role
 from infra.adapters.nats.provisioning import provision, provision_agent
 from infra.adapters.nats.server import EmbeddedServer
@@ -80,9 +84,20 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     ci: bool = True  # follow the forge's CI (local: run it; GitHub: re-run failed jobs)
     fairness: FairnessPolicy | None = None  # fair admission: limits per repository/author, aging
     autoscale: tuple[int, int] | None = None  # (min, max) agents the autoscaler keeps, by demand
+    autoscale_cooldown_up: float | None = None  # seconds between two scale-ups (None: the policy's)
+    autoscale_cooldown_down: float | None = None  # seconds after a decision before a scale-down (None: ditto)
     forge_root: str | None = None  # the local forge's repositories (default: <data dir>/forge)
+    # the spend caps given as flags (events.spend.parse_caps: task, day, repo, author), applied
+    # on start over the caps the cluster keeps (so `ccc budget set` changes survive a restart
+    # for every cap not given again)
+    budget: tuple[str | None, str | None, tuple[str, ...], tuple[str, ...]] | None = None
 
     def validate(self) -> None:
+        if self.budget is not None:
+            try:
+                parse_caps(task=self.budget[0], day=self.budget[1], repo=self.budget[2], author=self.budget[3])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.max_ci_fixes < 0:
             raise ConfigError("--max-ci-fixes must be >= 0")
         if self.checks_timeout <= 0:
@@ -94,6 +109,8 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("--agents must be >= 0")
         if self.shutdown_grace < 0:
             raise ConfigError("--shutdown-grace must be >= 0")
+        if self.autoscale is None and (self.autoscale_cooldown_up, self.autoscale_cooldown_down) != (None, None):
+            raise ConfigError("--autoscale-cooldown-up/--autoscale-cooldown-down need --autoscale MIN:MAX")
         if self.heartbeat_interval >= self.heartbeat_timeout:
             # every agent would be declared lost between two of its own heartbeats
             raise ConfigError(f"--heartbeat-interval ({self.heartbeat_interval}s) must be shorter than "
@@ -122,7 +139,8 @@ def make_coder(kind: str, script_dir: str | None, model: str | None = None, *, n
                ns: Namespace | None = None, agent_id: str = "") -> Coder:
     """The coder backend an agent uses; heavy SDKs are imported only when chosen. Given the
     agent's connection, the Anthropic coder shares rate limits with the cluster: a 429/529
-    one agent gets pauses every agent using the same key (infra.adapters.coders.shared_limits)."""
+    one agent gets pauses every agent using the same key (infra.adapters.coders.shared_limits),
+    and reserves each call's cost in the cluster's spend ledger (infra.adapters.nats.spend_ledger)."""
     if kind == "scripted":
         return ScriptedCoder(Path(script_dir) if script_dir else None)
     if kind == "anthropic":
@@ -136,18 +154,35 @@ def make_coder(kind: str, script_dir: str | None, model: str | None = None, *, n
         import anthropic
 
         from infra.adapters.coders.shared_limits import shared_limits_http_client
+        from infra.adapters.nats.spend_ledger import KVSpendLedger
 
         http = shared_limits_http_client(nc, ns, key, name=agent_id or "agent")
         return AnthropicCoder(default_model=model or DEFAULT_MODEL,
-                              client=anthropic.AsyncAnthropic(http_client=http, max_retries=4))
+                              client=anthropic.AsyncAnthropic(http_client=http, max_retries=4),
+                              ledger=KVSpendLedger(nc, ns, name=agent_id or "agent"))
     if kind == "claude-code":
         from infra.adapters.coders.claude_cli import ClaudeCodeCoder
 
-        coder = ClaudeCodeCoder(default_model=model)
+        ledger = None
+        if nc is not None and ns is not None:
+            from infra.adapters.nats.spend_ledger import KVSpendLedger
+
+            ledger = KVSpendLedger(nc, ns, name=agent_id or "agent")
+        coder = ClaudeCodeCoder(default_model=model, ledger=ledger)
         if not coder.available():
             raise ConfigError("--coder claude-code: the `claude` CLI is not on PATH")
         return coder
     raise ConfigError(f"--coder {kind!r}: choose one of {', '.join(CODERS)}")
+
+
+async def close_coder(coder: Coder) -> None:
+    """Release what a coder holds on the bus and the network (its ``close``, if any)."""
+    close = getattr(coder, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
 
 
 def make_analyser(kind: str) -> Analyser:
@@ -222,12 +257,15 @@ def build_coordinator(
 ) -> Coordinator:
     """A coordinator with the ``analyser`` of that kind, its spans in the process's traces;
     with a ``forge``, it follows the open pull requests' branches (conflicts, the merge
-    queue) through git against the forge, in a cache under ``cache_dir``."""
+    queue) through git against the forge, in a cache under ``cache_dir``; it follows the
+    spend ledger (queued tasks of an exhausted scope wait)."""
     branches = None
     if forge is not None and cache_dir is not None:
         branches = GitBranches(forge.clone_url, forge.git_env, cache_dir)
+    from infra.adapters.nats.spend_ledger import SpendWatch
+
     return Coordinator(nc, ns, config, analyser=make_analyser(analyser), telemetry=OtelTelemetry(),
-                       branches=branches)
+                       branches=branches, spend=SpendWatch(nc, ns))
 
 
 def build_forge_ci(nc: Client, ns: Namespace, forge_kind: str, forge, *, forge_root: Path, sandbox: Sandbox,
@@ -263,6 +301,7 @@ class LocalCluster:
         self.forge_sync = None
         self.forge_ci: ForgeCI | None = None
         self.autoscaler = None  # infra.shell.app.autoscale.Autoscaler, with --autoscale
+        self.demand: DemandActor | None = None  # the tasks waiting per specialty (<NS>_DEMAND), for KEDA
         self.sandbox = make_agent_sandbox(settings)  # one for all local agents: one probe
         self._connections: list[Client] = []  # one per role (and per agent)
 
@@ -310,6 +349,10 @@ class LocalCluster:
         # aggregate, the status API reads.
         self.nc = await self._connect("admin", "ccc-up")
         await provision(self.nc, self.ns, replicas=s.replicas)
+        if o.budget is not None:  # before any agent reserves against the caps
+            task, day, repo, author = o.budget
+            await update_setting(self.nc, self.ns, BUDGET, Caps, lambda current: parse_caps(
+                task=task, day=day, repo=repo, author=author, base=current))
         for agent_id in agent_ids:
             await provision_agent(self.nc, self.ns, agent_id, replicas=s.replicas)
         self.forge = make_forge(o.forge, self.forge_root)
@@ -320,7 +363,14 @@ class LocalCluster:
             max_ci_fixes=o.max_ci_fixes, checks_timeout=o.checks_timeout,
             merge_queue=merge_queue_setting(o.merge_queue), fairness=o.fairness),
             analyser=o.analyser, forge=self.forge, cache_dir=s.data_dir / "branches")
+        # the policy this coordinator applies (the default too: no earlier run's limits linger),
+        # for `ccc tasks` and `ccc api` to explain fairness waits with, wherever they run
+        await write_setting(coordinator_nc, self.ns, FAIRNESS, self.coordinator.config.fairness)
         await self.coordinator.start()
+        # the demand board follows the coordinator's read model, with its credentials
+        self.demand = DemandActor(NatsDemandBoard(coordinator_nc, self.ns), self.coordinator.live,
+                                  budget=self.coordinator.budget)
+        await self.demand.start()
         if o.ci:  # the forge's CI: each pushed commit's checks become facts on the issue stream
             ci_nc = await self._connect("ci", "ccc-ci")
             self.forge_ci = build_forge_ci(ci_nc, self.ns, o.forge, self.forge, forge_root=self.forge_root,
@@ -369,8 +419,11 @@ class LocalCluster:
     def _autoscale_policy(self):
         from projections.autoscale import AutoscalePolicy
 
-        lo, hi = self.options.autoscale
-        return AutoscalePolicy(min_agents=lo, max_agents=hi, specialties=self.options.specialties).validate()
+        o = self.options
+        lo, hi = o.autoscale
+        cooldowns = {k: v for k, v in (("cooldown_up", o.autoscale_cooldown_up),
+                                       ("cooldown_down", o.autoscale_cooldown_down)) if v is not None}
+        return AutoscalePolicy(min_agents=lo, max_agents=hi, specialties=o.specialties, **cooldowns).validate()
 
     def _autoscale_ids(self) -> list[str]:
         if self.options.autoscale is None:
@@ -394,7 +447,8 @@ class LocalCluster:
         return agent
 
     async def _agent_stopped(self, agent: Agent) -> None:
-        """After a scale-down: the stopped agent's connection goes too."""
+        """After a scale-down: the stopped agent's coder and connection go too."""
+        await close_coder(agent.coder)
         nc = agent.nc
         if nc in self._connections:
             self._connections.remove(nc)
@@ -408,7 +462,8 @@ class LocalCluster:
         self.autoscaler = Autoscaler(
             nc, self.ns, self._autoscale_policy(),
             view=lambda: (coordinator.model.tasks, coordinator.model.agents),
-            agents=self.agents, spawn=self.spawn_agent, on_stopped=self._agent_stopped)
+            agents=self.agents, spawn=self.spawn_agent, on_stopped=self._agent_stopped,
+            budget=coordinator.budget)
         await self.autoscaler.start()
 
     async def _connect(self, role: Role, name: str, agent_id: str | None = None) -> Client:
@@ -485,11 +540,8 @@ class LocalCluster:
         # share one grace period instead of waiting for each other's
         await asyncio.gather(*(agent.drain() for agent in self.agents), return_exceptions=True)
         await asyncio.gather(*(agent.stop() for agent in self.agents), return_exceptions=True)
-        for agent in self.agents:  # a coder's HTTP client (and its shared rate-limit watch)
-            client = getattr(agent.coder, "client", None)
-            if client is not None and hasattr(client, "close"):
-                with contextlib.suppress(Exception):
-                    await client.close()
+        for agent in self.agents:  # a coder's HTTP client (its shared rate-limit watch, its ledger)
+            await close_coder(agent.coder)
         if self.agents and self.coordinator is not None:
             with contextlib.suppress(Exception):
                 await self._drain_reports()
@@ -505,6 +557,9 @@ class LocalCluster:
         if self.forge is not None and hasattr(self.forge, "close"):
             with contextlib.suppress(Exception):
                 self.forge.close()
+        if self.demand is not None:  # (the board stays as it is: the next start reconciles it)
+            with contextlib.suppress(Exception):
+                await self.demand.stop()
         if self.coordinator is not None:
             with contextlib.suppress(Exception):
                 await self.coordinator.stop()

@@ -58,8 +58,6 @@ from events.task_state import WITH_AGENT, TaskState
 from projections.read_model import ReadModel
 
 from infra.adapters.forge.local import LocalForge
-from infra.adapters.nats.provisioning import provision
-from infra.adapters.nats.server import EmbeddedServer
 from infra.shell.chaos.checks import (
     LogRecord,
     Mark,
@@ -93,14 +91,11 @@ async def ci_loop(sb: Sandbox, run: int) -> RunResult:
     sb.options = msgspec.structs.replace(sb.options, stall=max(sb.options.stall, STALL))
     timeout = sb.options.run_timeout or (240.0 if sb.options.quick else 420.0)
     sec = sb.security
-    secure, js_key = (sec.secure, sec.js_key) if sec is not None else (None, "")
-    server = EmbeddedServer(sb.server_dir, sync_interval="always", name="chaos", secure=secure, js_key=js_key)
+    server = sb.embedded_server()
     nc: Client | None = None
     try:
         url = await asyncio.to_thread(server.start)
-        nc = await sb.connect(url)
-        refused = await sec.strangers_refused(url) if sec is not None else []
-        await provision(nc, sb.ns)
+        nc, refused = await sb.open_bus(url)
         agent_ids = [f"agent-{i + 1}" for i in range(sb.options.agents)]
         if sec is not None:
             for agent_id in agent_ids:

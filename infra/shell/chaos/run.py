@@ -12,8 +12,7 @@ from collections.abc import Awaitable, Callable, Collection
 import msgspec
 from nats.aio.client import Client
 
-from infra.adapters.nats.cluster import NatsCluster, wait_for_jetstream
-from infra.adapters.nats.provisioning import provision
+from infra.adapters.nats.cluster import NatsCluster
 from infra.adapters.nats.server import EmbeddedServer
 from infra.shell.chaos.checks import PR_UP, LogRecord, check_log, forge_holds_the_pr, read_log
 from infra.shell.chaos.model import Fault, RunResult
@@ -64,15 +63,10 @@ async def standard_run(
             reload: Callable[[], object] = nodes.reload
             sb.env["CCC_REPLICAS"] = "3"  # whoever provisions (ccc up, as admin) must ask for R3
         else:
-            server = EmbeddedServer(sb.server_dir, sync_interval="always", name="chaos", secure=secure,
-                                    js_key=js_key)
+            server = sb.embedded_server()
             url = await asyncio.to_thread(server.start)
             reload = server.reload
-        nc = await sb.connect(url)
-        if cluster:
-            await wait_for_jetstream(nc)
-        refused = await sec.strangers_refused(url) if sec is not None else []
-        await provision(nc, sb.ns, replicas=replicas)
+        nc, refused = await sb.open_bus(url, replicas=replicas, cluster=cluster)
         agent_ids = [f"agent-{i + 1}" for i in range(agents or sb.options.agents)]
         if sec is not None:
             for agent_id in agent_ids:  # added to the running cluster, as `ccc secure add-agent` does

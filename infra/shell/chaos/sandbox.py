@@ -25,7 +25,10 @@ from projections.read_model import ReadModel
 
 from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.issue_publisher import new_issue
+from infra.adapters.nats.cluster import wait_for_jetstream
 from infra.adapters.nats.connection import connect
+from infra.adapters.nats.provisioning import provision
+from infra.adapters.nats.server import EmbeddedServer
 from infra.shell.chaos.checks import PR_UP
 from infra.shell.chaos.model import ChaosOptions
 from infra.shell.chaos.processes import CCC, READY, Proc, clean_env, processes_under
@@ -105,6 +108,27 @@ class Sandbox:
             return await self.security.connect_admin(url, name)
         return await connect(url, name=name, quiet=True)
 
+    def embedded_server(self) -> EmbeddedServer:
+        """The run's one nats-server (fsync on every write): secure unless ``--insecure``."""
+        sec = self.security
+        secure, js_key = (sec.secure, sec.js_key) if sec is not None else (None, "")
+        return EmbeddedServer(self.server_dir, sync_interval="always", name="chaos", secure=secure, js_key=js_key)
+
+    async def open_bus(self, url: str, *, replicas: int = 1, cluster: bool = False) -> tuple[Client, list[str]]:
+        """The harness's connection to the run's server, strangers checked (secure runs:
+        what the server let in that it should not have), the namespace provisioned."""
+        nc = await self.connect(url)
+        try:
+            if cluster:
+                await wait_for_jetstream(nc)
+            refused = await self.security.strangers_refused(url) if self.security is not None else []
+            await provision(nc, self.ns, replicas=replicas)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        return nc, refused
+
     def write_script(self, number: int, work_seconds: float | None = None) -> None:
         seconds = self.options.work_seconds if work_seconds is None else work_seconds
         steps = ([{"run": {"command": f"sleep {seconds:.2f}", "timeout": seconds + 60}}] if seconds > 0 else [])
@@ -122,7 +146,8 @@ class Sandbox:
         self.procs[name] = proc
         return proc
 
-    def coordinator(self, name: str, url: str) -> Proc:
+    def coordinator(self, name: str, url: str, *extra: str) -> Proc:
+        """``ccc up --agents 0 --no-api`` (plus ``extra`` arguments of ``ccc up``)."""
         data = self.root / name
         data.mkdir(exist_ok=True)
         if self.security is not None:  # admin to provision, the coordinator's own user to run
@@ -130,7 +155,17 @@ class Sandbox:
         return self.add(name, self._ccc(
             url, data, "up", "--agents", "0", "--no-api", "--heartbeat-timeout", str(self.options.heartbeat_timeout),
             "--retry-base", "0.2", "--max-attempts", "10", "--shutdown-grace", "1",
-            "--forge-root", str(self.forge_root)))
+            "--forge-root", str(self.forge_root), *extra))
+
+    def autoscaling_coordinator(self, name: str, url: str, *, bounds: tuple[int, int], specialty: str,
+                                cooldown_up: float, cooldown_down: float) -> Proc:
+        """A coordinator whose ``ccc up`` also runs the autoscaler (``--autoscale MIN:MAX``)
+        and so the agents it starts, in that process: they get what the sandbox's agent
+        processes get (the recorded sessions, this forge, the agents' capacity)."""
+        return self.coordinator(
+            name, url, "--autoscale", f"{bounds[0]}:{bounds[1]}", "--specialties", specialty,
+            "--capacity", str(self.options.capacity), "--script-dir", str(self.scripts),
+            "--autoscale-cooldown-up", str(cooldown_up), "--autoscale-cooldown-down", str(cooldown_down))
 
     def agent(self, agent_id: str, url: str, *, capacity: int | None = None, grace: float = 0.5) -> Proc:
         data = self.root / agent_id

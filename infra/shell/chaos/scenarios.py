@@ -16,6 +16,8 @@ harness's wall clock, same host):
                    (the forge-ci consumer's ack wait included); agent SIGKILLed in a CI fix
                    round -> the round re-queued; restarted coordinator up -> next task event
                    (:mod:`.ci_loop`)
+* autoscale        ``ccc up --autoscale`` SIGKILLed mid-burst with its agents -> every task they
+                   held re-queued (:mod:`.autoscale`)
 
 This module: the graceful scenario (with ``ccc up`` leaving no orphans) and the table
 of scenarios. The standard run is in :mod:`.run`, the fault injectors in
@@ -35,6 +37,7 @@ from infra.adapters.forge.local import LocalForge
 from infra.adapters.nats.connection import connect
 from infra.adapters.nats.secure import SecureDir
 from infra.adapters.nats.server import EmbeddedServer
+from infra.shell.chaos.autoscale import autoscale
 from infra.shell.chaos.checks import PR_UP, read_log
 from infra.shell.chaos.ci_loop import ci_loop
 from infra.shell.chaos.faults import kill_agent, kill_coordinator, kill_leader, poison, restart_nats, sigterm_agent
@@ -157,4 +160,11 @@ SCENARIOS: dict[str, Spec] = {
                     "coordinator killed mid-CI -> the interrupted checks recorded (10 s ack wait included); "
                     "agent killed in a CI fix round -> round re-queued; restarted coordinator up -> next task "
                     "event"),
+    # a burst of one specialty on `ccc up --agents 0 --autoscale 0:N`, which is SIGKILLed
+    # (with every agent it started) once mid-burst; the figures are in the notes (.autoscale).
+    # The re-queue waits for the restart (~1.5 s) and the restarted health monitor's grace
+    # (one 2 s heartbeat timeout for agents it never heard): 3-5 s measured, 10 s allowed
+    "autoscale": Spec(autoscale, 1, 1, 10.0,
+                      "ccc up SIGKILLed with its autoscaled agents -> every task they held re-queued "
+                      "(restart and 2 s heartbeat timeout included)"),
 }

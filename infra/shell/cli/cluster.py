@@ -25,6 +25,7 @@ from infra.shell.app.cluster import (
     ClusterOptions,
     LocalCluster,
     build_agent,
+    close_coder,
     make_agent_sandbox,
     make_coder,
     make_forge,
@@ -33,6 +34,7 @@ from infra.shell.app.cluster import (
 from infra.adapters.git.sandbox import NETWORK_MODES, SANDBOXES
 from infra.adapters.nats.settings import load_settings
 from infra.shell.app.signals import StopSignals, settle, until_signal
+from infra.shell.cli.budget import budget_flags, caps_from_flags
 from infra.shell.cli.context import nats_cli_flags, require_running_nats, run_async
 from infra.shell.cli.output import console, emit_json, print_table
 
@@ -182,14 +184,21 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
               help="Start and stop local agents by the bottleneck specialty (queue depth and oldest "
                    "wait per specialty), keeping MIN to MAX of them besides --agents; every decision "
                    "is an event on <ns>.cluster.>.")
+@click.option("--autoscale-cooldown-up", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="With --autoscale: seconds between two scale-ups [default: 5].")
+@click.option("--autoscale-cooldown-down", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="With --autoscale: seconds after the last scaling decision before an idle agent is "
+                   "stopped, so a burst's tail does not thrash [default: 30].")
 @click.option("--forge-root", type=click.Path(file_okay=False), default=None,
               help="The local forge's repositories [default: <data dir>/forge].")
+@budget_flags
 @shutdown_grace_option
 @click.pass_obj
 def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, require_token, allowed_hosts,
            rate_limit, rate_burst, coder, model, forge, sandbox, sandbox_network, analyser, script_dir,
            heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, max_ci_fixes, merge_queue,
-           checks_timeout, no_ci, repo_limit, author_limit, aging, autoscale, forge_root,
+           checks_timeout, no_ci, repo_limit, author_limit, aging, autoscale, autoscale_cooldown_up,
+           autoscale_cooldown_down, forge_root, budget_task, budget_day, budget_repo, budget_author,
            shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
@@ -209,6 +218,9 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, requi
         checks_timeout=checks_timeout, ci=not no_ci, forge_root=forge_root,
         fairness=fairness_policy(repo_limit, author_limit, aging),
         autoscale=parse_autoscale(autoscale) if autoscale else None,
+        autoscale_cooldown_up=autoscale_cooldown_up, autoscale_cooldown_down=autoscale_cooldown_down,
+        budget=None if caps_from_flags(None, budget_task, budget_day, budget_repo, budget_author) is None
+        else (budget_task, budget_day, tuple(budget_repo), tuple(budget_author)),
     )
     options.validate()
     make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
@@ -339,6 +351,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
                     raise  # not a signal of ours
             finally:
                 await signals.cleanup(agent.stop(), report_after=shutdown_grace + 15)
+                await close_coder(coder_live)  # its HTTP client, rate-limit watch and ledger
                 if metrics_server is not None:
                     await metrics_server.stop()
 
@@ -477,9 +490,15 @@ def api_cmd(obj, host: str | None, port: int | None, require_token, allowed_host
             await serve_with(nc, publisher)
 
     async def serve_with(nc, publisher) -> None:
+        from infra.adapters.nats.cluster_config import FAIRNESS, read_setting
+        from projections.fairness import FairnessPolicy
+
         forge_root = settings.data_dir / "forge"
+        # the admission policy `ccc up` published (None: none, no fairness wait reasons)
+        fairness = await read_setting(nc, obj.ns, FAIRNESS, FairnessPolicy, timeout=settings.request_timeout)
         server = ApiServer(obj.store(nc), host, port, materialize=settings.insecure, access=access,
-                           publisher=publisher, forge_root=forge_root if forge_root.is_dir() else None)
+                           publisher=publisher, forge_root=forge_root if forge_root.is_dir() else None,
+                           fairness=fairness)
         with StopSignals() as signals:  # a second Ctrl-C must not cut the shutdown short
             serving = stopped = None
             try:

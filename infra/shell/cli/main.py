@@ -36,6 +36,7 @@ from infra.shell.cli.cluster import CLUSTER_COMMANDS
 from infra.shell.cli.context import INSECURE_WARNING, CliState
 from infra.shell.cli.forge import FORGE_COMMANDS
 from infra.shell.cli.issue import issue_group
+from infra.shell.cli.budget import budget_group
 from infra.shell.cli.read import READ_COMMANDS
 from infra.shell.cli.secure import secure_group
 from infra.shell.cli.server import server_cmd
@@ -125,7 +126,7 @@ def cli(ctx: click.Context, nats_url, data_dir, namespace, repos, creds, insecur
             click.echo(INSECURE_WARNING, err=True)
 
 
-for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS, *FORGE_COMMANDS, server_cmd, issue_group, bench_group, secure_group,
+for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS, *FORGE_COMMANDS, budget_group, server_cmd, issue_group, bench_group, secure_group,
                  chaos_cmd):
     cli.add_command(_command)
 

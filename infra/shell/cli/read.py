@@ -1,5 +1,10 @@
-"""The read side of ``ccc``: ``events``, ``replay``, ``tasks``, ``agents``,
-``bad-events``, and how an event and a state are shown as text.
+"""The read side of ``ccc``: ``events``, ``replay``, ``tasks`` (and ``tasks show ID``),
+``agents``, ``bad-events``, and how an event and a state are shown as text.
+
+The task board explains waits with the admission policy the cluster's coordinator runs
+with: ``ccc up`` publishes it to the cluster's settings (``<ns>_config``, key
+``fairness``), and ``ccc tasks`` reads it from there wherever it runs (none published: no
+fairness reasons; a value that does not decode: a ConfigError naming it).
 
 The commands get their connection from ``ctx.obj`` (a :class:`~.context.CliState`):
 ``obj.ns``, ``obj.settings()``, ``obj.store(nc)`` and ``obj.run(fn)``, which connects,
@@ -9,11 +14,13 @@ provisions and awaits ``fn(nc)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 from datetime import UTC, datetime
 
 import click
 import msgspec
 
+from events.spend import Book
 from events.agent import AgentEventBase
 from events.agent_state import AGENT_STATUSES, AgentState
 from events.agent_state import evolve as evolve_agent
@@ -23,9 +30,12 @@ from events.subjects import check_id
 from events.task import SPECIALTIES, TaskCreated, TaskEventBase
 from events.task_state import TASK_STATUSES, TaskState
 from events.task_state import evolve as evolve_task
+from projections.fairness import DEFAULT_POLICY, FairnessPolicy, explain
 from projections.read_model import MAX_BAD_KEPT, ReadModel
 from projections.waits import Waits
 
+from infra.adapters.nats.cluster_config import FAIRNESS, read_setting
+from infra.adapters.nats.spend_ledger import read_book
 from infra.shell.app.signals import until_signal
 from infra.shell.cli.output import emit_json, fmt_time, print_line, print_table
 
@@ -224,6 +234,32 @@ def _load_model(obj) -> ReadModel:
     return model
 
 
+class Board(NamedTuple):
+    model: ReadModel
+    fairness: FairnessPolicy | None  # the admission policy the coordinator published (None: none was)
+    budget: Book  # the spend ledger now: exhausted scopes explain waits
+
+    def waits(self) -> Waits:
+        return Waits(self.model.tasks, self.model.agents, fairness=self.fairness, budget=self.budget)
+
+
+def _load_board(obj) -> Board:
+    """The task view rebuilt from the log, the admission policy the coordinator published
+    and the spend ledger."""
+    model = ReadModel(obj.ns.prefix)
+
+    async def rebuild(nc) -> tuple[FairnessPolicy | None, Book]:
+        # first: a malformed policy or caps value fails before the replay, not after it
+        timeout = obj.settings().request_timeout
+        policy = await read_setting(nc, obj.ns, FAIRNESS, FairnessPolicy, timeout=timeout)
+        book = await read_book(nc, obj.ns, timeout=timeout)
+        await obj.store(nc).replay(model.apply)
+        return policy, book
+
+    policy, book = obj.run(rebuild)
+    return Board(model, policy, book)
+
+
 def _bad_footer(model: ReadModel) -> list[str]:
     return [f"bad events: {model.bad_count} (ccc bad-events lists them)"] if model.bad_count else []
 
@@ -241,19 +277,25 @@ def _counts(states) -> str:
 @json_option
 @click.pass_context
 def tasks_cmd(ctx, state, specialty, as_json) -> None:
-    """The task board, rebuilt from the event log; `ccc tasks cancel ID` cancels one.
+    """The task board, rebuilt from the event log; `ccc tasks show ID` shows one in full,
+    `ccc tasks cancel ID` cancels one.
 
     WAITING says what a task that is not moving by itself waits for: its checks, the
-    merge queue, a human, a file lease, a dependency, a retry backoff, an agent."""
+    merge queue, a human, a file lease, a dependency, a retry backoff, an exhausted
+    budget scope (`budget:<scope>`, see `ccc budget`), a fairness limit (the policy `ccc
+    up` published), an agent."""
     if ctx.invoked_subcommand is not None:
         return
-    model = _load_model(ctx.obj)
+    board = _load_board(ctx.obj)
+    model, fairness = board.model, board.fairness
     shown = [t for t in model.tasks.values()
              if (state is None or t.status == state) and (specialty is None or t.specialty == specialty)]
-    waits, now = Waits(model.tasks, model.agents), datetime.now(UTC)
+    waits, now = board.waits(), datetime.now(UTC)
     if as_json:
+        policy = fairness or DEFAULT_POLICY
         for t in shown:
-            emit_json({"seq": model.task_seq[t.task_id], "task": t, "waiting": waits.why(t, now)})
+            emit_json({"seq": model.task_seq[t.task_id], "task": t, "waiting": waits.why(t, now),
+                       "queue": explain(t, now, policy, model.tasks)})
         return
     rows = [(t.task_id, t.status, t.specialty, t.priority, t.agent_id, f"{t.attempt}/{t.max_attempts}",
              t.issue.title, waits.why(t, now)) for t in shown]
@@ -263,6 +305,52 @@ def tasks_cmd(ctx, state, specialty, as_json) -> None:
               + f"  (log at seq {model.last_seq})", *_bad_footer(model)]
     print_table(("TASK", "STATE", "SPECIALTY", "PRIORITY", "AGENT", "ATTEMPT", "TITLE", "WAITING"), rows,
                 footer=footer)
+
+
+@tasks_cmd.command("show")
+@click.argument("task_id")
+@json_option
+@click.pass_obj
+def tasks_show(obj, task_id, as_json) -> None:
+    """One task in full: its state, what it waits for, its place in the scheduler's
+    order while queued (lane and urgency), and why its agent was chosen."""
+    check_id(task_id, "task id")
+    board = _load_board(obj)
+    model, fairness = board.model, board.fairness
+    t = model.tasks.get(task_id)
+    if t is None:
+        raise ConfigError(f"no task {task_id}")
+    now = datetime.now(UTC)
+    waiting = board.waits().why(t, now)
+    queue = explain(t, now, fairness or DEFAULT_POLICY, model.tasks)
+    if as_json:
+        emit_json({"seq": model.task_seq[task_id], "task": t, "waiting": waiting, "queue": queue})
+        return
+    for label, value in task_detail(t, waiting, queue):
+        print_line(f"{label:<15} {value}")
+    print_line(f"(log at seq {model.last_seq})")
+
+
+def task_detail(t: TaskState, waiting: str, queue: str) -> list[tuple[str, str]]:
+    """``ccc tasks show``'s lines: (label, value), those without a value left out."""
+    i = t.issue
+    pr = f"#{t.pr_number}" if t.pr_number else ""
+    pr = " ".join(x for x in (pr, t.pr_url, f"({t.branch})" if t.branch else "") if x)
+    failure = f"{t.failure_phase or 'failed'}: {t.failure_reason}" if t.failure_reason else ""
+    lines = [
+        ("task", t.task_id), ("state", f"{t.status}  v{t.version}  updated {fmt_time(t.updated_at)}"),
+        ("title", i.title), ("issue", f"{i.source}:{i.repo}#{i.number}" + (f" by {i.author}" if i.author else "")),
+        ("specialty", f"{t.specialty}, {t.complexity}, priority {t.priority}, {t.security_level}"),
+        ("attempt", f"{t.attempt}/{t.max_attempts}" + (f", CI fixes {t.ci_fixes}" if t.ci_fixes else "")
+         + (f", rebases {t.rebases}" if t.rebases else "")),
+        ("agent", t.agent_id or ""), ("why this agent", t.assigned_why),
+        ("waiting", waiting), ("in the queue", queue),
+        ("dependencies", ", ".join(t.dependencies)), ("pull request", pr), ("failure", failure),
+        ("reason", t.status_reason),
+        ("cost", f"${t.dollars:.4f}, {t.input_tokens} tokens in, {t.output_tokens} out" if t.dollars
+         or t.input_tokens or t.output_tokens else ""),
+    ]
+    return [(label, value) for label, value in lines if value]
 
 
 @click.command("agents")

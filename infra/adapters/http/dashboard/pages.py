@@ -51,6 +51,7 @@ from litestar.params import FromPath
 from litestar.static_files import create_static_files_router
 from markupsafe import Markup
 
+from events.spend import Book
 from events.agent import Heartbeat
 from events.codec import decode_or_bad
 from events.errors import ConfigError, StoreUnavailable
@@ -125,9 +126,10 @@ class Dashboard:
 
     def __init__(self, live: LiveReadModel, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  consumers: Iterable[tuple[str, str]] | None = None, local_forge: bool = False,
-                 fairness: FairnessPolicy | None = None) -> None:
+                 fairness: FairnessPolicy | None = None, budget: Callable[[], Book | None] | None = None) -> None:
         self.live = live
         self.fairness = fairness  # the coordinator's admission policy: its limits explain waits
+        self.budget = budget  # the spend ledger as last seen: exhausted scopes explain waits
         self.local_forge = local_forge  # the actions serve the local forge here: merge and close
         self.store = live.store
         self.ns = live.store.ns
@@ -144,7 +146,7 @@ class Dashboard:
         # the coordinator's durable consumers: (stream, name); their pending count is lag
         self.consumers = tuple(consumers) if consumers is not None else (
             (self.ns.issues_stream, "coordinator-intake"), (self.ns.events_stream, "coordinator-reports"))
-        self._waits: tuple[int, Waits] | None = None
+        self._waits: tuple[tuple[int, int], Waits] | None = None
         self._side: tuple[float, int | None, dict[str, int | None]] | None = None
         self._entries: OrderedDict[int, LogEntry] = OrderedDict()
 
@@ -237,7 +239,8 @@ class Dashboard:
         entries = await self.history(task_id)
         if not entries and task_id not in self.model.tasks:
             raise PageError(404, f"no task {task_id!r}")
-        view = task_page(task_id, entries, self.clock())
+        view = task_page(task_id, entries, self.clock(), waits=self._board_waits(), tasks=self.model.tasks,
+                         fairness=self.fairness)
         seq = _int(request.query_params.get("seq"), "seq", default=view.last_seq, minimum=0)
         shown = replay(entries, seq)
         actions = task_actions(view.state, local_forge=self.local_forge) if view.state is not None else ()
@@ -389,9 +392,12 @@ class Dashboard:
         return process_masker().text(text), size or len(data), cut
 
     def _board_waits(self) -> Waits:
-        """The board's leases and merge queues, built once per log position."""
-        if self._waits is None or self._waits[0] != self.model.last_seq:
-            self._waits = (self.model.last_seq, Waits(self.model.tasks, self.model.agents, fairness=self.fairness))
+        """The board's leases and merge queues, built once per log position (and ledger
+        version: a cap raised changes the waits without an event)."""
+        book = self.budget() if self.budget is not None else None
+        key = (self.model.last_seq, book.version if book is not None else -1)
+        if self._waits is None or self._waits[0] != key:
+            self._waits = (key, Waits(self.model.tasks, self.model.agents, fairness=self.fairness, budget=book))
         return self._waits[1]
 
     # -- rendering ---------------------------------------------------------------------------
