@@ -18,13 +18,14 @@ if the model missed them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
 import structlog
 
 from events.errors import InfrastructureError
+from events.spend import Scope, scopes_for
 from events.subjects import task_id_for
 from events.task import (
     COMPLEXITIES,
@@ -80,7 +81,11 @@ class ToolModel(Protocol):
 
     model: str  # named in the reasons of the analyses it makes
 
-    async def call_tool(self, *, system: str, prompt: str, tool: Mapping[str, Any]) -> ToolAnswer: ...
+    async def call_tool(self, *, system: str, prompt: str, tool: Mapping[str, Any],
+                        charge_to: Sequence[Scope] = ()) -> ToolAnswer:
+        """``charge_to``: the spend-ledger scopes the call's cost belongs to (a model
+        without a ledger ignores them)."""
+        ...
 
 
 class _Answer(msgspec.Struct, kw_only=True):
@@ -157,6 +162,12 @@ class ClaudeAnalyser:
         self.mask = mask
         self.fallback = fallback or RuleAnalyser()
 
+    async def close(self) -> None:
+        """Release what the model holds (its client, its ledger's watch), if anything."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            await close()
+
     async def analyse(self, issue: IssueRef) -> Analysis:
         rules = await self.fallback.analyse(issue)
         try:
@@ -171,8 +182,9 @@ class ClaudeAnalyser:
 
     async def _ask(self, issue: IssueRef) -> tuple[_Answer, Usage]:
         try:  # the prompt masked, as everything we write where others read it
-            reply = await self.model.call_tool(system=SYSTEM, prompt=self.mask(issue_text(issue)),
-                                               tool=RECORD_ANALYSIS_TOOL)
+            reply = await self.model.call_tool(
+                system=SYSTEM, prompt=self.mask(issue_text(issue)), tool=RECORD_ANALYSIS_TOOL,
+                charge_to=scopes_for(task_id_for(issue.repo, issue.number, issue.source), issue.repo, issue.author))
         except InfrastructureError as exc:
             raise ClaudeUnavailable(str(exc)) from exc
         if reply.arguments is None:

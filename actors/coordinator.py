@@ -11,6 +11,12 @@ Inputs:
 * ``<ns>.agent.>``  (durable ``coordinator-reports``): agent reports -> task commands
 * ``<ns>.hb.*``     (ordered, latest per agent): heartbeats -> health
 * the live model's changes and timers -> scheduling passes
+
+Plugins (:mod:`actors.plugins`): the event hooks see every event the live model applies
+after the start (handed to their queues, never awaited); the assignment policies are
+asked about each assignment a pass plans (concurrently, each within its timeout) — a
+veto or a delay holds the task back (:class:`~actors.plugins.PluginHold`, its wait
+reason naming the plugin) and the next pass gives the slot to the next task in line.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from events.task import (
     TaskAnalysisStarted,
     TaskCancellationRequested,
     TaskCreated,
+    TaskEventBase,
     TaskStarted,
     TaskTestsStarted,
 )
@@ -55,6 +62,7 @@ from actors.analysis import Analyser, RuleAnalyser
 from actors.assignment_why import assignment_whys
 from actors.health import HealthMonitor
 from actors.intake import Intake, utcnow
+from actors.plugins import ALLOWED, NO_PLUGINS, PluginHold, PluginHooks, hold_for
 from actors.ports import NO_TELEMETRY, PullRequestBranches, SpendView, Telemetry
 from actors.pull_requests import PullRequests
 from actors.runtime import ConsumerLoop
@@ -89,6 +97,7 @@ class CoordinatorConfig:
         checks_timeout: float = 1800.0,
         merge_queue: bool | frozenset[str] = False,
         fairness: FairnessPolicy | None = None,
+        veto_recheck: float = 30.0,
     ) -> None:
         self.name = name
         # keep the KV views (<ns>_tasks, <ns>_agents) for `nats kv get`: the coordinator's
@@ -116,6 +125,10 @@ class CoordinatorConfig:
         if fairness is not None and not isinstance(fairness, FairnessPolicy):
             raise TypeError(f"fairness must be a FairnessPolicy, got {type(fairness).__name__}")
         self.fairness = fairness or DEFAULT_POLICY
+        # a task a plugin vetoed is asked about again after this many seconds
+        if veto_recheck <= 0:
+            raise ValueError("veto_recheck must be > 0")
+        self.veto_recheck = veto_recheck
 
 
 class Coordinator(Intake, PullRequests):
@@ -129,8 +142,12 @@ class Coordinator(Intake, PullRequests):
         telemetry: Telemetry = NO_TELEMETRY,
         branches: PullRequestBranches | None = None,
         spend: SpendView | None = None,
+        plugins: PluginHooks = NO_PLUGINS,
     ) -> None:
         self.nc = nc
+        self.plugins = plugins  # event hooks and assignment policies (actors.plugins)
+        self.holds: dict[str, PluginHold] = {}  # queued tasks a plugin holds back, until when
+        self._delays_served: set[str] = set()  # queued tasks whose plugin delay is over: not asked again
         self.spend = spend  # the spend ledger: queued tasks of an exhausted scope wait (None: no caps)
         self.branches = branches  # conflicts and the merge queue (None: not followed)
         self.ns = ns
@@ -161,6 +178,8 @@ class Coordinator(Intake, PullRequests):
             self.spend.on_change = self.kick
             await self.spend.start()
         await self.live.start()
+        # (after the replay: the event hooks see what happens from now on, not the history)
+        self.live.observers.append(self._observe_plugins)
         await self.health.start()
         await self.reconcile()
         name = self.config.name
@@ -189,6 +208,10 @@ class Coordinator(Intake, PullRequests):
         await self.live.stop()
         if self.spend is not None:
             await self.spend.stop()
+        close = getattr(self.analyser, "close", None)  # (the Claude analyser's client and ledger)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
 
     @property
     def consumers(self) -> tuple[ConsumerLoop, ...]:
@@ -201,6 +224,12 @@ class Coordinator(Intake, PullRequests):
     def _wake_scheduler(self, seq: int, item: object) -> None:
         if not isinstance(item, NOTHING_TO_SCHEDULE):
             self._kick.set()
+
+    def _observe_plugins(self, seq: int, item: object) -> None:
+        if isinstance(item, TaskEventBase):
+            self.plugins.observe(seq, item, self.model.tasks.get(item.task_id))
+        elif isinstance(item, AgentEventBase):
+            self.plugins.observe(seq, item, self.model.agents.get(item.agent_id))
 
     # -- task commands ---------------------------------------------------------------
     async def _run(
@@ -400,6 +429,7 @@ class Coordinator(Intake, PullRequests):
             for tid in self.model.queued
             if (t := self.model.tasks[tid]).not_before is not None and t.not_before > now
         ]
+        waits += [(h.until - now).total_seconds() for h in self.holds.values()]  # a plugin's hold ends
         book = self.budget()
         if book is not None and book.caps.any and self.model.queued:  # the daily scopes reset
             waits.append((next_reset(now) - now).total_seconds() + 0.5)
@@ -420,13 +450,16 @@ class Coordinator(Intake, PullRequests):
                     await self._run(task_id, ts.RequeueTask(at=utcnow(), actor=self.config.name,
                                                             reason="agent_lost", agent_id=holder))
         held = self._held()  # (also drops the reservations the model shows as assignments now)
-        queued = [t for t in model.queued if t not in self._reserved]
+        now = utcnow()
+        self._drop_holds(now)
+        queued = [t for t in model.queued if t not in self._reserved and t not in self.holds]
         if not queued:
             return 0  # (a task assigned at intake is reserved until the model shows it)
-        now = utcnow()
         plan = plan_assignments(model.tasks, model.agents, now, held=held, queued=queued,
                                 policy=self.config.fairness, running=[*model.holder, *self._reserved],
                                 budget=self.budget())
+        if plan and self.plugins.decides_assignments:
+            plan = await self._ask_plugins(plan, now)
         if not plan:
             return 0
         # the choice in words, on the event (the task view shows it): the same inputs, replayed
@@ -451,6 +484,61 @@ class Coordinator(Intake, PullRequests):
             await self.live.catch_up()
             self.kick()
         return len(done)
+
+    # -- plugins' assignment policies ----------------------------------------------------
+    async def _ask_plugins(self, plan: list[tuple[str, str]], now) -> list[tuple[str, str]]:
+        """The part of ``plan`` the plugins allow (each asked within its timeout: a pass
+        waits at most that long). A vetoed or delayed task is held back; the next pass
+        (kicked now) gives its agent's slot to the next task in line. The model moves
+        while the plugins think: only tasks still queued are assigned."""
+        model = self.model
+        served = [(t, a) for t, a in plan if t in self._delays_served]  # their delay was the answer
+        ask = [(t, a) for t, a in plan if t not in self._delays_served]
+        rulings = await asyncio.gather(*(self.plugins.assignment(model.tasks[t], model.agents[a])
+                                         for t, a in ask))
+        allowed = []
+        for (task_id, agent_id), ruling in [*((p, ALLOWED) for p in served), *zip(ask, rulings)]:
+            hold = hold_for(task_id, ruling, now, self.config.veto_recheck)
+            if hold is None:
+                state = model.tasks.get(task_id)
+                if state is not None and state.status == "queued":
+                    allowed.append((task_id, agent_id))
+                continue
+            self.holds[task_id] = hold
+            log.info("task.held_by_plugin", task_id=task_id, plugin=hold.plugin, kind=hold.kind,
+                     reason=hold.reason, until=hold.until.isoformat())
+        if len(allowed) < len(plan):
+            self.plugins.report_holds(list(self.holds.values()))
+            self.kick()
+        return allowed
+
+    def _drop_holds(self, now) -> None:
+        """Holds that ended, or whose task is no longer queued. A delay that is over was
+        the plugin's answer: the task goes to the next free agent without asking again
+        (a veto is asked again); that lasts while it stays queued."""
+        def queued(task_id: str) -> bool:
+            return (s := self.model.tasks.get(task_id)) is not None and s.status == "queued"
+
+        self._delays_served = {t for t in self._delays_served if queued(t)}
+        ended = [t for t, h in self.holds.items() if h.until <= now or not queued(t)]
+        for task_id in ended:
+            hold = self.holds.pop(task_id)
+            if hold.kind == "delay" and queued(task_id):
+                self._delays_served.add(task_id)
+        if ended:
+            self.plugins.report_holds(list(self.holds.values()))
+
+    def plugin_waits(self) -> dict[str, str]:
+        """``{task id: wait reason}`` of the holds in force now (``projections.waits``' ``plugins=``)."""
+        now = utcnow()
+        return {t: h.words for t, h in self.holds.items() if h.until > now}
+
+    def _direct_assignment(self, task_id: str, state: ts.TaskState | None,
+                           chain: list[ts.Command]) -> list[ts.Command]:
+        # an assignment a plugin must be asked about goes through a scheduling pass
+        if self.plugins.decides_assignments:
+            return []
+        return super()._direct_assignment(task_id, state, chain)
 
     # -- restart reconciliation --------------------------------------------------------
     async def reconcile(self) -> None:

@@ -16,6 +16,11 @@ the same reason the cache of renderings is trusted only when this process render
 the task's previous version; otherwise everything is written again (the forge reads
 labels before changing them, and edits a comment it already knows in one request).
 
+Plugins (:mod:`actors.plugins`): each hook plugin's ``tracking_comment`` text is added to
+the comment, under the plugin's name (a plugin that cannot answer is left out: the
+comment goes without it). Its text is the plugin's, so the rendering stays a function of
+the state only as far as the plugins' answers are.
+
 Failures: a retryable forge error (network, 5xx, rate limit) naks the event and it is
 redelivered with backoff; a permanent one (no such issue, no permission) is logged
 and the event acked: the issue cannot be updated, and retrying would not change that.
@@ -27,6 +32,7 @@ import asyncio
 import re
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -40,6 +46,7 @@ from events.subjects import Namespace
 from events.task_state import AWAITING_CHECKS, PR_OPEN, WITH_AGENT, TaskState
 from projections.live import LiveReadModel
 
+from actors.plugins import NO_PLUGINS, PluginHooks
 from actors.ports import NO_TELEMETRY, IssueForge, SecretMasker, Telemetry
 from actors.runtime import ConsumerLoop
 
@@ -83,6 +90,7 @@ _QUIET_REASONS = frozenset({"retry", "agent_lost", "handed_back"})
 MAX_REASON = 600
 MAX_CHECK_ROWS = 20
 MAX_FILES = 10
+MAX_NOTE = 2000  # characters of one plugin's text on the comment
 _SAFE_URL = re.compile(r"https?://[^\s()<>\[\]`'\"\\|]+")
 
 
@@ -200,9 +208,17 @@ def _checks(s: TaskState, mask: SecretMasker) -> list[str]:
     return [*lines, ""]
 
 
-def render_comment(state: TaskState, mask: SecretMasker) -> str:
+def _note(value: str, mask: SecretMasker) -> str:
+    """A plugin's Markdown, safe on a public issue: secrets masked, no HTML (so no forged
+    marker), bounded; its lines kept."""
+    text = mask(value).strip()[:MAX_NOTE]
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render_comment(state: TaskState, mask: SecretMasker, notes: Sequence[tuple[str, str]] = ()) -> str:
     """The tracking comment for ``state``: deterministic (no clock), so equal states
-    give byte-equal bodies. ``mask`` removes secrets from the free text of events."""
+    give byte-equal bodies. ``mask`` removes secrets from the free text of events.
+    ``notes``: ``(plugin, text)`` the hook plugins add (:mod:`actors.plugins`)."""
     s = state
     status = _PHASE[s.status] + _round(s)
     if s.cancel_requested and s.status in WITH_AGENT:
@@ -228,6 +244,8 @@ def render_comment(state: TaskState, mask: SecretMasker) -> str:
         lines += [f"Previous attempt failed{phase}: {_text(s.failure_reason, mask)}", ""]
     if s.status != "failed" and s.status_reason and s.status_reason not in _QUIET_REASONS:
         lines += [f"Reason: {_text(s.status_reason, mask)}", ""]
+    for plugin, text in notes:
+        lines += [f"**{_code(plugin, mask, 64)}:** {_note(text, mask)}", ""]
     lines.append("<sub>Kept up to date from the task's event log by claude-code-cluster; "
                  "edits to this comment are overwritten.</sub>")
     return "\n".join(lines)
@@ -254,10 +272,12 @@ class ForgeSync:
         concurrency: int = 8,
         cache_size: int = 10_000,
         telemetry: Telemetry = NO_TELEMETRY,
+        plugins: PluginHooks = NO_PLUGINS,
     ) -> None:
         self.nc = nc
         self.ns = ns
         self.forge = forge
+        self.plugins = plugins  # tracking-comment text of the hook plugins
         self.mask = mask
         self.telemetry = telemetry
         self.name = name
@@ -344,7 +364,8 @@ class ForgeSync:
         # have rendered the versions in between, and everything is written again.
         if prev is not None and prev.version != state.version - 1:
             prev = None
-        label, body = state_label(state), render_comment(state, self.mask)
+        notes = await self.plugins.tracking_comment(state) if self.plugins.comments else ()
+        label, body = state_label(state), render_comment(state, self.mask, notes)
         repo, number = state.issue.repo, state.issue.number
         wrote = False
         if prev is None or prev.label != label:

@@ -2,7 +2,7 @@
 the agent's own aggregate; the coordinator turns reports into task transitions.
 
     workspace (clone) -> analyse codebase -> implement (coder) + commit -> run tests
-      -> push -> open pull request
+      -> [plugins' pull-request policies] -> push -> open pull request
 
 The task says which round (``task.work``):
 
@@ -48,7 +48,6 @@ a retry may help. Everything outside the process comes in through the Protocols 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -56,6 +55,7 @@ import msgspec
 import structlog
 
 from events.errors import CccError
+from events.refs import object_digest
 from events.secrets import process_masker
 from events.task_state import TaskState
 from events.work import BranchRound, Budget, CodeOutcome, CodeRequest, Rebase
@@ -69,6 +69,7 @@ from events.work_reports import (
     WorkspacePrepared,
 )
 
+from actors.plugins import NO_PLUGINS, PluginHooks, Veto
 from actors.ports import Artifacts, Coder, ForgeClient, Workbench
 
 log = structlog.get_logger("ccc.pipeline")
@@ -83,6 +84,9 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     author_email: str = "ccc@localhost"
     budget: Budget = msgspec.field(default_factory=Budget)
     max_file_bytes: int = 5 * 1024 * 1024  # a pushed change with a bigger file is refused
+    # the pull-request policies of the process's hook plugins (actors.plugins), asked
+    # before each push; none by default
+    plugins: PluginHooks = NO_PLUGINS
 
 
 class Superseded(Exception):
@@ -110,7 +114,9 @@ class PhaseFailed(CccError):
 
 
 def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    """The object store's own digest of ``data`` (``SHA-256=<base64url>``): what it
+    records for the stored object, so the two compare as strings (:mod:`events.refs`)."""
+    return object_digest(data)
 
 
 REBASE_CODER = "git-rebase"  # the "coder" of a rebase that applied by itself
@@ -360,6 +366,21 @@ async def run_pipeline(
                 why = "tests timed out" if result.timed_out else (
                     f"{failed} test(s) failed" if failed else f"test command exited {result.exit_code}")
                 raise PhaseFailed("testing", why, retryable=True, log_ref=log_ref)
+
+        # the plugins' pull-request policies, before anything leaves the workspace: a
+        # veto is for a human (the commit stays on the workspace's branch, the diff in the
+        # artifacts); a plugin that cannot answer refuses too, retryable (actors.plugins).
+        # A moved branch pushes nothing: there is nothing to ask about.
+        if moved is None and settings.plugins.asks_pull_requests:
+            phase = "policy"
+            draft_now = (budget_hit or not tests_ok) if work == "implement" else task.draft
+            ruling = await settings.plugins.pull_request(task, tuple(files), draft_now)
+            if isinstance(ruling.decision, Veto):
+                log.info("pipeline.pull_request_refused", task_id=task.task_id, plugin=ruling.plugin,
+                         reason=ruling.decision.reason, fault=ruling.fault)
+                raise PhaseFailed(phase, f"plugin {ruling.plugin} refused the pull request: "
+                                         f"{ruling.decision.reason}; not pushed",
+                                  retryable=bool(ruling.fault), log_ref=diff_ref)
 
         # 5. push (the commit of step 3, checked first; a round's, leased on the branch's
         # head when the round started); a moved branch is on the forge already: no push

@@ -37,11 +37,11 @@ class ImplementationProduced(WorkReportBody):
     summary: str = ""
     files_changed: tuple[str, ...] = ()
     diff_stat: str = ""
-    diff_ref: str = ""  # object store name; the diff itself is never in an event
-    diff_digest: str = ""  # sha256 of the diff
+    diff_ref: str = ""  # "<bucket> <name>" in the object store (events.refs); never the diff itself
+    diff_digest: str = ""  # the object store's digest of the diff stored: "SHA-256=<base64url>"
     turns: int = 0
     usage: Usage | None = None
-    transcript_ref: str = ""
+    transcript_ref: str = ""  # the coder's transcript: "<bucket> <name>", like every reference
 
 
 class TestsRun(WorkReportBody):
@@ -55,7 +55,7 @@ class TestsRun(WorkReportBody):
     skipped: int = 0
     duration: float = 0.0
     timed_out: bool = False
-    log_ref: str = ""
+    log_ref: str = ""  # the test output: "<bucket> <name>" (events.refs)
 
 
 class ChangesPushed(WorkReportBody):
@@ -81,4 +81,4 @@ class WorkFailed(WorkReportBody):
     phase: str
     reason: str
     retryable: bool = True
-    log_ref: str = ""
+    log_ref: str = ""  # what shows the failure (a test log, the diff): "<bucket> <name>"

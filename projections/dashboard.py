@@ -536,7 +536,7 @@ class Detail(msgspec.Struct, frozen=True):
 
 
 class ArtifactRef(msgspec.Struct, frozen=True, kw_only=True):
-    ref: str  # ``<bucket>/<name>``: what the reports carry
+    ref: str  # ``<bucket> <name>``: what the reports carry (events.refs)
     kind: str  # "diff", "test log", "transcript", "failure log", "check log"
     seq: int  # of the event that named it
     attempt: int = 0

@@ -21,7 +21,9 @@ Read-your-writes: a writer that got stream sequence N back from ``append`` passe
 ``min_seq=N``; the request waits (bounded) until the projection has applied N and
 answers 504 if it does not in time.
 
-The OpenAPI document is at ``/schema/openapi.json``.
+The OpenAPI document is at ``/schema/openapi.json``; beside it, ``/asyncapi.json`` is the
+AsyncAPI 3.0 document of the cluster's subjects and events (:mod:`events.contract`, the
+committed current version).
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, QueryParameter
 from prometheus_client import CollectorRegistry
 
-from events.spend import Book
 from events.agent_state import AGENT_STATUSES
+from events.contract import committed_asyncapi
 from events.errors import ConfigError, StoreUnavailable
 from events.subjects import check_id
 from events.task import SPECIALTIES
 from events.task_state import TASK_STATUSES
 
+from projections.waits import Holds
 from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
 from projections.metrics import ClusterMetrics, LogCounters
@@ -210,6 +213,12 @@ async def health(reader: Reader) -> Response[Health]:
     return Response(body, status_code=200 if ok else 503)
 
 
+@get("/asyncapi.json", sync_to_thread=False, include_in_schema=False)  # a document beside OpenAPI's, not an endpoint
+def asyncapi() -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of the subjects: every event type, its channel, its writers and readers."""
+    return committed_asyncapi()
+
+
 # -- errors: one body shape for every failure ----------------------------------------------
 def _error(status: int, detail: str, parameter: str | None = None) -> Response[ErrorBody]:
     slug = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
@@ -247,7 +256,7 @@ def _on_internal(request: Request, exc: Exception) -> Response[ErrorBody]:
 
 # -- the app -----------------------------------------------------------------------------
 HANDLERS = [list_tasks, get_task, task_events, list_agents, get_agent, agent_tasks, cluster,
-            bad_events, health]
+            bad_events, health, asyncapi]
 
 
 def register_log_metrics(live: LiveReadModel, registry: CollectorRegistry) -> Callable[[], Awaitable[None]]:
@@ -273,16 +282,16 @@ def register_log_metrics(live: LiveReadModel, registry: CollectorRegistry) -> Ca
 def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
                route_handlers: Sequence[Any] = (), middleware: Sequence[Any] = (),
                guards: Sequence[Any] = (), clock: Callable[[], datetime] | None = None,
-               fairness: FairnessPolicy | None = None, budget: Callable[[], Book | None] | None = None) -> Litestar:
+               fairness: FairnessPolicy | None = None, holds: Callable[[], Holds] | None = None) -> Litestar:
     """The status API over ``live``. The caller owns ``live`` (starts and stops it), and
     adds what is served beside the API: ``route_handlers`` (``/metrics``), ASGI
     ``middleware`` (the request metrics) and app-wide ``guards`` (the server's access
     check; a route states the scope it needs as ``opt={"scope": "write"}``, plain data,
     so the handlers here need not know how access is checked). ``clock``: "now" for the
     tasks' ``waiting`` (the wall clock by default)."""
-    reader = (StatusReader(live, min_seq_timeout=min_seq_timeout, fairness=fairness, budget=budget)
+    reader = (StatusReader(live, min_seq_timeout=min_seq_timeout, fairness=fairness, holds=holds)
               if clock is None else
-              StatusReader(live, min_seq_timeout=min_seq_timeout, clock=clock, fairness=fairness, budget=budget))
+              StatusReader(live, min_seq_timeout=min_seq_timeout, clock=clock, fairness=fairness, holds=holds))
 
     def provide_reader() -> StatusReader:
         return reader
@@ -310,7 +319,9 @@ def create_app(live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
                 "Read-only views of the cluster, projected from the JetStream event log: "
                 "tasks, agents, cluster load, the events of a task, and the messages the "
                 "projection could not apply. Errors are {error, detail, parameter?}. Pass "
-                "min_seq=<stream seq> to read your own writes."
+                "min_seq=<stream seq> to read your own writes. The events themselves (subjects, "
+                "payload schemas, writers and readers) are described by the AsyncAPI document at "
+                "/asyncapi.json."
             ),
             path=OPENAPI_PATH,
         ),

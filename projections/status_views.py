@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import msgspec
 
-from events.spend import Book
 from events.agent_state import AgentState
 from events.codec import BadMessage
 from events.task_state import TaskState
@@ -21,7 +20,7 @@ from events.task_state import TaskState
 from projections.fairness import DEFAULT_POLICY, FairnessPolicy, explain
 from projections.live import LiveReadModel
 from projections.read_model import ReadModel
-from projections.waits import Waits
+from projections.waits import Holds, Waits
 
 MIN_SEQ_TIMEOUT = 5.0
 
@@ -108,14 +107,14 @@ class StatusReader:
 
     def __init__(self, live: LiveReadModel, *, min_seq_timeout: float = MIN_SEQ_TIMEOUT,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 fairness: FairnessPolicy | None = None, budget: Callable[[], Book | None] | None = None) -> None:
+                 fairness: FairnessPolicy | None = None, holds: Callable[[], Holds] | None = None) -> None:
         self.live = live
         self.fairness = fairness  # the coordinator's admission policy: its limits explain waits
-        self.budget = budget  # the spend ledger as last seen: exhausted scopes explain waits
+        self.holds = holds  # the spend ledger and the plugins' holds: they explain waits too
         self.min_seq_timeout = min_seq_timeout
         self.clock = clock  # "now" for the waiting reasons (backoff left, checks running for)
         self._order: list[str] = []  # task ids by (created_at, task_id)
-        self._waits: tuple[tuple[int, int], Waits] | None = None  # ((log position, ledger version), ...)
+        self._waits: tuple[tuple, Waits] | None = None  # ((log position, the holds' key), ...)
 
     @property
     def model(self) -> ReadModel:
@@ -142,10 +141,10 @@ class StatusReader:
 
     def waits(self) -> Waits:
         """The board's leases and merge queues, built once per log position."""
-        book = self.budget() if self.budget is not None else None
-        key = (self.model.last_seq, book.version if book is not None else -1)
+        holds = self.holds() if self.holds is not None else Holds()
+        key = (self.model.last_seq, holds.key())
         if self._waits is None or self._waits[0] != key:
-            self._waits = (key, Waits(self.model.tasks, self.model.agents, fairness=self.fairness, budget=book))
+            self._waits = (key, Waits.of(self.model.tasks, self.model.agents, self.fairness, holds))
         return self._waits[1]
 
     def _task_out(self, state: TaskState, waits: Waits, now: datetime) -> TaskOut:

@@ -11,7 +11,9 @@ dependencies, retry backoff, file lease, budget (``budget:<scope>``: a scope of 
 ledger, :mod:`events.spend`, is exhausted — given the ledger as ``budget=``), fairness
 (:mod:`projections.fairness`: its repository or author at its limit of tasks with an
 agent, or kept for a task starving ahead of it — the same check the scheduler makes,
-given the same policy), then which
+given the same policy), a hook plugin's assignment policy holding it back (``plugin
+<name> vetoes it: ...`` / ``... delays it until ...``: the words of the coordinator's
+holds, :mod:`actors.plugins`, given as ``plugins=``), then which
 agent it needs. The fairness reason appears only when the caller passes the cluster's
 :class:`~projections.fairness.FairnessPolicy` (``fairness=``).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 from datetime import UTC, datetime
 
 from events.agent_state import ACCEPTING, ONLINE, AgentState
@@ -109,6 +112,7 @@ def why_waiting(
     agents: Mapping[str, AgentState] | None = None,
     fairness: FairnessPolicy | None = None,
     budget: Book | None = None,
+    plugins: Mapping[str, str] | None = None,
 ) -> str:
     """What ``task`` waits for, in a few words, or ``""`` if it moves by itself (or is
     done). ``tasks``: every task (dependencies, leases, queue order); ``lease_index`` and
@@ -116,11 +120,12 @@ def why_waiting(
     ``agents``: the agent view, to say *which* agent a queued task waits for (none online
     with its specialty, or all capable ones full); ``fairness``: the cluster's admission
     policy, to say when a fairness limit holds the task back; ``budget``: the spend
-    ledger, to say when an exhausted scope does."""
+    ledger, to say when an exhausted scope does; ``plugins``: ``{task id: words}`` of the
+    hook plugins' holds in force (the coordinator's, :mod:`actors.plugins`)."""
     held_back = None
     if fairness is not None and task.status == "queued" and fairness.limited:
         held_back = fairness_pass(tasks, now, fairness, lease_index, budget)
-    return _bounded(_reason(task, tasks, now, lease_index, merge_queues, agents, held_back, budget))
+    return _bounded(_reason(task, tasks, now, lease_index, merge_queues, agents, held_back, budget, plugins))
 
 
 def fairness_pass(tasks: Mapping[str, TaskState], now: datetime, policy: FairnessPolicy,
@@ -152,13 +157,14 @@ def fairness_words(limit: Limit) -> str:
 def _reason(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
             leases: LeaseIndex | None, queues: MergeQueues | None,
             agents: Mapping[str, AgentState] | None = None,
-            held_back: Mapping[str, Limit] | None = None, budget: Book | None = None) -> str:
+            held_back: Mapping[str, Limit] | None = None, budget: Book | None = None,
+            plugins: Mapping[str, str] | None = None) -> str:
     t = task
     match t.status:
         case "pending":
             return "waiting for analysis"
         case "queued":
-            return _queued(t, tasks, now, leases, agents, held_back, budget)
+            return _queued(t, tasks, now, leases, agents, held_back, budget, plugins)
         case "checking":
             if t.reruns and failing(t.checks):
                 return f"re-running {_rerun(t)} on {sha7(t.head_sha)}{_since(t.checks_since, now)}"
@@ -197,7 +203,8 @@ def _rerun(t: TaskState) -> str:
 
 def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases: LeaseIndex | None,
             agents: Mapping[str, AgentState] | None = None,
-            held_back: Mapping[str, Limit] | None = None, budget: Book | None = None) -> str:
+            held_back: Mapping[str, Limit] | None = None, budget: Book | None = None,
+            plugins: Mapping[str, str] | None = None) -> str:
     open_deps = [(d, tasks[d].status if d in tasks else "unknown task") for d in t.dependencies
                  if d not in tasks or tasks[d].status != "completed"]
     if open_deps:
@@ -215,6 +222,8 @@ def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases:
         return money
     if held_back and (limit := held_back.get(t.task_id)) is not None:
         return fairness_words(limit)
+    if plugins and (words := plugins.get(t.task_id)):
+        return words
     agent = "an agent" if agents is None else _which_agent(t, tasks, agents)
     if t.work == "ci_fix":
         of = f" of {t.max_ci_fixes}" if t.max_ci_fixes >= t.ci_fixes > 0 else ""
@@ -256,13 +265,33 @@ def _which_agent(t: TaskState, tasks: Mapping[str, TaskState], agents: Mapping[s
     return "the scheduler (a capable agent has a free slot)"
 
 
+class Holds(NamedTuple):
+    """What holds queued tasks back that the log does not show: the spend ledger as last
+    seen and the hook plugins' holds in force (``{task id: words}``). A view that keeps
+    its :class:`Waits` per log position keys it with :meth:`key` too."""
+
+    budget: Book | None = None
+    plugins: Mapping[str, str] | None = None
+
+    def key(self) -> tuple:
+        return (self.budget.version if self.budget is not None else -1,
+                frozenset(self.plugins.items()) if self.plugins else frozenset())
+
+
 class Waits:
     """:func:`why_waiting` for many tasks of one board: the leases and the merge queues
     are built once, from ``tasks`` as they are now (and the fairness pass once per ``now``)."""
 
+    @classmethod
+    def of(cls, tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState] | None,
+           fairness: FairnessPolicy | None, holds: Holds) -> Waits:
+        return cls(tasks, agents, fairness=fairness, budget=holds.budget, plugins=holds.plugins)
+
     def __init__(self, tasks: Mapping[str, TaskState], agents: Mapping[str, AgentState] | None = None,
-                 fairness: FairnessPolicy | None = None, budget: Book | None = None) -> None:
+                 fairness: FairnessPolicy | None = None, budget: Book | None = None,
+                 plugins: Mapping[str, str] | None = None) -> None:
         self.tasks = tasks
+        self.plugins = plugins
         self.agents = agents
         self.fairness = fairness
         self.budget = budget
@@ -277,8 +306,8 @@ class Waits:
                 self._held_back = (now, fairness_pass(self.tasks, now, self.fairness, self.leases, self.budget))
             held_back = self._held_back[1]
         return _bounded(_reason(task, self.tasks, now, self.leases, self.queues, self.agents, held_back,
-                                self.budget))
+                                self.budget, self.plugins))
 
 
-__all__ = ["MAX_WAIT_CHARS", "MergeQueues", "Waits", "age", "clock", "fairness_pass", "fairness_words",
+__all__ = ["MAX_WAIT_CHARS", "Holds", "MergeQueues", "Waits", "age", "clock", "fairness_pass", "fairness_words",
            "names", "sha7", "why_waiting"]

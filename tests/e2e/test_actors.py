@@ -13,6 +13,7 @@ from actors.agent import Agent, AgentConfig
 from actors.coordinator import Coordinator, CoordinatorConfig
 from actors.pipeline import PipelineSettings
 from events.issue import IssuePullRequestMerged
+from events.refs import split_ref
 from infra.adapters.coders.scripted import ScriptedCoder
 from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
@@ -103,7 +104,7 @@ async def test_issue_becomes_a_pushed_branch_with_passing_tests(nc, ns, store, c
         assert kind in kinds
     impl = next(e.event for e in loaded.events if e.event.__struct_config__.tag == "agent.implementation_produced")
     obs = await nc.jetstream().object_store(ns.artifacts_bucket)
-    diff = (await obs.get(impl.diff_ref.split("/", 1)[1])).data.decode()
+    diff = (await obs.get(split_ref(impl.diff_ref).name)).data.decode()
     assert "+    return a + b" in diff
     # merge -> completed, and the change is on main
     await publish_issue(nc, ns, IssuePullRequestMerged(event_id="m1", repo="acme/calc", number=1,

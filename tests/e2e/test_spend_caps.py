@@ -13,6 +13,7 @@ import asyncio
 import json
 from datetime import UTC, datetime
 
+import httpx
 import msgspec
 import pytest
 from click.testing import CliRunner
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 from events.spend import MICRO
 from events.task import TaskPullRequestOpened
 from infra.shell.cli.main import cli
+from projections.status_api import PREFIX as API
 from projections.waits import why_waiting
 from tests.e2e.test_pr_to_green import CALC_FILES
 from tests.fakes.anthropic_api import fake_anthropic, reply, tool_call, usage  # noqa: F401 - a fixture
@@ -51,7 +53,7 @@ async def test_a_day_cap_stops_work_with_a_draft_and_holds_the_queue_until_raise
         reply("Added sub().", use=usage(3500, 100)),
     )
     async with scene(tmp_path, nats_url, ns, "acme/calc", CALC_FILES, {}, coder="anthropic",
-                     budget=(None, "0.15", (), ())) as s:
+                     budget=(None, "0.15", (), ()), api_port=0) as s:
         await s.open_issue(1, "Add a subtract function")
         await s.until(1, lambda t: t.pr_number is not None, "a pull request", timeout=90)
         opened = [e for e in await s.events(1) if isinstance(e, TaskPullRequestOpened)]
@@ -88,6 +90,11 @@ async def test_a_day_cap_stops_work_with_a_draft_and_holds_the_queue_until_raise
         assert board.exit_code == 0, board.output
         row = next(r for r in map(json.loads, board.stdout.splitlines()) if r["task"]["task_id"] == s.task_id(2))
         assert row["waiting"].startswith("budget:day — $0.09 of $0.15 spent today; resumes at "), row["waiting"]
+
+        # and the status API (the board's data)
+        async with httpx.AsyncClient(base_url=s.cluster.api.url) as http:
+            view = (await http.get(f"{API}/tasks/{s.task_id(2)}")).json()
+        assert view["waiting"] == row["waiting"], view
 
         raised = await ccc(nats_url, ns, "budget", "set", "--budget-day", "5")
         assert raised.exit_code == 0, raised.output

@@ -118,3 +118,45 @@ async def test_the_reason_recorded_carries_no_secret(fake: FakeAnthropic) -> Non
     a = await analyser_for(fake).analyse(ISSUE)
     assert "Claude unavailable (Anthropic API error: 500" in a.reasons[-1]
     assert leaked not in a.reasons[-1] and "***" in a.reasons[-1]
+
+
+# -- the spend ledger: the analysis call is charged like an agent's --------------------------
+async def test_the_analysis_call_is_charged_to_the_ledger_and_a_spent_scope_falls_back_to_the_rules(
+        fake: FakeAnthropic, nc) -> None:
+    import os
+    import time
+
+    import msgspec
+
+    from events.spend import Caps, Entry, Scope, period_of
+    from events.subjects import Namespace
+    from infra.adapters.nats.cluster_config import BUDGET, write_setting
+    from infra.adapters.nats.provisioning import provision, spend_bucket
+    from infra.adapters.nats.spend_ledger import KVSpendLedger
+    from tests.conftest import eventually
+
+    ns = Namespace("tan" + os.urandom(4).hex())
+    await provision(nc, ns)
+    await write_setting(nc, ns, BUDGET, Caps(repo=0.05))
+    client = anthropic.AsyncAnthropic(api_key="test-key", base_url=fake.base_url, max_retries=0)
+    model = ClaudeToolModel(client=client, model=MODEL, ledger=KVSpendLedger(nc, ns, name="analyser"))
+    analyser = ClaudeAnalyser(model, mask=mask_secrets)
+    try:
+        fake.add(tool_call(TOOL_NAME, GOOD, use=usage(800, 120)))
+        a = await analyser.analyse(ISSUE)
+        assert a.reasons[0] == f"analysed by Claude ({MODEL})"
+        kv = await nc.jetstream().key_value(spend_bucket(ns))
+        day = period_of(time.time())
+        repo = msgspec.json.decode((await kv.get(Scope("repo", "acme/shop").key(day))).value, type=Entry)
+        task = msgspec.json.decode((await kv.get(Scope("task", task_id_for("acme/shop", 42, "github")).key(day)))
+                                   .value, type=Entry)
+        cost = round(prices.cost(MODEL, input_tokens=800, output_tokens=120) * 1e6)
+        assert abs(repo.spent - cost) <= 1 and repo.holds == {} and task.spent == repo.spent
+        # the repository's cap spent: no call is made, the rules answer and say why
+        await write_setting(nc, ns, BUDGET, Caps(repo=repo.spent / 1e6))
+        await eventually(lambda: model.ledger.caps.repo == repo.spent / 1e6, timeout=5)
+        a = await analyser.analyse(ISSUE)
+        assert len(fake.requests) == 1, "no call in an exhausted scope"
+        assert any(r.startswith("Claude unavailable (budget:repo:acme/shop exhausted") for r in a.reasons), a.reasons
+    finally:
+        await analyser.close()

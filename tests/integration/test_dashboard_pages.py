@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from urllib.parse import quote
 from datetime import UTC, datetime, timedelta
 from html import unescape
 
@@ -21,6 +22,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from events import agent_state, task_state
 from events.agent import Heartbeat
 from events.agent_state import RegisterAgent, ReportWork, StartAgentTask
+from events.refs import artifact_ref
 from events.store import EventStore
 from events.task import Analysis, IssueRef, Usage
 from events.task_state import (
@@ -85,11 +87,11 @@ async def build_world(store: EventStore, nc) -> World:
     obs = await nc.jetstream().object_store(ns.artifacts_bucket)
     refs = {}
     await obs.put("diffs/acme_shop-1/1.diff", f"--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-old\n+new {SECRET}\n".encode())
-    refs["diff"] = f"{ns.artifacts_bucket}/diffs/acme_shop-1/1.diff"
+    refs["diff"] = artifact_ref(ns.artifacts_bucket, "diffs/acme_shop-1/1.diff")
     await obs.put("logs/acme_shop-1/1/tests.log", ("FAILED test_x <b>bold</b>\n" * 10 + "x" * MAX_ARTIFACT_SHOWN).encode())
-    refs["log"] = f"{ns.artifacts_bucket}/logs/acme_shop-1/1/tests.log"
+    refs["log"] = artifact_ref(ns.artifacts_bucket, "logs/acme_shop-1/1/tests.log")
     await obs.put("diffs/other/1.diff", b"not this task's")
-    refs["other"] = f"{ns.artifacts_bucket}/diffs/other/1.diff"
+    refs["other"] = artifact_ref(ns.artifacts_bucket, "diffs/other/1.diff")
 
     seqs: dict[str, list[int]] = {}
     span = NonRecordingSpan(SpanContext(TRACE_ID, SPAN_ID, is_remote=False, trace_flags=TraceFlags(1)))
@@ -307,20 +309,23 @@ async def test_replay_at_a_past_sequence_shows_that_state(served):
 async def test_artifacts_are_masked_bounded_and_only_the_tasks_own(served):
     client, world, _ = served
     page = (await client.get("/tasks/acme_shop-1")).text
-    diff_link = f'/tasks/acme_shop-1/artifacts/{world.refs["diff"]}'
+    diff_link = f'/tasks/acme_shop-1/artifacts/{quote(world.refs["diff"])}'
     assert f'href="{diff_link}"' in page
     r = await client.get(diff_link)
     html = assert_page(r, "artifact")
     assert SECRET not in html and "+new ***" in text_of(html)  # masked again on the way out
     assert '<span class="add">+new ***</span>' in html and '<span class="del">-old</span>' in html
 
-    log = await client.get(f'/tasks/acme_shop-1/artifacts/{world.refs["log"]}')
+    log = await client.get(f'/tasks/acme_shop-1/artifacts/{quote(world.refs["log"])}')
     assert log.status_code == 200 and "&lt;b&gt;bold&lt;/b&gt;" in log.text and "<b>bold" not in log.text
     assert "Only the first 512 KiB are shown" in text_of(log.text)
     assert len(log.text) < MAX_ARTIFACT_SHOWN + 20_000
 
-    other = await client.get(f'/tasks/acme_shop-1/artifacts/{world.refs["other"]}')
+    other = await client.get(f'/tasks/acme_shop-1/artifacts/{quote(world.refs["other"])}')
     assert other.status_code == 404  # in the bucket, but not named by this task's events
+    # a link of an older version (``<bucket>/<name>``) still finds the artifact
+    old = await client.get(f'/tasks/acme_shop-1/artifacts/{world.refs["diff"].replace(" ", "/", 1)}')
+    assert old.status_code == 200 and "+new ***" in text_of(old.text)
 
 
 async def test_a_new_event_shows_on_the_next_fetch(served, store):

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from events.store import EventStore
-from projections.kv_writer import CHECKPOINT_KEY
+from projections.kv_writer import VIEWS_CHECKPOINT, checkpoints_bucket
 from projections.live import LiveReadModel
 from projections.read_model import ReadModel
 from tests.conftest import eventually
@@ -56,7 +56,8 @@ async def test_kv_materialisation_and_checkpoint(store, nc):
         for aid, state in model.agents.items():
             value = msgspec.json.decode((await kv_agents.get(aid)).value)
             assert value["status"] == state.status and value["applied_seq"] == model.agent_seq[aid]
-        checkpoint = msgspec.json.decode((await kv_tasks.get(CHECKPOINT_KEY)).value)
+        kv_checkpoints = await js.key_value(checkpoints_bucket(store.ns))
+        checkpoint = msgspec.json.decode((await kv_checkpoints.get(VIEWS_CHECKPOINT)).value)
         assert checkpoint["applied_seq"] == len(log)
 
         # new events reach KV while following

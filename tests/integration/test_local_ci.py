@@ -16,6 +16,7 @@ from events import task_state as ts
 from events.checks import LOG_TAIL_CHARS, CheckRun
 from events.codec import decode_issue
 from events.issue import IssueChecksCompleted
+from events.refs import split_ref
 from events.subjects import task_id_for
 from events.task import IssueRef
 from infra.adapters.forge.local import LocalForge
@@ -97,7 +98,7 @@ def make_runner(nc, ns, store, forge, tmp_path):
 
 
 async def stored_log(nc, ref: str) -> str:
-    bucket, name = ref.split("/", 1)
+    bucket, name = split_ref(ref)
     obs = await nc.jetstream().object_store(bucket)
     return (await obs.get(name)).data.decode()
 

@@ -13,6 +13,7 @@ import pytest
 from msgspec.structs import replace
 
 from actors.pipeline import FORGE_BRANCH_CODER, REBASE_CODER, PhaseFailed, PipelineSettings, run_pipeline
+from events.refs import split_ref
 from events.secrets import add_secrets, forget_added_secrets
 from events.task import IssueRef
 from events.task_state import TaskState
@@ -232,7 +233,7 @@ async def test_a_ci_fix_pushes_a_new_commit_on_the_same_branch_of_the_same_pull_
     assert one(reports, WorkspacePrepared).base_commit == main
     assert one(reports, TestsRun).exit_code == 0
     obs = await nc.jetstream().object_store(ns.artifacts_bucket)
-    diff = (await obs.get(impl.diff_ref.split("/", 1)[1])).data.decode()
+    diff = (await obs.get(split_ref(impl.diff_ref).name)).data.decode()
     assert "+    return a + b" in diff and "+# multiplies" in diff and "README" not in diff
 
 
@@ -330,7 +331,7 @@ async def test_a_ci_fix_whose_fix_was_pushed_by_a_lost_attempt_reports_the_pushe
     impl = one(reports, ImplementationProduced)
     assert impl.files_changed == ("calc.py",)
     obs = await nc.jetstream().object_store(ns.artifacts_bucket)
-    diff = (await obs.get(impl.diff_ref.split("/", 1)[1])).data.decode()
+    diff = (await obs.get(split_ref(impl.diff_ref).name)).data.decode()
     assert "+    return a + b" in diff and "+# multiplies" in diff and "README" not in diff
     assert one(reports, TestsRun).exit_code == 0  # the tests ran on the moved head, as usual
 

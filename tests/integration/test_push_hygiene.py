@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from actors.pipeline import PhaseFailed, PipelineSettings, instructions_of, run_pipeline
+from events.refs import split_ref
 from events.secrets import add_secrets, forget_added_secrets
 from events.task import IssueRef
 from events.task_state import TaskState
@@ -446,7 +447,7 @@ async def test_a_change_with_a_known_secret_fails_the_push_and_is_kept_masked(nc
     [impl] = [r for r in reports if isinstance(r, ImplementationProduced)]
     assert failure.log_ref == impl.diff_ref
     obs = await nc.jetstream().object_store(ns.artifacts_bucket)
-    diff = (await obs.get(impl.diff_ref.split("/", 1)[1])).data.decode()
+    diff = (await obs.get(split_ref(impl.diff_ref).name)).data.decode()
     assert "+CREDENTIAL = '***'" in diff and "+GH = '***'" in diff
     assert known not in diff and TOKEN not in diff
 

@@ -11,6 +11,7 @@ import pytest
 
 from events.agent import AgentImplementationProduced
 from events.codec import decode_event
+from events.refs import split_ref
 from events.secrets import add_secrets, forget_added_secrets
 from events.task import IssueRef, Usage
 from events.task_state import CreateTask, decide
@@ -83,10 +84,10 @@ async def test_every_artifact_is_masked(nc, ns, store):
     ref_bytes = await artifacts.put("diffs/a.diff", diff)
     ref_text = await artifacts.put_text("logs/a.log", f"login with {KNOWN} ok")
     obs = await nc.jetstream().object_store(ns.artifacts_bucket)
-    stored = (await obs.get(ref_bytes.split("/", 1)[1])).data
+    stored = (await obs.get(split_ref(ref_bytes).name)).data
     # the secrets masked, the rest byte for byte (also what is not UTF-8)
     assert stored == b"+TOKEN = '***'\n+SEED = '***'\n+binary \xc3\xbf\n\xfe\xfd not utf-8\n"
-    assert (await obs.get(ref_text.split("/", 1)[1])).data == b"login with *** ok"
+    assert (await obs.get(split_ref(ref_text).name)).data == b"login with *** ok"
 
 
 # -- prompts ---------------------------------------------------------------------------------

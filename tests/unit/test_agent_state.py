@@ -111,7 +111,7 @@ REPORT_FIELDS = {  # a realistic payload for each work report about the held tas
     AgentWorkspacePrepared: dict(path="/ws/agent-1/tasks/task-t1/repo", base_commit="abc123"),
     AgentCodebaseAnalysed: dict(languages={"python": 3}, test_command=("python", "-m", "pytest")),
     AgentImplementationProduced: dict(coder="scripted", files_changed=("app.py",), diff_stat="1 file changed",
-                                      diff_ref="diffs/t1/1", turns=2),
+                                      diff_ref="ccc_artifacts diffs/t1/1.diff", turns=2),
     AgentTestsRun: dict(command=("make", "test"), exit_code=0, passed=4, duration=1.5),
     AgentChangesPushed: dict(branch="ccc/task-t1-fix", commit="def456"),
     AgentPullRequestOpened: dict(branch="ccc/task-t1-fix", pr_url="file:///pr/1", pr_number=1, tests_passed=4),

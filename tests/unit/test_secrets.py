@@ -132,7 +132,7 @@ def _nested_event(secret: str, known: str) -> AgentImplementationProduced:
         event_id="agent-1:7", agent_id="agent-1", version=7, occurred_at=NOW, correlation_id="acme_app-3",
         actor="agent-1", task_id="acme_app-3", attempt=1, coder="scripted",
         summary=f"done; used {secret}", files_changed=("app.py", f"leak-{known}.txt"),
-        diff_stat="1 file changed", diff_ref="artifacts/diffs/acme_app-3/1.diff", diff_digest="sha256:00",
+        diff_stat="1 file changed", diff_ref="artifacts diffs/acme_app-3/1.diff", diff_digest="SHA-256=00",
         usage=Usage(model=f"model {known}", input_tokens=5), transcript_ref="")
 
 

@@ -5,21 +5,28 @@ The analyser owns the prompt, the tool's schema and what the answer means; this 
 owns the API: the client and its credentials, retries (the SDK's) and a deadline, the
 fallback from forced to automatic tool choice for models that refuse it, what the call
 cost, and turning every way the call can fail into :class:`ModelUnavailable`.
+
+Given the cluster's spend ledger (:mod:`events.spend`), a call charged to scopes
+(``charge_to``: the issue's task, repository, author and the day) reserves its maximum
+cost first and settles what it cost after, like an agent's calls; a refused reservation
+is :class:`ModelUnavailable` naming the exhausted scope (the analyser then uses its rules:
+nothing is spent, nothing stops).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import anthropic
 
-from events.errors import InfrastructureError
+from events.errors import CccError, InfrastructureError
+from events.spend import Refusal, Scope, SpendLedger, to_micro
 from events.task import Usage
 
-from infra.adapters.coders.anthropic_coder import api_error_reason
-from infra.adapters.coders.prices import usage_of
+from infra.adapters.coders.anthropic_coder import FRAMING_TOKENS, HOLD_MARGIN, api_error_reason
+from infra.adapters.coders.prices import max_call_cost, prompt_bound, usage_of
 
 # Forced tool use (tool_choice "tool") is model-gated: Haiku 4.5 supports it, is fast and cheap.
 DEFAULT_ANALYSIS_MODEL = "claude-haiku-4-5"
@@ -48,7 +55,9 @@ class ClaudeToolModel:
         max_tokens: int = 1_024,
         max_retries: int = 2,
         timeout: float = 60.0,
+        ledger: SpendLedger | None = None,
     ) -> None:
+        self.ledger = ledger  # the cluster's spend ledger (None: calls are not charged)
         self._client = client
         self.model = model
         self.max_tokens = max_tokens
@@ -60,11 +69,39 @@ class ClaudeToolModel:
             self._client = anthropic.AsyncAnthropic(max_retries=self.max_retries)
         return self._client
 
-    async def call_tool(self, *, system: str, prompt: str, tool: Mapping[str, Any]) -> ToolAnswer:
+    async def call_tool(self, *, system: str, prompt: str, tool: Mapping[str, Any],
+                        charge_to: Sequence[Scope] = ()) -> ToolAnswer:
         try:
             client = self.client()
         except Exception as exc:
             raise ModelUnavailable(f"not configured: {exc}") from exc
+        reservation = None
+        if self.ledger is not None and charge_to:
+            # (two requests at most: the forced call and its automatic fallback)
+            bound = prompt_bound(system, prompt, dict(tool)) + FRAMING_TOKENS
+            amount = 2 * to_micro(max_call_cost(self.model, bound, self.max_tokens))
+            try:
+                reservation = await self.ledger.reserve(charge_to, amount, ttl=2 * self.timeout + HOLD_MARGIN)
+            except CccError as exc:
+                raise ModelUnavailable(str(exc)) from exc
+            if isinstance(reservation, Refusal):
+                raise ModelUnavailable(reservation.reason)
+        answer: ToolAnswer | None = None
+        try:
+            answer = await self._call(client, system, prompt, tool)
+            return answer
+        finally:  # what the answer cost (a failed call: nothing) replaces the hold
+            if reservation is not None:
+                await self.ledger.settle(reservation, to_micro(answer.usage.dollars) if answer else 0)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        if self.ledger is not None and hasattr(self.ledger, "close"):
+            await self.ledger.close()
+
+    async def _call(self, client: anthropic.AsyncAnthropic, system: str, prompt: str,
+                    tool: Mapping[str, Any]) -> ToolAnswer:
         name = tool["name"]
         try:
             try:

@@ -23,7 +23,7 @@ local issue facts, where the store's is not).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from events.store import EventStore
 from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
+from projections.waits import Holds
 from projections.status_api import create_app, register_log_metrics
 
 from infra.adapters.http.auth import ApiAccess, ApiGate, scope_guard
@@ -43,6 +44,7 @@ from infra.adapters.http.dashboard.pages import Dashboard
 from infra.adapters.http.metrics import ApiMetrics, metrics_endpoint
 from infra.adapters.http.service import SHUTDOWN_TIMEOUT, HttpService, Served
 from infra.adapters.nats.spend_ledger import SpendWatch
+from infra.adapters.plugins.health import HealthWatch
 
 log = structlog.get_logger("ccc.api")
 
@@ -61,11 +63,18 @@ class ApiServer(Served):
         access: ApiAccess | None = None, route_handlers: Sequence[Any] = (),
         forge_root: Path | str | None = None, publisher: Client | None = None,
         fairness: FairnessPolicy | None = None,
-        spend: bool = True,
+        holds: Callable[[], Holds] | None = None,
     ) -> None:
         self.fairness = fairness  # the coordinator's admission policy, for the wait reasons
-        # the spend ledger, followed with the store's connection: exhausted scopes explain waits
-        self.spend = SpendWatch(store.nc, store.ns) if spend else None
+        # what holds queued tasks back beyond the log: the spend ledger and the plugins' holds —
+        # the coordinator's own view when it runs in this process (``holds``), else followed
+        # on the bus with the store's connection
+        self.spend = self.health = None
+        if holds is None:
+            self.spend, self.health = SpendWatch(store.nc, store.ns), HealthWatch(store.nc, store.ns)
+            spend, health = self.spend, self.health
+            holds = lambda: Holds(spend.book(), health.plugin_waits())  # noqa: E731
+        self.holds = holds
         self.access = access if access is not None else ApiAccess()
         self.access.check(host)  # before anything binds or replays
         self.store = store
@@ -80,8 +89,9 @@ class ApiServer(Served):
         """Catch the projection up, bind, start serving; returns the bound port."""
         self.http.bind()  # first: a port in use fails before any replay
         app = self.build_app()  # before the replay: its metrics fold rides along from seq 1
-        if self.spend is not None:  # (a ledger not readable yet is followed as it comes)
+        if self.spend is not None and self.health is not None:  # (not readable yet: followed as they come)
             await self.spend.start(wait=2.0)
+            await self.health.start(wait=2.0)
         if self._owns_live:
             try:
                 await self.live.start()
@@ -107,14 +117,13 @@ class ApiServer(Served):
         registry = CollectorRegistry()
         api_metrics = ApiMetrics(registry)
         refresh_lag = register_log_metrics(self.live, registry)
-        budget = self.spend.book if self.spend is not None else None
         dashboard = Dashboard(self.live, local_forge=self.forge_root is not None, fairness=self.fairness,
-                              budget=budget)
+                              holds=self.holds)
         ui = [*dashboard.route_handlers(), *live_handlers(self.live),
               *action_handlers(self.store, self.access, forge_root=self.forge_root, publisher=self.publisher)]
         app = create_app(self.live, route_handlers=[metrics_endpoint(registry, before=refresh_lag),
                                                     *ui, *self.route_handlers],
-                         guards=[scope_guard], fairness=self.fairness, budget=budget)
+                         guards=[scope_guard], fairness=self.fairness, holds=self.holds)
         return api_metrics.middleware(ApiGate(app, self.access, self.http.host))
 
     async def stop(self) -> None:
@@ -127,8 +136,9 @@ class ApiServer(Served):
         await self._stop_spend()
 
     async def _stop_spend(self) -> None:
-        if self.spend is not None:
-            await self.spend.stop()
+        for watch in (self.spend, self.health):
+            if watch is not None:
+                await watch.stop()
 
     async def _stop_live(self) -> None:
         if not self._owns_live:

@@ -1,5 +1,9 @@
 """Artifacts in the JetStream object store: the diffs, test logs and transcripts an
-agent's reports refer to (``<bucket>/<name>``), kept out of the events themselves."""
+agent's reports refer to, kept out of the events themselves.
+
+A put returns the artifact's reference, ``"<bucket> <name>"``: the two arguments of
+``nats object get`` (:mod:`events.refs` says why that format); the name is checked
+before anything is stored."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from events.errors import StoreUnavailable
+from events.refs import artifact_ref
 from events.retry import backoff
 
 from infra.adapters.obs.masking import mask_secrets
@@ -38,12 +43,13 @@ class ObjectStoreArtifacts:
         return await self._put(name, data)
 
     async def _put(self, name: str, data: bytes) -> str:
+        ref = artifact_ref(self.bucket, name)  # a name the reference cannot carry: refused first
         for attempt in range(1, self.tries + 1):
             try:
                 if self._obs is None:
                     self._obs = await self.js.object_store(self.bucket)
                 await self._obs.put(name, data)
-                return f"{self.bucket}/{name}"
+                return ref
             except (nats.errors.Error, asyncio.TimeoutError, OSError) as e:
                 self._obs = None
                 if attempt == self.tries:

@@ -33,7 +33,8 @@ import msgspec
 
 from events.cluster import cluster_stream
 from events.subjects import Namespace, check_id
-from infra.adapters.nats.provisioning import config_bucket, rate_limits_bucket, spend_bucket
+from infra.adapters.nats.provisioning import config_bucket, plugins_bucket, rate_limits_bucket, spend_bucket
+from projections.kv_writer import checkpoints_bucket
 
 Role = Literal["admin", "coordinator", "agent", "webhook", "cli", "status", "ci"]
 ROLES: tuple[Role, ...] = ("admin", "coordinator", "agent", "webhook", "cli", "status", "ci")
@@ -99,9 +100,13 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                     f"{p}.task.>", f"{p}.agent.*.offline", f"{p}.dlq.>",
                     f"{p}.cluster.>",  # the autoscaler's decisions (it runs with the coordinator's role)
                     f"$KV.{ns.tasks_bucket}.>", f"$KV.{ns.agents_bucket}.>",
+                    f"$KV.{checkpoints_bucket(ns)}.>",  # where its KV views have got to
                     f"$KV.{config_bucket(ns)}.>",  # the caps and the fairness policy `ccc up` was given
+                    f"$KV.{spend_bucket(ns)}.>",  # the Claude analyser's calls are charged like the agents'
                     # the demand board (actors.demand): its entries, and taking one down
                     f"{p}.demand.>", f"$JS.API.STREAM.PURGE.{ns.demand_stream}",
+                    # its process's plugins' health (infra.adapters.plugins): coordinator.<process>
+                    f"$KV.{plugins_bucket(ns)}.coordinator.>",
                 ),
                 publish_deny=(*(s for s in ADMIN_ONLY if s != PURGE_ANY),
                               *(f"$JS.API.STREAM.PURGE.{s}" for s in (events, issues, hbs, ns.dlq_stream,
@@ -130,6 +135,8 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                     # settles after, in every scope (task, repository, author, day) — shared by
                     # all agents like the pauses; the caps it only reads
                     f"$KV.{spend}.>", *read_subjects(f"KV_{spend}"), *read_subjects(f"KV_{config_bucket(ns)}"),
+                    # its plugins' health (infra.adapters.plugins): its own key only
+                    f"$KV.{plugins_bucket(ns)}.agent.{a}", *read_subjects(f"KV_{plugins_bucket(ns)}"),
                 ),
                 # (it may say it goes offline itself; dead letters are the coordinator's)
                 publish_deny=ADMIN_ONLY,

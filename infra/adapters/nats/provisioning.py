@@ -16,6 +16,7 @@ from events.cluster import cluster_filter, cluster_stream
 from events.errors import ConfigError, StoreUnavailable
 from events.subjects import DEFAULT_NS, Namespace
 from events.task import SPECIALTIES
+from projections.kv_writer import checkpoints_bucket
 
 STREAM_NAME_IN_USE = 10058
 
@@ -47,6 +48,19 @@ def config_bucket(ns: Namespace = DEFAULT_NS) -> str:
     ``budget`` (the spend caps, :class:`events.spend.Caps`) and ``fairness`` (the
     coordinator's admission policy)."""
     return f"{ns.prefix}_config"
+
+
+def plugins_bucket(ns: Namespace = DEFAULT_NS) -> str:
+    """The KV bucket of the plugins' health (:mod:`infra.adapters.plugins`): one key per
+    process running plugins (``coordinator.<process>``, ``agent.<id>``), its value what
+    that process loaded, how each plugin fares and which queued tasks a plugin holds back;
+    ``ccc plugins`` reads it."""
+    return f"{ns.prefix}_plugins"
+
+
+PLUGINS_TTL = 60.0
+"""How long a process's plugin health lives after its last write: it rewrites it every
+few seconds, so the record of a process that is gone drops out by itself."""
 
 
 def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.StreamConfig]:
@@ -176,6 +190,8 @@ async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1
         for bucket, description in (
             (ns.tasks_bucket, "task view, materialised from the event log"),
             (ns.agents_bucket, "agent view, materialised from the event log"),
+            # (apart from the views: every key of <ns>_tasks is a task, of <ns>_agents an agent)
+            (checkpoints_bucket(ns), "where each projection has got to in the event log, one key per projection"),
         ):
             await js.create_key_value(
                 bucket=bucket, description=description, history=1, replicas=replicas,
@@ -196,6 +212,11 @@ async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1
         await js.create_key_value(
             bucket=config_bucket(ns), description="cluster settings every process reads: budget caps, fairness",
             history=5, replicas=replicas, storage=api.StorageType.FILE, direct=True,
+        )
+        # soft state like the pauses: each process rewrites its own entry every few seconds
+        await js.create_key_value(
+            bucket=plugins_bucket(ns), description="plugins' health per process (ccc plugins)",
+            history=1, ttl=PLUGINS_TTL, replicas=replicas, storage=api.StorageType.MEMORY, direct=True,
         )
         await js.create_object_store(
             bucket=ns.artifacts_bucket, description="diffs, test logs, transcripts",

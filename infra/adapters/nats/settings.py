@@ -41,6 +41,11 @@ raise :class:`ConfigError` with one line that names the setting.
 ``CCC_SANDBOX_LIMITS``  e.g. ``cpu=600,memory=4G,procs=512,file=1G``
 ``CCC_SANDBOX_READ_ONLY``  more paths commands see read-only (toolchains
                    outside /usr: ``/opt/jdk,/home/ci/.rustup``), comma-separated
+``CCC_PLUGINS``    hook plugins enabled (entry point names of ``ccc.hooks``),
+                   comma-separated (unset: none; installed is not enabled)
+``CCC_PLUGIN_<NAME>_<KEY>``  an option of plugin NAME (upper case, ``-`` and
+                   ``.`` as ``_``): kept raw here, matched to a plugin by
+                   :mod:`infra.adapters.plugins` (which knows the names)
 ==================  ==================================================
 """
 
@@ -100,6 +105,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sandbox_image: str | None = None  # podman/docker: the image commands run in
     sandbox_limits: str = ""  # overrides of the default limits, "cpu=600,memory=4G,..."
     sandbox_read_only: tuple[str, ...] = ()  # toolchains outside the system paths, shown read-only
+    # hook plugins enabled in this process (infra.adapters.plugins): by configuration only
+    plugins: tuple[str, ...] = ()
+    # every CCC_PLUGIN_<NAME>_<KEY> variable as (NAME_KEY, value): which part names the
+    # plugin is known only to the loader, which knows the installed names
+    plugin_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -179,11 +189,16 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
             values[key] = env[var].strip()
     if env.get("CCC_SANDBOX_READ_ONLY"):
         values["sandbox_read_only"] = tuple(p.strip() for p in env["CCC_SANDBOX_READ_ONLY"].split(",") if p.strip())
+    values["plugins"] = env.get("CCC_PLUGINS", "")
+    prefix = len(PLUGIN_ENV_PREFIX)
+    values["plugin_env"] = tuple(sorted((k[prefix:], v) for k, v in env.items()
+                                        if k.startswith(PLUGIN_ENV_PREFIX) and len(k) > prefix))
     for key, value in overrides.items():
         if value is not None:
             values[key] = Path(value) if key == "data_dir" else value
     if isinstance(values["repos"], str):  # --repos, as typed
         values["repos"] = parse_repos(values["repos"], "--repos")
+    values["plugins"] = parse_plugin_names(values["plugins"])
     if values.get("replicas", 1) not in (1, 3, 5):
         raise ConfigError(f"replicas: {values['replicas']} (use 1, 3 or 5)")
     if values["data_dir"].is_file():
@@ -205,6 +220,25 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides) -> Settings
     _check_api_access(values)
     _check_sandbox(values)
     return Settings(**values)
+
+
+PLUGIN_ENV_PREFIX = "CCC_PLUGIN_"
+_PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_plugin_names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``CCC_PLUGINS`` (comma-separated) or the ``--plugin`` values: entry point names,
+    in order, each once."""
+    items = value.split(",") if isinstance(value, str) else [n for v in value for n in v.split(",")]
+    names: list[str] = []
+    for name in (n.strip() for n in items):
+        if not name:
+            continue
+        if not _PLUGIN_NAME.match(name):
+            raise ConfigError(f"CCC_PLUGINS: {name!r} is not a plugin name (letters, digits, '.', '_', '-')")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def _check_sandbox(values: dict) -> None:

@@ -8,6 +8,12 @@ coordinator, N local agents and the status API, in one process.
 
 Each part is the same actor a multi-host deployment runs; only the wiring is local.
 Agents on other machines join with ``ccc agent --nats-url ...``.
+
+Plugins (:mod:`infra.adapters.plugins`): a ``--coder``/``--forge``/``--analyser`` name that
+is not built in is looked up in the ``ccc.coders``/``ccc.forges``/``ccc.analysers`` entry
+points and checked against the actors' Protocol; the hook plugins the settings enable
+run in one :class:`~infra.adapters.plugins.host.PluginHost` per process, handed to the
+coordinator, the agents' pipelines and the forge sync as :class:`~actors.plugins.PluginHooks`.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from actors.coordinator import Coordinator, CoordinatorConfig
 from actors.demand import DemandActor
 from actors.forge_ci import ForgeCI
 from actors.pipeline import PipelineSettings
+from actors.plugins import NO_PLUGINS, PluginHooks
 from actors.ports import Coder, ForgeClient
 from events.errors import ConfigError, StoreUnavailable
 from events.spend import Caps, parse_caps
 from projections.fairness import FairnessPolicy
+from projections.waits import Holds
 from events.store import EventStore
 from events.subjects import Namespace, check_repo
 from events.task import SPECIALTIES
@@ -55,6 +63,8 @@ from infra.adapters.nats.settings import Settings
 from infra.adapters.obs.masking import mask_secrets, redact_url
 from infra.adapters.obs.metrics import AgentMetrics
 from infra.adapters.obs.telemetry import OtelTelemetry
+from infra.adapters.plugins import discovery
+from infra.adapters.plugins.host import PluginHost, process_key
 
 log = structlog.get_logger("ccc.cluster")
 
@@ -135,8 +145,14 @@ ANALYSERS = ("rules", "claude")
 FORGES = ("local", "github")
 
 
+def _choices(kind: str, built_in: tuple[str, ...]) -> str:
+    plugins = [n for n in discovery.names(discovery.GROUPS[kind]) if n not in built_in]
+    return ", ".join(built_in) + (f", or a {kind} plugin: {', '.join(plugins)}" if plugins else "")
+
+
 def make_coder(kind: str, script_dir: str | None, model: str | None = None, *, nc: Client | None = None,
-               ns: Namespace | None = None, agent_id: str = "") -> Coder:
+               ns: Namespace | None = None, agent_id: str = "",
+               plugin_env: tuple[tuple[str, str], ...] = ()) -> Coder:
     """The coder backend an agent uses; heavy SDKs are imported only when chosen. Given the
     agent's connection, the Anthropic coder shares rate limits with the cluster: a 429/529
     one agent gets pauses every agent using the same key (infra.adapters.coders.shared_limits),
@@ -172,7 +188,9 @@ def make_coder(kind: str, script_dir: str | None, model: str | None = None, *, n
         if not coder.available():
             raise ConfigError("--coder claude-code: the `claude` CLI is not on PATH")
         return coder
-    raise ConfigError(f"--coder {kind!r}: choose one of {', '.join(CODERS)}")
+    if discovery.find(discovery.GROUPS["coder"], kind) is not None:  # a ccc.coders plugin
+        return discovery.build("coder", kind, Coder, plugin_env)
+    raise ConfigError(f"--coder {kind!r}: choose one of {_choices('coder', CODERS)}")
 
 
 async def close_coder(coder: Coder) -> None:
@@ -185,27 +203,40 @@ async def close_coder(coder: Coder) -> None:
                 await result
 
 
-def make_analyser(kind: str) -> Analyser:
+def make_analyser(kind: str, plugin_env: tuple[tuple[str, str], ...] = (), *, nc: Client | None = None,
+                  ns: Namespace | None = None) -> Analyser:
+    """The coordinator's analyser; given its connection, the Claude analyser's calls are
+    charged to the spend ledger like the agents' (refused: the rules answer)."""
     if kind == "claude":
         from actors.claude_analysis import ClaudeAnalyser
         from infra.adapters.coders.claude_analyser import ClaudeToolModel
 
-        # falls back to the rules by itself, saying why (no credentials, API errors, …)
-        return ClaudeAnalyser(ClaudeToolModel(), mask=mask_secrets)
+        ledger = None
+        if nc is not None and ns is not None:
+            from infra.adapters.nats.spend_ledger import KVSpendLedger
+
+            ledger = KVSpendLedger(nc, ns, name="analyser")
+        # falls back to the rules by itself, saying why (no credentials, API errors, a spent budget, …)
+        return ClaudeAnalyser(ClaudeToolModel(ledger=ledger), mask=mask_secrets)
     if kind == "rules":
         return RuleAnalyser()
-    raise ConfigError(f"--analyser {kind!r}: choose one of {', '.join(ANALYSERS)}")
+    if discovery.find(discovery.GROUPS["analyser"], kind) is not None:  # a ccc.analysers plugin
+        return discovery.build("analyser", kind, Analyser, plugin_env)
+    raise ConfigError(f"--analyser {kind!r}: choose one of {_choices('analyser', ANALYSERS)}")
 
 
-def make_forge(kind: str, forge_root: Path):
-    """The forge agents push to and open pull requests on."""
+def make_forge(kind: str, forge_root: Path, plugin_env: tuple[tuple[str, str], ...] = ()):
+    """The forge agents push to and open pull requests on (a ``ccc.forges`` plugin: its
+    CI is not followed, and issues are not synced: those are the built-in forges')."""
     if kind == "local":
         return LocalForgeClient(forge_root)
     if kind == "github":
         from infra.adapters.forge.github import GitHubForge
 
         return GitHubForge()  # GITHUB_TOKEN / GITHUB_APP_* / GITHUB_API_URL; ConfigError if none
-    raise ConfigError(f"--forge {kind!r}: choose one of {', '.join(FORGES)}")
+    if discovery.find(discovery.GROUPS["forge"], kind) is not None:  # a ccc.forges plugin
+        return discovery.build("forge", kind, ForgeClient, plugin_env)
+    raise ConfigError(f"--forge {kind!r}: choose one of {_choices('forge', FORGES)}")
 
 
 def make_agent_sandbox(settings: Settings) -> Sandbox:
@@ -237,15 +268,16 @@ def build_agent(
     test_timeout: float = 600.0,
     metrics: AgentMetrics | None = None,
     sandbox: Sandbox | None = None,
+    plugins: PluginHooks = NO_PLUGINS,
 ) -> Agent:
     """One agent with its adapters: task workspaces under ``workspace_root`` whose
     commands run in ``sandbox`` (default: bubblewrap; see :func:`make_agent_sandbox`),
     artifacts in the namespace's object store, spans (and ``metrics``, if this process
-    serves them)."""
+    serves them), the process's hook plugins' pull-request policies."""
     config = AgentConfig(
         agent_id=agent_id, specialties=specialties, capacity=capacity, clearance=clearance,
         heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
-        pipeline=PipelineSettings(test_timeout=test_timeout),
+        pipeline=PipelineSettings(test_timeout=test_timeout, plugins=plugins),
     )
     return Agent(nc, ns, config, workbench=GitWorkbench(workspace_root, sandbox=sandbox), coder=coder, forge=forge,
                  artifacts=ObjectStoreArtifacts(nc, ns.agent_artifacts_bucket(agent_id)), telemetry=OtelTelemetry(metrics))
@@ -253,7 +285,8 @@ def build_agent(
 
 def build_coordinator(
     nc: Client, ns: Namespace, config: CoordinatorConfig, *, analyser: str = "rules",
-    forge: ForgeClient | None = None, cache_dir: Path | None = None,
+    forge: ForgeClient | None = None, cache_dir: Path | None = None, plugins: PluginHooks = NO_PLUGINS,
+    plugin_env: tuple[tuple[str, str], ...] = (),
 ) -> Coordinator:
     """A coordinator with the ``analyser`` of that kind, its spans in the process's traces;
     with a ``forge``, it follows the open pull requests' branches (conflicts, the merge
@@ -264,8 +297,9 @@ def build_coordinator(
         branches = GitBranches(forge.clone_url, forge.git_env, cache_dir)
     from infra.adapters.nats.spend_ledger import SpendWatch
 
-    return Coordinator(nc, ns, config, analyser=make_analyser(analyser), telemetry=OtelTelemetry(),
-                       branches=branches, spend=SpendWatch(nc, ns))
+    return Coordinator(nc, ns, config, analyser=make_analyser(analyser, plugin_env, nc=nc, ns=ns),
+                       telemetry=OtelTelemetry(),
+                       branches=branches, spend=SpendWatch(nc, ns), plugins=plugins)
 
 
 def build_forge_ci(nc: Client, ns: Namespace, forge_kind: str, forge, *, forge_root: Path, sandbox: Sandbox,
@@ -304,6 +338,10 @@ class LocalCluster:
         self.demand: DemandActor | None = None  # the tasks waiting per specialty (<NS>_DEMAND), for KEDA
         self.sandbox = make_agent_sandbox(settings)  # one for all local agents: one probe
         self._connections: list[Client] = []  # one per role (and per agent)
+        # the hook plugins the settings enable (an unknown name fails here, before anything
+        # starts), one host for the whole process: coordinator, agents and forge sync
+        self.plugins = PluginHost.from_settings(settings, role="coordinator", key=process_key("coordinator"))
+        self.hooks = PluginHooks(self.plugins)
 
     def trust_policy(self) -> TrustPolicy:
         """What the intake acts on. With ``--forge github`` the cluster has GitHub
@@ -355,14 +393,17 @@ class LocalCluster:
                 task=task, day=day, repo=repo, author=author, base=current))
         for agent_id in agent_ids:
             await provision_agent(self.nc, self.ns, agent_id, replicas=s.replicas)
-        self.forge = make_forge(o.forge, self.forge_root)
+        self.forge = make_forge(o.forge, self.forge_root, s.plugin_env)
         coordinator_nc = await self._connect("coordinator", "ccc-coordinator")
+        # loaded before any actor asks them; their health under coordinator.<host>-<pid>
+        await self.plugins.start(coordinator_nc, self.ns)
         self.coordinator = build_coordinator(coordinator_nc, self.ns, CoordinatorConfig(
             heartbeat_timeout=o.heartbeat_timeout, retry_base=o.retry_base, retry_max=o.retry_max,
             max_attempts=o.max_attempts, trust=self.trust_policy(), materialize_kv=True,
             max_ci_fixes=o.max_ci_fixes, checks_timeout=o.checks_timeout,
             merge_queue=merge_queue_setting(o.merge_queue), fairness=o.fairness),
-            analyser=o.analyser, forge=self.forge, cache_dir=s.data_dir / "branches")
+            analyser=o.analyser, forge=self.forge, cache_dir=s.data_dir / "branches", plugins=self.hooks,
+            plugin_env=s.plugin_env)
         # the policy this coordinator applies (the default too: no earlier run's limits linger),
         # for `ccc tasks` and `ccc api` to explain fairness waits with, wherever they run
         await write_setting(coordinator_nc, self.ns, FAIRNESS, self.coordinator.config.fairness)
@@ -371,7 +412,8 @@ class LocalCluster:
         self.demand = DemandActor(NatsDemandBoard(coordinator_nc, self.ns), self.coordinator.live,
                                   budget=self.coordinator.budget)
         await self.demand.start()
-        if o.ci:  # the forge's CI: each pushed commit's checks become facts on the issue stream
+        # the forge's CI (a built-in forge's): each pushed commit's checks become facts on the issue stream
+        if o.ci and o.forge in FORGES:
             ci_nc = await self._connect("ci", "ccc-ci")
             self.forge_ci = build_forge_ci(ci_nc, self.ns, o.forge, self.forge, forge_root=self.forge_root,
                                            sandbox=self.sandbox, work_dir=s.data_dir / "ci",
@@ -381,33 +423,39 @@ class LocalCluster:
             from actors.forge_sync import ForgeSync
 
             self.forge_sync = ForgeSync(coordinator_nc, self.ns, self.forge, mask=mask_secrets,
-                                        live=self.coordinator.live, telemetry=OtelTelemetry())
+                                        live=self.coordinator.live, telemetry=OtelTelemetry(), plugins=self.hooks)
             await self.forge_sync.start()
         for i, agent_id in enumerate(agent_ids):
             specialty = o.specialties[i % len(o.specialties)]
             agent_nc = await self._connect("agent", f"ccc-{agent_id}", agent_id)
-            coder = make_coder(o.coder, o.script_dir, o.model, nc=agent_nc, ns=self.ns, agent_id=agent_id)
+            coder = make_coder(o.coder, o.script_dir, o.model, nc=agent_nc, ns=self.ns, agent_id=agent_id,
+                               plugin_env=s.plugin_env)
             agent = build_agent(
                 agent_nc, self.ns, agent_id=agent_id,
                 specialties=(specialty,), coder=coder, forge=self.forge,
                 workspace_root=self.workspace_root, capacity=o.capacity,
                 heartbeat_interval=o.heartbeat_interval, shutdown_grace=o.shutdown_grace,
-                test_timeout=o.test_timeout, sandbox=self.sandbox,
+                test_timeout=o.test_timeout, sandbox=self.sandbox, plugins=self.hooks,
             )
             await agent.start()
             self.agents.append(agent)
         if o.autoscale is not None:
             await self._start_autoscaler(coordinator_nc)
         if o.api_port is not None:
+            from infra.adapters.http.metrics import metrics_endpoint
             from infra.adapters.http.status_server import ApiServer
 
             status_nc = await self._connect("status", "ccc-status-api")
             # the dashboard's actions publish issue facts as `ccc` does, with the CLI's credentials
             actions_nc = await self._connect("cli", "ccc-dashboard-actions")
+            # this process's plugin metrics beside the log's: /metrics/plugins
+            plugin_metrics = [metrics_endpoint(self.plugins.metrics.registry, path="/metrics/plugins")] \
+                if self.plugins.names else []
             self.api = ApiServer(EventStore(status_nc, self.ns), s.api_host, o.api_port, materialize=False,
                                  access=api_access, publisher=actions_nc,
                                  forge_root=self.forge_root if o.forge == "local" else None,
-                                 fairness=o.fairness)
+                                 fairness=o.fairness, route_handlers=plugin_metrics,
+                                 holds=self.holds)
             try:
                 await self.api.start()
             except OSError as e:
@@ -415,6 +463,11 @@ class LocalCluster:
                                   f"{e.strerror or e}") from None
         log.info("cluster.up", nats=redact_url(self.url), agents=len(self.agents),
                  api=self.api.url if self.api else None)
+
+    def holds(self) -> Holds:
+        """What holds queued tasks back beyond the log, as this process's coordinator sees it."""
+        c = self.coordinator
+        return Holds(c.budget(), c.plugin_waits()) if c is not None else Holds()
 
     def _autoscale_policy(self):
         from projections.autoscale import AutoscalePolicy
@@ -439,10 +492,11 @@ class LocalCluster:
         agent_nc = await self._connect("agent", f"ccc-{agent_id}", agent_id)
         agent = build_agent(
             agent_nc, self.ns, agent_id=agent_id, specialties=(specialty,),
-            coder=make_coder(o.coder, o.script_dir, o.model, nc=agent_nc, ns=self.ns, agent_id=agent_id),
+            coder=make_coder(o.coder, o.script_dir, o.model, nc=agent_nc, ns=self.ns, agent_id=agent_id,
+                             plugin_env=self.settings.plugin_env),
             forge=self.forge, workspace_root=self.workspace_root, capacity=o.capacity,
             heartbeat_interval=o.heartbeat_interval, shutdown_grace=o.shutdown_grace,
-            test_timeout=o.test_timeout, sandbox=self.sandbox)
+            test_timeout=o.test_timeout, sandbox=self.sandbox, plugins=self.hooks)
         await agent.start()
         return agent
 
@@ -563,6 +617,8 @@ class LocalCluster:
         if self.coordinator is not None:
             with contextlib.suppress(Exception):
                 await self.coordinator.stop()
+        with contextlib.suppress(Exception):  # after every actor that asks them; before the connections
+            await self.plugins.stop()
         for nc in reversed(self._connections):
             with contextlib.suppress(Exception):
                 await nc.drain()

@@ -18,6 +18,7 @@ import msgspec
 from events.errors import ConfigError, StoreUnavailable
 from events.subjects import check_id
 
+from actors.plugins import PluginHooks
 from infra.shell.app.cluster import (
     ANALYSERS,
     CODERS,
@@ -27,10 +28,12 @@ from infra.shell.app.cluster import (
     build_agent,
     close_coder,
     make_agent_sandbox,
+    make_analyser,
     make_coder,
     make_forge,
     parse_specialties,
 )
+from infra.adapters.plugins.host import PluginHost, process_key
 from infra.adapters.git.sandbox import NETWORK_MODES, SANDBOXES
 from infra.adapters.nats.settings import load_settings
 from infra.shell.app.signals import StopSignals, settle, until_signal
@@ -43,15 +46,49 @@ shutdown_grace_option = click.option(
     help="On Ctrl-C/SIGTERM, seconds running tasks get to finish before they are handed back.")
 
 
+class BuiltInOrPlugin(click.ParamType):
+    """A built-in name or an installed plugin of the entry point group ``ccc.<kind>s``,
+    checked as the command line is parsed (like a ``click.Choice``; the group is read
+    only then, not at every start of ``ccc``)."""
+
+    name = "name"
+
+    def __init__(self, built_in: tuple[str, ...], kind: str) -> None:
+        self.built_in, self.kind = built_in, kind
+
+    def choices(self) -> list[str]:
+        from infra.adapters.plugins import discovery
+
+        group = discovery.GROUPS[self.kind]
+        return [*self.built_in, *(n for n in discovery.names(group) if n not in self.built_in)]
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.built_in) + f"|<{self.kind} plugin>]"
+
+    def convert(self, value, param, ctx):
+        choices = self.choices()
+        if value not in choices:
+            self.fail(f"{value!r} is not one of {', '.join(map(repr, choices))} (built in, or an installed "
+                      f"`ccc.{self.kind}s` plugin)", param, ctx)
+        return value
+
+
 def coder_options(fn):
-    """--coder/--model/--forge, shared by `up` and `agent`."""
-    fn = click.option("--forge", type=click.Choice(FORGES), default="local", show_default=True,
+    """--coder/--model/--forge and --plugin, shared by `up` and `agent` (a coder or forge
+    name that is not built in names a ``ccc.coders``/``ccc.forges`` plugin)."""
+    fn = click.option("--plugin", "plugins", multiple=True, metavar="NAME",
+                      help="Enable this hook plugin (a `ccc.hooks` entry point; repeat) [env CCC_PLUGINS, "
+                           "comma-separated]; its options: env CCC_PLUGIN_<NAME>_<KEY>. `ccc plugins` lists "
+                           "them.")(fn)
+    fn = click.option("--forge", type=BuiltInOrPlugin(FORGES, "forge"), default="local", show_default=True,
                       help="Where repos live and PRs open: the local forge, or GitHub "
-                           "(GITHUB_TOKEN or GITHUB_APP_*; GITHUB_API_URL for Enterprise).")(fn)
+                           "(GITHUB_TOKEN or GITHUB_APP_*; GITHUB_API_URL for Enterprise), or an installed "
+                           "`ccc.forges` plugin.")(fn)
     fn = click.option("--model", default=None, help="Claude model for the coder [default: the coder's].")(fn)
-    fn = click.option("--coder", type=click.Choice(CODERS), default="scripted", show_default=True,
+    fn = click.option("--coder", type=BuiltInOrPlugin(CODERS, "coder"), default="scripted", show_default=True,
                       help="scripted: replays recorded sessions (offline); anthropic: the Messages API "
-                           "tool loop (ANTHROPIC_API_KEY); claude-code: the `claude` CLI, headless.")(fn)
+                           "tool loop (ANTHROPIC_API_KEY); claude-code: the `claude` CLI, headless; or an "
+                           "installed `ccc.coders` plugin.")(fn)
     return fn
 
 
@@ -165,9 +202,10 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
 @api_access_options
 @coder_options
 @sandbox_options
-@click.option("--analyser", type=click.Choice(ANALYSERS), default="rules", show_default=True,
+@click.option("--analyser", type=BuiltInOrPlugin(ANALYSERS, "analyser"), default="rules", show_default=True,
               help="claude: ask Claude for specialty, complexity, dependencies and a plan (falls back "
-                   "to the rules when it fails or is not configured).")
+                   "to the rules when it fails or is not configured); or an installed `ccc.analysers` "
+                   "plugin.")
 @click.option("--script-dir", type=click.Path(file_okay=False), help="Recorded sessions for the scripted coder.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(0.5), default=10.0, show_default=True,
               help="Seconds of silence after which an agent is declared lost and its tasks re-queued.")
@@ -195,14 +233,15 @@ def _api_overrides(require_token, allowed_hosts, rate_limit, rate_burst) -> dict
 @shutdown_grace_option
 @click.pass_obj
 def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, require_token, allowed_hosts,
-           rate_limit, rate_burst, coder, model, forge, sandbox, sandbox_network, analyser, script_dir,
-           heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, max_ci_fixes, merge_queue,
+           rate_limit, rate_burst, coder, model, forge, plugins, sandbox, sandbox_network, analyser,
+           script_dir, heartbeat_timeout, heartbeat_interval, retry_base, max_attempts, max_ci_fixes, merge_queue,
            checks_timeout, no_ci, repo_limit, author_limit, aging, autoscale, autoscale_cooldown_up,
            autoscale_cooldown_down, forge_root, budget_task, budget_day, budget_repo, budget_author,
            shutdown_grace) -> None:
     """Run the cluster on this machine until Ctrl-C: the embedded nats-server (unless
     --nats-url), one coordinator, N agents and the status API."""
     settings = obj.settings(api_host=api_host, sandbox=sandbox, sandbox_network=sandbox_network,
+                            plugins=tuple(plugins) or None,
                             **_api_overrides(require_token, allowed_hosts, rate_limit, rate_burst))
     if heartbeat_interval is None:
         # several beats per timeout: one late beat must not get a healthy agent declared lost
@@ -223,8 +262,10 @@ def up_cmd(obj, agents, specialties, capacity, api_port, no_api, api_host, requi
         else (budget_task, budget_day, tuple(budget_repo), tuple(budget_author)),
     )
     options.validate()
-    make_coder(coder, script_dir, model)  # a bad --coder / missing key fails before anything starts
-    make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
+    # a bad --coder / missing key fails before anything starts, as does a bad --forge or --analyser
+    make_coder(coder, script_dir, model, plugin_env=settings.plugin_env)
+    make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge", settings.plugin_env)
+    make_analyser(analyser, settings.plugin_env)
     check_sandbox(settings)
     if options.api_port is not None:  # as does a status API that needs a token and has none
         from infra.adapters.http.auth import ApiAccess
@@ -302,17 +343,26 @@ def _print_up(cluster: LocalCluster, ns) -> None:
               help="Serve this agent's Prometheus metrics on /metrics (0: a free port) [env CCC_METRICS_PORT].")
 @shutdown_grace_option
 @click.pass_obj
-def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, sandbox, sandbox_network,
-              script_dir, forge_root, workspace_root, heartbeat_interval, metrics_port, shutdown_grace) -> None:
+def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, forge, plugins, sandbox,
+              sandbox_network, script_dir, forge_root, workspace_root, heartbeat_interval, metrics_port,
+              shutdown_grace) -> None:
     """Run one agent (how the cluster grows: point it at the cluster's NATS)."""
     specialties = parse_specialties(",".join(specialty_list))
-    settings = obj.settings(sandbox=sandbox, sandbox_network=sandbox_network)
+    settings = obj.settings(sandbox=sandbox, sandbox_network=sandbox_network, plugins=tuple(plugins) or None)
     metrics_port = settings.metrics_port if metrics_port is None else metrics_port
     host = os.uname().nodename.split(".")[0]
     agent_id = check_id(agent_id or f"{host}-{specialties[0]}-{uuid.uuid4().hex[:6]}", "agent id")
-    forge_client = make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge")
+    forge_client = make_forge(forge, Path(forge_root) if forge_root else settings.data_dir / "forge",
+                              settings.plugin_env)
 
-    make_coder(coder, script_dir, model)  # a bad --coder fails before connecting
+    # a bad --coder fails before connecting
+    make_coder(coder, script_dir, model, plugin_env=settings.plugin_env)
+    # its hook plugins (their pull-request policies): an unknown name fails before connecting;
+    # their metrics go on the agent's /metrics
+    from prometheus_client import REGISTRY
+
+    plugin_host = PluginHost.from_settings(settings, role="agent", key=process_key("agent", agent_id),
+                                           registry=REGISTRY if metrics_port is not None else None)
     check_sandbox(settings)  # as does a host where no sandbox can be made
     require_running_nats(obj)
 
@@ -324,12 +374,14 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
 
         metrics = AgentMetrics(REGISTRY) if metrics_port is not None else None
         # with the connection: the Anthropic coder shares the cluster's rate-limit pauses
-        coder_live = make_coder(coder, script_dir, model, nc=nc, ns=obj.ns, agent_id=agent_id)
+        coder_live = make_coder(coder, script_dir, model, nc=nc, ns=obj.ns, agent_id=agent_id,
+                                plugin_env=settings.plugin_env)
+        await plugin_host.start(nc, obj.ns)  # its health under agent.<id>
         agent = build_agent(
             nc, obj.ns, agent_id=agent_id, specialties=specialties, coder=coder_live, forge=forge_client,
             workspace_root=workspace_root or settings.data_dir / "workspaces", capacity=capacity,
             clearance=clearance, heartbeat_interval=heartbeat_interval, shutdown_grace=shutdown_grace,
-            metrics=metrics, sandbox=make_agent_sandbox(settings))
+            metrics=metrics, sandbox=make_agent_sandbox(settings), plugins=PluginHooks(plugin_host))
         metrics_server = None
         if metrics_port is not None:
             try:
@@ -352,6 +404,7 @@ def agent_cmd(obj, specialty_list, agent_id, capacity, clearance, coder, model, 
             finally:
                 await signals.cleanup(agent.stop(), report_after=shutdown_grace + 15)
                 await close_coder(coder_live)  # its HTTP client, rate-limit watch and ledger
+                await plugin_host.stop()
                 if metrics_server is not None:
                     await metrics_server.stop()
 

@@ -37,7 +37,9 @@ from infra.shell.cli.context import INSECURE_WARNING, CliState
 from infra.shell.cli.forge import FORGE_COMMANDS
 from infra.shell.cli.issue import issue_group
 from infra.shell.cli.budget import budget_group
+from infra.shell.cli.plugins import plugins_cmd
 from infra.shell.cli.read import READ_COMMANDS
+from infra.shell.cli.schema import schema_cmd
 from infra.shell.cli.secure import secure_group
 from infra.shell.cli.server import server_cmd
 
@@ -127,7 +129,7 @@ def cli(ctx: click.Context, nats_url, data_dir, namespace, repos, creds, insecur
 
 
 for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS, *FORGE_COMMANDS, budget_group, server_cmd, issue_group, bench_group, secure_group,
-                 chaos_cmd):
+                 chaos_cmd, schema_cmd, plugins_cmd):
     cli.add_command(_command)
 
 

@@ -1,5 +1,16 @@
 """The read side of ``ccc``: ``events``, ``replay``, ``tasks`` (and ``tasks show ID``),
-``agents``, ``bad-events``, and how an event and a state are shown as text.
+``agents``, ``rejects`` (and ``bad-events``), and how an event and a state are shown as
+text.
+
+Bad messages end up in two places, for a reason: a message an *actor* could not process
+(an issue fact that does not decode, one the trust policy refused, one that failed every
+redelivery) is parked by the coordinator as a dead letter in ``<NS>_DLQ``, because the
+actor must move on and the reason must outlive its consumer; a message on the event log
+the *projections* cannot apply (not an event, or a transition the state machine refuses)
+is skipped by every fold and kept in memory with its sequence, because the log is the
+authority and cannot be changed. ``ccc rejects`` shows both in one list: where the
+message is, why it was rejected, and the ``nats`` command that shows it as stored
+(``ccc bad-events`` and ``ccc dead-letters`` show one side each, as before).
 
 The task board explains waits with the admission policy the cluster's coordinator runs
 with: ``ccc up`` publishes it to the cluster's settings (``<ns>_config``, key
@@ -19,25 +30,31 @@ from datetime import UTC, datetime
 
 import click
 import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
 
-from events.spend import Book
 from events.agent import AgentEventBase
 from events.agent_state import AGENT_STATUSES, AgentState
 from events.agent_state import evolve as evolve_agent
 from events.codec import BadMessage
-from events.errors import ConfigError, DomainError
+from events.dead_letter import DeadLetter, dead_letter_decoder
+from events.errors import ConfigError, DomainError, StoreUnavailable
 from events.subjects import check_id
 from events.task import SPECIALTIES, TaskCreated, TaskEventBase
 from events.task_state import TASK_STATUSES, TaskState
 from events.task_state import evolve as evolve_task
 from projections.fairness import DEFAULT_POLICY, FairnessPolicy, explain
 from projections.read_model import MAX_BAD_KEPT, ReadModel
-from projections.waits import Waits
+from projections.waits import Holds, Waits
 
 from infra.adapters.nats.cluster_config import FAIRNESS, read_setting
 from infra.adapters.nats.spend_ledger import read_book
+from infra.adapters.plugins.health import read_plugin_waits
 from infra.shell.app.signals import until_signal
 from infra.shell.cli.output import emit_json, fmt_time, print_line, print_table
+
+log = structlog.get_logger("ccc.cli")
 
 _ENVELOPE = frozenset({"type", "event_id", "version", "occurred_at", "correlation_id",
                        "causation_id", "actor"})
@@ -237,27 +254,28 @@ def _load_model(obj) -> ReadModel:
 class Board(NamedTuple):
     model: ReadModel
     fairness: FairnessPolicy | None  # the admission policy the coordinator published (None: none was)
-    budget: Book  # the spend ledger now: exhausted scopes explain waits
+    holds: Holds  # the spend ledger and the plugins' holds now: they explain waits too
 
     def waits(self) -> Waits:
-        return Waits(self.model.tasks, self.model.agents, fairness=self.fairness, budget=self.budget)
+        return Waits.of(self.model.tasks, self.model.agents, self.fairness, self.holds)
 
 
 def _load_board(obj) -> Board:
-    """The task view rebuilt from the log, the admission policy the coordinator published
-    and the spend ledger."""
+    """The task view rebuilt from the log, the admission policy the coordinator published,
+    the spend ledger and the plugins' holds."""
     model = ReadModel(obj.ns.prefix)
 
-    async def rebuild(nc) -> tuple[FairnessPolicy | None, Book]:
+    async def rebuild(nc) -> tuple[FairnessPolicy | None, Holds]:
         # first: a malformed policy or caps value fails before the replay, not after it
         timeout = obj.settings().request_timeout
         policy = await read_setting(nc, obj.ns, FAIRNESS, FairnessPolicy, timeout=timeout)
-        book = await read_book(nc, obj.ns, timeout=timeout)
+        holds = Holds(await read_book(nc, obj.ns, timeout=timeout),
+                      await read_plugin_waits(nc, obj.ns, timeout=timeout))
         await obj.store(nc).replay(model.apply)
-        return policy, book
+        return policy, holds
 
-    policy, book = obj.run(rebuild)
-    return Board(model, policy, book)
+    policy, holds = obj.run(rebuild)
+    return Board(model, policy, holds)
 
 
 def _bad_footer(model: ReadModel) -> list[str]:
@@ -384,7 +402,7 @@ def bad_events_cmd(obj, as_json) -> None:
     """List messages the projections could not apply.
 
     Undecodable payloads and events the state machines reject, with their stream
-    sequence and the reason."""
+    sequence and the reason. `ccc rejects` lists them with the dead letters."""
     model = _load_model(obj)
     if as_json:
         for b in model.bad:
@@ -398,4 +416,107 @@ def bad_events_cmd(obj, as_json) -> None:
                 [(b.seq, b.subject, b.error) for b in model.bad], footer=footer)
 
 
-READ_COMMANDS = (events_cmd, replay_cmd, tasks_cmd, agents_cmd, bad_events_cmd)
+# -- rejects: the dead letters and the bad events, in one list ------------------------------
+DEAD_LETTER, BAD_EVENT = "dead_letter", "bad_event"
+
+
+class Reject(msgspec.Struct, frozen=True, kw_only=True):
+    """A message the cluster did not act on: where it is, why, and how to look at it."""
+
+    kind: str  # DEAD_LETTER: an actor parked it in <NS>_DLQ; BAD_EVENT: the projections skip it
+    stream: str  # where the message itself is stored (never removed: the streams deny deletes)
+    seq: int
+    subject: str
+    by: str  # the durable consumer that parked it, or "projections"
+    reason: str  # a dead letter's: "poison", "gave_up", "refused"; a bad event: "skipped"
+    error: str
+    look: str  # the `nats` command that shows the message as stored
+    preview: str = ""
+    parked_seq: int | None = None  # a dead letter's own sequence in <NS>_DLQ
+    at: datetime | None = None  # when it was parked (bad events: found at every replay)
+
+
+def look_command(stream: str, seq: int) -> str:
+    return f"nats stream get {stream} {seq}"
+
+
+def rejects_of(letters: Sequence[tuple[int, DeadLetter]], bad: Sequence[BadMessage], events_stream: str) -> list[Reject]:
+    """The dead letters (with their sequence in the dead-letter stream) and the bad events
+    of the log as one list, ordered by where the messages are."""
+    out = [Reject(kind=DEAD_LETTER, stream=d.stream, seq=d.seq, subject=d.subject, by=d.consumer, reason=d.reason,
+                  error=d.error, look=look_command(d.stream, d.seq), preview=d.preview, parked_seq=parked,
+                  at=d.at) for parked, d in letters]
+    out += [Reject(kind=BAD_EVENT, stream=events_stream, seq=b.seq, subject=b.subject, by="projections",
+                   reason="skipped", error=b.error, look=look_command(events_stream, b.seq), preview=b.preview)
+            for b in bad]
+    return sorted(out, key=lambda r: (r.stream, r.seq, r.kind))
+
+
+async def read_dead_letters(nc, dlq_stream: str, timeout: float) -> tuple[list[tuple[int, DeadLetter]], list[int]]:
+    """Every dead letter with its sequence, and the sequences of the ones that do not
+    decode (listed, never fatal)."""
+    js = nc.jetstream(timeout=timeout)
+    letters: list[tuple[int, DeadLetter]] = []
+    damaged: list[int] = []
+    try:
+        try:
+            state = (await js.stream_info(dlq_stream)).state
+        except nats.js.errors.NotFoundError:
+            return [], []
+        for seq in range(state.first_seq or 1, state.last_seq + 1):
+            try:
+                msg = await js.get_msg(dlq_stream, seq)
+            except nats.js.errors.NotFoundError:  # aged out (the stream keeps a month)
+                continue
+            try:
+                letters.append((seq, dead_letter_decoder.decode(msg.data or b"")))
+            except msgspec.DecodeError as e:
+                log.warning("dlq.unreadable", seq=seq, error=str(e))
+                damaged.append(seq)
+    except (nats.errors.Error, TimeoutError, OSError) as e:
+        raise StoreUnavailable(f"dead letters ({dlq_stream}): {type(e).__name__}: {e}") from None
+    return letters, damaged
+
+
+@click.command("rejects")
+@click.option("--kind", type=click.Choice((DEAD_LETTER, BAD_EVENT)), default=None,
+              help="Only the dead letters (parked by an actor) or only the bad events (skipped by the projections).")
+@json_option
+@click.pass_obj
+def rejects_cmd(obj, kind, as_json) -> None:
+    """Every message the cluster did not act on, in one list.
+
+    Dead letters: messages an actor could not process (an issue fact that does not
+    decode, is refused by the trust policy, or failed every redelivery), parked by the
+    coordinator in CCC_DLQ with the reason. Bad events: messages on the event log the
+    projections cannot apply (not an event, or a transition the state machine refuses),
+    skipped by every view. Each row says where the message is stored (stream and
+    sequence), who rejected it and why, and the `nats` command that shows it."""
+    ns = obj.ns
+    model = ReadModel(ns.prefix)
+
+    async def gather(nc):
+        letters, damaged = await read_dead_letters(nc, ns.dlq_stream, obj.settings().request_timeout)
+        if kind != DEAD_LETTER:
+            await obj.store(nc).replay(model.apply)
+        return letters, damaged
+
+    letters, damaged = obj.run(gather)
+    rows = rejects_of(letters if kind != BAD_EVENT else [], model.bad, ns.events_stream)
+    if as_json:
+        for r in rows:
+            emit_json(r)
+        return
+    dead = sum(r.kind == DEAD_LETTER for r in rows)
+    footer = [(f"{len(rows)} rejected: {dead} dead letters (parked in {ns.dlq_stream} by an actor), "
+               f"{len(rows) - dead} bad events (skipped by the projections)")]
+    if model.bad_count > len(model.bad):
+        footer.append(f"(bad events: showing the newest {MAX_BAD_KEPT} of {model.bad_count})")
+    if damaged and kind != BAD_EVENT:
+        footer.append(f"unreadable dead letters: {', '.join(look_command(ns.dlq_stream, s) for s in damaged)}")
+    print_table(("KIND", "STREAM", "SEQ", "SUBJECT", "BY", "REASON", "ERROR", "LOOK"),
+                [(r.kind, r.stream, r.seq, r.subject, r.by, r.reason, r.error[:80], r.look) for r in rows],
+                footer=footer)
+
+
+READ_COMMANDS = (events_cmd, replay_cmd, tasks_cmd, agents_cmd, bad_events_cmd, rejects_cmd)

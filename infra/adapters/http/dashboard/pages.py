@@ -51,10 +51,10 @@ from litestar.params import FromPath
 from litestar.static_files import create_static_files_router
 from markupsafe import Markup
 
-from events.spend import Book
 from events.agent import Heartbeat
 from events.codec import decode_or_bad
 from events.errors import ConfigError, StoreUnavailable
+from events.refs import split_ref, upgrade_ref
 from events.secrets import process_masker
 from events.subjects import check_id
 from events.task import SPECIALTIES
@@ -75,7 +75,7 @@ from projections.dashboard import (
 )
 from projections.fairness import FairnessPolicy
 from projections.live import LiveReadModel
-from projections.waits import Waits, age
+from projections.waits import Holds, Waits, age
 from projections.waits import clock as clock_text
 
 from infra.adapters.http.auth import PUBLIC
@@ -126,10 +126,10 @@ class Dashboard:
 
     def __init__(self, live: LiveReadModel, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  consumers: Iterable[tuple[str, str]] | None = None, local_forge: bool = False,
-                 fairness: FairnessPolicy | None = None, budget: Callable[[], Book | None] | None = None) -> None:
+                 fairness: FairnessPolicy | None = None, holds: Callable[[], Holds] | None = None) -> None:
         self.live = live
         self.fairness = fairness  # the coordinator's admission policy: its limits explain waits
-        self.budget = budget  # the spend ledger as last seen: exhausted scopes explain waits
+        self.holds = holds  # the spend ledger and the plugins' holds: they explain waits too
         self.local_forge = local_forge  # the actions serve the local forge here: merge and close
         self.store = live.store
         self.ns = live.store.ns
@@ -146,7 +146,7 @@ class Dashboard:
         # the coordinator's durable consumers: (stream, name); their pending count is lag
         self.consumers = tuple(consumers) if consumers is not None else (
             (self.ns.issues_stream, "coordinator-intake"), (self.ns.events_stream, "coordinator-reports"))
-        self._waits: tuple[tuple[int, int], Waits] | None = None
+        self._waits: tuple[tuple, Waits] | None = None
         self._side: tuple[float, int | None, dict[str, int | None]] | None = None
         self._entries: OrderedDict[int, LogEntry] = OrderedDict()
 
@@ -262,6 +262,7 @@ class Dashboard:
         entries = await self.history(task_id)
         view = task_page(task_id, entries, self.clock())
         known = {a.ref: a for a in view.artifacts}
+        ref = upgrade_ref(ref)  # a link of an older version (``<bucket>/<name>``) still works
         if ref not in known:
             raise PageError(404, f"task {task_id!r} has no artifact {ref!r}")
         text, size, cut = await self.read_artifact(ref)
@@ -369,9 +370,8 @@ class Dashboard:
     async def read_artifact(self, ref: str) -> tuple[str, int, bool]:
         """(the text shown, the object's size, whether it was cut): masked again here, as
         everything shown is, whatever the writer did."""
-        bucket, _, name = ref.partition("/")
         try:
-            check_id(bucket, "bucket")
+            bucket, name = split_ref(ref)
         except ConfigError:
             raise PageError(404, f"no artifact {ref!r}") from None
         try:
@@ -392,12 +392,12 @@ class Dashboard:
         return process_masker().text(text), size or len(data), cut
 
     def _board_waits(self) -> Waits:
-        """The board's leases and merge queues, built once per log position (and ledger
-        version: a cap raised changes the waits without an event)."""
-        book = self.budget() if self.budget is not None else None
-        key = (self.model.last_seq, book.version if book is not None else -1)
+        """The board's leases and merge queues, built once per log position (and holds: a
+        cap raised or a plugin's hold ending changes the waits without an event)."""
+        holds = self.holds() if self.holds is not None else Holds()
+        key = (self.model.last_seq, holds.key())
         if self._waits is None or self._waits[0] != key:
-            self._waits = (key, Waits(self.model.tasks, self.model.agents, fairness=self.fairness, budget=book))
+            self._waits = (key, Waits.of(self.model.tasks, self.model.agents, self.fairness, holds))
         return self._waits[1]
 
     # -- rendering ---------------------------------------------------------------------------
