@@ -9,7 +9,7 @@ caught up and the re-decision is a no-op or a fresh, correct choice.
 Inputs:
 * ``<ns>.issue.>``  (durable ``coordinator-intake``): issue facts -> task commands
 * ``<ns>.agent.>``  (durable ``coordinator-reports``): agent reports -> task commands
-* ``<ns>.hb.*``     (ordered, latest per agent): heartbeats -> health
+* ``<ns>.hb.*``     (polled: which agents' heartbeats the server still holds) -> health
 * the live model's changes and timers -> scheduling passes
 
 Plugins (:mod:`actors.plugins`): the event hooks see every event the live model applies
@@ -47,7 +47,6 @@ from events.subjects import Namespace
 from events.task import (
     TaskAnalysisStarted,
     TaskCancellationRequested,
-    TaskCreated,
     TaskEventBase,
     TaskStarted,
     TaskTestsStarted,
@@ -75,8 +74,9 @@ log = structlog.get_logger("ccc.coordinator")
 # the agent's view *or the task view* (a slot counts as held while its task is
 # assigned/in progress/testing, so ``task.pr_opened`` frees one and must wake the
 # scheduler even though the agent released the task earlier). Every other event, and
-# anything undecodable, wakes it.
-NOTHING_TO_SCHEDULE = (TaskCreated, TaskAnalysisStarted, TaskStarted, TaskTestsStarted,
+# anything undecodable, wakes it (``task.created`` too: a synchronous analyser's decision
+# on it creates the task queued).
+NOTHING_TO_SCHEDULE = (TaskAnalysisStarted, TaskStarted, TaskTestsStarted,
                        TaskCancellationRequested, AgentTaskStarted, WorkReport)
 
 

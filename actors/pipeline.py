@@ -280,7 +280,7 @@ async def run_pipeline(
         # 2. analyse the codebase
         phase = "analysis"
         languages = await asyncio.to_thread(workbench.languages, ws.repo_dir)
-        test_command = workbench.detect_test_command(ws.repo_dir)
+        test_command = await asyncio.to_thread(workbench.detect_test_command, ws.repo_dir)
         await report(CodebaseAnalysed(languages=languages, test_command=tuple(test_command or ())))
 
         # 3. implement (a rebase that applied by itself needs no coder, nor a CI fix whose
@@ -315,18 +315,23 @@ async def run_pipeline(
                 transcript_ref = await artifacts.put_text(f"transcripts/{prefix}.txt", outcome.transcript)
             if outcome.status == "failed":
                 raise PhaseFailed("implementation", outcome.reason or "the coder failed", retryable=True)
+            # the files are read once, for the commit ("" when they change nothing): from
+            # here on the change is that commit, whatever the tests do to the files
+            message = _commit_message(task, outcome.summary, trailer, base_branch=base_branch,
+                                      base_commit=base_commit, conflicts=conflicts)
+            commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, masker.text(message), *identity)
+            if not commit and conflicts:
+                raise PhaseFailed("implementation", f"the resolution leaves nothing of {branch}'s change on "
+                                                    f"{base_branch}", retryable=False)
+            if not commit:
+                if outcome.status == "budget_exhausted" and outcome.budget_scope:
+                    raise BudgetDeferred(outcome.reason)  # the ledger said no before any work
+                raise PhaseFailed("implementation", "the coder made no change", retryable=True)
             if conflicts:  # the coder's part is the resolution: no marker may be left
                 left = await asyncio.to_thread(workbench.conflict_markers, ws.repo_dir, conflicts)
                 if left:
                     raise PhaseFailed("implementation", f"conflict markers left in {', '.join(left)}",
                                       retryable=True)
-            elif not await asyncio.to_thread(workbench.edited_files, ws.repo_dir):
-                if outcome.status == "budget_exhausted" and outcome.budget_scope:
-                    raise BudgetDeferred(outcome.reason)  # the ledger said no before any work
-                raise PhaseFailed("implementation", "the coder made no change", retryable=True)
-            message = _commit_message(task, outcome.summary, trailer, base_branch=base_branch,
-                                      base_commit=base_commit, conflicts=conflicts)
-            commit = await asyncio.to_thread(workbench.commit_all, ws.repo_dir, masker.text(message), *identity)
         files = await asyncio.to_thread(workbench.changed_files, ws.repo_dir)
         if not files and moved is not None:  # pushed so: a retry would find the same
             raise PhaseFailed("implementation", f"{branch} moved on the forge to {moved.head[:12]}, which changes "

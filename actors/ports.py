@@ -86,7 +86,9 @@ class Workbench(Protocol):
         ...
 
     def finish_workspace(self, agent_id: str, task_id: str, outcome: str) -> None:
-        """Mark the task's workspace finished, so it is removed after the retention."""
+        """Mark the task's workspace finished, so it is removed after the retention; what
+        debugging does not need (the checkout: the change is on the forge and in the
+        artifacts) may go at once. Called on the event loop: it must not block for long."""
         ...
 
     def remove_expired(self, agent_id: str, retention: float) -> list[Path]: ...
@@ -124,12 +126,8 @@ class Workbench(Protocol):
         ...
 
     def conflict_markers(self, repo_dir: Path, paths: list[str] | tuple[str, ...]) -> list[str]:
-        """Which of ``paths`` still hold conflict markers in the workspace's files."""
-        ...
-
-    def edited_files(self, repo_dir: Path) -> list[str]:
-        """The paths the workspace's files change against the commit the round's commit
-        goes on (for a new branch, the base): what the coder changed in this round."""
+        """Which of ``paths`` still hold conflict markers in the change (after
+        :meth:`commit_all`: in the commit)."""
         ...
 
     def repo_file(self, repo_dir: Path, path: str, *, max_bytes: int) -> bytes | None:
@@ -147,8 +145,11 @@ class Workbench(Protocol):
     def create_branch(self, repo_dir: Path, name: str) -> None: ...
 
     def changed_files(self, repo_dir: Path) -> list[str]:
-        """The paths the workspace's files change against :meth:`head_sha`: all that the
-        branch changes."""
+        """The paths the change touches against :meth:`head_sha`: all that the branch
+        changes. Once the round's change is recorded (a commit of :meth:`commit_all`, or
+        the branch :meth:`open_branch` or :meth:`rebase` left when no coder follows), this,
+        :meth:`diff` and :meth:`diff_stat` describe that commit, whatever happens to the
+        files later; before, the workspace's files as they are."""
         ...
 
     def diff(self, repo_dir: Path) -> str: ...
@@ -157,7 +158,9 @@ class Workbench(Protocol):
 
     def commit_all(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> str:
         """Commit the workspace's files as the branch of :meth:`create_branch` (or
-        :meth:`open_branch`); the sha."""
+        :meth:`open_branch`), on the commit the round's commit goes on (for a new branch,
+        the base); the sha, or "" when the files change nothing against that commit
+        (nothing is committed: the coder made no change)."""
         ...
 
     def push(self, repo_dir: Path, branch: str, *, env: Mapping[str, str] | None = None,

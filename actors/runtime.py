@@ -66,11 +66,18 @@ class ConsumerLoop:
         inactive_threshold: float | None = None,
         telemetry: Telemetry = NO_TELEMETRY,
         dead_letters: bool = True,
+        pull_expires: float | None = None,
     ) -> None:
         """``dead_letters=False``: this actor may not write dead letters (an agent: its
         credentials forbid it). A message it cannot process is then logged and termed;
         it stays in its stream at its sequence (``ccc bad-events`` lists what cannot be
-        decoded), so nothing is lost, and only the coordinator writes dead letters."""
+        decoded), so nothing is lost, and only the coordinator writes dead letters.
+
+        ``pull_expires``: how long each pull request waits at the server (default
+        :attr:`PULL_EXPIRES`). An idle loop costs a request and its expiry notice per
+        period, so a process hosting thousands of mostly idle loops (agents) asks for
+        longer ones; a request lost with a reconnect is renewed at once all the same, one
+        lost otherwise (a consumer leader moving in a cluster) after the period."""
         self.nc = nc
         self.write_dead_letters = dead_letters
         self.telemetry = telemetry
@@ -84,6 +91,8 @@ class ConsumerLoop:
         self.max_deliver = max_deliver
         self.deliver_policy = deliver_policy
         self.inactive_threshold = inactive_threshold
+        self.pull_expires = pull_expires or self.PULL_EXPIRES
+        self._reconnects = nc.stats.get("reconnects", 0)
         self.name = name or durable
         self._inflight: set[asyncio.Task] = set()
         self._outstanding = 0  # messages asked for and not yet delivered
@@ -145,7 +154,7 @@ class ConsumerLoop:
             return  # enough is on its way; ask again when more slots are free
         self._outstanding += free
         self._asked_at = time.monotonic()
-        request = {"batch": free, "expires": int(self.PULL_EXPIRES * 1e9)}
+        request = {"batch": free, "expires": int(self.pull_expires * 1e9)}
         try:
             await self.nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
         except (nats.errors.Error, OSError) as e:
@@ -175,8 +184,10 @@ class ConsumerLoop:
         while not self._stopping.is_set():
             await asyncio.sleep(self.PULL_EXPIRES + 0.5)
             quiet = time.monotonic() - max(self._asked_at, self._delivered_at)
-            if quiet > self.PULL_EXPIRES + 0.5 and self._outstanding:
-                self._outstanding = 0  # the request's end never came: ask afresh
+            reconnects = self.nc.stats.get("reconnects", 0)
+            if self._outstanding and (quiet > self.pull_expires + 0.5 or reconnects != self._reconnects):
+                self._outstanding = 0  # the request's end never came, or went with the connection: ask afresh
+            self._reconnects = reconnects
             await self._pull()
 
     async def _handle(self, msg: Msg) -> None:

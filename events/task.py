@@ -91,8 +91,16 @@ class TaskEventBase(
 
 
 class TaskCreated(TaskEventBase, tag="task.created"):
+    """A task for an issue. With ``analysis``, a synchronous analyser's decision (the
+    rules answer at once) is recorded on the creation itself, and the task is created
+    queued: one append instead of three (created, analysis started, analysed), the same
+    information. An analyser that takes time (Claude) still records
+    ``task.analysis_started`` and ``task.analyzed``."""
+
     issue: IssueRef
     max_attempts: int = 3
+    analyser: str = ""  # who analysed it, when ``analysis`` is here
+    analysis: Analysis | None = None
 
 
 class TaskAnalysisStarted(TaskEventBase, tag="task.analysis_started"):

@@ -22,6 +22,9 @@ class CreateTask(Command, frozen=True, kw_only=True):
     task_id: str
     issue: IssueRef
     max_attempts: int = 3
+    # a synchronous analyser's decision, recorded on the creation (the task is created queued)
+    analyser: str = ""
+    analysis: Analysis | None = None
 
 
 class StartAnalysis(Command, frozen=True, kw_only=True):

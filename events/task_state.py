@@ -225,11 +225,17 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
             raise IllegalTransition("task " + event.task_id, "absent", event.__struct_config__.tag)
         if event.version != 1:
             raise VersionMismatch(f"task {event.task_id}: first event has version {event.version}")
-        return TaskState(
+        created = TaskState(
             task_id=event.task_id, status="pending", version=1, issue=event.issue,
             created_at=event.occurred_at, updated_at=event.occurred_at,
             max_attempts=event.max_attempts,
         )
+        if event.analysis is None:
+            return created
+        # created and analysed in one event: what task.analyzed would have applied
+        a = event.analysis
+        return _add_usage(created, a.usage, status="queued",
+                          **{name: getattr(a, name) for name in ANALYSIS_IN_STATE})
     if event.version != state.version + 1:
         raise VersionMismatch(
             f"task {state.task_id}: event version {event.version} after {state.version}"
@@ -411,8 +417,10 @@ def decide(state: TaskState | None, command: Command) -> list[TaskEvent]:
         check_id(command.task_id, "task id", error=DomainError)  # it becomes a subject token
         if command.max_attempts < 1:
             raise DomainError("max_attempts must be at least 1")
+        analysed = {"analyser": command.analyser or "rules", "analysis": command.analysis} \
+            if command.analysis is not None else {}
         return [_validated(TaskCreated(**_env(command, command.task_id, 1), issue=command.issue,
-                                       max_attempts=command.max_attempts))]
+                                       max_attempts=command.max_attempts, **analysed))]
     if state is None:
         raise DomainError(f"no such task for {type(command).__name__}")
     env = _env(command, state.task_id, state.version + 1)

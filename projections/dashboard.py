@@ -189,6 +189,8 @@ class DashboardFold:
     def _count(self, event: TaskEventBase) -> None:
         kind = type(event)
         usage: Usage | None = getattr(event, "usage", None) if kind in (TaskAnalyzed, TaskTestsStarted) else None
+        if isinstance(event, TaskCreated) and event.analysis is not None:
+            usage = event.analysis.usage
         if kind not in (TaskCompleted, TaskMerged, TaskFailed, TaskCancelled) and not (usage and usage.dollars):
             return
         minute = _minute(event.occurred_at)
@@ -768,7 +770,16 @@ def describe(event: Any) -> tuple[str, list[Detail]]:
             add("issue", f"{event.issue.repo}#{event.issue.number}")
             add("author", event.issue.author)
             add("labels", event.issue.labels)
-            return f"created from {event.issue.repo}#{event.issue.number}: {short(event.issue.title, 160)}", d
+            created = f"created from {event.issue.repo}#{event.issue.number}: {short(event.issue.title, 160)}"
+            if (a := event.analysis) is not None:  # a synchronous analyser's decision, on the creation
+                add("analyser", event.analyser)
+                add("complexity", a.complexity)
+                add("priority", a.priority)
+                add("paths", a.paths)
+                add("dependencies", a.dependencies)
+                add("reasons", a.reasons)
+                return f"{created}; analysed: {a.specialty}, {a.complexity}, {a.priority} priority", d
+            return created, d
         case TaskAnalyzed():
             add("complexity", event.complexity)
             add("priority", event.priority)

@@ -53,6 +53,7 @@ from events.task import (
     TaskChecksPassed,
     TaskCompleted,
     TaskConflicted,
+    TaskCreated,
     TaskEventBase,
     TaskFailed,
     TaskFixQueued,
@@ -104,6 +105,8 @@ class LogCounters:
         # the implementation's usage, which the coordinator copies onto task.testing
         if isinstance(event, TaskAnalyzed):
             self._usage(event.usage, event.specialty)
+        elif isinstance(event, TaskCreated) and event.analysis is not None:  # created and analysed
+            self._usage(event.analysis.usage, event.analysis.specialty)
         elif isinstance(event, TaskTestsStarted):
             task = tasks.get(event.task_id)
             self._usage(event.usage, task.specialty if task else UNKNOWN)

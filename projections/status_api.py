@@ -37,7 +37,7 @@ from typing import Annotated, Any
 
 import msgspec
 import structlog
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, MediaType, Request, Response, get
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -121,12 +121,13 @@ async def _provide_view(reader: Reader, min_seq: MinSeq = None) -> StatusReader:
 @get(f"{PREFIX}/tasks", tags=["tasks"], responses=_errors(400, 504),
      summary="Tasks, ordered by created_at then task_id")
 async def list_tasks(view: View, states: TaskStates = None, specialty: Specialties = None,
-                     agent: AgentFilter = None, limit: Limit = 50, offset: Offset = 0) -> TaskPage:
-    return view.task_page(
+                     agent: AgentFilter = None, limit: Limit = 50, offset: Offset = 0) -> Response[TaskPage]:
+    # a TaskPage, encoded from each task's JSON as cached (StatusReader.task_page_json)
+    return Response(view.task_page_json(
         view.task_ids_in_order(), states=_choices(states, TASK_STATUSES, "state"),
         specialties=_choices(specialty, SPECIALTIES, "specialty"), agent=agent,
         limit=limit, offset=offset,
-    )
+    ), media_type=MediaType.JSON)
 
 
 @get(f"{PREFIX}/tasks/{{task_id:str}}", tags=["tasks"], responses=_errors(404, 504),
@@ -198,12 +199,9 @@ async def health(reader: Reader) -> Response[Health]:
     connected = live.store.nc.is_connected
     stream_last = max(live.stream_last_seq, model.last_seq)
     readable = False
-    if connected:
-        try:
-            stream_last = await asyncio.wait_for(live.store.last_seq(), HEALTH_NATS_TIMEOUT)
-            readable = True
-        except (StoreUnavailable, TimeoutError) as e:
-            log.warning("api.health_stream_unreadable", error=str(e))
+    if connected:  # the log's end, asked of NATS at most every HEALTH_TTL (StatusReader.stream_end)
+        readable, end = await reader.stream_end(HEALTH_NATS_TIMEOUT)
+        stream_last = max(end, model.last_seq)  # (asked up to HEALTH_TTL ago: the model may be past it)
     following = live.following or not live.started
     ok = connected and readable and following
     body = Health(status="ok" if ok else "degraded", nats_connected=connected,

@@ -26,7 +26,7 @@ give the same words. A task that is not waiting gets ``""``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 from datetime import UTC, datetime
 
@@ -42,6 +42,10 @@ from projections.leases import LeaseIndex
 MAX_WAIT_CHARS = 200  # one cell of a table; the rest is in the task's own fields
 MAX_NAMES = 3  # paths, checks, dependencies listed before "+n more"
 RERUN_KIND = {"flaky": "flaky?", "infrastructure": "infrastructure"}
+# the statuses whose reason reads ``now`` (a backoff left, checks running for so long, a
+# fairness pass): any other status's words change only with the task and the board, so a
+# view may keep them for as long as both are unchanged (the status API does)
+CLOCKED: frozenset[str] = frozenset({"queued", "checking", "merging"})
 
 
 # -- words ------------------------------------------------------------------------------
@@ -158,13 +162,14 @@ def _reason(task: TaskState, tasks: Mapping[str, TaskState], now: datetime,
             leases: LeaseIndex | None, queues: MergeQueues | None,
             agents: Mapping[str, AgentState] | None = None,
             held_back: Mapping[str, Limit] | None = None, budget: Book | None = None,
-            plugins: Mapping[str, str] | None = None) -> str:
+            plugins: Mapping[str, str] | None = None,
+            which_agent: Callable[[TaskState], str] | None = None) -> str:
     t = task
     match t.status:
         case "pending":
             return "waiting for analysis"
         case "queued":
-            return _queued(t, tasks, now, leases, agents, held_back, budget, plugins)
+            return _queued(t, tasks, now, leases, agents, held_back, budget, plugins, which_agent)
         case "checking":
             if t.reruns and failing(t.checks):
                 return f"re-running {_rerun(t)} on {sha7(t.head_sha)}{_since(t.checks_since, now)}"
@@ -204,7 +209,8 @@ def _rerun(t: TaskState) -> str:
 def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases: LeaseIndex | None,
             agents: Mapping[str, AgentState] | None = None,
             held_back: Mapping[str, Limit] | None = None, budget: Book | None = None,
-            plugins: Mapping[str, str] | None = None) -> str:
+            plugins: Mapping[str, str] | None = None,
+            which_agent: Callable[[TaskState], str] | None = None) -> str:
     open_deps = [(d, tasks[d].status if d in tasks else "unknown task") for d in t.dependencies
                  if d not in tasks or tasks[d].status != "completed"]
     if open_deps:
@@ -224,7 +230,8 @@ def _queued(t: TaskState, tasks: Mapping[str, TaskState], now: datetime, leases:
         return fairness_words(limit)
     if plugins and (words := plugins.get(t.task_id)):
         return words
-    agent = "an agent" if agents is None else _which_agent(t, tasks, agents)
+    agent = ("an agent" if agents is None else which_agent(t) if which_agent is not None
+             else _which_agent(t, tasks, agents))
     if t.work == "ci_fix":
         of = f" of {t.max_ci_fixes}" if t.max_ci_fixes >= t.ci_fixes > 0 else ""
         return f"CI fix round {t.ci_fixes}{of} queued, waiting for {agent}"
@@ -298,6 +305,18 @@ class Waits:
         self.leases = LeaseIndex.of(tasks)
         self.queues = MergeQueues(tasks.values())
         self._held_back: tuple[datetime, dict[str, Limit]] | None = None
+        # which agent a queued task waits for depends on its specialty and security level
+        # and on the board, not on the task or the time: worked out once per kind (a scan
+        # of every task per queued task made a page of the board cost O(tasks) per item)
+        self._which: dict[tuple[str, str], str] = {}
+
+    def _which_agent(self, task: TaskState) -> str:
+        key = (task.specialty, task.security_level)
+        words = self._which.get(key)
+        if words is None:
+            assert self.agents is not None
+            words = self._which[key] = _which_agent(task, self.tasks, self.agents)
+        return words
 
     def why(self, task: TaskState, now: datetime) -> str:
         held_back = None
@@ -306,8 +325,8 @@ class Waits:
                 self._held_back = (now, fairness_pass(self.tasks, now, self.fairness, self.leases, self.budget))
             held_back = self._held_back[1]
         return _bounded(_reason(task, self.tasks, now, self.leases, self.queues, self.agents, held_back,
-                                self.budget, self.plugins))
+                                self.budget, self.plugins, self._which_agent))
 
 
-__all__ = ["MAX_WAIT_CHARS", "Holds", "MergeQueues", "Waits", "age", "clock", "fairness_pass", "fairness_words",
+__all__ = ["CLOCKED", "MAX_WAIT_CHARS", "Holds", "MergeQueues", "Waits", "age", "clock", "fairness_pass", "fairness_words",
            "names", "sha7", "why_waiting"]

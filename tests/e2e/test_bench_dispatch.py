@@ -102,11 +102,12 @@ def _check_side(side: DispatchSide, security: str, throughput_tasks: int) -> Non
     assert thr is not None
     assert thr.tasks == thr.completed == throughput_tasks
     assert thr.tasks_per_s > 0 and thr.events_per_s > 0 and thr.seconds > 0 and thr.events_x_raw > 0
-    # per task: issue opened + merge, 8 task events, 4 agent reports (+ registrations, resent merges)
-    assert thr.events >= throughput_tasks * 14
+    # per task: issue opened + merge, 6 task events (created with its analysis), 4 agent reports (+ registrations, resent merges)
+    assert thr.events >= throughput_tasks * 12
     assert thr.coordinator["assignments"] <= throughput_tasks and thr.coordinator["bad_events"] == 0
     assert thr.coordinator["warnings"] == 0, security
-    assert {h.name for h in thr.hops} >= {"intake: issue -> task.created", "end to end: publish -> task.completed"}
+    assert {h.name for h in thr.hops} >= {"intake: issue -> task.created (analysed, queued)",
+                                          "end to end: publish -> task.completed"}
 
     table = rows(side)
     assert [r[0] for r in table][:2] == ["dispatch p50, 3 agents", "dispatch p99, 3 agents"]

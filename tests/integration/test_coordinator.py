@@ -93,7 +93,9 @@ async def test_repeated_issue_event_is_one_task(nc, ns, store, coordinator):
     await eventually(lambda: status(coordinator, "acme_app-2") == "queued")
     await coordinator.live.catch_up()
     loaded = await store.load(ns.task_filter("acme_app-2"))
-    assert [type(e.event).__name__ for e in loaded.events] == ["TaskCreated", "TaskAnalysisStarted", "TaskAnalyzed"]
+    # the rules answer at once: created with their analysis, queued, in one event
+    assert [type(e.event).__name__ for e in loaded.events] == ["TaskCreated"]
+    assert loaded.events[0].event.analysis is not None and loaded.events[0].event.analyser == "rules"
 
 
 async def test_full_happy_path_through_reports(nc, ns, store, coordinator):
@@ -294,10 +296,12 @@ async def test_changes_requested_retries_with_the_review_as_guidance(nc, ns, sto
 
 @pytest.mark.parametrize("redelivered", [True, False], ids=["issue-redelivered", "reconciled-on-start"])
 async def test_an_intake_cut_short_by_a_crash_is_finished(nc, ns, store, redelivered):
-    """The intake writes created -> analysis started -> analysed -> assigned one event at a
-    time (an atomic batch would serialise intake at ~300/s in the server). A coordinator
-    that died after the first two leaves a legal prefix; its successor finishes it, from
-    the redelivered issue message or, if that is gone, from the log alone."""
+    """The intake writes its chain one event at a time (an atomic batch would serialise
+    intake at ~300/s in the server): created (with the rules' analysis) -> assigned, or
+    created -> analysis started -> analysed -> assigned for an analyser that takes time.
+    A coordinator that died after the first two of the long chain leaves a legal prefix;
+    its successor finishes it, from the redelivered issue message or, if that is gone,
+    from the log alone."""
     from events import task_state as ts
     from events.task import IssueRef
 
@@ -338,7 +342,7 @@ async def test_the_intake_writes_its_chain_as_single_events(nc, ns, store, coord
     sub = await nc.jetstream().subscribe(f"{ns.prefix}.task.acme_app-8.>", stream=ns.events_stream,
                                          ordered_consumer=True)
     try:
-        headers = [(await sub.next_msg(timeout=5)).headers or {} for _ in range(4)]
+        headers = [(await sub.next_msg(timeout=5)).headers or {} for _ in range(2)]  # created, assigned
     finally:
         await sub.unsubscribe()
     assert all("Nats-Batch-Id" not in h for h in headers)

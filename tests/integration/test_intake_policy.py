@@ -176,10 +176,11 @@ async def test_junk_on_a_task_subject_does_not_drop_the_real_issue(nc, ns, store
         # the log: the junk (one message decodes, as an event no task can begin with), then
         # the real task, created after it
         loaded = await store.load(ns.task_filter(task_id))
-        assert [type(e.event).__name__ for e in loaded.events] == [
-            "TaskAnalysisStarted", "TaskCreated", "TaskAnalysisStarted", "TaskAnalyzed"]
+        # (the rules are recorded on the creation; an analyser with I/O writes its own events)
+        chain = ["TaskCreated"] if instant else ["TaskCreated", "TaskAnalysisStarted", "TaskAnalyzed"]
+        assert [type(e.event).__name__ for e in loaded.events] == ["TaskAnalysisStarted", *chain]
         assert len(loaded.bad) == 3 and loaded.events[1].seq > max(b.seq for b in loaded.bad)
-        assert c.model.tasks[task_id].version == 3 and c.model.task_seq[task_id] == loaded.last_seq
+        assert c.model.tasks[task_id].version == len(chain) and c.model.task_seq[task_id] == loaded.last_seq
         intake = c.consumers[0]
         assert intake.failed == 0 and intake.refused == 0
         # and the task works on: an agent gets it

@@ -28,7 +28,7 @@ import msgspec
 import pytest
 
 from events.subjects import Namespace
-from events.task import TaskAnalyzed, TaskAssigned
+from events.task import TaskAnalyzed, TaskAssigned, TaskCreated
 from infra.adapters.forge.local import LocalForge
 from infra.adapters.plugins import discovery
 from infra.adapters.plugins.health import read_health, read_plugin_waits
@@ -111,9 +111,11 @@ class Receiver:
 
 
 async def assigned_after_analysis(s: Scene, number: int) -> float:
-    """Seconds between the task's analysis and its assignment (their events' times)."""
+    """Seconds between the task's analysis and its assignment (their events' times: the
+    rules' analysis is recorded on the creation)."""
     events = await s.events(number)
-    analysed = next(e for e in events if isinstance(e, TaskAnalyzed))
+    analysed = next(e for e in events if isinstance(e, TaskAnalyzed)
+                    or isinstance(e, TaskCreated) and e.analysis is not None)
     assigned = next(e for e in events if isinstance(e, TaskAssigned))
     return (assigned.occurred_at - analysed.occurred_at).total_seconds()
 

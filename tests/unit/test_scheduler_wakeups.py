@@ -20,6 +20,8 @@ def test_the_scheduler_sleeps_through_no_event_that_can_free_work_or_slots():
             or target == "completed"
         if frees_or_queues:
             assert not issubclass(event_type, NOTHING_TO_SCHEDULE), event_type.__name__
+    # a creation can queue a task (a synchronous analyser's decision recorded on it)
+    assert not issubclass(task_state.TaskCreated, NOTHING_TO_SCHEDULE)
     for event_type in agent_state.TRANSITIONS:
         if issubclass(event_type, NOTHING_TO_SCHEDULE):
             # only starting work and progress reports: they never make an agent accept more

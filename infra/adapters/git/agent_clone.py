@@ -17,6 +17,10 @@ agent runs git on the workspace's ``.git`` never again:
   of the workspace's ``.git`` is read (git skips every entry named ``.git`` when it walks
   a tree); commits the model may have made there do not matter, the files do;
 * the commit is made here, on the commit the task started from, with our identity;
+  from then on the change *is* that commit (:meth:`AgentClone.change`): what the change
+  touches, its diff and stat are read from it, so the repository's tests, which run
+  after, cannot alter what is reported, and the work tree (30,000 files in a large
+  repository) is walked once per round, not once per question;
 * before it is pushed the change is checked (:func:`check_change`): only ordinary files
   of the repository, no secret;
 * it is pushed from here, with the forge's host-scoped credentials and this clone's
@@ -68,6 +72,7 @@ _PARENT = "ccc.parent"
 _LEASE = "ccc.lease"
 _UPSTREAM = "ccc.upstream"
 _ONTO = "ccc.onto"
+_CHANGE = "ccc.change"  # the commit that is the round's change, once there is one
 CONFLICTS_REF = "refs/ccc/conflicts"  # the branch's net change on the base, conflict markers in it
 _MARKER = re.compile(rb"^(<{7}|>{7})( |$)", re.MULTILINE)
 _MAX_REGIONS = 6000  # characters of one file's conflicting regions shown to the coder
@@ -210,7 +215,7 @@ class AgentClone:
         fork_point = out.decode().strip()
         self._git("update-ref", f"refs/heads/{branch}", head)
         for key, value in ((_UPSTREAM, base_branch), (_ONTO, onto), (_BASE, fork_point),
-                           (_PARENT, head), (_LEASE, head)):
+                           (_PARENT, head), (_LEASE, head), (_CHANGE, head)):
             self._git("config", key, value)
         return BranchRound(branch=branch, base_branch=base_branch, head=head, base=onto, fork_point=fork_point)
 
@@ -256,12 +261,14 @@ class AgentClone:
         _, _, onto = self._round()
         marked = self._out("rev-parse", "-q", "--verify", f"{CONFLICTS_REF}^{{commit}}")
         self._move(onto, onto)
+        self._git("config", "--unset-all", _CHANGE, check=False)  # the change is the resolution, once committed
         return marked, onto
 
     def _move(self, head: str, base: str) -> None:
         self._git("update-ref", f"refs/heads/{self.branch()}", head)
         self._git("config", _PARENT, head)
         self._git("config", _BASE, base)
+        self._git("config", _CHANGE, head)
 
     def _replay(self, head: str, onto: str, identity: Mapping[str, str]) -> str | None:
         """``git rebase`` of ``head`` on ``onto`` in a scratch clone of this one (ours too:
@@ -335,8 +342,8 @@ class AgentClone:
 
     def markers_left(self, paths: list[str] | tuple[str, ...]) -> list[str]:
         """Which of ``paths`` still hold a conflict marker line (``<<<<<<<``/``>>>>>>>``)
-        in the workspace's files (a deleted path holds none)."""
-        tree = self.snapshot()
+        in the change (:meth:`change`; a deleted path holds none)."""
+        tree = self.change()
         left = []
         for path in paths:
             status, data, _ = self._git("cat-file", "blob", f"{tree}:{path}", check=False)
@@ -358,20 +365,18 @@ class AgentClone:
         self._git("add", "-A")
         return self._out("write-tree")
 
+    def change(self) -> str:
+        """The round's change: the commit recorded as it (by :meth:`commit`, or a branch
+        :meth:`open_branch` fetched or :meth:`rebase` moved, when no coder follows), else a
+        :meth:`snapshot` of the workspace's files as they are now."""
+        return self._config(_CHANGE) or self.snapshot()
+
     def _base_tree(self) -> str:
         return self.base() or gitops.EMPTY_TREE
 
     def changed_files(self) -> list[str]:
-        """What the change touches: the workspace's files against :meth:`base`."""
-        return self._changed(self._base_tree())
-
-    def edited_files(self) -> list[str]:
-        """What the workspace's files change against :meth:`parent`: this round's part."""
-        parent = self.parent()
-        return self._changed(parent or gitops.EMPTY_TREE)
-
-    def _changed(self, since: str) -> list[str]:
-        out = self._git("diff-tree", "-r", "-z", "--name-only", "--no-renames", since, self.snapshot())[1]
+        """What the change touches against :meth:`base`."""
+        out = self._git("diff-tree", "-r", "-z", "--name-only", "--no-renames", self._base_tree(), self.change())[1]
         return sorted(p for p in out.decode("utf-8", "surrogateescape").split("\0") if p)
 
     def diff(self, *, binary: bool = False) -> str:
@@ -379,15 +384,17 @@ class AgentClone:
                 "--src-prefix=a/", "--dst-prefix=b/"]
         if binary:
             args.append("--binary")
-        return self._git(*args, self._base_tree(), self.snapshot())[1].decode("utf-8", "replace")
+        return self._git(*args, self._base_tree(), self.change())[1].decode("utf-8", "replace")
 
     def diff_stat(self) -> str:
-        out = self._out("diff", "--no-renames", "--shortstat", self._base_tree(), self.snapshot())
+        out = self._out("diff", "--no-renames", "--shortstat", self._base_tree(), self.change())
         return out or "0 files changed, 0 insertions(+), 0 deletions(-)"
 
     def commit(self, message: str, author_name: str, author_email: str) -> str:
         """Commit the workspace's files on :meth:`parent` (the base; in a round, the
-        branch's head) as the task's branch; returns the sha."""
+        branch's head) as the task's branch, and record it as the round's change (one
+        snapshot of the files, the only one of the round); returns the sha.
+        :class:`~infra.adapters.git.gitops.NothingToCommit` when the files are the parent's."""
         if not message.strip():
             raise gitops.GitOperationError("empty commit message", retryable=False)
         tree = self.snapshot()
@@ -398,6 +405,7 @@ class AgentClone:
         sha = self._out("commit-tree", tree, *parents, "-m", message,
                         env=gitops.identity_env(author_name, author_email))
         self._git("update-ref", f"refs/heads/{self.branch()}", sha)
+        self._git("config", _CHANGE, sha)
         return sha
 
     # -- checked, then pushed ----------------------------------------------------------

@@ -20,7 +20,9 @@ The functions block (git is a subprocess); async callers use ``asyncio.to_thread
 
 from __future__ import annotations
 
+import collections
 import errno
+import fnmatch
 import json
 import os
 import re
@@ -358,36 +360,62 @@ _SKIP_DIRS = {".git", "node_modules", "__pycache__", "venv", ".venv", "env", ".t
               "site-packages", ".mypy_cache", ".pytest_cache", "dist", "build", "target", "vendor"}
 
 
-def _walk_files(repo_dir: Path) -> Iterator[Path]:
+def _walk_files(repo_dir: Path) -> Iterator[str]:
     for dirpath, dirnames, filenames in os.walk(repo_dir):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")
                        and not Path(dirpath, d, "pyvenv.cfg").exists()]
+        rel = os.path.relpath(dirpath, repo_dir)
         for f in filenames:
-            yield Path(dirpath, f).relative_to(repo_dir)
+            yield f if rel == "." else f"{rel}/{f}"
 
 
-def _repo_files(repo_dir: Path) -> list[Path]:
-    """Tracked and untracked-but-not-ignored files when it is a git repository (so
-    build outputs and venvs listed in .gitignore do not count), else a directory walk."""
+_VENV_MARK = "pyvenv.cfg"
+
+
+def _repo_files(repo_dir: Path, *patterns: str) -> list[str]:
+    """Tracked and untracked-but-not-ignored files (``/``-separated, relative) when it is
+    a git repository (so build outputs and venvs listed in .gitignore do not count), else
+    a directory walk; only those matching a ``patterns`` glob (``**/`` for any directory)
+    when there are any. Skipped either way: files under a directory of :data:`_SKIP_DIRS`
+    or under a virtualenv (a directory with a ``pyvenv.cfg``).
+
+    Plain string work on git's listing, close to ``git ls-files`` itself: on 30,000 files
+    a ``Path`` per file and a set of its parents took 1.0–1.7 s, this ~0.04 s (a listing
+    that names no skipped directory and no venv is taken as it is)."""
     if (repo_dir / ".git").exists():
-        status, out, _ = run_git(repo_dir, "ls-files", "-z", "--cached", "--others",
-                                 "--exclude-standard", check=False)
+        specs = [f":(glob){p}" for p in (*patterns, f"**/{_VENV_MARK}")] if patterns else []
+        status, out, _ = run_git(repo_dir, "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                                 "--", *specs, check=False)
         if status == 0:
-            paths = [Path(p) for p in out.decode("utf-8", "surrogateescape").split("\0") if p]
-            venvs = {p.parent for p in paths if p.name == "pyvenv.cfg"}
-            return [p for p in paths if not _SKIP_DIRS.intersection(p.parts[:-1])
-                    and not venvs.intersection(p.parents)]
-    return list(_walk_files(repo_dir))
+            text = out.decode("utf-8", "surrogateescape")
+            paths = [p for p in text.split("\0") if p]
+            # each venv as "dir/" (a prefix of what lies in it); a venv at the top is
+            # the whole repository, as the walk sees it
+            venvs = tuple({p[:-len(_VENV_MARK)] for p in paths
+                           if p == _VENV_MARK or p.endswith("/" + _VENV_MARK)}) if _VENV_MARK in text else ()
+            if venvs or any(f"{d}/" in text for d in _SKIP_DIRS):
+                skip = _SKIP_DIRS
+                paths = [p for p in paths if (not venvs or not p.startswith(venvs))
+                         and skip.isdisjoint(p.split("/")[:-1])]
+            if patterns:
+                paths = [p for p in paths if p.rpartition("/")[2] != _VENV_MARK or _VENV_MARK in patterns]
+            return paths
+    files = _walk_files(repo_dir)
+    if patterns:
+        return [p for p in files if any(fnmatch.fnmatchcase(p.rpartition("/")[2], pat.rpartition("/")[2])
+                                        for pat in patterns)]
+    return list(files)
 
 
 def languages(repo_dir: Path | str) -> dict[str, int]:
     """Language -> number of files, most common first (by extension only: cheap, and
     enough to match an agent's specialty)."""
+    by_ext = collections.Counter(os.path.splitext(p)[1] for p in _repo_files(Path(repo_dir)))
     counts: dict[str, int] = {}
-    for p in _repo_files(Path(repo_dir)):
-        lang = _LANGUAGES.get(p.suffix.lower())
+    for ext, n in by_ext.items():
+        lang = _LANGUAGES.get(ext.lower())
         if lang:
-            counts[lang] = counts.get(lang, 0) + 1
+            counts[lang] = counts.get(lang, 0) + n
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -402,8 +430,11 @@ def _has_python_tests(repo: Path) -> bool:
         text = _text(repo, name)
         if text is not None and marker in text:
             return True
-    return any(p.suffix == ".py" and (p.name.startswith("test_") or p.name.endswith("_test.py"))
-               for p in _walk_files(repo))
+    for p in _repo_files(repo, "**/test_*.py", "**/*_test.py"):
+        d = p.rpartition("/")[0]
+        if not d.startswith(".") and "/." not in d:  # (not under a hidden directory)
+            return True
+    return False
 
 
 def detect_test_command(repo_dir: Path | str) -> list[str] | None:

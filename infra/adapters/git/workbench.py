@@ -23,12 +23,31 @@ open_branch`, :meth:`~GitWorkbench.rebase`, :meth:`~GitWorkbench.check_out_confl
 fetches and rebases in the agent's clone, then checks the result out in the workspace
 with the workspace's own git, from the agent's clone (a local path: no credentials),
 before the coder or any command ran there, so the coder finds the branch checked out.
+
+Warm repositories (:mod:`infra.adapters.git.mirrors`): a workspace's clone is made from
+the agent's mirror of the repository (fetched first), usually by taking a checkout built
+in the background after the previous task (:mod:`~infra.adapters.git.background`), so
+the task does not wait for the repository's files to be written. The workspace borrows
+the mirror's objects (its metadata names them: the sandbox binds them read-only).
+
+What a finished task keeps (:meth:`GitWorkbench.finish_workspace`): its ``metadata.json``
+and ``logs/`` until the retention ends. The checkout, its ``home`` and ``tmp`` and the
+agent's clone go at once: the change is on the forge (the push) and in the log (the
+diff, the test log and the transcript are artifacts the reports reference), and a
+checkout of a large repository is most of a workspace's size (30,000 files: ~170 MB of
+~170 MB). They are renamed into ``<root>/<agent>/trash`` (instant, on the agent's event
+loop) and deleted by the background thread; the retention clean-up sweeps what a crash
+left there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +59,9 @@ from events.work import BranchRound, Rebase, TestCounts
 
 from infra.adapters.git import gitops
 from infra.adapters.git.agent_clone import CONFLICTS_REF, DEFAULT_MAX_FILE_BYTES, AgentClone, remove_orphans
+from infra.adapters.git.background import Chores
 from infra.adapters.git.cleanup import cleanup_expired, remove_tree
+from infra.adapters.git.mirrors import MIRRORS_DIR, Mirror, mirror_name
 from infra.adapters.git.sandbox import (
     MAX_SANDBOX_FILE,
     NO_NETWORK,
@@ -56,11 +77,22 @@ from infra.adapters.git.workspace import Workspace
 
 log = structlog.get_logger("ccc.workbench")
 
+TRASH_DIR = "trash"
+MIRROR_RETENTION = 7 * 24 * 3600.0  # a mirror no task used for this long is removed
+
 
 class GitWorkbench:
-    def __init__(self, root: Path | str, *, sandbox: Sandbox | None = None) -> None:
+    """``spares``: warm checkouts kept ready per repository (0: every task builds its
+    own from the mirror); ``mirror_retention``: seconds after which a mirror no task used
+    is removed."""
+
+    def __init__(self, root: Path | str, *, sandbox: Sandbox | None = None, spares: int = 1,
+                 mirror_retention: float = MIRROR_RETENTION) -> None:
         self.root = Path(root)
         self.sandbox = sandbox if sandbox is not None else default_sandbox()
+        self.spares = spares
+        self.mirror_retention = mirror_retention
+        self.chores = Chores()
 
     @property
     def sandbox_name(self) -> str:
@@ -79,14 +111,39 @@ class GitWorkbench:
         return Workspace.create(self.root, agent_id, task_id, metadata, sandbox=self.sandbox)
 
     def finish_workspace(self, agent_id: str, task_id: str, outcome: str) -> None:
+        """Mark it finished and drop all but its metadata and logs (see the module's
+        docstring): renamed away here, deleted in the background."""
         ws = Workspace.open(self.root, agent_id, task_id)
-        ws.mark_finished(outcome=outcome)
+        ws.mark_finished(outcome=outcome, kept=["metadata.json", "logs"])
         remove_tree(self._agent_clone(ws.repo_dir).git_dir)  # the push is over: not needed
+        trash = self.root / agent_id / TRASH_DIR
+        moved = False
+        for d in (ws.repo_dir, ws.home_dir, ws.tmp_dir):
+            if d.exists() or d.is_symlink():
+                trash.mkdir(mode=0o700, exist_ok=True)
+                os.rename(d, trash / f"{ws.path.name}-{d.name}-{uuid.uuid4().hex[:8]}")
+                moved = True
+        if moved:
+            self.chores.submit(("trash", agent_id), _empty, trash)
 
     def remove_expired(self, agent_id: str, retention: float) -> list[Path]:
+        """Finished workspaces past the retention, the agent's orphaned clones, what the
+        trash still holds, and mirror generations (or whole mirrors) nothing uses."""
         removed = cleanup_expired(self.root, agent_id, retention)
         remove_orphans(self.root / ".agent-clones", max(retention, 3600.0))
+        _empty(self.root / agent_id / TRASH_DIR)
+        mirrors = self.root.resolve() / agent_id / MIRRORS_DIR  # as the workspaces recorded them
+        if mirrors.is_dir():
+            in_use = borrowed_objects(self.root, agent_id)
+            for path in sorted(mirrors.iterdir()):
+                if path.is_dir() and not path.is_symlink():
+                    Mirror(path, "").collect(in_use, self.mirror_retention)
         return removed
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for the background chores (warm checkouts, trash) submitted so far: for
+        benches and tests that need the agent's disk quiet. False on timeout."""
+        return self.chores.settle(timeout)
 
     def _agent_clone(self, repo_dir: Path) -> AgentClone:
         """The agent's clone of the workspace at ``repo_dir``: one per workspace, named
@@ -102,19 +159,30 @@ class GitWorkbench:
         return clone
 
     # -- git on a workspace's clone --------------------------------------------------------
-    def clone(self, url: str, dest: Path, *, env: Mapping[str, str] | None = None) -> object:
-        """Clone, then fix the network the workspace's commands get from the repository's
+    def clone(self, url: str, dest: Path, *, env: Mapping[str, str] | None = None) -> None:
+        """Clone (a task workspace's: from the agent's mirror of ``url``, fetched first),
+        then fix the network the workspace's commands get from the repository's
         ``.ccc/sandbox.toml`` at the cloned commit (refused here, with the reason, when the
         operator does not allow what it asks for)."""
-        repo = gitops.clone(url, dest, env=env)
+        ws = Workspace.containing(dest, sandbox=self.sandbox)
+        if ws is None:  # not a task workspace: a plain clone
+            gitops.clone(url, dest, env=env)
+        else:
+            started = time.perf_counter()
+            mirror = Mirror(ws.root / ws.agent_id / MIRRORS_DIR / mirror_name(url), url)  # (absolute)
+            made = mirror.check_out(dest, env=env, record=lambda objects: ws.update_metadata(
+                git_objects=[str(objects)]))
+            gitops.run_git(dest, "remote", "set-url", "origin", url)  # as a clone of the forge has it
+            if self.spares > 0:
+                self.chores.submit(("refill", str(mirror.path)), mirror.refill, self.spares)
+            log.info("workspace.checked_out", task_id=ws.task_id, warm=made.warm, mirror_cloned=made.cloned,
+                     mirror_repaired=made.repaired, commit=made.sha, seconds=round(time.perf_counter() - started, 3))
         # before the coder or any command runs: the agent's own clone, for all git from now on
         AgentClone.take(self._agent_clone(dest).git_dir, dest)
-        ws = Workspace.containing(dest, sandbox=self.sandbox)
         if ws is not None:
             policy = repo_network_policy(dest)
             self.sandbox.admit(policy)
             ws.set_network(policy)
-        return repo
 
     def default_branch(self, repo_dir: Path) -> str:
         return self._cloned(repo_dir).default_branch()
@@ -150,9 +218,6 @@ class GitWorkbench:
     def conflict_markers(self, repo_dir: Path, paths: list[str] | tuple[str, ...]) -> list[str]:
         return self._cloned(repo_dir).markers_left(paths)
 
-    def edited_files(self, repo_dir: Path) -> list[str]:
-        return self._cloned(repo_dir).edited_files()
-
     def branch_name(self, task_id: str, title: str) -> str:
         return gitops.branch_name(task_id, title)
 
@@ -170,7 +235,11 @@ class GitWorkbench:
         return self._cloned(repo_dir).diff_stat()
 
     def commit_all(self, repo_dir: Path, message: str, author_name: str, author_email: str) -> str:
-        return self._cloned(repo_dir).commit(message, author_name, author_email)
+        """The commit's sha, or "" when the files change nothing against where it would go."""
+        try:
+            return self._cloned(repo_dir).commit(message, author_name, author_email)
+        except gitops.NothingToCommit:
+            return ""
 
     def push(self, repo_dir: Path, branch: str, *, env: Mapping[str, str] | None = None,
              max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
@@ -191,6 +260,30 @@ class GitWorkbench:
 
     def test_counts(self, output: str) -> TestCounts:
         return parse_test_counts(output)
+
+
+def _empty(trash: Path) -> None:
+    """Delete what the trash holds (finished tasks' checkouts). The background thread and
+    the retention clean-up may both be at it: what the other removed first is skipped."""
+    if trash.is_dir():
+        for entry in list(trash.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                remove_tree(entry)
+
+
+def borrowed_objects(root: Path, agent_id: str) -> set[str]:
+    """The mirror objects the agent's unfinished workspaces borrow (their metadata's
+    ``git_objects``): what a clean-up must leave in place."""
+    found: set[str] = set()
+    tasks = root / agent_id / "tasks"
+    for meta_path in tasks.glob("task-*/metadata.json") if tasks.is_dir() else ():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and not meta.get("finished_at"):
+            found.update(str(p) for p in meta.get("git_objects") or () if isinstance(p, str))
+    return found
 
 
 def repo_network_policy(repo_dir: Path) -> NetworkPolicy:

@@ -5,7 +5,9 @@ Layout: ``<root>/<agent_id>/tasks/task-<task_id>/``
     ``logs/``           full command output (events carry only a reference to it)
     ``home/``, ``tmp/`` HOME and TMPDIR of every command, so tools cannot read or
                         write the agent's real home (credentials, caches of other tasks)
-    ``metadata.json``   who/what/when; ``finished_at`` marks it eligible for cleanup
+    ``metadata.json``   who/what/when; ``finished_at`` marks it eligible for cleanup;
+                        ``git_objects``: the agent's mirror objects the clone borrows
+                        (``objects/info/alternates``), bound read-only in the sandbox
 
 Why a scrubbed environment: the commands run code from the repository under change
 (its tests, its build scripts). That code must not see the cluster's credentials, so a
@@ -17,7 +19,10 @@ dir, other workspaces and ``~``, reach the NATS port and outlive the task. Every
 therefore runs in the workspace's sandbox (bubblewrap by default), which sees the
 system read-only and only ``repo/``, ``home/`` and ``tmp/`` of this workspace writable:
 not ``logs/`` (the agent writes them) nor ``metadata.json`` (the network policy and the
-cleanup mark live there). The network the repository asked for (``.ccc/sandbox.toml``)
+cleanup mark live there). The objects the clone borrows from the agent's mirror of the
+repository (:mod:`infra.adapters.git.mirrors`) are there read-only, so the model's git
+works and cannot change them; which ones is read from the metadata, never from the
+clone's ``.git`` (the model's to rewrite: it could name ``~/.ssh`` there). The network the repository asked for (``.ccc/sandbox.toml``)
 is read from its base commit when it is cloned and kept in the metadata, out of the
 reach of the commands and the coder.
 
@@ -190,6 +195,20 @@ class Workspace:
         """Record the network the repository asked for (read at clone time)."""
         self.update_metadata(sandbox_network=policy.setting())
 
+    def borrowed_objects(self) -> list[Path]:
+        """The object directories the clone borrows (recorded when it was made): existing
+        directories under the workspaces' root only, whatever the metadata says."""
+        try:
+            recorded = self.read_metadata().get("git_objects") or []
+        except (OSError, ValueError):
+            return []
+        found = []
+        for raw in recorded if isinstance(recorded, list) else []:
+            p = Path(str(raw)).resolve()
+            if p.is_dir() and p.is_relative_to(self.root) and not p.is_relative_to(self.path):
+                found.append(p)
+        return found
+
     def network(self) -> NetworkPolicy:
         """The network this workspace's commands get: what :meth:`set_network` recorded,
         none when nothing was (read each time: the metadata is the one place it lives)."""
@@ -314,11 +333,13 @@ class Workspace:
         """``argv`` prepared to run in this workspace's sandbox (for callers that start
         the process themselves, like the Claude Code CLI coder): writable ``repo``,
         ``home`` and ``tmp``, the repository's network unless ``network`` is given,
-        ``read_only`` extra paths (an executable's installation), other workspaces hidden."""
+        ``read_only`` extra paths (an executable's installation) besides the mirror objects
+        the clone borrows, other workspaces hidden."""
         self.sandbox.check()  # fail closed, with the reason, before anything starts
         async with self.sandbox.launch(
             argv, cwd=cwd or self.repo_dir.resolve(), env=env, writable=self.writable_dirs,
-            read_only=read_only, hide=(self.root,), network=self.network() if network is None else network,
+            read_only=[*read_only, *self.borrowed_objects()], hide=(self.root,),
+            network=self.network() if network is None else network,
             limits=limits,
         ) as launch:
             yield launch

@@ -7,9 +7,11 @@ JetStream is an API over subjects, so the permissions name JetStream's own subje
 ``$JS.API.CONSUMER.CREATE.<stream>.<consumer>.<filter>`` carries the filter (nats-server
 ≥ 2.10 checks it against the request), so an agent may create exactly one durable
 consumer, on its own assignments; ``$JS.API.CONSUMER.MSG.NEXT`` / ``$JS.ACK`` are scoped to
-that consumer. Reads that are not work (replaying a task's history, the cancel watch)
-use ephemeral ordered consumers (``$JS.API.CONSUMER.CREATE.<stream>`` with no name: the
-server refuses a durable name there) and direct gets.
+that consumer. Reads that are not work (replaying a task's history) use ephemeral
+ordered consumers (``$JS.API.CONSUMER.CREATE.<stream>`` with no name: the server refuses
+a durable name there) and direct gets. The cancel watch is no consumer at all: an agent
+may subscribe to ``<ns>.task.*.cancel_requested`` (events it may read from the log
+anyway), so a thousand agents hold a thousand consumers, not two thousand.
 
 Nobody but ``admin`` may create, update, delete or purge a stream, a bucket or a
 consumer's configuration of another role: those API subjects are denied to every other
@@ -140,7 +142,9 @@ def permissions_for(role: Role, ns: Namespace, agent_id: str | None = None) -> P
                 ),
                 # (it may say it goes offline itself; dead letters are the coordinator's)
                 publish_deny=ADMIN_ONLY,
-                subscribe_allow=own_inbox,
+                # the cancellation requests and the coordinator's agent.offline about it, live
+                # (actors.agent: plain subscriptions, no consumer)
+                subscribe_allow=(*own_inbox, f"{p}.task.*.cancel_requested", f"{p}.agent.{a}.offline"),
             )
         case "webhook":
             return Permissions(

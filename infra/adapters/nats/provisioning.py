@@ -6,6 +6,7 @@ Run at every start: creates what is missing, updates what drifted, leaves the re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats.errors
 import nats.js.errors
@@ -63,6 +64,21 @@ PLUGINS_TTL = 60.0
 few seconds, so the record of a process that is gone drops out by itself."""
 
 
+EVENTS_MAX_CONSUMERS = 20_000
+"""The consumers ``<NS>_EVENTS`` may hold, set explicitly: left unset, nats-server caps a
+stream at 1,000, and every agent holds one (its durable on its own assignments; its cancel
+watch is a plain subscription, see :mod:`actors.agent`), so 1,000 agents could not start.
+Besides the agents' durables, the coordinators' few and the forge CI's, the count includes
+the short-lived ordered consumers an agent opens to read a task it is assigned (or its own
+history when it registers). 5,000 agents are tested (``ccc bench fleet``); the cap leaves
+room for as many transient readers again and for growth, while a runaway client still
+meets a limit."""
+
+HEARTBEATS_MAX_AGE = 24 * 3600.0
+"""A heartbeat that carries no ``Nats-TTL`` (an agent from before per-message TTLs) is
+removed after this long, so a departed agent's last heartbeat does not stay forever."""
+
+
 def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.StreamConfig]:
     events = api.StreamConfig(
         name=ns.events_stream,
@@ -78,6 +94,7 @@ def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.St
         allow_atomic=True,  # a decision's events land all together or not at all
         max_msg_size=512 * 1024,
         discard=api.DiscardPolicy.NEW,  # if a limit is ever set, refuse rather than lose
+        max_consumers=EVENTS_MAX_CONSUMERS,
     )
     issues = api.StreamConfig(
         name=ns.issues_stream,
@@ -94,14 +111,23 @@ def stream_configs(ns: Namespace = DEFAULT_NS, replicas: int = 1) -> list[api.St
     )
     heartbeats = api.StreamConfig(
         name=ns.heartbeats_stream,
-        description="claude-code-cluster agent heartbeats (latest per agent)",
+        description="claude-code-cluster agent heartbeats (latest per agent, each living its Nats-TTL)",
         subjects=[f"{ns.prefix}.hb.>"],
         retention=api.RetentionPolicy.LIMITS,
-        storage=api.StorageType.FILE,
+        # soft state, rewritten every few seconds: memory, not one fsync per heartbeat
+        # (half of what a thousand idle agents cost nats-server). Lost with a restart, as
+        # the connections are: the monitor then gives every agent a fresh grace period
+        storage=api.StorageType.MEMORY,
         num_replicas=replicas,
         max_msgs_per_subject=1,
         allow_direct=True,
         duplicate_window=60.0,
+        # nats-server keeps liveness: each heartbeat carries a TTL (Nats-TTL) and the
+        # server removes it unless the next one replaces it first, so the subjects in the
+        # stream are the agents alive; the health monitor reads that list instead of
+        # receiving every heartbeat (actors.health)
+        allow_msg_ttl=True,
+        max_age=HEARTBEATS_MAX_AGE,
     )
     dlq = api.StreamConfig(
         name=ns.dlq_stream,
@@ -164,7 +190,14 @@ def demand_consumer_configs(ns: Namespace = DEFAULT_NS) -> list[api.ConsumerConf
     ) for sp in SPECIALTIES]
 
 
-async def _ensure_stream(js, config: api.StreamConfig) -> None:
+def disposable(ns: Namespace, stream: str) -> bool:
+    """A stream of soft state only (the heartbeats: the latest of each agent, rewritten
+    every few seconds), which provisioning may delete and create again when its storage
+    must change (nats-server cannot update a stream's storage type)."""
+    return stream == ns.heartbeats_stream
+
+
+async def _ensure_stream(js, config: api.StreamConfig, *, recreate: bool = False) -> None:
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError as e:
@@ -175,6 +208,12 @@ async def _ensure_stream(js, config: api.StreamConfig) -> None:
             # never lower replication implicitly (a command run without CCC_REPLICAS=3
             # against an R3 cluster must not turn its streams into R1)
             config.num_replicas = existing.num_replicas
+        if recreate and existing.storage != config.storage:
+            # an update would be refused (err_code 10052); another provisioning may race us
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(config.name)
+            await _ensure_stream(js, config)
+            return
         await js.update_stream(config)
 
 
@@ -184,7 +223,7 @@ async def provision(nc: Client, ns: Namespace = DEFAULT_NS, *, replicas: int = 1
     js = nc.jetstream(timeout=10.0)
     try:
         for config in stream_configs(ns, replicas):
-            await _ensure_stream(js, config)
+            await _ensure_stream(js, config, recreate=disposable(ns, config.name))
         for consumer in demand_consumer_configs(ns):  # create, or update what drifted
             await js.add_consumer(ns.demand_stream, consumer)
         for bucket, description in (

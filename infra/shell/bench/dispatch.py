@@ -100,17 +100,14 @@ from infra.adapters.nats.provisioning import provision
 # "observed" times. Hops are pairs, not a chain: agents do not wait for the coordinator.
 LATENCY_HOPS = (
     ("published", "issue.opened", "publish -> issue stored"),
-    ("issue.opened", "task.created", "intake: issue -> task.created"),
-    ("task.created", "task.analysis_started", "created -> analysis_started"),
-    ("task.analysis_started", "task.analyzed", "analysis_started -> analyzed (queued)"),
-    ("task.analyzed", "task.assigned", "scheduling: queued -> assigned"),
+    ("issue.opened", "task.created", "intake: issue -> task.created (analysed, queued)"),
+    ("task.created", "task.assigned", "scheduling: queued -> assigned"),
     ("task.assigned", "observed", "assigned -> observed"),
 )
 THROUGHPUT_HOPS = (
     ("published", "issue.opened", "publish -> issue stored"),
-    ("issue.opened", "task.created", "intake: issue -> task.created"),
-    ("task.created", "task.analyzed", "analysis: created -> queued"),
-    ("task.analyzed", "task.assigned", "scheduling: queued -> assigned"),
+    ("issue.opened", "task.created", "intake: issue -> task.created (analysed, queued)"),
+    ("task.created", "task.assigned", "scheduling: queued -> assigned"),
     ("task.assigned", "agent.task_started", "null agent: assigned -> agent started"),
     ("agent.task_started", "task.started", "reports: agent started -> task.started"),
     ("agent.implementation_produced", "task.testing", "reports: implementation -> task.testing"),

@@ -204,7 +204,8 @@ def footer(result: DispatchSide) -> list[str]:
         (f"raw round trip p50 {result.raw_rtt_p50_ms:.3f} / p99 {result.raw_rtt_p99_ms:.3f} ms, "
          f"raw hop (publish->delivery) p50 {result.raw_hop_p50_ms:.3f} / p99 {result.raw_hop_p99_ms:.3f} ms"),
         (f"raw write of 4 events p50: one atomic batch {result.raw_batch4_p50_ms:.3f} ms, "
-         f"4 awaited publishes {result.raw_seq4_p50_ms:.3f} ms (the intake writes its 4 one by one)"),
+         f"4 awaited publishes {result.raw_seq4_p50_ms:.3f} ms (the intake writes its chain one by one: "
+         "2 events with the rules, 4 with an analyser that takes time)"),
     ]
     for r in result.latency:
         hops = ", ".join(f"{h.name} {h.p50_ms:.2f}" for h in r.hops)

@@ -30,7 +30,7 @@ from infra.adapters.nats.settings import (
     LOG_LEVELS,
     load_log_settings,
 )
-from infra.shell.cli.bench import bench_group
+from infra.shell.cli.bench import bench_group, soak_cmd
 from infra.shell.cli.chaos import chaos_cmd
 from infra.shell.cli.cluster import CLUSTER_COMMANDS
 from infra.shell.cli.context import INSECURE_WARNING, CliState
@@ -129,7 +129,7 @@ def cli(ctx: click.Context, nats_url, data_dir, namespace, repos, creds, insecur
 
 
 for _command in (*READ_COMMANDS, *CLUSTER_COMMANDS, *FORGE_COMMANDS, budget_group, server_cmd, issue_group, bench_group, secure_group,
-                 chaos_cmd, schema_cmd, plugins_cmd):
+                 chaos_cmd, schema_cmd, plugins_cmd, soak_cmd):
     cli.add_command(_command)
 
 
