@@ -32,6 +32,7 @@ MIN_SEQ_TIMEOUT = 5.0
 # answering still shows within this plus the ask's timeout (a dropped connection shows at
 # once: that is the client's own state, read on every call)
 HEALTH_TTL = 0.5
+MAX_FILTERS_KEPT = 64  # filtered views of the board kept per log position (a bound, not a tuning)
 
 log = structlog.get_logger("ccc.api")
 
@@ -134,6 +135,9 @@ class StatusReader:
         # words do not read the clock (waits.CLOCKED)
         self._task_outs: dict[str, _Answer] = {}
         self._agent_outs: dict[str, tuple[AgentState, AgentOut]] = {}
+        # the board's task ids matching a filter (?state=, ?specialty=, ?agent=), kept while
+        # the log has not moved: a filtered page otherwise scans every task per request
+        self._filtered: dict[tuple, tuple[int, list[str]]] = {}
         self._stream_end: tuple[float, bool, int] | None = None  # (when asked, answered, last seq)
         self._asking: asyncio.Future | None = None
 
@@ -210,7 +214,8 @@ class StatusReader:
             if out.waiting != waiting or out.queue != queue:  # the words moved on, not the task
                 cached.out, cached.json = msgspec.structs.replace(out, waiting=waiting, queue=queue), None
             return cached
-        answer = self._task_outs[tid] = _Answer(state, waits, _out(TaskOut, state, seq, waiting=waiting, queue=queue))
+        answer = _Answer(state, waits, _out(TaskOut, state, seq, waiting=waiting, queue=queue))
+        self._task_outs[tid] = answer
         return answer
 
     def _agent_out(self, state: AgentState) -> AgentOut:
@@ -256,12 +261,24 @@ class StatusReader:
     def _task_page(self, ids: list[str], states: frozenset[str] | None, specialties: frozenset[str] | None,
                    agent: str | None, limit: int, offset: int) -> tuple[list[_Answer], TaskPage]:
         tasks = self.model.tasks
-        chosen = ids if states is None and specialties is None and agent is None else [
-            t for t in ids
-            if (states is None or tasks[t].status in states)
-            and (specialties is None or tasks[t].specialty in specialties)
-            and (agent is None or tasks[t].agent_id == agent)
-        ]
+        if states is None and specialties is None and agent is None:
+            chosen = ids
+        else:
+            key = (states, specialties, agent)
+            kept = self._filtered.get(key) if ids is self._order else None
+            if kept is not None and kept[0] == self.model.last_seq:
+                chosen = kept[1]
+            else:
+                chosen = [
+                    t for t in ids
+                    if (states is None or tasks[t].status in states)
+                    and (specialties is None or tasks[t].specialty in specialties)
+                    and (agent is None or tasks[t].agent_id == agent)
+                ]
+                if ids is self._order:  # (the board's order; an agent's own list is built per request)
+                    if len(self._filtered) >= MAX_FILTERS_KEPT:
+                        self._filtered.clear()
+                    self._filtered[key] = (self.model.last_seq, chosen)
         waits, now = self.waits(), self.clock()
         answers, seqs, cache = [], self.model.task_seq, self._task_outs
         for t in chosen[offset:offset + limit]:

@@ -328,5 +328,5 @@ class Waits:
                                 self.budget, self.plugins, self._which_agent))
 
 
-__all__ = ["CLOCKED", "MAX_WAIT_CHARS", "Holds", "MergeQueues", "Waits", "age", "clock", "fairness_pass", "fairness_words",
-           "names", "sha7", "why_waiting"]
+__all__ = ["CLOCKED", "MAX_WAIT_CHARS", "Holds", "MergeQueues", "Waits", "age", "clock", "fairness_pass",
+           "fairness_words", "names", "sha7", "why_waiting"]

@@ -27,7 +27,8 @@ round, so a machine that gets busier part way through slows every endpoint alike
 * ``health``  ``/health``
 
 Per endpoint: p50 latency (all rounds pooled), p99 as the median of the rounds' p99s
-(and pooled beside it), their ratio to hello's, CPU of the API process per request
+(and pooled beside it), their ratio to hello's (p99: the median over rounds of the ratio
+within each round), CPU of the API process per request
 (``/proc``, over the endpoint's phases), and of nats-server (what the endpoint asks the
 server for). Why the median of rounds: on a shared machine a stall of the whole host
 (another process's burst) lasts tens to hundreds of milliseconds; at 500 requests/s it
@@ -267,6 +268,7 @@ class Phase(msgspec.Struct, kw_only=True):
     seconds: float  # wall time, first due -> last answer
     api_cpu: float  # CPU seconds of the API process in the phase
     nats_cpu: float
+    preempted: int = 0  # times the API process was taken off a core it still wanted (another process ran)
 
 
 async def open_loop(pool: Pool, request: Callable[[int], bytes], rate: float, seconds: float) -> Phase:
@@ -454,9 +456,12 @@ class EndpointResult(msgspec.Struct, kw_only=True):
     p99_pooled_ms: float  # all rounds pooled (a stall of the host in any round shows here)
     max_ms: float
     p50_x_hello: float
-    p99_x_hello: float
+    p99_x_hello: float  # the median over rounds of (this p99 / hello's p99 in the same round)
+    rounds_p99_ms: list[float]  # each round's p99, in order
     api_cpu_ms: float  # CPU of the API process per request
     nats_cpu_ms: float  # CPU of nats-server per request
+    preempted_per_s: float  # the API process's involuntary context switches per second: the machine's
+                            # other load taking its core (what makes a round's p99 jump on a shared host)
     bytes_per_response: int
     target: str  # "" when none applies
     ok: bool | None  # None when no target applies
@@ -480,6 +485,18 @@ class ApiBench(msgspec.Struct, kw_only=True):
     targets_met: bool
 
 
+def preemptions(pid: int | None) -> int:
+    """Involuntary context switches of ``pid`` so far (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"nonvoluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError, TypeError):
+        pass
+    return 0
+
+
 def round_p99(phases: list[Phase]) -> float:
     """The median over rounds of each round's p99, ms."""
     return statistics.median(pct(p.latency_ns, 99) for p in phases) / 1e6
@@ -490,14 +507,20 @@ def _result(name: str, example: str, phases: list[Phase], hello: list[Phase] | N
     n = sum(p.requests for p in phases)
     p50, p99 = pct(lat, 50) / 1e6, round_p99(phases)
     h50 = pct([x for p in hello for x in p.latency_ns], 50) / 1e6 if hello else p50
-    h99 = round_p99(hello) if hello else p99
+    rounds = [pct(p.latency_ns, 99) / 1e6 for p in phases]
+    # paired by round: the rounds are seconds apart, so the machine's load drifts less
+    # within a pair than across the run
+    ratios = [r / h for r, h in zip(rounds, (pct(p.latency_ns, 99) / 1e6 for p in hello))] if hello else [1.0]
     return EndpointResult(
-        endpoint=name, example=example, requests=n, errors=dict(sum((Counter(p.errors) for p in phases), Counter())),
+        endpoint=name, example=example, requests=n,
+        errors=dict(sum((Counter(p.errors) for p in phases), Counter())),
         p50_ms=round(p50, 3), p99_ms=round(p99, 3), p99_pooled_ms=round(pct(lat, 99) / 1e6, 3),
         max_ms=round(max(lat) / 1e6, 3),
-        p50_x_hello=round(p50 / h50, 2) if h50 else 0.0, p99_x_hello=round(p99 / h99, 2) if h99 else 0.0,
+        p50_x_hello=round(p50 / h50, 2) if h50 else 0.0, p99_x_hello=round(statistics.median(ratios), 2),
+        rounds_p99_ms=[round(r, 2) for r in rounds],
         api_cpu_ms=round(sum(p.api_cpu for p in phases) * 1000 / n, 3),
         nats_cpu_ms=round(sum(p.nats_cpu for p in phases) * 1000 / n, 4),
+        preempted_per_s=round(sum(p.preempted for p in phases) / max(1e-9, sum(p.seconds for p in phases)), 1),
         bytes_per_response=sum(p.bytes for p in phases) // n, target="", ok=None)
 
 
@@ -534,15 +557,14 @@ async def run_api_bench(
     driver = 0.0
     with tempfile.TemporaryDirectory(prefix="ccc-bench-api-") as tmp:
         bus = BenchBus(Path(tmp) / "off", "off", "1s")  # the API only reads: fsync is not what is measured
-        bus.start()
-        api = ApiProcess("", NS, Path(tmp) / "api.log",
-                         Path(profile_path).resolve() if profile_path is not None else None)
-        nc = pool = None
+        nc = pool = api = None
         try:
+            url = bus.start()
             nc = await bus.connect("admin", name="ccc-bench-api-driver")
             await provision(nc, NS)
             events = await populate(EventStore(nc, NS, timeout=30), tasks, agents)
-            api.url = bus.url
+            api = ApiProcess(url, NS, Path(tmp) / "api.log",
+                             Path(profile_path).resolve() if profile_path is not None else None)
             port = await api.start()
             host = f"127.0.0.1:{port}"
             pool = Pool("127.0.0.1", port)
@@ -555,9 +577,11 @@ async def run_api_bench(
                 order = endpoints[r % len(endpoints):] + endpoints[:r % len(endpoints)]
                 for e in order:
                     api_before, nats_before = cpu_seconds(api.pid or 0), cpu_seconds(bus.server_pid or 0)
+                    switches = preemptions(api.pid)
                     phase = await open_loop(pool, makers[e], rate, seconds)
                     phase.endpoint = e
                     phase.api_cpu = (cpu_seconds(api.pid or 0) or 0.0) - (api_before or 0.0)
+                    phase.preempted = preemptions(api.pid) - switches
                     phase.nats_cpu = (cpu_seconds(bus.server_pid or 0) or 0.0) - (nats_before or 0.0)
                     phases[e].append(phase)
                     done += 1
@@ -572,7 +596,8 @@ async def run_api_bench(
         finally:
             if pool is not None:
                 pool.close()
-            await api.kill()
+            if api is not None:
+                await api.kill()
             if nc is not None:
                 await nc.close()
             bus.stop()

@@ -72,8 +72,10 @@ START_CONCURRENCY = 64  # agents starting at once
 PROVISION_CONCURRENCY = 16  # artifact buckets created at once (an admin step)
 LOSS_MARGIN = 2.0  # a mass loss must be declared within the timeout plus this
 BATCH_TIMEOUT = 900.0  # seconds the batch of tasks may take
+STALL = 120.0  # ... and with no pull request opened for this long, it is stuck
 IDLE_WINDOW = 10.0  # seconds the started fleet is watched idle (what idle agents cost)
 SPECIALTIES = ("backend", "general")
+OTHER_CONSUMERS = 5  # on the events stream besides the agents': the coordinator's (its reports, its live model)
 
 CALC = "def add(a, b):\n    return a - b\n"
 TEST = ("import unittest\n\nfrom calc import add\n\n\nclass AddTest(unittest.TestCase):\n"
@@ -213,7 +215,8 @@ def fleet_ids(n: int, tag: str = "fleet") -> list[str]:
 def issue(number: int) -> IssueOpened:
     return IssueOpened(
         event_id=f"fleet:{REPO}#{number}", repo=REPO, number=number, occurred_at=utcnow(),
-        title=f"Fix add in calc.py ({number})", body="add subtracts", labels=("backend",),
+        # (no file named: issues naming the same file wait for each other's pull request)
+        title=f"The add function subtracts ({number})", body="add(2, 3) should be 5", labels=("backend",),
         author="bench", author_association=OPERATOR)
 
 
@@ -555,8 +558,14 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
             await asyncio.gather(*(js.publish(ns.subject(e.rel_subject), encode(e), headers={"Nats-Msg-Id": e.event_id})
                                    for e in (issue(n) for n in range(1, tasks + 1))))
             deadline = time.monotonic() + BATCH_TIMEOUT
-            while len(pr_up) < tasks and time.monotonic() < deadline:
+            last_change, done, told = time.monotonic(), 0, time.monotonic()
+            while len(pr_up) < tasks and time.monotonic() < deadline and time.monotonic() - last_change < STALL:
                 await asyncio.sleep(0.2)
+                if len(pr_up) != done:
+                    last_change, done = time.monotonic(), len(pr_up)
+                if time.monotonic() - told > 15:
+                    told = time.monotonic()
+                    progress(f"{done}/{tasks} pull requests up")
             batch_s = time.perf_counter() - t
             lag_batch = lag.take()
             records = await read_log(admin, ns, timeout=120)
@@ -590,7 +599,7 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
         bus.stop()
         shutil.rmtree(root, ignore_errors=True)
     ok = (verdict.lost == verdict.duplicated == verdict.illegal == 0 and len(pr_up) == tasks
-          and declared_lost == 0)
+          and declared_lost == 0 and consumers - agents <= OTHER_CONSUMERS)
     return FleetRun(
         agents=agents, connections=len(ncs), tasks=tasks, provision_s=round(provision_s, 2),
         start_s=round(start_s, 2), start_per_s=round(agents / start_s, 1) if start_s > 0 else -1.0,
@@ -657,7 +666,7 @@ def fleet_rows(f: FleetRun) -> list[tuple[str, str, str, str]]:
         ("agents started", started, "", ""),
         ("artifact buckets created first", f"{f.provision_s:.1f} s", "", ""),
         ("consumers on the events stream", f"{f.events_consumers:,} ({f.consumers_per_agent:.3f} per agent)",
-         "1 per agent", "ok" if f.events_consumers - f.agents <= 2 else "MISSED"),
+         "1 per agent", "ok" if f.events_consumers - f.agents <= OTHER_CONSUMERS else "MISSED"),
         ("memory per agent, agents' process", rss, "", ""),
         ("memory per agent, nats-server", server_rss, "", ""),
         ("CPU, all idle", idle, "", ""),

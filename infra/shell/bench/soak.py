@@ -351,7 +351,8 @@ class Soak:
             raise RuntimeError(f"ccc up did not say where its status API is: {self.up.output()[-300:]!r}")
         self.api = found.group(1)
         url = embedded_url_file(self.data_dir).read_text().strip()
-        settings = load_settings({}, data_dir=self.data_dir, namespace=self.ns.prefix, insecure=self.options.insecure)
+        settings = load_settings({}, data_dir=self.data_dir, namespace=self.ns.prefix,
+                                 insecure=self.options.insecure)
         self.nc = await connect_when_admitted(url, name="ccc-soak", settings=settings,
                                               kit=kit_for(settings, "admin", url))
         for pid in process_tree(self.up.pid or 0):
@@ -407,7 +408,8 @@ class Soak:
     async def sample(self, t: float, tracker: Tracker, published: int) -> Sample:
         assert self.nc is not None
         sizes = await jetstream_sizes(self.nc)
-        completed = sum(1 for tid in self.issues if (s := tracker.model.tasks.get(tid)) and s.status == "completed")
+        tasks = tracker.model.tasks
+        completed = sum(1 for tid in self.issues if (s := tasks.get(tid)) and s.status == "completed")
         workspace, forge = await asyncio.to_thread(
             lambda: (disk_mib(self.data_dir / "workspaces"), disk_mib(self.forge_root)))
         return Sample(
@@ -442,6 +444,7 @@ async def run_soak(options: SoakOptions, progress: Callable[[str], None] | None 
     violations: list[str] = []
     ok = False
     http = httpx.AsyncClient(timeout=10)
+    tracker: Tracker | None = None
     try:
         await soak.start()
         say(f"ccc up is running (pid {soak.up.pid}, nats-server {soak.nats_pid}); "
@@ -497,6 +500,8 @@ async def run_soak(options: SoakOptions, progress: Callable[[str], None] | None 
             result.work_dir = str(root)
         return result
     finally:
+        if tracker is not None:
+            await tracker.stop()
         await http.aclose()
         await soak.close()
         if not ok and not options.keep:

@@ -243,22 +243,24 @@ def bench_api(tasks: int, agents: int, rate: float, seconds: float, rounds: int,
         table = [(r.endpoint, r.example, f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.p99_pooled_ms:.2f}",
                   "-" if r.endpoint == "hello" else f"{r.p50_x_hello:.2f}x",
                   "-" if r.endpoint == "hello" else f"{r.p99_x_hello:.2f}x",
-                  f"{r.api_cpu_ms:.3f}", f"{r.nats_cpu_ms:.3f}", f"{r.bytes_per_response:,}",
+                  f"{r.api_cpu_ms:.3f}", f"{r.nats_cpu_ms:.3f}", f"{r.preempted_per_s:g}",
+                  f"{r.bytes_per_response:,}",
                   ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0",
                   r.target or "-", "-" if r.ok is None else "ok" if r.ok else "MISSED")
                  for r in result.endpoints]
         gc_words = ", ".join(f"gen{g} {v['count']} (longest {v['max_ms']:g} ms)"
                              for g, v in sorted(result.api_gc.items()))
         footer = [(f"{result.rate:g} requests/s open loop, {result.seconds:g} s per endpoint x {result.rounds} "
-                   "rounds (order rotated; p99: the median of the rounds' p99s, pooled beside it)"),
+                   "rounds (order rotated; p99: the median of the rounds' p99s, pooled beside it; p99/hello: "
+                   "the median of the ratios within each round)"),
                   f"board: {result.tasks:,} tasks, {result.agents:,} agents ({result.events:,} events)",
                   ("latency from when each request was due; generator lag (sent - due) "
                    f"p50 {result.lag_p50_ms:.2f} / p99 {result.lag_p99_ms:.2f} ms, {result.connections} connections, "
                    f"driver cpu {result.driver_cpu_ms:.3f} ms/request"),
                   f"API process garbage collections while serving: {gc_words or 'not reported'}",
                   f"{result.cpus} cpus, load {result.loadavg[0]:.1f} -> {result.loadavg[1]:.1f}"]
-        print_table(("ENDPOINT", "EXAMPLE", "P50 MS", "P99 MS", "POOLED P99", "P50/HELLO", "P99/HELLO", "API CPU MS/REQ",
-                     "NATS CPU MS/REQ", "BYTES", "ERRORS", "TARGET", "RESULT"), table,
+        print_table(("ENDPOINT", "EXAMPLE", "P50 MS", "P99 MS", "POOLED P99", "P50/HELLO", "P99/HELLO",
+                     "API CPU MS/REQ", "NATS CPU MS/REQ", "PREEMPTED/S", "BYTES", "ERRORS", "TARGET", "RESULT"), table,
                     title="status API vs hello world, same server, same run", footer=footer)
     if not result.targets_met:
         sys.exit(1)
