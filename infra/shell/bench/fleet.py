@@ -9,8 +9,9 @@ Two runs, each read against a baseline measured in the same run:
   (each is still its own consumer, subscriptions, heartbeat and aggregate; with security
   on each would be its own user, see ``tests/integration/test_security.py``) — beside the
   real coordinator in its own process, with ``ccc up``'s heartbeat timeout. Then a batch
-  of issues is published at once, so that many tasks run concurrently; every task must
-  end with its pull request up, and the log is judged by the chaos suite's invariants
+  of issues is published at once, so that many tasks run concurrently; a reviewer merges
+  each pull request as it opens (one merge at a time, as ``ccc pr merge`` does), every
+  task must complete, and the log is judged by the chaos suite's invariants
   (:func:`infra.shell.chaos.checks.check_log`: nothing lost, duplicated or illegal).
   Reported: how long the agents took to start, the consumers they hold on
   ``<NS>_EVENTS`` (one each), the memory an agent costs (this process's resident set
@@ -55,10 +56,11 @@ from nats.aio.client import Client
 from actors.health import TTL_HEADER, format_ttl, heartbeat_ttl
 from events import agent_state as ag
 from events.agent import AgentWentOffline, Heartbeat
-from events.codec import encode
-from events.issue import IssueOpened
+from events.codec import decode_event, encode
+from events.issue import IssueOpened, IssuePullRequestMerged
 from events.store import EventStore
 from events.subjects import Namespace, task_id_for
+from events.task import TaskPullRequestOpened
 from events.trust import OPERATOR
 from infra.adapters.nats.connection import connect
 from infra.adapters.nats.provisioning import provision, provision_agent
@@ -80,8 +82,16 @@ OTHER_CONSUMERS = 5  # on the events stream besides the agents': the coordinator
 CALC = "def add(a, b):\n    return a - b\n"
 TEST = ("import unittest\n\nfrom calc import add\n\n\nclass AddTest(unittest.TestCase):\n"
         "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n")
-FIX = {"attempts": [{"summary": "fix add", "steps": [
-    {"edit": {"path": "calc.py", "old": "return a - b", "new": "return a + b"}}]}]}
+FIXED = "def add(a, b):\n    return a + b\n"
+
+
+def fix(number: int) -> dict:
+    """Issue ``number``'s recorded session: calc.py written whole (the same bytes on every
+    branch, so the pull requests merge in any order, also on a main that already has the
+    fix) and a note of its own (every branch has a change)."""
+    return {"attempts": [{"summary": f"fix add ({number})", "steps": [
+        {"write": {"path": "calc.py", "content": FIXED}},
+        {"write": {"path": f"changes/{number}.md", "content": f"add fixed for issue {number}\n"}}]}]}
 
 
 # -- results -------------------------------------------------------------------------
@@ -113,8 +123,10 @@ class FleetRun(msgspec.Struct, kw_only=True):
     loop_lag_start_s: float
     loop_lag_idle_s: float
     loop_lag_batch_s: float
-    batch_s: float  # the batch published -> the last pull request up
+    batch_s: float  # the batch published -> the last task completed
     pr_up: int
+    completed: int  # tasks completed (their pull request merged by the bench's reviewer)
+    merge_errors: list[str]
     final_states: dict[str, int]
     lost: int
     duplicated: int
@@ -224,8 +236,7 @@ def repo_files(tasks: int) -> dict[str, str]:
     """The batch's repository: a bug, its test, and a recorded session per issue."""
     files = {"calc.py": CALC, "tests/test_calc.py": TEST,
              ".ccc/test-command": "python -m unittest discover -s tests -v\n"}
-    script = json.dumps(FIX)
-    files.update({f".ccc/scripts/{n}.json": script for n in range(1, tasks + 1)})
+    files.update({f".ccc/scripts/{n}.json": json.dumps(fix(n)) for n in range(1, tasks + 1)})
     return files
 
 
@@ -481,7 +492,7 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
     from infra.adapters.coders.scripted import ScriptedCoder
     from infra.adapters.forge.local import LocalForge, LocalForgeClient
     from infra.shell.app.cluster import build_agent  # the agent `ccc up` runs
-    from infra.shell.chaos.checks import PR_UP, check_log, read_log
+    from infra.shell.chaos.checks import check_log, read_log
 
     if agents < 1 or tasks < 0 or connections < 0:
         raise ValueError("--agents must be >= 1, --tasks and --connections >= 0")
@@ -547,11 +558,39 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
             js = admin.jetstream(timeout=10)
             consumers = (await js.stream_info(ns.events_stream)).state.consumer_count
             pr_up: set[str] = set()
+            completed: set[str] = set()
+            merge_errors: list[str] = []
+            merging: set[asyncio.Task] = set()
+            one_merge = asyncio.Lock()  # one at a time, as a reviewer works (a merge moves main)
+
+            async def merge(event: TaskPullRequestOpened) -> None:
+                """The reviewer: merge the pull request on the forge (as ``ccc pr merge``
+                does) and publish the forge's fact, so the task completes."""
+                number = int(event.task_id.rsplit("-", 1)[1])
+                try:
+                    async with one_merge:
+                        await asyncio.to_thread(forge.merge, REPO, event.branch, message=f"Merge {event.branch}")
+                    fact = IssuePullRequestMerged(
+                        event_id=f"fleet:{REPO}#{number}:merged", repo=REPO, number=number, occurred_at=utcnow(),
+                        pr_number=event.pr_number, branch=event.branch)
+                    await js.publish(ns.subject(fact.rel_subject), encode(fact), headers={"Nats-Msg-Id": fact.event_id})
+                except Exception as e:  # noqa: BLE001 - reported: the task then never completes
+                    merge_errors.append(f"{event.task_id}: {type(e).__name__}: {e}")
 
             async def on_pr(msg) -> None:
-                pr_up.add(msg.subject.split(".")[-2])
+                event = decode_event(ns.rel(msg.subject), msg.data)
+                assert isinstance(event, TaskPullRequestOpened)
+                if event.task_id not in pr_up:
+                    pr_up.add(event.task_id)
+                    work = asyncio.create_task(merge(event))
+                    merging.add(work)
+                    work.add_done_callback(merging.discard)
+
+            async def on_completed(msg) -> None:
+                completed.add(msg.subject.split(".")[-2])
 
             await admin.subscribe(f"{ns.prefix}.task.*.pr_opened", cb=on_pr)
+            await admin.subscribe(f"{ns.prefix}.task.*.completed", cb=on_completed)
             await admin.flush()
             progress(f"running a batch of {tasks} tasks")
             t = time.perf_counter()
@@ -559,18 +598,18 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
                                    for e in (issue(n) for n in range(1, tasks + 1))))
             deadline = time.monotonic() + BATCH_TIMEOUT
             last_change, done, told = time.monotonic(), 0, time.monotonic()
-            while len(pr_up) < tasks and time.monotonic() < deadline and time.monotonic() - last_change < STALL:
+            while len(completed) < tasks and time.monotonic() < deadline and time.monotonic() - last_change < STALL:
                 await asyncio.sleep(0.2)
-                if len(pr_up) != done:
-                    last_change, done = time.monotonic(), len(pr_up)
+                if len(pr_up) + len(completed) != done:
+                    last_change, done = time.monotonic(), len(pr_up) + len(completed)
                 if time.monotonic() - told > 15:
                     told = time.monotonic()
-                    progress(f"{done}/{tasks} pull requests up")
+                    progress(f"{len(pr_up)}/{tasks} pull requests up, {len(completed)} merged and completed")
             batch_s = time.perf_counter() - t
             lag_batch = lag.take()
             records = await read_log(admin, ns, timeout=120)
             verdict = check_log(records, {task_id_for(REPO, n): (REPO, n) for n in range(1, tasks + 1)},
-                                expected_final=PR_UP, prefix=ns.prefix)
+                                expected_final=("completed",), prefix=ns.prefix)
             declared_lost = sum(1 for r in records if isinstance(r.item, AgentWentOffline)
                                 and r.item.reason == "heartbeat_timeout")
             progress("stopping")
@@ -598,7 +637,7 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
             await coordinator.kill()
         bus.stop()
         shutil.rmtree(root, ignore_errors=True)
-    ok = (verdict.lost == verdict.duplicated == verdict.illegal == 0 and len(pr_up) == tasks
+    ok = (verdict.lost == verdict.duplicated == verdict.illegal == 0 and len(completed) == tasks and not merge_errors
           and declared_lost == 0 and consumers - agents <= OTHER_CONSUMERS)
     return FleetRun(
         agents=agents, connections=len(ncs), tasks=tasks, provision_s=round(provision_s, 2),
@@ -610,7 +649,7 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
         idle_agents_core_pct=round(idle_pct["agents"], 1), idle_server_core_pct=round(idle_pct["server"], 1),
         idle_coordinator_core_pct=round(idle_pct["coordinator"], 1), loop_lag_start_s=lag_start,
         loop_lag_idle_s=lag_idle, loop_lag_batch_s=lag_batch, batch_s=round(batch_s, 2),
-        pr_up=len(pr_up), final_states=verdict.final_states, lost=verdict.lost, duplicated=verdict.duplicated,
+        pr_up=len(pr_up), completed=len(completed), merge_errors=merge_errors[:20], final_states=verdict.final_states, lost=verdict.lost, duplicated=verdict.duplicated,
         illegal=verdict.illegal, violations=verdict.violations[:20], declared_lost=declared_lost, ok=ok)
 
 
@@ -654,7 +693,7 @@ def heartbeat_rows(h: HeartbeatRun) -> list[tuple[str, str, str, str]]:
 
 def fleet_rows(f: FleetRun) -> list[tuple[str, str, str, str]]:
     """(metric, value, target, result) of the fleet run."""
-    nothing_lost = f.lost == f.duplicated == f.illegal == 0 and f.pr_up == f.tasks
+    nothing_lost = f.lost == f.duplicated == f.illegal == 0 and f.completed == f.tasks and not f.merge_errors
     started = f"{f.agents:,} in {f.start_s:.1f} s ({f.start_per_s:.0f}/s) on {f.connections} connections"
     rss = f"{f.rss_per_agent_kb:.0f} KB ({f.rss_before_mb:g} -> {f.rss_after_mb:g} MB)"
     server_rss = f"{f.server_rss_per_agent_kb:.0f} KB ({f.server_rss_before_mb:g} -> {f.server_rss_after_mb:g} MB)"
@@ -671,7 +710,7 @@ def fleet_rows(f: FleetRun) -> list[tuple[str, str, str, str]]:
         ("memory per agent, nats-server", server_rss, "", ""),
         ("CPU, all idle", idle, "", ""),
         ("worst event-loop lag", lag, "", ""),
-        (f"batch of {f.tasks} tasks at once", f"{f.pr_up}/{f.tasks} pull requests up in {f.batch_s:.1f} s; {states}",
+        (f"batch of {f.tasks} tasks at once", f"{f.pr_up}/{f.tasks} pull requests up, {f.completed} merged and completed in {f.batch_s:.1f} s; {states}",
          "all", "ok" if nothing_lost else "MISSED"),
         ("lost / duplicated / illegal", f"{f.lost} / {f.duplicated} / {f.illegal}", "0",
          "ok" if nothing_lost else "MISSED"),

@@ -359,7 +359,7 @@ def bench_fleet(agents: int, tasks: int, connections: int, heartbeat_agents: int
     Targets: the coordinator under 2 % of a core; every stopped agent declared offline
     between the timeout and the timeout plus 2 s. Fleet: real agents (as `ccc up` builds
     them) start beside the coordinator, then a batch of issues runs at once. Targets:
-    one consumer per agent, every pull request up, nothing lost, no agent declared lost.
+    one consumer per agent, every task completed (its pull request merged), nothing lost, no agent declared lost.
     Exits 1 if a target is missed."""
     from infra.shell.bench.fleet import fleet_rows, heartbeat_rows, run_fleet_bench
 
