@@ -81,6 +81,7 @@ from events.task_state import (
 
 from infra.adapters.nats.provisioning import provision
 from infra.shell.bench.bus import BenchBus
+from infra.shell.bench.child import Child
 from infra.shell.bench.probes import cpu_seconds, loadavg, pct
 
 NS = Namespace("apibench")
@@ -323,69 +324,24 @@ def requests_for(endpoint: str, tasks: int, agents: int, host: str, rng: random.
 
 
 # -- the API process -----------------------------------------------------------------------------
-class ApiProcess:
+class ApiProcess(Child):
     """``python -m infra.shell.bench.api serve URL NS``: the status API with the hello
     route, in a process of its own; prints ``ready <port>`` once it serves (the
     projection caught up), stops on a line (or EOF) on stdin."""
 
     def __init__(self, url: str, ns: Namespace, log_path: Path, profile_path: Path | None = None) -> None:
-        self.url, self.ns, self.log_path, self.profile_path = url, ns, log_path, profile_path
-        self.proc: asyncio.subprocess.Process | None = None
+        profile = ["--profile", str(profile_path)] if profile_path is not None else []
+        super().__init__("infra.shell.bench.api", ["serve", url, ns.prefix, *profile], log_path, what="API")
         self.port = 0
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    async def start(self) -> int:
-        err = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    async def start(self) -> int:  # type: ignore[override]
+        words = await super().start()
         try:
-            # from the directory holding this package, so the child imports this very code
-            profile = ["--profile", str(self.profile_path)] if self.profile_path is not None else []
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "infra.shell.bench.api", "serve", self.url, self.ns.prefix, *profile,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                cwd=Path(__file__).resolve().parents[3])
-        finally:
-            os.close(err)
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
-        except TimeoutError:
-            line = b""
-        if not line.startswith(b"ready "):
+            self.port = int(words[0])
+        except (IndexError, ValueError):
             await self.kill()
-            raise RuntimeError(f"the API process did not start: {self.log_tail()}")
-        self.port = int(line.split()[1])
+            raise RuntimeError(f"the API process said it is ready but not on which port: {words!r}") from None
         return self.port
-
-    def log_tail(self, n: int = 5) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    async def stop(self) -> dict:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return {}
-        try:
-            proc.stdin.write(b"stop\n")
-            await proc.stdin.drain()
-            proc.stdin.close()
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            await asyncio.wait_for(proc.wait(), 30)
-            return json.loads(line)
-        except (TimeoutError, OSError, ValueError):
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise RuntimeError(f"the API process did not stop cleanly: {self.log_tail()}") from None
-
-    async def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def _serve(url: str, prefix: str, profile_path: str | None = None) -> None:

@@ -65,9 +65,11 @@ from events.trust import OPERATOR
 from infra.adapters.nats.connection import connect
 from infra.adapters.nats.provisioning import provision, provision_agent
 from infra.shell.bench.bus import BenchBus
+from infra.shell.bench.child import Child
 from infra.shell.bench.probes import cpu_seconds, loadavg, utcnow
 
 REPO = "acme/fleet"
+MODULE = "infra.shell.bench.fleet"  # its helper processes: python -m MODULE <role> ...
 TIMEOUT = 10.0  # the coordinator's heartbeat timeout: `ccc up`'s default
 INTERVAL = 2.0  # how often an agent heartbeats: `ccc up`'s default
 START_CONCURRENCY = 64  # agents starting at once
@@ -241,63 +243,6 @@ def repo_files(tasks: int) -> dict[str, str]:
 
 
 # -- processes of their own: the coordinator and the bare receiver --------------------------
-class Child:
-    """``python -m infra.shell.bench.fleet <role> ...``: prints ``ready``, then answers
-    each line on stdin (``stats``; ``stop`` ends it) with one JSON line."""
-
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.args, self.log_path = args, log_path
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        err = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            # from the directory holding this package, so the child imports this very code
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "infra.shell.bench.fleet", *self.args, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=err, cwd=Path(__file__).resolve().parents[3])
-        finally:
-            os.close(err)
-        line = b""
-        with contextlib.suppress(TimeoutError):
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
-        if line.strip() != b"ready":
-            await self.kill()
-            raise RuntimeError(f"{self.args[0]} did not start: {self.log_tail()}")
-
-    def log_tail(self, n: int = 8) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    async def ask(self, command: str) -> dict:
-        assert self.proc is not None
-        self.proc.stdin.write(command.encode() + b"\n")
-        await self.proc.stdin.drain()
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
-        try:
-            return json.loads(line)
-        except ValueError:
-            raise RuntimeError(f"{self.args[0]} failed: {self.log_tail()}") from None
-
-    async def stop(self) -> dict:
-        if self.proc is None:
-            return {}
-        try:
-            stats = await self.ask("stop")
-            await asyncio.wait_for(self.proc.wait(), 60)
-        finally:
-            await self.kill()
-        return stats
-
-    async def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 async def _serve(stats: Callable[[], dict], stop: Callable[[], object]) -> None:
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
@@ -418,8 +363,8 @@ async def run_heartbeats(*, agents: int = 1000, window: float = 60.0, lose: int 
             js = admin.jetstream()
             ttl_allowed = bool((await js.stream_info(ns.heartbeats_stream)).config.allow_msg_ttl)
             ttl = format_ttl(heartbeat_ttl(interval)) if ttl_allowed else ""
-            coordinator = Child(["coordinator", url, ns.prefix, str(timeout)], root / "coordinator.log")
-            receiver = Child(["receiver", url, f"{ns.prefix}.hb.*"], root / "receiver.log")
+            coordinator = Child(MODULE, ["coordinator", url, ns.prefix, str(timeout)], root / "coordinator.log")
+            receiver = Child(MODULE, ["receiver", url, f"{ns.prefix}.hb.*"], root / "receiver.log")
             children += [coordinator, receiver]
             await coordinator.start()
             await receiver.start()
@@ -511,7 +456,7 @@ async def run_fleet(*, agents: int = 1000, tasks: int = 100, connections: int = 
             await provision(admin, ns)
             forge = LocalForge(root / "forge")
             forge.create_repo(REPO, repo_files(tasks))
-            coordinator = Child(["coordinator", url, ns.prefix, str(timeout)], root / "coordinator.log")
+            coordinator = Child(MODULE, ["coordinator", url, ns.prefix, str(timeout)], root / "coordinator.log")
             await coordinator.start()
             ids = fleet_ids(agents)
             gc.collect()
