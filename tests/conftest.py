@@ -70,6 +70,31 @@ async def store(nc, ns) -> EventStore:
     return EventStore(nc, ns)
 
 
+@pytest_asyncio.fixture
+async def live(store):
+    """The live read model following the test's namespace (started, stopped after)."""
+    from projections.live import LiveReadModel
+
+    model = LiveReadModel(store)
+    await model.start()
+    yield model
+    await model.stop()
+
+
+@pytest.fixture
+def isolated_git(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """No user git identity or config; the process's known secrets start empty (and are
+    forgotten after)."""
+    from events.secrets import forget_added_secrets
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    forget_added_secrets()
+    yield
+    forget_added_secrets()
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, interval: float = 0.02
 ) -> None:

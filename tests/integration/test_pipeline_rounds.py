@@ -14,7 +14,7 @@ from msgspec.structs import replace
 
 from actors.pipeline import FORGE_BRANCH_CODER, REBASE_CODER, PhaseFailed, PipelineSettings, run_pipeline
 from events.refs import split_ref
-from events.secrets import add_secrets, forget_added_secrets
+from events.secrets import add_secrets
 from events.task import IssueRef
 from events.task_state import TaskState
 from events.work import CodeOutcome, CodeRequest
@@ -31,7 +31,7 @@ from infra.adapters.git import gitops
 from infra.adapters.git.workbench import GitWorkbench
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("isolated_git")]
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 REPO = "acme/calc"
@@ -42,17 +42,6 @@ TESTS = ("import unittest\n\nfrom calc import add, mul\n\n\nclass CalcTest(unitt
          "    def test_mul(self):\n        self.assertEqual(mul(2, 3), 6)\n")
 FIXED = CALC.replace("return a - b", "return a + b")
 GUIDANCE = "CI fix 1 of 2: the pull request's checks failed (lint failed and its log names calc.py)."
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """No user git identity or config; the process's known secrets start empty."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    forget_added_secrets()
-    yield
-    forget_added_secrets()
 
 
 @pytest.fixture

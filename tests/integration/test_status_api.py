@@ -93,14 +93,6 @@ async def build_world(store: EventStore) -> World:
 
 
 @pytest_asyncio.fixture
-async def live(store):
-    live = LiveReadModel(store)
-    await live.start()
-    yield live
-    await live.stop()
-
-
-@pytest_asyncio.fixture
 async def client(live):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(live, min_seq_timeout=0.5)),
                                  base_url="http://status") as client:

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import msgspec
 import pytest
-import pytest_asyncio
 
 from events import task_state
 from events.store import EventStore
@@ -48,14 +47,6 @@ def analysed(seconds: int) -> list:
     at = T0 + timedelta(seconds=seconds)
     return [StartAnalysis(at=at, actor="coordinator"),
             RecordAnalysis(at=at, actor="coordinator", analysis=Analysis(specialty="backend"))]
-
-
-@pytest_asyncio.fixture
-async def live(store):
-    live = LiveReadModel(store)
-    await live.start()
-    yield live
-    await live.stop()
 
 
 async def test_a_page_reuses_each_tasks_answer_until_the_task_or_its_words_change(store, live):

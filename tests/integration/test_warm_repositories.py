@@ -20,7 +20,6 @@ import pytest
 
 from actors.pipeline import PipelineSettings, run_pipeline
 from events.errors import ConfigError
-from events.secrets import forget_added_secrets
 from events.task import IssueRef
 from events.task_state import TaskState
 from events.work import CodeOutcome, CodeRequest
@@ -34,24 +33,13 @@ from infra.adapters.git.workspace import Workspace
 from infra.adapters.nats.artifacts import ObjectStoreArtifacts
 from tests.conftest import eventually
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("isolated_git")]
 
 REPO = "acme/app"
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {"app.py": "X = 1\n", "README.md": "# app\n", "src/a/one.py": "A = 1\n", "src/b/two.py": "B = 2\n",
          "docs/guide.md": "guide\n"}
 AUTHOR = ("ccc agent", "agent@ccc.local")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """No user git identity or config; the process's known secrets start empty."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    forget_added_secrets()
-    yield
-    forget_added_secrets()
 
 
 @pytest.fixture
