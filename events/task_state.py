@@ -198,6 +198,11 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     merge_sha: str = ""
     green_at: datetime | None = None  # first time all checks passed
     merge_queued_at: datetime | None = None  # when it (last) entered the merge queue: its place
+    # its place in the agents' queue, while it holds one: when it became ready to assign.
+    # Set at assignment; a task taken back from a lost agent or handed back (through no
+    # fault of its own) keeps it, so it is not sent behind every task queued since
+    # (projections.fairness.ready_since); any other way into the queue starts afresh
+    queued_since: datetime | None = None
 
     @property
     def final(self) -> bool:
@@ -243,7 +248,16 @@ def evolve(state: TaskState | None, event: TaskEvent) -> TaskState:
     rule = TRANSITIONS.get(type(event))
     if rule is None or state.status not in rule[0]:
         raise IllegalTransition("task " + state.task_id, state.status, event.__struct_config__.tag)
-    return _APPLY[type(event)](state, event, rule[1] or state.status)
+    new = _APPLY[type(event)](state, event, rule[1] or state.status)
+    if new.status == "queued" and state.status != "queued" and new.queued_since is not None \
+            and not (isinstance(event, TaskRequeued) and event.reason in KEEPS_PLACE):
+        new = replace(new, queued_since=None)  # a new place in the queue
+    return new
+
+
+KEEPS_PLACE = frozenset({"agent_lost", "handed_back"})
+"""Requeue reasons after which a task keeps its place in the queue: the work was
+interrupted, not judged (a retry after a failure waits its backoff and queues afresh)."""
 
 
 # one small function per event type, dispatched by a dict (this runs once per event
@@ -264,8 +278,10 @@ def _analyzed(s: TaskState, e: TaskAnalyzed, status: str) -> TaskState:
 
 
 def _assigned(s: TaskState, e: TaskAssigned, status: str) -> TaskState:
+    place = s.queued_since or (s.not_before if s.not_before is not None and s.not_before > s.updated_at
+                               else s.updated_at)
     return replace(s, version=e.version, updated_at=e.occurred_at, status=status,
-                   agent_id=e.agent_id, assigned_why=e.why, not_before=None)
+                   agent_id=e.agent_id, assigned_why=e.why, not_before=None, queued_since=place)
 
 
 def _tests_started(s: TaskState, e: TaskTestsStarted, status: str) -> TaskState:

@@ -137,7 +137,9 @@ def lane(task: TaskState) -> int:
 def ready_since(task: TaskState, tasks: Mapping[str, TaskState]) -> datetime | None:
     """When ``task`` became ready to assign (queued, its backoff over, its dependencies
     completed); None while a dependency is not completed (unknown counts as not)."""
-    since = task.updated_at  # a queued task changes only when it leaves the queue
+    # a queued task changes only when it leaves the queue; one taken back from a lost
+    # agent (or handed back) keeps the place it had (TaskState.queued_since)
+    since = task.queued_since or task.updated_at
     if task.not_before is not None and task.not_before > since:
         since = task.not_before
     for d in task.dependencies:

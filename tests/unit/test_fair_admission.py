@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from actors.scheduling import eligible_tasks, plan_assignments
+from events import task_state as ts
 from events.agent_state import AgentState
-from events.task import PRIORITIES, IssueRef
+from events.task import PRIORITIES, Analysis, IssueRef
 from events.task_state import WITH_AGENT, TaskState
 from projections.fairness import (
+    DEFAULT_POLICY,
     TOP_LEVEL,
     Admission,
     FairnessPolicy,
@@ -376,3 +378,46 @@ def test_property_what_the_board_says_is_what_the_scheduler_does(view) -> None:
         assert assigned[:1] == free[:1]
     else:
         assert assigned == []
+
+
+# -- a task taken back keeps its place ---------------------------------------------------------
+def _fold(state: TaskState | None, *commands) -> TaskState:
+    for command in commands:
+        state = ts.fold(ts.decide(state, command), state)
+    return state
+
+
+def _created(tid: str, at: datetime) -> TaskState:
+    return _fold(None, ts.CreateTask(at=at, actor="c", task_id=tid, analysis=Analysis(specialty="general"),
+                                     issue=IssueRef(source="local", repo="acme/app", number=1, title=tid)))
+
+
+@pytest.mark.parametrize("reason", ["agent_lost", "handed_back"])
+def test_a_task_taken_back_keeps_its_place_ahead_of_tasks_queued_since(reason) -> None:
+    """The chaos suite's lost agent: its tasks went behind the 38 queued after them and
+    waited for all of them. Interrupted work keeps the place it had in the queue."""
+    first = _created("first", NOW - timedelta(seconds=100))
+    first = _fold(first, ts.AssignTask(at=NOW - timedelta(seconds=90), actor="c", agent_id="a1"),
+                  ts.StartTask(at=NOW - timedelta(seconds=89), actor="c", agent_id="a1"))
+    later = [_created(f"later-{i}", NOW - timedelta(seconds=80 - i)) for i in range(5)]
+    back = _fold(first, ts.RequeueTask(at=NOW - timedelta(seconds=1), actor="c", reason=reason, agent_id="a1"))
+    assert back.status == "queued" and back.attempt == 2
+    assert back.queued_since == NOW - timedelta(seconds=100)
+    tasks = {t.task_id: t for t in [back, *later]}
+    assert ready_since(back, tasks) == NOW - timedelta(seconds=100)
+    assert [t.task_id for t in eligible_tasks(tasks, NOW)][0] == "first"
+    assert plan(list(tasks.values()), [agent("a2")], DEFAULT_POLICY) == [("first", "a2")]
+    # assigned again and taken back again: still the same place
+    again = _fold(back, ts.AssignTask(at=NOW, actor="c", agent_id="a2"),
+                  ts.RequeueTask(at=NOW, actor="c", reason=reason, agent_id="a2"))
+    assert again.queued_since == NOW - timedelta(seconds=100)
+
+
+def test_a_retry_after_a_failure_queues_afresh_after_its_backoff() -> None:
+    t = _created("t", NOW - timedelta(seconds=100))
+    t = _fold(t, ts.AssignTask(at=NOW - timedelta(seconds=90), actor="c", agent_id="a1"),
+              ts.StartTask(at=NOW - timedelta(seconds=89), actor="c", agent_id="a1"),
+              ts.FailTask(at=NOW - timedelta(seconds=30), actor="c", reason="tests failed", agent_id="a1"),
+              ts.RetryTask(at=NOW - timedelta(seconds=30), actor="c", backoff_base=10))
+    assert t.status == "queued" and t.queued_since is None
+    assert ready_since(t, {"t": t}) == t.not_before  # its backoff's end, not its first place
