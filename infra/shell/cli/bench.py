@@ -197,6 +197,49 @@ def bench_workspace(files: int | None, commits: int | None, rounds: int | None, 
         sys.exit(1)
 
 
+@bench_group.command("task")
+@click.option("--files", type=click.IntRange(3, 1_000_000), default=None,
+              help="Files of the large generated repository [default: 30,000; --quick 2,000].")
+@click.option("--commits", type=click.IntRange(1, 1_000_000), default=None,
+              help="Its commits [default: 5,000; --quick 200].")
+@click.option("--tasks", type=click.IntRange(2, 100), default=None,
+              help="Tasks per repository, one after another: the first cold, the others warm [default: 5; "
+                   "--quick 3].")
+@click.option("--quick", is_flag=True, help="CI-sized: a 2,000-file large repository, 3 tasks each; the target "
+                                            "shown, not enforced.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the run's server, repositories and workspaces go [default: the temp dir].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def bench_task(files: int | None, commits: int | None, tasks: int | None, quick: bool, work_dir: str | None,
+               as_json: bool) -> None:
+    """What a task costs besides the coder and the tests, phase by phase (workspace,
+    analysis, commit, push, pull request, every report appended), beside each phase's
+    raw floor measured in the same run on the same repository.
+
+    A throwaway nats-server, the coordinator and one real agent composed as `ccc up`
+    composes them (the scripted coder, the local forge, the real workbench), on a small
+    (50 files) and a large generated repository. Phases are read from the log (each
+    report's own time and its store time). Target: <= 1 s of overhead per task on the
+    large repository, warm (median). Exits 1 if it is missed (not with --quick)."""
+    from infra.shell.bench.task import FULL, QUICK, footer, run_task_bench, table_rows, verdict_rows
+
+    size = QUICK if quick else FULL
+    files, commits, tasks = files or size["files"], commits or size["commits"], tasks or size["tasks"]
+    result = run_async(run_task_bench(files=files, commits=commits, tasks=tasks, work_dir=work_dir,
+                                      progress=lambda step: click.echo(f"bench task: {step}", err=True)))
+    if as_json:
+        emit_json(msgspec.to_builtins(result))
+    else:
+        for run in result.repos:
+            print_table(("PHASE", "WARM (MEDIAN)", "FIRST TASK", "RAW FLOOR", "RATIO", "WHAT"), table_rows(run),
+                        title=f"a task on the {run.name} repository ({run.repo}): ours beside the raw floors",
+                        footer=footer(result, run))
+            click.echo()
+        print_table(("OVERHEAD", "FIGURE", "TARGET", "RESULT"), verdict_rows(result))
+    if not result.ok and not quick:
+        sys.exit(1)
+
+
 @bench_group.command("api")
 @click.option("--tasks", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True,
               help="Tasks on the board the API serves.")
