@@ -25,6 +25,14 @@ log = structlog.get_logger("ccc.http")
 
 STARTUP_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 5.0
+KEEP_ALIVE = 75.0
+"""Seconds an idle keep-alive connection stays open. uvicorn's default is 5 s: a client
+polling every 5 s (a dashboard, a health probe; ``ccc soak`` samples every 5 s) then
+sends its next request on a connection the server is closing at that very moment and
+gets "server disconnected without sending a response" (the hour-long soak met it 3 times
+in 720 samples). 75 s outlasts such pollers and the idle timeout of the load balancers
+usually put in front (60 s), so the server never closes a connection a client still
+counts on; each idle connection costs a socket and a few KB meanwhile."""
 
 
 class _Server(uvicorn.Server):
@@ -83,7 +91,8 @@ class HttpService:
             raise RuntimeError(f"{self.name} already started")
         self.bind()
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", log_config=None,
-                                lifespan="on", timeout_graceful_shutdown=SHUTDOWN_TIMEOUT)
+                                lifespan="on", timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
+                                timeout_keep_alive=KEEP_ALIVE)
         self._server = server = _Server(config)
         self._task = asyncio.create_task(self._serve(server, self._sock), name=f"{self.name}:{self.port}")
         try:
