@@ -80,6 +80,20 @@ NOTHING_TO_SCHEDULE = (TaskAnalysisStarted, TaskStarted, TaskTestsStarted,
                        TaskCancellationRequested, AgentTaskStarted, WorkReport)
 
 
+# reports whose task command does not depend on the task's state (``_translate``): decided
+# on the view the model has when they arrive, before it has caught up with them
+STATE_FREE_COMMAND = (AgentTaskStarted, AgentImplementationProduced, AgentPullRequestOpened, AgentWorkFailed)
+
+
+def implies_command(report: AgentEventBase) -> bool:
+    """Whether a report about a task can imply a task command (see ``_translate``); the
+    others (progress reports, a release of finished or failed work) change no task state
+    whatever the task's state is."""
+    if isinstance(report, AgentTaskReleased):
+        return report.outcome in ("cancelled", "handed_back", "lost")
+    return isinstance(report, (*STATE_FREE_COMMAND, AgentTaskDeclined))
+
+
 class CoordinatorConfig:
     def __init__(
         self,
@@ -163,7 +177,9 @@ class Coordinator(Intake, PullRequests):
         self._pr_kick = asyncio.Event()
         self._loops: list[ConsumerLoop] = []
         self._tasks: list[asyncio.Task] = []
-        self._agent_locks: dict[str, asyncio.Lock] = {}
+        # per agent: the last report handler of each of its tasks (None: agent-wide), as a
+        # future that is done when it is (see _in_order)
+        self._lanes: dict[str, dict[str | None, asyncio.Future]] = {}
         self._written: dict[str, int] = {}  # our last append per task: the model must reach it
         # task -> [agent, seq of the assignment once appended]: intake's direct assignments
         # that the model does not show yet
@@ -242,13 +258,17 @@ class Coordinator(Intake, PullRequests):
 
         The model may lag the log: by our own last write (we wait for it first, free
         when caught up), or by another coordinator's. A refusal or a conflict on the
-        model's view is therefore checked once against the log itself before it counts."""
+        model's view is therefore checked once against the log itself before it counts
+        (against the view decided on: the model may have moved on by itself meanwhile, e.g.
+        when another handler's write was seen by the log's readers before its ack reached us)."""
         if start is None:
             await self._fresh(task_id)
+            view = self._view(task_id)
             try:
-                return await self._append_chain(task_id, commands, self._view(task_id))
+                return await self._append_chain(task_id, commands, view)
             except (DomainError, ConcurrencyConflict):
-                if not await self._fresh(task_id, from_log=True):
+                await self._fresh(task_id, from_log=True)
+                if self._view(task_id)[1] == view[1]:
                     raise  # the view was current: the refusal stands
                 return await self._append_chain(task_id, commands, self._view(task_id))
         return await self._append_chain(task_id, commands, start, atomic=atomic)
@@ -297,26 +317,84 @@ class Coordinator(Intake, PullRequests):
     async def _on_agent_event(self, msg: Msg) -> None:
         event = decode_event(self.ns.rel(msg.subject), msg.data)
         assert isinstance(event, AgentEventBase)
-        # one agent's reports are handled in log order (handlers start in fetch order
-        # and asyncio locks are FIFO); different agents' reports run concurrently
-        lock = self._agent_locks.setdefault(event.agent_id, asyncio.Lock())
-        async with lock:
-            await self._on_agent_event_in_order(event, msg.metadata.sequence.stream)
+        await self._in_order(event.agent_id, getattr(event, "task_id", None),
+                             self._on_agent_event_in_order(event, msg.metadata.sequence.stream))
+
+    async def _in_order(self, agent_id: str, task_id: str | None, handling) -> None:
+        """Run ``handling`` (a coroutine) in log order where order matters: an agent's
+        reports about one task one after another; an agent-wide report (offline,
+        registration: ``task_id`` None) after all of the agent's reports before it and
+        before all after it; reports about different tasks, or of different agents,
+        concurrently. (Handlers start in fetch order, and each takes its place here before
+        its first await.) One lock per agent serialised all of an agent's reports: with
+        an agent holding many tasks, its reports queued behind each other's appends."""
+        lanes = self._lanes.setdefault(agent_id, {})
+        if task_id is None:
+            before = list(lanes.values())
+            lanes.clear()
+        else:
+            before = [f for f in (lanes.get(None), lanes.get(task_id)) if f is not None]
+        mine: asyncio.Future = asyncio.get_running_loop().create_future()
+        lanes[task_id] = mine
+
+        def done(_: object = None) -> None:
+            mine.set_result(None)
+            if lanes.get(task_id) is mine:
+                del lanes[task_id]
+                if not lanes and self._lanes.get(agent_id) is lanes:
+                    del self._lanes[agent_id]
+
+        try:
+            if before:
+                await asyncio.wait(before)  # (never cancels them, even if we are cancelled)
+            await handling
+        finally:
+            handling.close()  # (a no-op once awaited; unawaited if cancelled while waiting)
+            pending = [f for f in before if not f.done()]
+            if pending:  # cancelled while waiting: whoever comes next still waits for those
+                asyncio.gather(*pending).add_done_callback(done)
+            else:
+                done()
 
     async def _on_agent_event_in_order(self, event: AgentEventBase, seq: int) -> None:
-        await self._catch_up_to(seq)
         aid = event.agent_id
         at = utcnow()
         actor = self.config.name
         cause = event.event_id
         if isinstance(event, AgentWentOffline):
+            await self._catch_up_to(seq)
             await self._take_back_all(aid, "agent_lost", cause, offline_seq=seq)
             return
         task_id = getattr(event, "task_id", None)
-        if task_id is None:
-            return  # registration, maintenance, errors: the scheduler reacts to the model
+        if task_id is None or not implies_command(event):
+            return  # registration, maintenance, errors, progress: the scheduler reacts to the model
+        if self.model.last_seq < seq and isinstance(event, STATE_FREE_COMMAND):
+            # The model has not reached the report yet, and which command the report
+            # implies does not depend on the task's state: decide on the task's view as it
+            # is. The append is checked against the log (a view that missed an event of
+            # the task conflicts, and _run decides again on the log's); only a refusal
+            # needs the view as of the report, and gets it.
+            written = self._written.get(task_id)
+            try:
+                if await self._on_task_report(event, task_id, aid, at, actor, cause, early=True):
+                    return
+            except (DomainError, ConcurrencyConflict):
+                if self._written.get(task_id) != written:
+                    raise  # (after an append: handled as on the usual path)
+            await self._catch_up_to(seq)
+        await self._on_task_report(event, task_id, aid, at, actor, cause)
+
+    async def _on_task_report(self, event: AgentEventBase, task_id: str, aid: str, at, actor: str,
+                              cause: str, *, early: bool = False) -> bool:
+        """Decide on one report about a task; True if that appended. ``early``: on a view
+        that may not have reached the report yet; returns False instead of refusing or
+        doing nothing (the caller decides again once the model has the report), unless it
+        appended before the refusal: that is handled as on the usual path."""
+        written = self._written.get(task_id)
         await self._fresh(task_id)
         state = self.model.tasks.get(task_id)
+        if early and (state is None or (getattr(event, "attempt", 0) or state.attempt) != state.attempt):
+            return False
         if state is not None and (getattr(event, "attempt", 0) or state.attempt) != state.attempt:
             await self._fresh(task_id, from_log=True)  # a report can only be ahead of a stale view
             state = self.model.tasks.get(task_id)
@@ -326,8 +404,10 @@ class Coordinator(Intake, PullRequests):
         if attempt and attempt != state.attempt:
             raise DomainError(f"stale report from {aid} on {task_id}: attempt {attempt}, now {state.attempt}")
         try:
-            await self._translate(event, task_id, state, aid, at, actor, cause)
+            return await self._translate(event, task_id, state, aid, at, actor, cause)
         except DomainError as e:
+            if early and self._written.get(task_id) == written:
+                return False
             # Reports of one agent are handled in log order, so a refusal while the task
             # is still this agent's, in this attempt, means an earlier report has not been
             # applied yet (it is being redelivered): retry later rather than drop this one.
@@ -338,16 +418,18 @@ class Coordinator(Intake, PullRequests):
             raise
 
     async def _translate(self, event: AgentEventBase, task_id: str, state: ts.TaskState, aid: str,
-                         at, actor: str, cause: str) -> None:
-        """One report -> the task command it implies (if any)."""
+                         at, actor: str, cause: str) -> bool:
+        """One report -> the task command it implies (if any); True if it appended one."""
         match event:
             case AgentTaskStarted():
                 await self._run(task_id, ts.StartTask(at=at, actor=actor, agent_id=aid, causation_id=cause))
+                return True
             case AgentImplementationProduced():
                 await self._run(task_id, ts.StartTests(
                     at=at, actor=actor, agent_id=aid, files_changed=event.files_changed,
                     diff_stat=event.diff_stat, diff_ref=event.diff_ref, usage=event.usage,
                     causation_id=cause))
+                return True
             case AgentPullRequestOpened():
                 await self._run(task_id, ts.OpenPullRequest(
                     at=at, actor=actor, agent_id=aid, branch=event.branch, pr_url=event.pr_url,
@@ -357,23 +439,28 @@ class Coordinator(Intake, PullRequests):
                 if event.head_sha:  # the forge may have reported this commit's checks already
                     await self._fresh(task_id)
                     await self.adopt_earlier_checks(task_id)
+                return True
             case AgentWorkFailed():
                 after = await self._run(task_id, ts.FailTask(
                     at=at, actor=actor, agent_id=aid, reason=event.reason, phase=event.phase,
                     retryable=event.retryable, log_ref=event.log_ref, causation_id=cause))
                 await self._maybe_retry(task_id, after)
+                return True
             case AgentTaskReleased(outcome="cancelled") if state.cancel_requested:
                 if state.agent_id == aid:
                     await self._run(task_id, ts.CancelTask(at=at, actor=actor, force=True,
                                                            reason=state.status_reason or "cancelled",
                                                            causation_id=cause))
+                    return True
             case AgentTaskReleased(outcome="handed_back" | "cancelled" | "lost") | AgentTaskDeclined():
                 # (a "cancelled" release nobody asked for is a hand-back: never strand the task)
                 if state.agent_id == aid and state.status in ts.WITH_AGENT:
                     await self._run(task_id, ts.RequeueTask(at=at, actor=actor, reason="handed_back",
                                                             agent_id=aid, causation_id=cause))
+                    return True
             case _:
                 pass  # progress reports (workspace, analysis, tests, push) change no task state
+        return False
 
     async def _maybe_retry(self, task_id: str, after: tuple[ts.TaskState | None, int], *,
                            guidance: str = "", immediate: bool = False) -> None:
