@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from infra.adapters.nats.connection import connect
 from infra.adapters.nats.secure import KitFiles
 from infra.adapters.nats.settings import load_log_settings
 from infra.shell.bench.bus import BenchBus
+from infra.shell.bench.child import Child
 from infra.shell.bench.probes import utcnow
 from infra.shell.bench.report import HEARTBEAT_TIMEOUT, SPECIALTIES, STEP_TIMEOUT
 
@@ -145,7 +145,7 @@ class NullAgent:
 
 
 # -- the coordinator, in its own process -------------------------------------------------
-class CoordinatorProcess:
+class CoordinatorProcess(Child):
     """``python -m infra.shell.bench.cast coordinator URL NS [--profile FILE] [--kit DIR]``:
     prints ``ready`` once started, stops on a line (or EOF) on stdin, prints its counters
     as JSON. ``kit_dir``: connect as that user (the ``coordinator`` of the namespace,
@@ -153,72 +153,22 @@ class CoordinatorProcess:
 
     def __init__(self, url: str, ns: Namespace, log_path: Path, profile_path: Path | None,
                  kit_dir: Path | None = None) -> None:
-        self.url, self.ns, self.log_path, self.profile_path = url, ns, log_path, profile_path
-        self.kit_dir = kit_dir
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    async def start(self) -> None:
-        args = [sys.executable, "-m", "infra.shell.bench.cast", "coordinator", self.url, self.ns.prefix]
-        if self.profile_path is not None:
-            args += ["--profile", str(self.profile_path)]
-        if self.kit_dir is not None:
-            args += ["--kit", str(self.kit_dir)]
-        err = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            # run from the directory holding this package, so the child imports this very code
-            self.proc = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                cwd=Path(__file__).resolve().parents[3])
-        finally:
-            os.close(err)
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
-        except TimeoutError:
-            line = b""
-        if line.strip() != b"ready":
-            await self.kill()
-            raise RuntimeError(f"the coordinator process did not start: {self.log_tail()}")
-
-    def log_tail(self, n: int = 5) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        args = ["coordinator", url, ns.prefix]
+        if profile_path is not None:
+            args += ["--profile", str(profile_path)]
+        if kit_dir is not None:
+            args += ["--kit", str(kit_dir)]
+        super().__init__("infra.shell.bench.cast", args, log_path, what="coordinator", start_timeout=60.0)
 
     async def stop(self) -> dict:
-        proc = self.proc
-        if proc is None:
-            return {}
-        try:
-            proc.stdin.write(b"stop\n")
-            await proc.stdin.drain()
-            proc.stdin.close()
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
-            await asyncio.wait_for(proc.wait(), 30)
-        except (TimeoutError, OSError):
-            await self.kill()
-            raise RuntimeError(f"the coordinator process did not stop: {self.log_tail()}") from None
-        self.proc = None
-        try:
-            stats = json.loads(line)
-        except ValueError:
-            raise RuntimeError(f"the coordinator process failed: {self.log_tail()}") from None
+        """Its counters, with the warnings and errors its log holds."""
+        stats = await super().stop()
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             text = ""
         stats["warnings"] = sum(1 for ln in text.splitlines() if "[warning" in ln or "[error" in ln)
         return stats
-
-    async def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def _serve_coordinator(url: str, prefix: str, profile_path: str | None, kit_dir: str | None) -> None:
