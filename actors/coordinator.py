@@ -85,6 +85,12 @@ NOTHING_TO_SCHEDULE = (TaskAnalysisStarted, TaskStarted, TaskTestsStarted,
 STATE_FREE_COMMAND = (AgentTaskStarted, AgentImplementationProduced, AgentPullRequestOpened, AgentWorkFailed)
 
 
+class StaleReport(DomainError):
+    """A report stored before the task's latest assignment: it belongs to an earlier round
+    (e.g. redelivered after a restart, its acknowledgement lost with the process) and is
+    dropped, never applied to the round that followed."""
+
+
 def implies_command(report: AgentEventBase) -> bool:
     """Whether a report about a task can imply a task command (see ``_translate``); the
     others (progress reports, a release of finished or failed work) change no task state
@@ -250,7 +256,7 @@ class Coordinator(Intake, PullRequests):
     # -- task commands ---------------------------------------------------------------
     async def _run(
         self, task_id: str, *commands: ts.Command, start: tuple[ts.TaskState | None, int] | None = None,
-        atomic: bool = True,
+        atomic: bool = True, report_seq: int | None = None,
     ) -> tuple[ts.TaskState | None, int]:
         """Decide and append commands on one task in order, from the model's view (or
         ``start``), carrying the new state and sequence locally between them (no wait
@@ -270,8 +276,20 @@ class Coordinator(Intake, PullRequests):
                 await self._fresh(task_id, from_log=True)
                 if self._view(task_id)[1] == view[1]:
                     raise  # the view was current: the refusal stands
+                if report_seq is not None:
+                    self._check_round(task_id, report_seq)  # the log may hold a newer assignment
                 return await self._append_chain(task_id, commands, self._view(task_id))
         return await self._append_chain(task_id, commands, start, atomic=atomic)
+
+    def _check_round(self, task_id: str, report_seq: int) -> None:
+        """Refuse a report about ``task_id`` stored before the task's latest assignment
+        (as far as the model knows): an earlier round's (:class:`StaleReport`). An
+        agent writes a round's reports after reading its assignment, so the reports of
+        the current round are all stored after it."""
+        assigned = self.model.assigned_seq.get(task_id, 0)
+        if report_seq < assigned:
+            raise StaleReport(f"task {task_id}: report at seq {report_seq} precedes the task's assignment at "
+                              f"seq {assigned}: it belongs to an earlier round")
 
     def _view(self, task_id: str) -> tuple[ts.TaskState | None, int]:
         return self.model.tasks.get(task_id), self.model.task_seq.get(task_id, 0)
@@ -376,15 +394,15 @@ class Coordinator(Intake, PullRequests):
             # needs the view as of the report, and gets it.
             written = self._written.get(task_id)
             try:
-                if await self._on_task_report(event, task_id, aid, at, actor, cause, early=True):
+                if await self._on_task_report(event, seq, task_id, aid, at, actor, cause, early=True):
                     return
             except (DomainError, ConcurrencyConflict):
                 if self._written.get(task_id) != written:
                     raise  # (after an append: handled as on the usual path)
             await self._catch_up_to(seq)
-        await self._on_task_report(event, task_id, aid, at, actor, cause)
+        await self._on_task_report(event, seq, task_id, aid, at, actor, cause)
 
-    async def _on_task_report(self, event: AgentEventBase, task_id: str, aid: str, at, actor: str,
+    async def _on_task_report(self, event: AgentEventBase, seq: int, task_id: str, aid: str, at, actor: str,
                               cause: str, *, early: bool = False) -> bool:
         """Decide on one report about a task; True if that appended. ``early``: on a view
         that may not have reached the report yet; returns False instead of refusing or
@@ -400,11 +418,14 @@ class Coordinator(Intake, PullRequests):
             state = self.model.tasks.get(task_id)
         if state is None:
             raise DomainError(f"report about unknown task {task_id}")
+        self._check_round(task_id, seq)
         attempt = getattr(event, "attempt", 0)
         if attempt and attempt != state.attempt:
             raise DomainError(f"stale report from {aid} on {task_id}: attempt {attempt}, now {state.attempt}")
         try:
-            return await self._translate(event, task_id, state, aid, at, actor, cause)
+            return await self._translate(event, seq, task_id, state, aid, at, actor, cause)
+        except StaleReport:
+            raise  # an earlier round's: dropped, never retried
         except DomainError as e:
             if early and self._written.get(task_id) == written:
                 return False
@@ -417,25 +438,26 @@ class Coordinator(Intake, PullRequests):
                 raise InfrastructureError(f"report out of order, retried: {e}") from None
             raise
 
-    async def _translate(self, event: AgentEventBase, task_id: str, state: ts.TaskState, aid: str,
+    async def _translate(self, event: AgentEventBase, seq: int, task_id: str, state: ts.TaskState, aid: str,
                          at, actor: str, cause: str) -> bool:
         """One report -> the task command it implies (if any); True if it appended one."""
         match event:
             case AgentTaskStarted():
-                await self._run(task_id, ts.StartTask(at=at, actor=actor, agent_id=aid, causation_id=cause))
+                await self._run(task_id, ts.StartTask(at=at, actor=actor, agent_id=aid, causation_id=cause),
+                                report_seq=seq)
                 return True
             case AgentImplementationProduced():
                 await self._run(task_id, ts.StartTests(
                     at=at, actor=actor, agent_id=aid, files_changed=event.files_changed,
                     diff_stat=event.diff_stat, diff_ref=event.diff_ref, usage=event.usage,
-                    causation_id=cause))
+                    causation_id=cause), report_seq=seq)
                 return True
             case AgentPullRequestOpened():
                 await self._run(task_id, ts.OpenPullRequest(
                     at=at, actor=actor, agent_id=aid, branch=event.branch, pr_url=event.pr_url,
                     pr_number=event.pr_number, draft=event.draft, tests_passed=event.tests_passed,
                     tests_failed=event.tests_failed, head_sha=event.head_sha,
-                    base_branch=event.base_branch, causation_id=cause))
+                    base_branch=event.base_branch, causation_id=cause), report_seq=seq)
                 if event.head_sha:  # the forge may have reported this commit's checks already
                     await self._fresh(task_id)
                     await self.adopt_earlier_checks(task_id)
@@ -443,20 +465,20 @@ class Coordinator(Intake, PullRequests):
             case AgentWorkFailed():
                 after = await self._run(task_id, ts.FailTask(
                     at=at, actor=actor, agent_id=aid, reason=event.reason, phase=event.phase,
-                    retryable=event.retryable, log_ref=event.log_ref, causation_id=cause))
+                    retryable=event.retryable, log_ref=event.log_ref, causation_id=cause), report_seq=seq)
                 await self._maybe_retry(task_id, after)
                 return True
             case AgentTaskReleased(outcome="cancelled") if state.cancel_requested:
                 if state.agent_id == aid:
                     await self._run(task_id, ts.CancelTask(at=at, actor=actor, force=True,
                                                            reason=state.status_reason or "cancelled",
-                                                           causation_id=cause))
+                                                           causation_id=cause), report_seq=seq)
                     return True
             case AgentTaskReleased(outcome="handed_back" | "cancelled" | "lost") | AgentTaskDeclined():
                 # (a "cancelled" release nobody asked for is a hand-back: never strand the task)
                 if state.agent_id == aid and state.status in ts.WITH_AGENT:
                     await self._run(task_id, ts.RequeueTask(at=at, actor=actor, reason="handed_back",
-                                                            agent_id=aid, causation_id=cause))
+                                                            agent_id=aid, causation_id=cause), report_seq=seq)
                     return True
             case _:
                 pass  # progress reports (workspace, analysis, tests, push) change no task state

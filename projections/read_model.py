@@ -54,6 +54,9 @@ class ReadModel:
         self.task_seq: dict[str, int] = {}  # stream seq of the last event applied per task
         self.agent_seq: dict[str, int] = {}
         self.agent_tasks: dict[str, set[str]] = {}  # every task ever assigned to an agent
+        # stream seq of each task's latest assignment: an agent's report about the task
+        # stored before it belongs to an earlier round (the coordinator drops it)
+        self.assigned_seq: dict[str, int] = {}
         self.task_status_counts: dict[str, int] = {}
         self.queued: set[str] = set()  # tasks in Queued: the scheduler's work list
         # tasks whose pull request the coordinator follows by the clock or the queue (checks
@@ -96,6 +99,7 @@ class ReadModel:
                     self._hold(tid, new.agent_id if new.status in WITH_AGENT else None)
                 if type(item) is TaskAssigned:
                     self.agent_tasks.setdefault(item.agent_id, set()).add(tid)
+                    self.assigned_seq[tid] = seq
                 self.dirty_tasks.add(tid)
             elif isinstance(item, BadMessage):
                 self._reject(item)

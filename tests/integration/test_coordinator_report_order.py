@@ -18,7 +18,7 @@ from actors.coordinator import Coordinator, CoordinatorConfig
 from events import agent_state as ag
 from events import task_state as ts
 from events.issue import IssueCancelRequested
-from events.work_reports import ImplementationProduced
+from events.work_reports import ImplementationProduced, PullRequestOpened
 from tests.conftest import eventually
 from tests.integration.test_coordinator import FakeAgent, now, opened, publish_issue, status
 
@@ -176,3 +176,55 @@ async def test_a_report_is_decided_before_the_model_has_caught_up_with_it(nc, ns
         assert reports.failed == 0
     finally:
         await c.stop()
+
+
+async def test_a_report_from_an_earlier_round_is_dropped_not_applied_to_the_next(nc, ns, store) -> None:
+    """The full chaos run (ci-loop, seed 13): the coordinator was killed after applying an
+    agent's ``pr_opened`` but before its acknowledgement reached the server; by the time
+    the report came again the task was in its CI fix round (the same attempt, the same
+    agent), and the old report was taken for the fix round's: its head's failed checks were
+    adopted again and a second fix round queued. Here the reports of round 1 reach a
+    restarted coordinator only once the log already holds round 2's assignment."""
+    from tests.support.domain import CHANGED, RED
+
+    config = CoordinatorConfig(heartbeat_timeout=60)
+    first = Coordinator(nc, ns, config)
+    await first.start()
+    agent = FakeAgent(store, "a1")
+    await agent.register()
+    await publish_issue(nc, ns, opened(1, "Fix server handler", labels=["backend"]))
+    tid = "acme_app-1"
+    await eventually(lambda: status(first, tid) == "assigned")
+    await first.stop()
+
+    # round 1, reported while no coordinator runs (its reports wait in the durable consumer)
+    head = "a" * 40
+    await agent.start(tid)
+    await agent.report(tid, ImplementationProduced(files_changed=CHANGED, diff_stat="1 file"))
+    await agent.report(tid, PullRequestOpened(branch="ccc/1", pr_number=3, head_sha=head, base_branch="main"))
+    # what a coordinator decided meanwhile: round 1 through, its checks red, the fix round
+    # given to the same agent
+    state, last = await store.load_task(tid)
+    for command in (ts.StartTask(at=now(), actor="coordinator", agent_id="a1"),
+                    ts.StartTests(at=now(), actor="coordinator", agent_id="a1", files_changed=CHANGED),
+                    ts.OpenPullRequest(at=now(), actor="coordinator", agent_id="a1", branch="ccc/1", pr_number=3,
+                                       head_sha=head, base_branch="main"),
+                    ts.RecordChecks(at=now(), actor="coordinator", head_sha=head, checks=RED)):
+        events = ts.decide(state, command)
+        last = (await store.append(events, expected_last_seq=last))[-1]
+        state = ts.fold(events, state)
+    assert (state.status, state.work, state.attempt) == ("queued", "ci_fix", 1)
+    events = ts.decide(state, ts.AssignTask(at=now(), actor="coordinator", agent_id="a1"))
+    await store.append(events, expected_last_seq=last)
+
+    second = Coordinator(nc, ns, config)
+    await second.start()
+    try:
+        reports = second.consumers[1]
+        await eventually(lambda: reports.handled >= 3)  # the three reports of round 1, each refused
+        state, _ = await store.load_task(tid)
+        # round 2 has not started: no report of round 1 was taken for it
+        assert (state.status, state.work, state.ci_fixes, state.head_sha) == ("assigned", "ci_fix", 1, head)
+        assert second.model.tasks[tid].status == "assigned"
+    finally:
+        await second.stop()
