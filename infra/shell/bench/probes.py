@@ -77,23 +77,24 @@ async def ordered_subscription(js, stream: str, filters: list[str], cb):
     )
 
 
-async def _log_with_times(js, stream: str, filters: list[str]) -> list[tuple[str, int, bytes]]:
-    """The whole stream, after a run: (subject, store timestamp ns, data)."""
-    last = (await js.stream_info(stream)).state.last_seq
+async def stored_messages(js, stream: str, filters: list[str], timeout: float = 120.0) -> list[tuple[str, int, bytes]]:
+    """Every message of ``stream`` matching ``filters``, after a run, as stored:
+    (subject, store timestamp ns, data). Read with an ordered consumer until the last
+    matching message (none pending); an empty stream gives an empty list at once."""
     out: list[tuple[str, int, bytes]] = []
-    if not last:
+    if not (await js.stream_info(stream)).state.last_seq:
         return out
     done = asyncio.Event()
 
     async def cb(msg) -> None:
-        seq, ts = ack_meta(msg.reply)
+        _, ts = ack_meta(msg.reply)
         out.append((msg.subject, ts, msg.data))
-        if seq >= last:
+        if msg.metadata.num_pending == 0:
             done.set()
 
     sub = await ordered_subscription(js, stream, filters, cb)
     try:
-        await asyncio.wait_for(done.wait(), 120)
+        await asyncio.wait_for(done.wait(), timeout)
     finally:
         await sub.unsubscribe()
     return out
@@ -105,10 +106,10 @@ async def stage_stamps(js, ns: Namespace) -> dict[str, dict[str, int]]:
     occurrence of a stage counts."""
     stamps: dict[str, dict[str, int]] = {}
     cut = len(ns.prefix) + 1
-    for subject, ts, _ in await _log_with_times(js, ns.issues_stream, [f"{ns.prefix}.issue.>"]):
+    for subject, ts, _ in await stored_messages(js, ns.issues_stream, [f"{ns.prefix}.issue.>"]):
         t = subject.split(".")  # <ns>.issue.<source>.<repo>.<number>.<action>
         stamps.setdefault(f"{t[3]}-{t[4]}", {}).setdefault(f"issue.{t[5]}", ts)
-    events = await _log_with_times(js, ns.events_stream, [ns.task_filter(), ns.agent_filter()])
+    events = await stored_messages(js, ns.events_stream, [ns.task_filter(), ns.agent_filter()])
     for subject, ts, data in events:
         t = subject.split(".")
         if t[1] == "task":

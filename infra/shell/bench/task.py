@@ -84,7 +84,7 @@ from infra.adapters.nats.connection import connect
 from infra.adapters.nats.provisioning import provision, provision_agent
 from infra.shell.app.cluster import build_agent, build_coordinator
 from infra.shell.bench.bus import BenchBus
-from infra.shell.bench.probes import ack_meta, cpu_stall_seconds, loadavg, ordered_subscription, pct
+from infra.shell.bench.probes import cpu_stall_seconds, loadavg, pct, stored_messages
 from infra.shell.bench.workspace import advance, generate_repo
 
 log = structlog.get_logger("ccc.bench.task")
@@ -406,7 +406,7 @@ class RawNats:
             t = time.perf_counter_ns()
             await self.js.publish(f"rawtask.rtt.{r}.{i}", stamp.to_bytes(8, "big") + payload)
             self.rtt.append((time.perf_counter_ns() - t) / 1e9)
-        for _, ts, data in await _stored(self.js, RAW_STREAM, [f"rawtask.rtt.{r}.*"]):
+        for _, ts, data in await stored_messages(self.js, RAW_STREAM, [f"rawtask.rtt.{r}.*"]):
             self.stored.append((ts - int.from_bytes(data[:8], "big")) / 1e9)
         loop = asyncio.get_running_loop()
         waiting: list[asyncio.Future] = []
@@ -438,41 +438,19 @@ class RawNats:
         return out
 
 
-async def _stored(js, stream: str, filters: list[str]) -> list[tuple[str, int, bytes]]:
-    """Every message of ``stream`` matching ``filters`` as stored: (subject, store
-    timestamp ns, data)."""
-    out: list[tuple[str, int, bytes]] = []
-    if not (await js.stream_info(stream)).state.last_seq:
-        return out
-    done = asyncio.Event()
-
-    async def cb(msg) -> None:
-        _, ts = ack_meta(msg.reply)
-        out.append((msg.subject, ts, msg.data))
-        if msg.metadata.num_pending == 0:
-            done.set()
-
-    sub = await ordered_subscription(js, stream, filters, cb)
-    try:
-        await asyncio.wait_for(done.wait(), 60)
-    finally:
-        await sub.unsubscribe()
-    return out
-
-
 async def read_stamps(js, ns: Namespace, agent_id: str) -> dict[str, dict[str, tuple[int, int]]]:
     """task id -> stage -> (store ns, ``at`` ns): the issue stored, and every report the
     agent appended about the task (the first of each kind)."""
     stamps: dict[str, dict[str, tuple[int, int]]] = {}
     cut = len(ns.prefix) + 1
-    for subject, ts, data in await _stored(js, ns.issues_stream, [f"{ns.prefix}.issue.*.*.*.opened"]):
+    for subject, ts, data in await stored_messages(js, ns.issues_stream, [f"{ns.prefix}.issue.*.*.*.opened"]):
         try:
             issue = decode_issue(subject[cut:], data)
         except BadEventError:
             continue
         if isinstance(issue, IssueOpened):
             stamps.setdefault(task_id_for(issue.repo, issue.number), {}).setdefault("issue.opened", (ts, 0))
-    for subject, ts, data in await _stored(js, ns.events_stream, [ns.agent_filter(agent_id)]):
+    for subject, ts, data in await stored_messages(js, ns.events_stream, [ns.agent_filter(agent_id)]):
         event = decode_event(subject[cut:], data)
         tid = getattr(event, "task_id", None)
         if tid is not None and isinstance(event, AgentEventBase):
