@@ -765,28 +765,24 @@ def describe(event: Any) -> tuple[str, list[Detail]]:
             or usage.output_tokens else "")
         add("model", usage.model)
     add("attempt", getattr(event, "attempt", None))
+
+    def analysed(a: Any) -> str:  # an Analysis, or task.analyzed (its fields, flat)
+        for name in ("complexity", "priority", "paths", "dependencies", "reasons"):
+            add(name, getattr(a, name))
+        return f"analysed: {a.specialty}, {a.complexity}, {a.priority} priority"
+
     match event:
         case TaskCreated():
             add("issue", f"{event.issue.repo}#{event.issue.number}")
             add("author", event.issue.author)
             add("labels", event.issue.labels)
             created = f"created from {event.issue.repo}#{event.issue.number}: {short(event.issue.title, 160)}"
-            if (a := event.analysis) is not None:  # a synchronous analyser's decision, on the creation
+            if event.analysis is not None:  # a synchronous analyser's decision, on the creation
                 add("analyser", event.analyser)
-                add("complexity", a.complexity)
-                add("priority", a.priority)
-                add("paths", a.paths)
-                add("dependencies", a.dependencies)
-                add("reasons", a.reasons)
-                return f"{created}; analysed: {a.specialty}, {a.complexity}, {a.priority} priority", d
+                return f"{created}; {analysed(event.analysis)}", d
             return created, d
         case TaskAnalyzed():
-            add("complexity", event.complexity)
-            add("priority", event.priority)
-            add("paths", event.paths)
-            add("dependencies", event.dependencies)
-            add("reasons", event.reasons)
-            return f"analysed: {event.specialty}, {event.complexity}, {event.priority} priority", d
+            return analysed(event), d
         case TaskAssigned():
             add("why", event.why)
             return f"assigned to {event.agent_id}", d
