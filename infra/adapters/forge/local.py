@@ -16,15 +16,28 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
+from events.issue import IssuePullRequestMerged
 from events.subjects import check_repo, repo_parts
+from events.task_state import TaskState
 
 from infra.adapters.forge.errors import ForgeError, ForgeNotFound, MergeConflict
 from infra.adapters.git import gitops
 
 FORGE_NAME = "ccc forge"
 FORGE_EMAIL = "forge@ccc.local"
+
+
+def merged_fact(task: TaskState, at: datetime, actor: str = "") -> IssuePullRequestMerged:
+    """The fact that ``task``'s pull request was merged on the local forge (by ``ccc pr
+    merge``, the dashboard, a bench's reviewer), one per attempt: its id is the message's
+    dedup id, so a merge reported twice is one fact."""
+    issue = task.issue
+    return IssuePullRequestMerged(
+        event_id=f"local:{issue.repo}#{issue.number}:merged:{task.attempt}", source=issue.source, repo=issue.repo,
+        number=issue.number, occurred_at=at, actor=actor, pr_number=task.pr_number, branch=task.branch)
 
 
 class LocalForge:

@@ -50,10 +50,9 @@ import msgspec
 from nats.aio.client import Client
 
 from events.codec import encode
-from events.issue import IssuePullRequestMerged
 from events.subjects import Namespace, repo_token, task_id_for
 
-from infra.adapters.forge.local import LocalForge
+from infra.adapters.forge.local import LocalForge, merged_fact
 from infra.adapters.nats.connection import connect_when_admitted, embedded_url_file, kit_for
 from infra.adapters.nats.issue_publisher import new_issue
 from infra.adapters.nats.settings import load_settings
@@ -388,10 +387,7 @@ class Soak:
             except Exception as e:  # noqa: BLE001 - reported; the task then stays in review (lost)
                 self.merge_errors.append(f"{tid}: merge failed: {e}")
                 continue
-            event = IssuePullRequestMerged(
-                event_id=f"local:{t.issue.repo}#{t.issue.number}:merged:{t.attempt}", source=t.issue.source,
-                repo=t.issue.repo, number=t.issue.number, occurred_at=datetime.now(UTC),
-                pr_number=t.pr_number, branch=t.branch)
+            event = merged_fact(t, datetime.now(UTC))
             await self.nc.jetstream(timeout=10).publish(self.ns.subject(event.rel_subject), encode(event),
                                                         headers={"Nats-Msg-Id": event.event_id})
 

@@ -17,7 +17,6 @@ from events.issue import (
     IssueCancelRequested,
     IssuePullRequestApproved,
     IssuePullRequestClosed,
-    IssuePullRequestMerged,
 )
 from events.subjects import check_id
 from events.task_state import PR_OPEN
@@ -26,7 +25,7 @@ from projections.read_model import ReadModel
 
 from infra.shell.cli.read import emit_json, print_table, tasks_cmd
 from infra.adapters.forge.errors import ForgeError
-from infra.adapters.forge.local import LocalForge
+from infra.adapters.forge.local import LocalForge, merged_fact
 
 log = structlog.get_logger("ccc.cli")
 
@@ -91,10 +90,7 @@ def pr_merge(obj, task_id) -> None:
         forge = LocalForge(obj.settings().data_dir / "forge")
         sha = await asyncio.to_thread(forge.merge, task.issue.repo, task.branch,
                                       message=f"Merge {task.branch}: {task.issue.title}")
-        seq = await _publish(nc, obj.ns, IssuePullRequestMerged(
-            event_id=f"local:{task.issue.repo}#{task.issue.number}:merged:{task.attempt}",
-            source=task.issue.source, repo=task.issue.repo, number=task.issue.number,
-            occurred_at=_now(), pr_number=task.pr_number, branch=task.branch))
+        seq = await _publish(nc, obj.ns, merged_fact(task, _now()))
         click.echo(f"merged {task.branch} into {task.issue.repo} ({sha[:12]}); seq {seq}")
 
     obj.run(go)

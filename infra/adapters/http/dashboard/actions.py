@@ -73,7 +73,6 @@ from events.issue import (
     IssueCancelRequested,
     IssueEventBase,
     IssuePullRequestClosed,
-    IssuePullRequestMerged,
     IssueRetryRequested,
 )
 from events.store import EventStore
@@ -83,7 +82,7 @@ from events.trust import OPERATOR
 from projections.status_views import ErrorBody
 
 from infra.adapters.forge.errors import ForgeError
-from infra.adapters.forge.local import LocalForge
+from infra.adapters.forge.local import LocalForge, merged_fact
 from infra.adapters.http.auth import (
     LOGIN_PATH,
     PUBLIC,
@@ -378,10 +377,7 @@ class DashboardActions:
                                           message=f"Merge {task.branch}: {task.issue.title}")
         except ForgeError as e:  # a conflict, a branch gone: the person decides what next
             return _done(request, next_page, "error", f"could not merge {task.branch}: {e}")
-        seq = await self.publish(IssuePullRequestMerged(
-            event_id=f"local:{task.issue.repo}#{task.issue.number}:merged:{task.attempt}",
-            source=task.issue.source, repo=task.issue.repo, number=task.issue.number, occurred_at=_now(),
-            actor=self.actor(request), pr_number=task.pr_number, branch=task.branch))
+        seq = await self.publish(merged_fact(task, _now(), self.actor(request)))
         log.info("dashboard.merge", task_id=task.task_id, actor=self.actor(request), sha=sha, seq=seq)
         return _done(request, next_page, "ok",
                      f"merged {task.branch} into {task.issue.repo} ({sha[:12]}); seq {seq}")
