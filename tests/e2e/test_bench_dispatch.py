@@ -30,7 +30,7 @@ from infra.adapters.nats.secure import SecureDir
 from infra.shell.bench.bus import BenchBus, sides_of
 from infra.shell.bench.cast import register_agents
 from infra.shell.bench.dispatch import run_dispatch_bench
-from infra.shell.bench.probes import ack_meta, opened, pct
+from infra.shell.bench.probes import ack_meta, appends_in_queue, opened, pct
 from infra.shell.bench.report import (
     DispatchBench,
     DispatchSide,
@@ -65,6 +65,17 @@ def test_percentile_and_ack_subject_parsing():
     assert ack_meta("$JS.ACK.dom.hash.S.C.1.42.7.1700000000123456789.0.rnd") == (42, 1700000000123456789)
 
 
+def test_appends_in_queue_counts_what_the_stream_stored_while_each_append_was_in_flight():
+    stored = [100, 110, 120, 130, 140, 200, 300]  # the stream's store timestamps
+    # (sent, acknowledged): the append at 125..145 was stored at 130 or 140, one other
+    # meanwhile; 95..205 waited behind five others; 250..310 alone; an append whose own
+    # message falls outside the window (clocks a little apart) never counts below 0
+    rtts, ahead = appends_in_queue([(125, 145), (95, 205), (250, 310), (150, 160)], stored)
+    assert rtts == [20, 110, 60, 10]
+    assert ahead == [1, 5, 0, 0]
+    assert appends_in_queue([], stored) == ([], [])
+
+
 def test_security_choices():
     assert sides_of("both") == ("off", "on") and sides_of("on") == ("on",) and sides_of("off") == ("off",)
     with pytest.raises(ValueError, match="security must be one of both, off, on"):
@@ -79,6 +90,9 @@ def _check_side(side: DispatchSide, security: str, throughput_tasks: int) -> Non
     assert side.raw_hop_p50_ms > 0 and side.raw_publish_per_s > 0
     # the floors of the intake's write, measured in the same run on the same server
     assert side.raw_batch4_p50_ms > 0 and side.raw_seq4_p50_ms > 0
+    # a stream stores one message at a time: a publish waits behind another connection's
+    # pipeline into the same stream (~100 fsyncs), not behind one into another stream
+    assert side.raw_rtt_same_busy_p50_ms > side.raw_rtt_other_busy_p50_ms > 0
 
     [lat] = side.latency
     assert lat.agents == 3 and lat.tasks == 20 and lat.assigned == 20
@@ -102,6 +116,10 @@ def _check_side(side: DispatchSide, security: str, throughput_tasks: int) -> Non
     assert thr is not None
     assert thr.tasks == thr.completed == throughput_tasks
     assert thr.tasks_per_s > 0 and thr.events_per_s > 0 and thr.seconds > 0 and thr.events_x_raw > 0
+    # the events stream holds all but the issue facts; every null agent's append was timed
+    assert 0 < thr.events_stream_per_s < thr.events_per_s and 0 < thr.events_stream_x_raw < thr.events_x_raw
+    assert 0 < thr.agent_append_p50_ms <= thr.agent_append_p99_ms
+    assert 0 <= thr.stored_meanwhile_p50 <= thr.stored_meanwhile_p90
     # per task: issue opened + merge, 6 task events (created with its analysis), 4 agent reports (+ registrations, resent merges)
     assert thr.events >= throughput_tasks * 12
     assert thr.coordinator["assignments"] <= throughput_tasks and thr.coordinator["bad_events"] == 0
@@ -113,6 +131,7 @@ def _check_side(side: DispatchSide, security: str, throughput_tasks: int) -> Non
     assert [r[0] for r in table][:2] == ["dispatch p50, 3 agents", "dispatch p99, 3 agents"]
     assert all(len(r) == 6 for r in table)
     assert any("one atomic batch" in line for line in footer(side))
+    assert any("events stream alone" in line and "while one was in flight" in line for line in footer(side))
     assert any("ceiling at the raw pipelined publish rate" in line for line in footer(side))
 
 

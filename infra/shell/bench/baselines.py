@@ -85,3 +85,43 @@ async def _atomic_batch(nc, subjects: list[str], payload: bytes) -> None:
             reply = await nc.request(subject, payload, headers=headers, timeout=10)
             if b'"error"' in reply.data:
                 raise RuntimeError(f"atomic batch refused: {reply.data[:200]!r}")
+
+
+async def queue_probe(nc, other, samples: int, window: int = 100) -> dict:
+    """Raw round trips (one publish at a time) while ``other``, a second connection,
+    keeps ``window`` publishes in flight into the same stream, then into another one: a
+    stream stores one message at a time, in arrival order, and other streams beside it
+    (latencies in ns). Every task and agent event shares the one events stream."""
+    js, ojs = nc.jetstream(timeout=30), other.jetstream(timeout=30)
+    for name in ("RAWQA", "RAWQB"):
+        await js.add_stream(api.StreamConfig(
+            name=name, subjects=[f"{name.lower()}.>"], storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS, num_replicas=1))
+    payload = encode(opened(1, "raw"))
+    out = {}
+    try:
+        for key, busy in (("rtt_same_busy_p50", "rawqa"), ("rtt_other_busy_p50", "rawqb")):
+            stop, first = asyncio.Event(), asyncio.Event()
+
+            async def pump(subject: str = busy) -> None:
+                while not stop.is_set():
+                    futures = [await ojs.publish_async(f"{subject}.{i % 100}", payload) for i in range(window)]
+                    await asyncio.gather(*futures)
+                    first.set()
+
+            pumping = asyncio.create_task(pump())
+            try:
+                await asyncio.wait_for(first.wait(), 30)  # the other writer is under way
+                rtt = []
+                for i in range(samples):
+                    t = time.perf_counter_ns()
+                    await js.publish(f"rawqa.probe.{i % 100}", payload)
+                    rtt.append(time.perf_counter_ns() - t)
+            finally:
+                stop.set()
+                await pumping
+            out[key] = pct(rtt, 50)
+    finally:
+        for name in ("RAWQA", "RAWQB"):
+            await js.delete_stream(name)
+    return out

@@ -112,11 +112,16 @@ class NullAgent:
         self.state, self.last_seq = state, last_seq
         self.paced_by = paced_by
         self.lock = asyncio.Lock()
+        # (sent, acknowledged) wall-clock ns of each append: to read beside the store's
+        # timestamps (see probes.appends_in_queue)
+        self.appends: list[tuple[int, int]] = []
 
     async def _append(self, command: ag.Command) -> None:
         async with self.lock:
             events = ag.decide(self.state, command)
+            sent = time.time_ns()
             seqs = await self.store.append(events, expected_last_seq=self.last_seq)
+            self.appends.append((sent, time.time_ns()))
             for e in events:
                 self.state = ag.evolve(self.state, e)
             self.last_seq = seqs[-1]

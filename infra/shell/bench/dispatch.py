@@ -8,6 +8,8 @@ baselines measured in the same run on the same throwaway server.
 * raw publish rate: nats-py ``publish_async``, pipelined; measured with the other baselines
                     and again right before and right after the throughput run, the median
                     of the three taken (the ratio's two sides then see the same machine)
+* queue:            the raw round trip while a second connection pipelines into the same
+                    stream, and into another (one stream stores one message at a time)
 * dispatch latency: ``IssueOpened`` published -> ``TaskAssigned`` seen by an ordered
                     consumer, one issue at a time, with N registered idle agents
 * throughput:       M issues published pipelined -> the last ``TaskCompleted``, with
@@ -42,7 +44,8 @@ share of time some runnable task waited for a core). Read the ratios.
 
 Where the time goes is measured, not guessed: after each run the log is replayed with
 the server's store timestamps, and every hop of every task (issue stored -> created ->
-... -> completed) is reported as a median/p99. ``profile_dir`` also runs the
+... -> completed) is reported as a median/p99, with the events stream's own rate and each
+null agent's append beside what that stream stored while it was in flight. ``profile_dir`` also runs the
 coordinator process under cProfile (that inflates the figures: diagnosis only).
 """
 
@@ -62,11 +65,12 @@ from events.codec import decode_event, encode
 from events.issue import IssuePullRequestMerged
 from events.subjects import Namespace, task_id_for
 
-from infra.shell.bench.baselines import raw_baselines
+from infra.shell.bench.baselines import queue_probe, raw_baselines
 from infra.shell.bench.bus import BenchBus, sides_of
 from infra.shell.bench.cast import CoordinatorProcess, NullAgent, RegisteredAgent, Signals, register_agents
 from infra.shell.bench.probes import (
     CpuMeter,
+    appends_in_queue,
     hop_percentiles,
     loadavg,
     ms,
@@ -74,6 +78,8 @@ from infra.shell.bench.probes import (
     ordered_subscription,
     pct,
     stage_stamps,
+    stamps_of,
+    stored_run,
     stream_last_seq,
     utcnow,
     where_stuck,
@@ -340,7 +346,8 @@ async def _throughput_run(bus: BenchBus, admin, n_agents: int, tasks: int, raw: 
         subs.clear()
         events = await stream_last_seq(js, ns.events_stream) + await stream_last_seq(js, ns.issues_stream) \
             - events_before
-        stamps = await stage_stamps(js, ns)
+        issues_stored, events_stored = await stored_run(js, ns)
+        stamps = stamps_of(ns, issues_stored, events_stored)
         raw_after = await _raw_publish_rate(admin, raw_msgs)
     finally:
         for s in subs:
@@ -357,11 +364,18 @@ async def _throughput_run(bus: BenchBus, admin, n_agents: int, tasks: int, raw: 
             s["published"] = published[tid]
     rate = tasks / seconds
     raw["publish_per_s"] = statistics.median([raw["publish_per_s"], raw_before, raw_after])
+    store_times = sorted(ts for _, ts, _ in events_stored)
+    on_events_stream = sum(1 for ts in store_times if w0 <= ts <= w0 + seconds * 1e9) / seconds
+    rtts, ahead = appends_in_queue([a for agent in agents.values() for a in agent.appends], store_times)
     return ThroughputRun(
         agents=n_agents, capacity=tasks, tasks=tasks, completed=len(completed), seconds=round(seconds, 3),
         publish_seconds=round((t_published - t0) / 1e9, 3), tasks_per_s=round(rate, 1), events=events,
         events_per_task=round(events / tasks, 2), events_per_s=round(events / seconds),
-        events_x_raw=round(events / seconds / raw["publish_per_s"], 3), merges_resent=resent[0],
+        events_x_raw=round(events / seconds / raw["publish_per_s"], 3),
+        events_stream_per_s=round(on_events_stream), events_stream_x_raw=round(on_events_stream / raw["publish_per_s"], 3),
+        agent_append_p50_ms=ms(pct(rtts, 50)), agent_append_p99_ms=ms(pct(rtts, 99)),
+        stored_meanwhile_p50=round(pct(ahead, 50)), stored_meanwhile_p90=round(pct(ahead, 90)),
+        merges_resent=resent[0],
         reports_paced=not immediate_reports, ok=rate >= TASKS_PER_S_TARGET,
         hops=hop_percentiles(stamps, THROUGHPUT_HOPS), coordinator=stats, cpu=used,
     )
@@ -417,6 +431,11 @@ async def run_dispatch_bench(
             throughput: list[ThroughputRun | None] = [None for _ in buses]
             for bus, admin in zip(buses, admins):
                 raw.append(await raw_baselines(admin, admin.jetstream(timeout=30), rtt_samples, publish_msgs))
+                other = await bus.connect("admin", name="ccc-bench-admin-2")
+                try:
+                    raw[-1].update(await queue_probe(admin, other, max(20, rtt_samples // 20)))
+                finally:
+                    await other.close()
                 advance()
             for n in agent_counts:
                 for k, (bus, admin) in enumerate(zip(buses, admins)):
@@ -454,5 +473,6 @@ def _side(bus: BenchBus, raw: dict, latency: list[LatencyRun], throughput: Throu
         raw_rtt_p50_ms=ms(raw["rtt_p50"]), raw_rtt_p99_ms=ms(raw["rtt_p99"]),
         raw_hop_p50_ms=ms(raw["hop_p50"]), raw_hop_p99_ms=ms(raw["hop_p99"]),
         raw_publish_per_s=round(raw["publish_per_s"]), raw_batch4_p50_ms=ms(raw["batch4_p50"]),
-        raw_seq4_p50_ms=ms(raw["seq4_p50"]), latency=latency, throughput=throughput, targets_met=met,
+        raw_seq4_p50_ms=ms(raw["seq4_p50"]), raw_rtt_same_busy_p50_ms=ms(raw["rtt_same_busy_p50"]),
+        raw_rtt_other_busy_p50_ms=ms(raw["rtt_other_busy_p50"]), latency=latency, throughput=throughput, targets_met=met,
     )

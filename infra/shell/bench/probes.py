@@ -4,10 +4,11 @@ the stored messages, CPU use of each process."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from nats.js import api
@@ -100,16 +101,29 @@ async def stored_messages(js, stream: str, filters: list[str], timeout: float = 
     return out
 
 
+Stored = list[tuple[str, int, bytes]]  # (subject, store timestamp ns, data), as stored_messages gives them
+
+
+async def stored_run(js, ns: Namespace) -> tuple[Stored, Stored]:
+    """A run's issue facts and its task and agent events, as stored."""
+    return (await stored_messages(js, ns.issues_stream, [f"{ns.prefix}.issue.>"]),
+            await stored_messages(js, ns.events_stream, [ns.task_filter(), ns.agent_filter()]))
+
+
 async def stage_stamps(js, ns: Namespace) -> dict[str, dict[str, int]]:
+    """:func:`stamps_of` the run as stored now."""
+    return stamps_of(ns, *await stored_run(js, ns))
+
+
+def stamps_of(ns: Namespace, issues: Stored, events: Stored) -> dict[str, dict[str, int]]:
     """task id -> {stage: store timestamp}: issue facts (``issue.<action>``), task events
     (``task.<event>``) and agent reports about the task (``agent.<event>``). The first
     occurrence of a stage counts."""
     stamps: dict[str, dict[str, int]] = {}
     cut = len(ns.prefix) + 1
-    for subject, ts, _ in await stored_messages(js, ns.issues_stream, [f"{ns.prefix}.issue.>"]):
+    for subject, ts, _ in issues:
         t = subject.split(".")  # <ns>.issue.<source>.<repo>.<number>.<action>
         stamps.setdefault(f"{t[3]}-{t[4]}", {}).setdefault(f"issue.{t[5]}", ts)
-    events = await stored_messages(js, ns.events_stream, [ns.task_filter(), ns.agent_filter()])
     for subject, ts, data in events:
         t = subject.split(".")
         if t[1] == "task":
@@ -121,6 +135,19 @@ async def stage_stamps(js, ns: Namespace) -> dict[str, dict[str, int]]:
                 assert isinstance(event, AgentEventBase)
                 stamps.setdefault(tid, {}).setdefault(event.__struct_config__.tag, ts)
     return stamps
+
+
+def appends_in_queue(appends: Iterable[tuple[int, int]], store_times: Sequence[int]) -> tuple[list[int], list[int]]:
+    """For each append, given as (sent, acknowledged) wall-clock ns: its round trip (ns),
+    and how many other messages its stream stored while it was in flight (``store_times``:
+    the stream's store timestamps, ascending). A stream stores one message at a time, in
+    the order they arrive, so that count is the queue the append waited in: when it grows
+    with the writers in flight while the rate stays put, the stream is the bottleneck."""
+    rtts, ahead = [], []
+    for sent, acked in appends:
+        rtts.append(acked - sent)
+        ahead.append(max(0, bisect.bisect_left(store_times, acked) - bisect.bisect_left(store_times, sent) - 1))
+    return rtts, ahead
 
 
 async def where_stuck(js, ns: Namespace, task_ids: set[str]) -> dict[str, int]:

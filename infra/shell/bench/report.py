@@ -10,12 +10,15 @@ REPO = "bench/app"
 SPECIALTIES = ("backend", "frontend", "general")
 HEARTBEAT_TIMEOUT = 3600.0  # null agents heartbeat once; none may be declared lost
 WAIT_ASSIGNED = 15.0  # seconds one dispatch may take before the bench gives up
-# The reviewer merges as soon as it sees task.pr_opened in the log. The coordinator
-# handles the merge fact against its read model, which may not have applied that
-# pr_opened yet; it then refuses ("cannot task.completed while testing") and acks, and
-# the merge is lost (a coordinator race, reported by the bench as merges_resent).
-# The reviewer then acts like a forge redelivering the webhook.
-MERGE_RESEND, MERGE_ATTEMPTS = 0.5, 20
+# The reviewer merges as soon as it sees task.pr_opened in the log, and publishes the
+# merge again (a forge redelivering the webhook) if the task has not completed
+# MERGE_RESEND seconds later, so that a merge the coordinator dropped cannot stall the
+# run (it once could: a refusal decided on a read model that had not applied the
+# pr_opened yet; fixed, see Coordinator._run). A merge may wait longer than 0.5 s
+# without being lost: it queues in the intake behind a burst of new issues. With 0.5 s,
+# 20-190 of 1,000 merges were resent per run (978 of 2,000), each counted as one more
+# event; with 3 s, none, and no run slower.
+MERGE_RESEND, MERGE_ATTEMPTS = 3.0, 20
 STEP_TIMEOUT = 60.0  # a paced null agent waits this long for the coordinator's reaction
 STALL = 15.0  # the throughput run gives up when no task completed for this long
 
@@ -75,7 +78,19 @@ class ThroughputRun(msgspec.Struct, kw_only=True):
     events_per_task: float
     events_per_s: float
     events_x_raw: float  # events/s as a fraction of the raw pipelined publish rate
-    merges_resent: int  # merges the coordinator refused on a stale model and got again
+    # the events stream alone (task and agent events; the issue facts go to the issues
+    # stream, which the server stores in parallel): its rate, and that over the raw rate
+    # (raw: one stream as well, but no headers and no consumers)
+    events_stream_per_s: float
+    events_stream_x_raw: float
+    # the null agents' appends to their own aggregates (each waits for the one before):
+    # round trip, and how many messages the events stream stored while one was in flight
+    # (the queue it waited in; see probes.appends_in_queue)
+    agent_append_p50_ms: float
+    agent_append_p99_ms: float
+    stored_meanwhile_p50: int
+    stored_meanwhile_p90: int
+    merges_resent: int  # merges the reviewer published again: not completed within MERGE_RESEND
     reports_paced: bool  # null agents waited for the coordinator's reaction between reports
     ok: bool
     hops: list[Hop]
@@ -97,6 +112,9 @@ class DispatchSide(msgspec.Struct, kw_only=True):
     raw_publish_per_s: float
     raw_batch4_p50_ms: float = 0.0  # four events as one atomic batch (a multi-event decision)
     raw_seq4_p50_ms: float = 0.0  # the same four as awaited single publishes (the intake's write)
+    # a raw round trip while a second connection pipelines into the same stream / another one
+    raw_rtt_same_busy_p50_ms: float = 0.0
+    raw_rtt_other_busy_p50_ms: float = 0.0
     latency: list[LatencyRun]
     throughput: ThroughputRun | None
     targets_met: bool  # this side's figures met every target
@@ -206,6 +224,9 @@ def footer(result: DispatchSide) -> list[str]:
         (f"raw write of 4 events p50: one atomic batch {result.raw_batch4_p50_ms:.3f} ms, "
          f"4 awaited publishes {result.raw_seq4_p50_ms:.3f} ms (the intake writes its chain one by one: "
          "2 events with the rules, 4 with an analyser that takes time)"),
+        (f"raw round trip p50 while another connection pipelines 100 at a time into the same stream "
+         f"{result.raw_rtt_same_busy_p50_ms:.3f} ms, into another stream {result.raw_rtt_other_busy_p50_ms:.3f} ms "
+         "(a stream stores one message at a time; every task and agent event is on the events stream)"),
     ]
     for r in result.latency:
         hops = ", ".join(f"{h.name} {h.p50_ms:.2f}" for h in r.hops)
@@ -227,6 +248,10 @@ def footer(result: DispatchSide) -> list[str]:
         lines.append(f"  cores busy: coordinator {c.cores(c.coordinator):.2f}, nats-server "
                      f"{c.cores(c.nats_server):.2f}, driver+null agents {c.cores(c.driver):.2f}, whole machine "
                      f"{c.cores(c.machine):.2f}; cpu pressure {c.pressure:.0%}")
+        lines.append(f"  events stream alone: {t.events_stream_per_s:,.0f} ev/s = {t.events_stream_x_raw:.3f} of raw; "
+                     f"null agents' appends: round trip p50 {t.agent_append_p50_ms:.2f} / p99 "
+                     f"{t.agent_append_p99_ms:.2f} ms (raw unloaded {result.raw_rtt_p50_ms:.2f}), while one was in "
+                     f"flight the stream stored p50 {t.stored_meanwhile_p50} / p90 {t.stored_meanwhile_p90} others")
         lines.append(f"  merges resent {t.merges_resent}; "
                      f"null agents' reports {'paced by the coordinator' if t.reports_paced else 'back to back'}")
     return lines
