@@ -6,6 +6,7 @@ judged by the full-size run (README, "Per-task overhead")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ from infra.shell.bench.task import (
     TaskBench,
     add_files,
     bench_files,
+    run_task_bench,
 )
 from infra.shell.bench.workspace import generate_repo
 from infra.shell.cli.main import cli
@@ -117,3 +119,25 @@ def test_bench_task_prints_the_tables_and_the_verdict(tmp_path: Path) -> None:
 def test_bench_task_refuses_a_single_task(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["bench", "task", "--tasks", "1", "--work-dir", str(tmp_path)])
     assert r.exit_code == 2 and "--tasks" in r.output
+
+
+def test_bench_task_with_security_on_runs_every_part_as_its_own_user(tmp_path: Path) -> None:
+    """Secured as `ccc up` secures it: the coordinator and the agent each connect as their
+    own nkey user over mutual TLS, so a part that needed more than its role allows would
+    fail its task here (a denied publish times out)."""
+    r = CliRunner().invoke(cli, ["bench", "task", "--quick", "--files", "100", "--commits", "5", "--tasks", "2",
+                                 "--security", "on", "--work-dir", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    result = msgspec.convert(json.loads(r.output.strip().splitlines()[-1]), TaskBench)
+    assert result.security == "on"
+    for run in result.repos:
+        assert len(run.tasks) == 2 and run.prs_on_forge == 2
+        assert all(t.overhead > 0 and t.pr_url.startswith("file://") for t in run.tasks)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_task_refuses_an_unknown_security_setting(tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["bench", "task", "--security", "maybe", "--work-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "'maybe' is not one of 'off', 'on'" in r.output
+    with pytest.raises(ValueError, match="security must be off or on"):
+        asyncio.run(run_task_bench(files=10, commits=1, tasks=2, security="maybe", work_dir=tmp_path))

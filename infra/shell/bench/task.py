@@ -4,7 +4,8 @@ same run on the same repository.
 
 What runs is the real thing, composed as ``ccc up`` composes it (in one process, from
 :mod:`infra.shell.app.cluster`): a throwaway nats-server (:class:`~infra.shell.bench.bus.
-BenchBus`, security off), the coordinator (:func:`build_coordinator`, following the local
+BenchBus`, security off, or with ``security="on"`` secured as ``ccc up`` secures it: each
+part connects as its own role's user), the coordinator (:func:`build_coordinator`, following the local
 forge's branches as ``ccc up`` has it) and ONE agent (:func:`build_agent`: the real
 :class:`~infra.adapters.git.workbench.GitWorkbench` with its mirrors and warm checkouts and
 the default sandbox, the object-store artifacts, the local forge's client and the
@@ -80,7 +81,6 @@ from events.trust import OPERATOR
 from events.work import CodeOutcome, CodeRequest
 from infra.adapters.coders.scripted import ScriptedCoder
 from infra.adapters.forge.local import LocalForge, LocalForgeClient
-from infra.adapters.nats.connection import connect
 from infra.adapters.nats.provisioning import provision, provision_agent
 from infra.shell.app.cluster import build_agent, build_coordinator
 from infra.shell.bench.bus import BenchBus
@@ -563,8 +563,10 @@ async def _run_repo(*, name: str, repo: str, files: int, commits: int, tasks: in
 
 async def run_task_bench(*, files: int, commits: int, tasks: int, small_files: int = SMALL["files"],
                          small_commits: int = SMALL["commits"], work_dir: Path | str | None = None,
-                         sync_interval: str = "always",
+                         sync_interval: str = "always", security: str = "off",
                          progress: Callable[[str], None] = lambda s: None) -> TaskBench:
+    if security not in ("off", "on"):
+        raise ValueError(f"security must be off or on, not {security!r}")
     if tasks < 2:
         raise ValueError("--tasks must be at least 2: the first task is cold, the others warm")
     for n, c in ((files, commits), (small_files, small_commits)):
@@ -572,7 +574,8 @@ async def run_task_bench(*, files: int, commits: int, tasks: int, small_files: i
             raise ValueError("a repository needs at least 3 files and 1 commit")
     load_before, stall_before, wall_before = loadavg(), cpu_stall_seconds(), time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="ccc-bench-task-", dir=work_dir))
-    bus = BenchBus(root / "bus", "off", sync_interval)
+    bus = BenchBus(root / "bus", security, sync_interval)
+    bus.register(NS, [AGENT])  # (with security on: the namespace's users and the agent's, before the start)
     forge = LocalForge(root / "forge")
     sizes = [("small", "bench/small", small_files, small_commits), ("large", "bench/large", files, commits)]
     generated: dict[str, float] = {}
@@ -586,8 +589,8 @@ async def run_task_bench(*, files: int, commits: int, tasks: int, small_files: i
             generate_repo(bare, files=n_files, commits=n_commits)
             add_files(bare, bench_files(tasks), "bench: test command, scripted fixes")
             generated[name] = time.perf_counter() - t
-        url = bus.start()
-        admin = await connect(url, name="ccc-bench-task")
+        bus.start()
+        admin = await bus.connect("admin", name="ccc-bench-task")
         coordinator = agent = None
         connections = [admin]
         try:
@@ -597,12 +600,13 @@ async def run_task_bench(*, files: int, commits: int, tasks: int, small_files: i
             raw_nats = RawNats(admin)
             await raw_nats.setup()
             # composed as `ccc up` composes them (infra.shell.app.cluster), in one process
-            coordinator_nc = await connect(url, name="ccc-bench-task-coordinator")
+            # each part as its own role's user, as `ccc up` connects them (plain with security off)
+            coordinator_nc = await bus.connect("coordinator", NS, name="ccc-bench-task-coordinator")
             connections.append(coordinator_nc)
             coordinator = build_coordinator(coordinator_nc, NS, CoordinatorConfig(), forge=client,
                                             cache_dir=root / "branches")
             await coordinator.start()
-            agent_nc = await connect(url, name=f"ccc-{AGENT}")
+            agent_nc = await bus.connect("agent", NS, AGENT, name=f"ccc-{AGENT}")
             connections.append(agent_nc)
             coder = TimedCoder(ScriptedCoder(None))
             agent = build_agent(agent_nc, NS, agent_id=AGENT, specialties=("backend", "general"), coder=coder,
@@ -637,7 +641,7 @@ async def run_task_bench(*, files: int, commits: int, tasks: int, small_files: i
         else -1.0
     return TaskBench(repos=runs, tasks_per_repo=tasks, target_s=TARGET_S, overhead_warm_large=large.overhead_warm,
                      ok=large.overhead_warm <= TARGET_S, nats=raw_nats.summary(), sandbox=sandbox,
-                     security="off", cpus=os.cpu_count() or 1, loadavg=[load_before, loadavg()],
+                     security=security, cpus=os.cpu_count() or 1, loadavg=[load_before, loadavg()],
                      cpu_pressure=pressure)
 
 

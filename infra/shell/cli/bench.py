@@ -209,9 +209,13 @@ def bench_workspace(files: int | None, commits: int | None, rounds: int | None, 
                                             "shown, not enforced.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Where the run's server, repositories and workspaces go [default: the temp dir].")
+@click.option("--security", type=click.Choice(["off", "on"]), default="off", show_default=True,
+              help="The bench's nats-server plain, or secured as `ccc up` secures it (mutual TLS, the "
+                   "coordinator and the agent each as its own nkey user with its role's permissions, the "
+                   "store encrypted). The agent's sandbox is the default either way.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def bench_task(files: int | None, commits: int | None, tasks: int | None, quick: bool, work_dir: str | None,
-               as_json: bool) -> None:
+               security: str, as_json: bool) -> None:
     """What a task costs besides the coder and the tests, phase by phase (workspace,
     analysis, commit, push, pull request, every report appended), beside each phase's
     raw floor measured in the same run on the same repository.
@@ -226,6 +230,7 @@ def bench_task(files: int | None, commits: int | None, tasks: int | None, quick:
     size = QUICK if quick else FULL
     files, commits, tasks = files or size["files"], commits or size["commits"], tasks or size["tasks"]
     result = run_async(run_task_bench(files=files, commits=commits, tasks=tasks, work_dir=work_dir,
+                                      security=security,
                                       progress=lambda step: click.echo(f"bench task: {step}", err=True)))
     if as_json:
         emit_json(msgspec.to_builtins(result))
