@@ -102,14 +102,7 @@ async def queue_probe(nc, other, samples: int, window: int = 100) -> dict:
     try:
         for key, busy in (("rtt_same_busy_p50", "rawqa"), ("rtt_other_busy_p50", "rawqb")):
             stop, first = asyncio.Event(), asyncio.Event()
-
-            async def pump(subject: str = busy) -> None:
-                while not stop.is_set():
-                    futures = [await ojs.publish_async(f"{subject}.{i % 100}", payload) for i in range(window)]
-                    await asyncio.gather(*futures)
-                    first.set()
-
-            pumping = asyncio.create_task(pump())
+            pumping = asyncio.create_task(_pump(ojs, busy, payload, window, stop, first))
             try:
                 await asyncio.wait_for(first.wait(), 30)  # the other writer is under way
                 rtt = []
@@ -125,3 +118,12 @@ async def queue_probe(nc, other, samples: int, window: int = 100) -> dict:
         for name in ("RAWQA", "RAWQB"):
             await js.delete_stream(name)
     return out
+
+
+async def _pump(js, subject: str, payload: bytes, window: int, stop: asyncio.Event, first: asyncio.Event) -> None:
+    """Keep ``window`` publishes in flight into ``subject``'s stream until ``stop``;
+    ``first`` once the first window is acknowledged."""
+    while not stop.is_set():
+        futures = [await js.publish_async(f"{subject}.{i % 100}", payload) for i in range(window)]
+        await asyncio.gather(*futures)
+        first.set()

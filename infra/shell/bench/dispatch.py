@@ -45,8 +45,9 @@ share of time some runnable task waited for a core). Read the ratios.
 Where the time goes is measured, not guessed: after each run the log is replayed with
 the server's store timestamps, and every hop of every task (issue stored -> created ->
 ... -> completed) is reported as a median/p99, with the events stream's own rate and each
-null agent's append beside what that stream stored while it was in flight. ``profile_dir`` also runs the
-coordinator process under cProfile (that inflates the figures: diagnosis only).
+null agent's append beside what that stream stored while it was in flight. ``profile_dir``
+also runs the coordinator process under cProfile (that inflates the figures: diagnosis
+only).
 """
 
 from __future__ import annotations
@@ -372,7 +373,8 @@ async def _throughput_run(bus: BenchBus, admin, n_agents: int, tasks: int, raw: 
         publish_seconds=round((t_published - t0) / 1e9, 3), tasks_per_s=round(rate, 1), events=events,
         events_per_task=round(events / tasks, 2), events_per_s=round(events / seconds),
         events_x_raw=round(events / seconds / raw["publish_per_s"], 3),
-        events_stream_per_s=round(on_events_stream), events_stream_x_raw=round(on_events_stream / raw["publish_per_s"], 3),
+        events_stream_per_s=round(on_events_stream),
+        events_stream_x_raw=round(on_events_stream / raw["publish_per_s"], 3),
         agent_append_p50_ms=ms(pct(rtts, 50)), agent_append_p99_ms=ms(pct(rtts, 99)),
         stored_meanwhile_p50=round(pct(ahead, 50)), stored_meanwhile_p90=round(pct(ahead, 90)),
         merges_resent=resent[0],
@@ -474,5 +476,6 @@ def _side(bus: BenchBus, raw: dict, latency: list[LatencyRun], throughput: Throu
         raw_hop_p50_ms=ms(raw["hop_p50"]), raw_hop_p99_ms=ms(raw["hop_p99"]),
         raw_publish_per_s=round(raw["publish_per_s"]), raw_batch4_p50_ms=ms(raw["batch4_p50"]),
         raw_seq4_p50_ms=ms(raw["seq4_p50"]), raw_rtt_same_busy_p50_ms=ms(raw["rtt_same_busy_p50"]),
-        raw_rtt_other_busy_p50_ms=ms(raw["rtt_other_busy_p50"]), latency=latency, throughput=throughput, targets_met=met,
+        raw_rtt_other_busy_p50_ms=ms(raw["rtt_other_busy_p50"]), latency=latency, throughput=throughput,
+        targets_met=met,
     )
