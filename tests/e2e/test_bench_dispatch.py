@@ -84,6 +84,21 @@ def test_security_choices():
     assert r.exit_code == 2 and "'maybe' is not one of 'both', 'off', 'on'" in r.output
 
 
+# What a loaded machine may make the coordinator log and recover from by itself (a pull,
+# an ack or a health poll that timed out is retried): not a refusal, not a lost message.
+TRANSIENT = ("actor.pull_failed", "actor.ack_failed", "health.check_failed")
+
+
+def _refusals(coordinator: dict) -> list[str]:
+    """The coordinator's warnings that are not transient (with security on, a permission
+    it lacks shows up here: nats.error ... Permissions Violation). All of them, or the
+    count if there were more than the bench keeps."""
+    lines = coordinator["warning_lines"]
+    if coordinator["warnings"] > len(lines):
+        return [f"{coordinator['warnings']} warnings, the first: {lines}"]
+    return [ln for ln in lines if not any(t in ln for t in TRANSIENT)]
+
+
 def _check_side(side: DispatchSide, security: str, throughput_tasks: int) -> None:
     assert side.security == security
     assert side.raw_rtt_p50_ms > 0 and side.raw_rtt_p99_ms >= side.raw_rtt_p50_ms
@@ -105,7 +120,7 @@ def _check_side(side: DispatchSide, security: str, throughput_tasks: int) -> Non
     assert lat.coordinator["bad_events"] == 0
     # nothing the coordinator did was refused (with security on, a permission it lacks
     # would show up here as a warning in its log)
-    assert lat.coordinator["warnings"] == 0, security
+    assert _refusals(lat.coordinator) == [], security
     hop_names = [h.name for h in lat.hops]
     assert hop_names[0] == "publish -> issue stored" and hop_names[-1] == "assigned -> observed"
     assert all(h.p50_ms >= 0 for h in lat.hops)
@@ -123,7 +138,7 @@ def _check_side(side: DispatchSide, security: str, throughput_tasks: int) -> Non
     # per task: issue opened + merge, 6 task events (created with its analysis), 4 agent reports (+ registrations, resent merges)
     assert thr.events >= throughput_tasks * 12
     assert thr.coordinator["assignments"] <= throughput_tasks and thr.coordinator["bad_events"] == 0
-    assert thr.coordinator["warnings"] == 0, security
+    assert _refusals(thr.coordinator) == [], security
     assert {h.name for h in thr.hops} >= {"intake: issue -> task.created (analysed, queued)",
                                           "end to end: publish -> task.completed"}
 

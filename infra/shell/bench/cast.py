@@ -150,6 +150,9 @@ class NullAgent:
 
 
 # -- the coordinator, in its own process -------------------------------------------------
+WARNING_LINES = 20
+
+
 class CoordinatorProcess(Child):
     """``python -m infra.shell.bench.cast coordinator URL NS [--profile FILE] [--kit DIR]``:
     prints ``ready`` once started, stops on a line (or EOF) on stdin, prints its counters
@@ -172,7 +175,9 @@ class CoordinatorProcess(Child):
             text = self.log_path.read_text(errors="replace")
         except OSError:
             text = ""
-        stats["warnings"] = sum(1 for ln in text.splitlines() if "[warning" in ln or "[error" in ln)
+        lines = [ln for ln in text.splitlines() if "[warning" in ln or "[error" in ln]
+        stats["warnings"] = len(lines)
+        stats["warning_lines"] = lines[:WARNING_LINES]  # what they were (the first few)
         return stats
 
 
