@@ -78,11 +78,14 @@ async def ordered_subscription(js, stream: str, filters: list[str], cb):
     )
 
 
-async def stored_messages(js, stream: str, filters: list[str], timeout: float = 120.0) -> list[tuple[str, int, bytes]]:
+Stored = list[tuple[str, int, bytes]]  # (subject, store timestamp ns, data), as stored_messages gives them
+
+
+async def stored_messages(js, stream: str, filters: list[str], timeout: float = 120.0) -> Stored:
     """Every message of ``stream`` matching ``filters``, after a run, as stored:
     (subject, store timestamp ns, data). Read with an ordered consumer until the last
     matching message (none pending); an empty stream gives an empty list at once."""
-    out: list[tuple[str, int, bytes]] = []
+    out: Stored = []
     if not (await js.stream_info(stream)).state.last_seq:
         return out
     done = asyncio.Event()
@@ -99,9 +102,6 @@ async def stored_messages(js, stream: str, filters: list[str], timeout: float = 
     finally:
         await sub.unsubscribe()
     return out
-
-
-Stored = list[tuple[str, int, bytes]]  # (subject, store timestamp ns, data), as stored_messages gives them
 
 
 async def stored_run(js, ns: Namespace) -> tuple[Stored, Stored]:
