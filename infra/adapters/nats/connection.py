@@ -37,6 +37,14 @@ def _drop_tls_eof_noise(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("asyncio").addFilter(_drop_tls_eof_noise)
+
+
+def tls_close_noise(e: Exception) -> bool:
+    """Whether ``e`` is OpenSSL reporting data that arrived after a TLS connection's
+    close_notify: the server's last bytes racing our own close (seen as a coordinator
+    process stops). Nothing was lost or refused; it is logged at debug, not as a warning."""
+    return isinstance(e, ssl.SSLError) and e.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY"
+
 AUTH_REFUSALS_BEFORE_CLOSING = 3
 TRANSIENT_CONNECT_ERRORS = ("authorization", "connection lost", "eof", "reset", "timeout", "broken pipe",
                             "ssl", "handshake", "connection closed")
@@ -79,7 +87,9 @@ async def connect(
 
     async def error_cb(e: Exception) -> None:
         nonlocal refusals
-        if not quiet:
+        if tls_close_noise(e):
+            log.debug("nats.tls_closed", error=str(e))
+        elif not quiet:
             log.warning("nats.error", error=mask(str(e)), kind=type(e).__name__)
         if "authorization violation" in str(e).lower() and holder:
             # refused while reconnecting: the user was revoked (or the server's users were
